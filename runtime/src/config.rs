@@ -1,0 +1,260 @@
+//! The runtime's configuration: one typed struct, read from a TOML file, then overridden by
+//! `SAGA_*` environment variables. Every field has a default, so an empty file is a valid
+//! config that runs on an embedded SQLite database.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::kafka;
+use crate::wasm::Limits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("could not read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid value {value:?} of {var}: {reason}")]
+    Env {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `sqlite://<file>` (embedded, the default: `sqlite://saga.db`) or
+    /// `postgres://user@host/db` (several instances). Env `SAGA_DATABASE_URL`.
+    pub database_url: String,
+    /// Database connections per instance. Default 8.
+    pub database_connections: u32,
+    /// Address of the HTTP ingress serving the services' routes. Default `127.0.0.1:8088`;
+    /// env `SAGA_HTTP_LISTEN`. Port 0 picks a free port.
+    pub http_listen: SocketAddr,
+    /// Name of this instance in leases and logs. Default: host name and process id.
+    pub instance_id: String,
+    /// Components to load at start-up (`.wasm` files). Env `SAGA_SERVICES`, comma-separated.
+    pub services: Vec<PathBuf>,
+    /// Directory of precompiled components. Default `.saga-cache`; env `SAGA_CACHE_DIR`.
+    pub cache_dir: Option<PathBuf>,
+    pub kafka: kafka::Settings,
+    pub sandbox: Sandbox,
+    pub worker: Worker,
+    pub relay: Relay,
+}
+
+/// Limits of guest calls (`[sandbox]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sandbox {
+    /// Linear memory one guest instance may use, MiB. Default 64.
+    pub memory_mib: u64,
+    /// Wall time one handler call may take before it is interrupted, ms. Default 2000.
+    pub call_timeout_ms: u64,
+    /// Guest instances alive at once. Default 64.
+    pub max_instances: u32,
+}
+
+/// Event processing (`[worker]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Worker {
+    /// Most events committed in one database transaction. Default 256.
+    pub max_batch: usize,
+    /// First retry delay after a handler failure, ms; doubles per attempt. Default 100.
+    pub retry_backoff_ms: u64,
+    /// Longest retry delay, ms. Default 10000.
+    pub max_backoff_ms: u64,
+    /// Saga deadline for services that declare none, ms. Default 10000.
+    pub default_saga_deadline_ms: u64,
+}
+
+/// The outbox relay (`[relay]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Relay {
+    /// Most outbox rows per Kafka transaction. Default 500.
+    pub batch_size: u32,
+    /// How often the relay looks for rows committed by other instances, ms. Commits of this
+    /// instance wake it at once. Default 100.
+    pub poll_interval_ms: u64,
+    /// How long the relay lease lasts without renewal, ms. Default 10000.
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: "sqlite://saga.db".into(),
+            database_connections: 8,
+            http_listen: ([127, 0, 0, 1], 8088).into(),
+            instance_id: default_instance_id(),
+            services: Vec::new(),
+            cache_dir: Some(PathBuf::from(".saga-cache")),
+            kafka: kafka::Settings::default(),
+            sandbox: Sandbox::default(),
+            worker: Worker::default(),
+            relay: Relay::default(),
+        }
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Sandbox {
+            memory_mib: 64,
+            call_timeout_ms: 2000,
+            max_instances: 64,
+        }
+    }
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        Worker {
+            max_batch: 256,
+            retry_backoff_ms: 100,
+            max_backoff_ms: 10_000,
+            default_saga_deadline_ms: 10_000,
+        }
+    }
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay {
+            batch_size: 500,
+            poll_interval_ms: 100,
+            lease_ttl_ms: 10_000,
+        }
+    }
+}
+
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}-{}", std::process::id())
+}
+
+impl Config {
+    /// Read `path` (if given), then apply overrides from `env` (normally `std::env::var`).
+    pub fn load(
+        path: Option<&std::path::Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, Error> {
+        let mut config = match path {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| Error::Parse {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+            }
+        };
+        config.apply_env(env)?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), Error> {
+        if let Some(v) = env("SAGA_DATABASE_URL") {
+            self.database_url = v;
+        }
+        if let Some(v) = env("SAGA_HTTP_LISTEN") {
+            self.http_listen = v
+                .parse()
+                .map_err(|e: std::net::AddrParseError| Error::Env {
+                    var: "SAGA_HTTP_LISTEN",
+                    value: v.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        if let Some(v) = env("SAGA_KAFKA_BROKERS") {
+            self.kafka.brokers = v;
+        }
+        if let Some(v) = env("SAGA_KAFKA_TOPIC_PREFIX") {
+            self.kafka.topic_prefix = v;
+        }
+        if let Some(v) = env("SAGA_SERVICES") {
+            self.services = v
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .collect();
+        }
+        if let Some(v) = env("SAGA_CACHE_DIR") {
+            self.cache_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("SAGA_INSTANCE_ID") {
+            self.instance_id = v;
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.sandbox.memory_mib << 20,
+            call_timeout: Duration::from_millis(self.sandbox.call_timeout_ms),
+            max_instances: self.sandbox.max_instances,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_documented_defaults() {
+        let config: Config = toml::from_str("").unwrap();
+        assert_eq!(config.database_url, "sqlite://saga.db");
+        assert_eq!(config.http_listen.port(), 8088);
+        assert_eq!(config.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(config.sandbox.memory_mib, 64);
+        assert_eq!(config.worker.default_saga_deadline_ms, 10_000);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = |k: &str| match k {
+            "SAGA_DATABASE_URL" => Some("postgres://postgres@127.0.0.1/saga".to_string()),
+            "SAGA_SERVICES" => Some("a.wasm,b.wasm".to_string()),
+            _ => None,
+        };
+        let config = Config::load(None, env).unwrap();
+        assert_eq!(config.database_url, "postgres://postgres@127.0.0.1/saga");
+        assert_eq!(
+            config.services,
+            vec![PathBuf::from("a.wasm"), PathBuf::from("b.wasm")]
+        );
+    }
+
+    #[test]
+    fn a_bad_listen_address_names_the_variable() {
+        let err = Config::load(None, |k| {
+            (k == "SAGA_HTTP_LISTEN").then(|| "nowhere".into())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("SAGA_HTTP_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(toml::from_str::<Config>("databse_url = 'x'").is_err());
+    }
+}

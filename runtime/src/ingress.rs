@@ -1,0 +1,200 @@
+//! HTTP ingress: the routes services declare, served by the host. A request becomes a call of
+//! the owning guest's `on-request`; its effects commit in one transaction (state and outbox),
+//! and the guest's reply is sent only after that commit. `GET` routes are queries: they read
+//! state and must return no effects.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+use crate::effects;
+use crate::node::Shared;
+use crate::registry::{percent_decode, Service};
+use crate::wasm::bindings::{Context, Payload, Reply, Request};
+use crate::wasm::Failure;
+
+/// How often a command is re-run when state it read keeps changing under it.
+const MAX_CONFLICT_RERUNS: u32 = 16;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/_saga/health", axum::routing::get(|| async { "ok" }))
+        .fallback(handle)
+        .with_state(shared)
+}
+
+fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "error": message.into() });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path();
+    let Some((service, params)) = shared.registry.route(method.as_str(), path) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            format!("no service serves {method} {path}"),
+        );
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream");
+    let request = Request {
+        method: method.as_str().to_string(),
+        path: path.to_string(),
+        params,
+        query: parse_query(uri.query().unwrap_or("")),
+        body: Payload {
+            content_type: content_type.to_string(),
+            data: body.to_vec(),
+        },
+    };
+    let new_id = uuid::Uuid::now_v7().to_string();
+    for _ in 0..MAX_CONFLICT_RERUNS {
+        match run(&shared, &service, &request, &new_id).await {
+            Outcome::Reply(reply) => return to_response(reply),
+            Outcome::Error(response) => return response,
+            Outcome::Conflict => {
+                crate::stats::Stats::add(&shared.stats.conflicts, 1);
+            }
+        }
+    }
+    json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the state this request reads kept changing; try again",
+    )
+}
+
+enum Outcome {
+    Reply(Reply),
+    Error(Response),
+    Conflict,
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    service: &Arc<Service>,
+    request: &Request,
+    new_id: &str,
+) -> Outcome {
+    let now_ms = shared.clock.now_ms();
+    let ctx = Context {
+        now_ms,
+        attempt: 1,
+        new_id: new_id.to_string(),
+    };
+    let (svc, req, reader) = (service.clone(), request.clone(), shared.reader.clone());
+    let called = tokio::task::spawn_blocking(move || svc.guest.on_request(reader, &ctx, &req))
+        .await
+        .unwrap_or_else(|e| Err(Failure::Trap(format!("handler thread failed: {e}"))));
+    let called = match called {
+        Ok(called) => called,
+        Err(Failure::Reject(msg)) => {
+            return Outcome::Error(json_error(StatusCode::UNPROCESSABLE_ENTITY, msg))
+        }
+        Err(f @ Failure::Retry(_)) => {
+            return Outcome::Error(json_error(StatusCode::SERVICE_UNAVAILABLE, f.to_string()))
+        }
+        Err(f) => {
+            tracing::warn!(service = service.name(), "request handler failed: {f}");
+            return Outcome::Error(json_error(StatusCode::INTERNAL_SERVER_ERROR, f.to_string()));
+        }
+    };
+    let response = called.output;
+    if response.effects.is_empty() {
+        return Outcome::Reply(response.reply);
+    }
+    if request.method == "GET" {
+        return Outcome::Error(json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "GET {} of service {} returned effects; queries must not change anything",
+                request.path,
+                service.name()
+            ),
+        ));
+    }
+    if let Err(reason) = effects::validate(service, &response.effects) {
+        return Outcome::Error(json_error(StatusCode::INTERNAL_SERVER_ERROR, reason));
+    }
+    let fx_ctx = effects::Context {
+        kafka: &shared.config.kafka,
+        now_ms,
+        cause_deadline_ms: None,
+        default_deadline_ms: shared.config.worker.default_saga_deadline_ms,
+        cause_id: new_id,
+    };
+    let committed = async {
+        let mut tx = shared.db.begin().await?;
+        effects::apply(&mut tx, &fx_ctx, service, &called.reads, &response.effects).await?;
+        tx.commit().await?;
+        Ok::<_, crate::storage::Error>(())
+    }
+    .await;
+    match committed {
+        Ok(()) => {
+            if !response.effects.emits.is_empty() {
+                shared.relay_wake.notify_one();
+            }
+            Outcome::Reply(response.reply)
+        }
+        Err(crate::storage::Error::Conflict { .. }) => Outcome::Conflict,
+        Err(e) => Outcome::Error(json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("could not commit: {e}"),
+        )),
+    }
+}
+
+fn to_response(reply: Reply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, reply.body.content_type)],
+        reply.body.data,
+    )
+        .into_response()
+}
+
+fn parse_query(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (
+                percent_decode(&k.replace('+', " ")),
+                percent_decode(&v.replace('+', " ")),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode_into_pairs() {
+        assert_eq!(
+            parse_query("a=1&b=x+y&c=%2F&flag"),
+            vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "x y".into()),
+                ("c".into(), "/".into()),
+                ("flag".into(), "".into())
+            ]
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! The saga runtime host. See `ARCHITECTURE.md` for the path of one event through these
+//! modules: `kafka::consumer` → `worker` (with `storage::inbox`) → `wasm` → `effects` (with
+//! `storage::{state, outbox, deadlines}`) → `relay` → Kafka; HTTP enters at `ingress`.
+
+pub mod clock;
+pub mod config;
+pub mod effects;
+pub mod ingress;
+pub mod kafka;
+pub mod node;
+pub mod registry;
+pub mod relay;
+pub mod stats;
+pub mod storage;
+pub mod wasm;
+pub mod worker;

@@ -1,0 +1,103 @@
+//! `runtime`: the saga runtime's command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use saga_runtime::config::Config;
+use saga_runtime::node::{self, Options};
+
+#[derive(Parser)]
+#[command(
+    name = "runtime",
+    version,
+    about = "WebAssembly-pluggable saga runtime"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an instance: consume, relay, serve HTTP, until Ctrl-C or SIGTERM.
+    ///
+    /// Configuration comes from the TOML file (every field optional, see README), then from
+    /// SAGA_* environment variables, then from these flags.
+    Run {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Database URL: sqlite://FILE (default sqlite://saga.db) or postgres://…
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Kafka bootstrap servers (default 127.0.0.1:9092).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// HTTP listen address (default 127.0.0.1:8088).
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
+        /// A component to load at start-up; repeat for several.
+        #[arg(long = "service", value_name = "WASM")]
+        services: Vec<PathBuf>,
+    },
+    /// Compile a component and print what it declares (name, version, subscriptions, routes).
+    Describe { wasm: PathBuf },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SAGA_LOG")
+                .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run {
+            config,
+            database_url,
+            brokers,
+            http,
+            services,
+        } => {
+            let mut config = Config::load(config.as_deref(), |k| std::env::var(k).ok())?;
+            if let Some(url) = database_url {
+                config.database_url = url;
+            }
+            if let Some(brokers) = brokers {
+                config.kafka.brokers = brokers;
+            }
+            if let Some(http) = http {
+                config.http_listen = http;
+            }
+            config.services.extend(services);
+            let handle = node::start(Options::new(config)).await?;
+            println!("runtime listening on http://{}", handle.http_addr());
+            wait_for_signal().await?;
+            tracing::info!("shutting down");
+            handle.shutdown().await;
+            Ok(())
+        }
+        Command::Describe { wasm } => {
+            let bytes =
+                std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
+            let config = Config::default();
+            let sandbox = saga_runtime::wasm::Sandbox::new(config.limits(), None)?;
+            let guest = sandbox.load(&bytes)?;
+            println!("{}", serde_json::to_string_pretty(&guest.manifest)?);
+            println!("sha256: {}", guest.digest);
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! One runtime instance: wires storage, the sandbox, the service registry, one worker per
+//! service, the relay and the HTTP ingress together. `Options` → [`start`] → a cheap
+//! [`Handle`] to inspect, extend and stop it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::kafka::{self, consumer::Consumer};
+use crate::registry::{self, Registry, Service};
+use crate::relay::{self, Relay};
+use crate::stats::Stats;
+use crate::storage::{self, state::BlockingReader, Db};
+use crate::wasm::{self, Sandbox, StateReader};
+use crate::worker::Worker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+    #[error(transparent)]
+    Sandbox(#[from] wasm::LoadError),
+    #[error("could not read component {path}: {source}")]
+    ReadComponent {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("component {path} refused: {source}")]
+    Component {
+        path: PathBuf,
+        source: wasm::LoadError,
+    },
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
+    #[error(transparent)]
+    Kafka(#[from] kafka::Error),
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State shared by the tasks of one instance.
+pub struct Shared {
+    pub config: Config,
+    pub db: Db,
+    pub sandbox: Sandbox,
+    pub registry: Registry,
+    pub reader: Arc<dyn StateReader>,
+    pub clock: Arc<dyn Clock>,
+    pub stats: Stats,
+    /// Notified after every commit that wrote outbox rows.
+    pub relay_wake: Notify,
+    pub shutdown: CancellationToken,
+}
+
+/// What to start: the config plus the seams tests replace.
+pub struct Options {
+    pub config: Config,
+    pub clock: Arc<dyn Clock>,
+    pub relay_faults: Arc<dyn relay::Faults>,
+}
+
+impl Options {
+    pub fn new(config: Config) -> Self {
+        Options {
+            config,
+            clock: Arc::new(SystemClock),
+            relay_faults: Arc::new(relay::NoFaults),
+        }
+    }
+}
+
+/// Start an instance: connect, load the configured services, start consuming, relaying and
+/// serving HTTP.
+pub async fn start(options: Options) -> Result<Handle, Error> {
+    let config = options.config;
+    let db = Db::connect(&config.database_url, config.database_connections).await?;
+    let sandbox = Sandbox::new(config.limits(), config.cache_dir.clone())?;
+    let reader = BlockingReader::new(db.clone(), tokio::runtime::Handle::current());
+    let listen = config.http_listen;
+    let shared = Arc::new(Shared {
+        config,
+        db,
+        sandbox,
+        registry: Registry::default(),
+        reader,
+        clock: options.clock,
+        stats: Stats::default(),
+        relay_wake: Notify::new(),
+        shutdown: CancellationToken::new(),
+    });
+    let handle = Handle {
+        shared: shared.clone(),
+        http_addr: listen,
+        tasks: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),
+    };
+    for path in shared.config.services.clone() {
+        let wasm = tokio::fs::read(&path)
+            .await
+            .map_err(|source| Error::ReadComponent {
+                path: path.clone(),
+                source,
+            })?;
+        handle.install(wasm).await.map_err(|e| match e {
+            Error::Sandbox(source) => Error::Component { path, source },
+            other => other,
+        })?;
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: listen,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| Error::Listen {
+        addr: listen,
+        source,
+    })?;
+    let mut tasks = handle.tasks.lock().await;
+    tasks.spawn(Relay::new(shared.clone(), options.relay_faults).run());
+    let router = crate::ingress::router(shared.clone());
+    let stop = shared.shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!("HTTP ingress stopped: {e}");
+        }
+    });
+    drop(tasks);
+    tracing::info!(%http_addr, instance = %shared.config.instance_id, "runtime started");
+    Ok(Handle {
+        http_addr,
+        ..handle
+    })
+}
+
+/// A running instance. Cloning is cheap.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+    http_addr: SocketAddr,
+    tasks: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+}
+
+impl Handle {
+    /// Where the HTTP ingress listens (the real port if the config asked for port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.shared.db
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Load a component, create its topics and start consuming for it.
+    pub async fn install(&self, wasm: Vec<u8>) -> Result<Arc<Service>, Error> {
+        let sandbox = self.shared.sandbox.clone();
+        let guest = tokio::task::spawn_blocking(move || sandbox.load(&wasm))
+            .await
+            .map_err(|e| wasm::LoadError::Engine(e.to_string()))??;
+        let service = Service::new(guest)?;
+        let kafka = &self.shared.config.kafka;
+        kafka::topics::ensure(kafka, &service.topics()).await?;
+        let subscribed: Vec<String> = service
+            .guest
+            .manifest
+            .subscriptions
+            .iter()
+            .map(|s| kafka.topic(&s.topic))
+            .collect();
+        let consumer = if subscribed.is_empty() {
+            None
+        } else {
+            Some(Consumer::subscribe(kafka, service.name(), &subscribed)?)
+        };
+        let service = self.shared.registry.install(service)?;
+        tracing::info!(
+            service = service.name(),
+            version = service.version(),
+            digest = %service.guest.digest,
+            "service installed"
+        );
+        if let Some(consumer) = consumer {
+            let worker = Worker::new(self.shared.clone(), service.name());
+            self.tasks.lock().await.spawn(worker.run(consumer));
+        }
+        Ok(service)
+    }
+
+    /// Stop consuming, relaying and serving, and wait for the tasks to finish.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        let mut tasks = self.tasks.lock().await;
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Resolves when the instance is asked to stop.
+    pub async fn stopped(&self) {
+        self.shared.shutdown.cancelled().await
+    }
+}

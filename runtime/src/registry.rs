@@ -1,0 +1,269 @@
+//! The services loaded in this runtime: each a described guest plus what the host derives from
+//! its manifest (route patterns, failure policies). Lookups take a snapshot (`Arc`), so an
+//! event or request that started on one version finishes on it even if another is installed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use crate::wasm::bindings::FailurePolicy;
+use crate::wasm::Guest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("route {method} {path} of service {service} is already served by {other}")]
+    RouteTaken {
+        method: String,
+        path: String,
+        service: String,
+        other: String,
+    },
+    #[error("route {0:?} must start with '/'")]
+    BadRoute(String),
+}
+
+/// One service version, ready to run.
+pub struct Service {
+    pub guest: Guest,
+    routes: Vec<Pattern>,
+    policies: HashMap<String, FailurePolicy>,
+}
+
+impl Service {
+    pub fn new(guest: Guest) -> Result<Self, Error> {
+        let routes = guest
+            .manifest
+            .routes
+            .iter()
+            .map(|r| Pattern::parse(&r.method, &r.path))
+            .collect::<Result<_, _>>()?;
+        let policies = guest
+            .manifest
+            .subscriptions
+            .iter()
+            .map(|s| (s.topic.clone(), s.on_failure))
+            .collect();
+        Ok(Service {
+            guest,
+            routes,
+            policies,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.guest.manifest.name
+    }
+
+    pub fn version(&self) -> &str {
+        &self.guest.manifest.version
+    }
+
+    /// The failure policy of the subscription to `topic` (dead-letter after 3 by default).
+    pub fn policy(&self, topic: &str) -> FailurePolicy {
+        self.policies
+            .get(topic)
+            .copied()
+            .unwrap_or(FailurePolicy::DeadLetter(3))
+    }
+
+    /// Whether the service declared that it emits to `topic`.
+    pub fn publishes(&self, topic: &str) -> bool {
+        self.guest.manifest.publishes.iter().any(|t| t == topic)
+    }
+
+    /// Every logical topic this service needs: subscriptions, their dead-letter topics, and
+    /// the topics it emits to.
+    pub fn topics(&self) -> Vec<String> {
+        let m = &self.guest.manifest;
+        m.subscriptions
+            .iter()
+            .flat_map(|s| [s.topic.clone(), crate::kafka::dead_letter_topic(&s.topic)])
+            .chain(m.publishes.iter().cloned())
+            .collect()
+    }
+}
+
+/// `GET /orders/{id}` as literal and parameter segments.
+#[derive(Debug, Clone, PartialEq)]
+struct Pattern {
+    method: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+impl Pattern {
+    fn parse(method: &str, path: &str) -> Result<Self, Error> {
+        let rest = path
+            .strip_prefix('/')
+            .ok_or_else(|| Error::BadRoute(path.to_string()))?;
+        let segments = rest
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(
+                |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    Some(name) => Segment::Param(name.to_string()),
+                    None => Segment::Literal(s.to_string()),
+                },
+            )
+            .collect();
+        Ok(Pattern {
+            method: method.to_ascii_uppercase(),
+            segments,
+        })
+    }
+
+    fn matches(&self, method: &str, path: &str) -> Option<Vec<(String, String)>> {
+        if !self.method.eq_ignore_ascii_case(method) {
+            return None;
+        }
+        let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        if parts.len() != self.segments.len() {
+            return None;
+        }
+        let mut params = Vec::new();
+        for (segment, part) in self.segments.iter().zip(parts) {
+            match segment {
+                Segment::Literal(l) if l == part => {}
+                Segment::Literal(_) => return None,
+                Segment::Param(name) => params.push((name.clone(), percent_decode(part))),
+            }
+        }
+        Some(params)
+    }
+
+    /// Two patterns overlap if some request could match both.
+    fn overlaps(&self, other: &Pattern) -> bool {
+        self.method == other.method
+            && self.segments.len() == other.segments.len()
+            && self
+                .segments
+                .iter()
+                .zip(&other.segments)
+                .all(|(a, b)| match (a, b) {
+                    (Segment::Literal(x), Segment::Literal(y)) => x == y,
+                    _ => true,
+                })
+    }
+
+    fn render(&self) -> String {
+        let path: Vec<String> = self
+            .segments
+            .iter()
+            .map(|s| match s {
+                Segment::Literal(l) => l.clone(),
+                Segment::Param(p) => format!("{{{p}}}"),
+            })
+            .collect();
+        format!("/{}", path.join("/"))
+    }
+}
+
+/// Decode `%XX` escapes (and `+` is left alone: this is a path, not a form).
+pub fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// All loaded services by name.
+#[derive(Default)]
+pub struct Registry {
+    services: RwLock<Arc<BTreeMap<String, Arc<Service>>>>,
+}
+
+impl Registry {
+    /// Install `service`, replacing an earlier version of the same name.
+    pub fn install(&self, service: Service) -> Result<Arc<Service>, Error> {
+        let mut guard = self.services.write().expect("registry lock");
+        for other in guard.values().filter(|o| o.name() != service.name()) {
+            for mine in &service.routes {
+                if let Some(theirs) = other.routes.iter().find(|r| r.overlaps(mine)) {
+                    return Err(Error::RouteTaken {
+                        method: mine.method.clone(),
+                        path: theirs.render(),
+                        service: service.name().to_string(),
+                        other: other.name().to_string(),
+                    });
+                }
+            }
+        }
+        let service = Arc::new(service);
+        let mut next = (**guard).clone();
+        next.insert(service.name().to_string(), service.clone());
+        *guard = Arc::new(next);
+        Ok(service)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Service>> {
+        self.snapshot().get(name).cloned()
+    }
+
+    pub fn snapshot(&self) -> Arc<BTreeMap<String, Arc<Service>>> {
+        self.services.read().expect("registry lock").clone()
+    }
+
+    /// The service serving `method path`, with the route's parameters.
+    pub fn route(&self, method: &str, path: &str) -> Option<(Arc<Service>, Vec<(String, String)>)> {
+        self.snapshot().values().find_map(|s| {
+            s.routes
+                .iter()
+                .find_map(|r| r.matches(method, path))
+                .map(|params| (s.clone(), params))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pattern_extracts_its_parameters() {
+        let p = Pattern::parse("GET", "/orders/{id}").unwrap();
+        assert_eq!(
+            p.matches("GET", "/orders/42"),
+            Some(vec![("id".into(), "42".into())])
+        );
+        assert_eq!(
+            p.matches("get", "/orders/a%20b/"),
+            Some(vec![("id".into(), "a b".into())])
+        );
+        assert_eq!(p.matches("POST", "/orders/42"), None);
+        assert_eq!(p.matches("GET", "/orders"), None);
+        assert_eq!(p.matches("GET", "/orders/42/items"), None);
+    }
+
+    #[test]
+    fn overlapping_routes_are_detected() {
+        let a = Pattern::parse("GET", "/orders/{id}").unwrap();
+        assert!(a.overlaps(&Pattern::parse("GET", "/orders/latest").unwrap()));
+        assert!(!a.overlaps(&Pattern::parse("POST", "/orders/latest").unwrap()));
+        assert!(!a.overlaps(&Pattern::parse("GET", "/points/{id}").unwrap()));
+    }
+
+    #[test]
+    fn percent_decoding_leaves_bad_escapes_alone() {
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}

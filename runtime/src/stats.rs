@@ -1,0 +1,31 @@
+//! Counters of what the runtime did; read by tests and, later, exported as metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Events whose effects were committed.
+    pub applied: AtomicU64,
+    /// Events recognised by the inbox as already handled and skipped.
+    pub duplicates: AtomicU64,
+    /// Events sent to a dead-letter topic.
+    pub dead_lettered: AtomicU64,
+    /// Handler runs discarded because state they read changed before commit.
+    pub conflicts: AtomicU64,
+    /// Failed handler attempts (errors, traps, time and memory limits).
+    pub failures: AtomicU64,
+    /// Outbox rows the relay published (a republish after a crash counts again).
+    pub published: AtomicU64,
+    /// Kafka transactions the relay committed.
+    pub relay_batches: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,99 @@
+//! The inbox: which events each service has finished with, and how. A row is written in the
+//! same transaction as the event's effects; its primary key (service, event id) is what makes a
+//! redelivered event a no-op.
+
+use std::collections::HashSet;
+
+use sqlx::Row as _;
+
+use super::{Conn, Db, Error};
+
+/// How a service finished with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler's effects were committed.
+    Applied,
+    /// The handler kept failing (or rejected the event); it went to `<topic>.dlt`.
+    DeadLettered,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::DeadLettered => "dead-lettered",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry<'a> {
+    pub service: &'a str,
+    pub event_id: &'a str,
+    pub saga: &'a str,
+    pub event_type: &'a str,
+    pub topic: &'a str,
+    pub outcome: Outcome,
+    pub detail: Option<&'a str>,
+    /// Version of the handler that handled it.
+    pub version: &'a str,
+    pub handled_ms: i64,
+}
+
+/// Record that `entry.service` has handled `entry.event_id`. Returns `false` if it already had:
+/// the caller must then discard the effects, the event is a duplicate.
+pub async fn record(conn: &mut Conn, entry: &Entry<'_>) -> Result<bool, Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO inbox (service, event_id, saga, event_type, topic, outcome, detail, version, handled_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (service, event_id) DO NOTHING",
+    )
+    .bind(entry.service)
+    .bind(entry.event_id)
+    .bind(entry.saga)
+    .bind(entry.event_type)
+    .bind(entry.topic)
+    .bind(entry.outcome.as_str())
+    .bind(entry.detail)
+    .bind(entry.version)
+    .bind(entry.handled_ms)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Which of `ids` the service has already handled: lets the worker skip the guest call for
+/// duplicates. (The authoritative check is [`record`], inside the commit.)
+pub async fn seen(db: &Db, service: &str, ids: &[&str]) -> Result<HashSet<String>, Error> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let placeholders: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
+    let sql = format!(
+        "SELECT event_id FROM inbox WHERE service = $1 AND event_id IN ({})",
+        placeholders.join(", ")
+    );
+    let mut query = sqlx::query(&sql).bind(service);
+    for id in ids {
+        query = query.bind(*id);
+    }
+    let rows = query.fetch_all(db.pool()).await?;
+    rows.into_iter()
+        .map(|row| row.try_get::<String, _>("event_id").map_err(Error::from))
+        .collect()
+}
+
+/// The outcome recorded for one event, if any.
+pub async fn outcome(
+    db: &Db,
+    service: &str,
+    event_id: &str,
+) -> Result<Option<(String, Option<String>)>, Error> {
+    let row = sqlx::query("SELECT outcome, detail FROM inbox WHERE service = $1 AND event_id = $2")
+        .bind(service)
+        .bind(event_id)
+        .fetch_optional(db.pool())
+        .await?;
+    row.map(|row| Ok((row.try_get("outcome")?, row.try_get("detail")?)))
+        .transpose()
+}

@@ -1,0 +1,140 @@
+//! Storage through sqlx on SQLite (embedded default) or PostgreSQL (production, several
+//! instances), chosen by the database URL.
+//!
+//! Design choice: one code path over `sqlx::Any`, with SQL both databases accept (`$n`
+//! placeholders, `ON CONFLICT`, savepoints) and a [`Dialect`] only where they differ (how a
+//! write transaction begins). Each table has one small module. Migrations for both live in
+//! `migrations/<dialect>/` and run at connect.
+
+pub mod deadlines;
+pub mod inbox;
+pub mod lease;
+pub mod outbox;
+pub mod state;
+
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Transaction};
+
+pub type Tx = Transaction<'static, Any>;
+pub type Row = AnyRow;
+/// A connection inside a transaction or savepoint (`&mut *tx`).
+pub type Conn = sqlx::AnyConnection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database URL {0:?} is neither sqlite:… nor postgres:…")]
+    UnknownUrl(String),
+    #[error("could not connect to the database at {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// State a handler read changed before its effects committed; re-run the handler.
+    #[error("state key {key:?} of service {service:?} changed concurrently")]
+    Conflict { service: String, key: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    pub fn of_url(url: &str) -> Result<Self, Error> {
+        if url.starts_with("sqlite:") {
+            Ok(Dialect::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Dialect::Postgres)
+        } else {
+            Err(Error::UnknownUrl(url.to_string()))
+        }
+    }
+}
+
+/// A connection pool and its dialect; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+impl Db {
+    /// Connect, create the SQLite file if needed, and run the migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, Error> {
+        sqlx::any::install_default_drivers();
+        let dialect = Dialect::of_url(url)?;
+        let url_with_options = match dialect {
+            Dialect::Sqlite if !url.contains('?') && !url.contains(":memory:") => {
+                format!("{url}?mode=rwc")
+            }
+            _ => url.to_string(),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        use sqlx::Executor;
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 30000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url_with_options)
+            .await
+            .map_err(|source| Error::Connect {
+                url: url.to_string(),
+                source,
+            })?;
+        let db = Db { pool, dialect };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> Result<(), Error> {
+        match self.dialect {
+            Dialect::Sqlite => {
+                sqlx::migrate!("../migrations/sqlite")
+                    .run(&self.pool)
+                    .await?
+            }
+            Dialect::Postgres => {
+                sqlx::migrate!("../migrations/postgres")
+                    .run(&self.pool)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Begin a write transaction. SQLite takes the write lock up front (`BEGIN IMMEDIATE`), so
+    /// two writers queue on the busy timeout instead of failing on a lock upgrade.
+    pub async fn begin(&self) -> Result<Tx, Error> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch of a [`std::time::SystemTime`].
+pub fn millis(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,175 @@
+//! Service state with optimistic concurrency: guests read committed rows (recording versions),
+//! and [`apply`] writes their effects only if nothing they read has changed since.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use sqlx::Row as _;
+
+use super::{Conn, Db, Error};
+use crate::wasm::bindings::Write;
+use crate::wasm::{ReadSet, StateReader, Versioned};
+
+/// Read one key's value and version (version 0: never written).
+pub async fn get(db: &Db, service: &str, key: &str) -> Result<Versioned, Error> {
+    let row = sqlx::query("SELECT value, version FROM state WHERE service = $1 AND key = $2")
+        .bind(service)
+        .bind(key)
+        .fetch_optional(db.pool())
+        .await?;
+    Ok(match row {
+        Some(row) => Versioned {
+            value: row.try_get("value")?,
+            version: row.try_get("version")?,
+        },
+        None => Versioned {
+            value: None,
+            version: 0,
+        },
+    })
+}
+
+/// Live keys with `prefix`, in key order.
+pub async fn scan(
+    db: &Db,
+    service: &str,
+    prefix: &str,
+    limit: u32,
+) -> Result<Vec<(String, Versioned)>, Error> {
+    // A range instead of LIKE: no escaping of '%' and '_' in keys, and it uses the primary key.
+    let rows = sqlx::query(
+        "SELECT key, value, version FROM state \
+         WHERE service = $1 AND key >= $2 AND key < $3 AND value IS NOT NULL \
+         ORDER BY key LIMIT $4",
+    )
+    .bind(service)
+    .bind(prefix)
+    .bind(prefix_end(prefix))
+    .bind(limit as i64)
+    .fetch_all(db.pool())
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            Ok((
+                row.try_get("key")?,
+                Versioned {
+                    value: row.try_get("value")?,
+                    version: row.try_get("version")?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The smallest string greater than every string starting with `prefix`.
+fn prefix_end(prefix: &str) -> String {
+    let mut end = prefix.to_string();
+    end.push(char::MAX);
+    end
+}
+
+/// Apply a handler's writes, checking every key it read (or wrote after reading) still has
+/// the version it saw. Returns [`Error::Conflict`] otherwise; the caller rolls back to its
+/// savepoint and re-runs the handler. Several writes to one key collapse to the last.
+pub async fn apply(
+    conn: &mut Conn,
+    service: &str,
+    reads: &ReadSet,
+    writes: &[Write],
+) -> Result<(), Error> {
+    let last: BTreeMap<&str, Option<&[u8]>> = writes
+        .iter()
+        .map(|w| (w.key.as_str(), w.value.as_deref()))
+        .collect();
+    let conflict = |key: &str| Error::Conflict {
+        service: service.to_string(),
+        key: key.to_string(),
+    };
+    for (key, &seen) in &reads.0 {
+        if last.contains_key(key.as_str()) {
+            continue;
+        }
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM state WHERE service = $1 AND key = $2")
+                .bind(service)
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if current.unwrap_or(0) != seen {
+            return Err(conflict(key));
+        }
+    }
+    for (key, value) in last {
+        let value = value.map(<[u8]>::to_vec);
+        let affected = match reads.0.get(key) {
+            Some(0) => sqlx::query(
+                "INSERT INTO state (service, key, value, version) VALUES ($1, $2, $3, 1) \
+                 ON CONFLICT (service, key) DO NOTHING",
+            )
+            .bind(service)
+            .bind(key)
+            .bind(value)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected(),
+            Some(&seen) => sqlx::query(
+                "UPDATE state SET value = $3, version = version + 1 \
+                 WHERE service = $1 AND key = $2 AND version = $4",
+            )
+            .bind(service)
+            .bind(key)
+            .bind(value)
+            .bind(seen)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected(),
+            // A blind write (never read) cannot conflict; it just bumps the version.
+            None => sqlx::query(
+                "INSERT INTO state (service, key, value, version) VALUES ($1, $2, $3, 1) \
+                 ON CONFLICT (service, key) DO UPDATE SET value = excluded.value, \
+                 version = state.version + 1",
+            )
+            .bind(service)
+            .bind(key)
+            .bind(value)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected(),
+        };
+        if affected != 1 {
+            return Err(conflict(key));
+        }
+    }
+    Ok(())
+}
+
+/// Guests' reads, served from a blocking thread (guest calls run on `spawn_blocking`).
+pub struct BlockingReader {
+    db: Db,
+    handle: tokio::runtime::Handle,
+}
+
+impl BlockingReader {
+    pub fn new(db: Db, handle: tokio::runtime::Handle) -> Arc<Self> {
+        Arc::new(BlockingReader { db, handle })
+    }
+}
+
+impl StateReader for BlockingReader {
+    fn get(&self, service: &str, key: &str) -> Result<Versioned, String> {
+        self.handle
+            .block_on(get(&self.db, service, key))
+            .map_err(|e| e.to_string())
+    }
+
+    fn scan(
+        &self,
+        service: &str,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Versioned)>, String> {
+        self.handle
+            .block_on(scan(&self.db, service, prefix, limit))
+            .map_err(|e| e.to_string())
+    }
+}

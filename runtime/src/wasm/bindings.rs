@@ -1,0 +1,36 @@
+//! Host bindings of our WIT world (`wit/saga-runtime@0.1.0`). Every import is trappable: a
+//! failure of the host (e.g. the database is down during a state read) traps the call, and the
+//! caller treats it as a retryable failure, never as an answer the guest can misread.
+
+wasmtime::component::bindgen!({
+    world: "service",
+    path: "../wit/saga-runtime@0.1.0",
+    imports: { default: trappable },
+    additional_derives: [PartialEq, serde::Serialize, serde::Deserialize],
+});
+
+pub use exports::saga::runtime::handler::{
+    Context, Effects, Error as GuestError, Request, Response,
+};
+pub use saga::runtime::types::{
+    Deadline, DeadlineRef, Emit, Event, FailurePolicy, Manifest, Payload, Reply, Route,
+    Subscription, Write,
+};
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+            && self.emits.is_empty()
+            && self.set_deadlines.is_empty()
+            && self.cancel_deadlines.is_empty()
+    }
+
+    pub fn none() -> Self {
+        Effects {
+            writes: Vec::new(),
+            emits: Vec::new(),
+            set_deadlines: Vec::new(),
+            cancel_deadlines: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! The event path of one service: Kafka batch → decode → inbox pre-check → guest (with its
+//! failure policy) → one database transaction for the whole batch → offsets stored.
+//!
+//! Design choices:
+//! - Batching: a batch of records shares one transaction; each event gets a savepoint, so one
+//!   event's conflict or duplicate does not undo the others.
+//! - Concurrency: guests of different partitions run at the same time; events of one partition
+//!   run in order. State conflicts (two events touching the same keys, here or on another
+//!   instance) are found at commit by the optimistic check; the conflicting event and every
+//!   later event of its partition are deferred and re-run in order on fresh state, so neither an
+//!   update nor the per-saga order of emitted events is lost.
+//! - Failures: a handler that errors or traps is retried in place with exponential backoff;
+//!   after the subscription's attempts it is dead-lettered (`<topic>.dlt`, through the outbox,
+//!   with the reason in headers), or, for a blocking subscription, retried until it succeeds.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::effects;
+use crate::kafka::cloudevents::{self, Malformed};
+use crate::kafka::consumer::{Consumer, Record};
+use crate::kafka::dead_letter_topic;
+use crate::node::Shared;
+use crate::registry::Service;
+use crate::stats::Stats;
+use crate::storage::{self, inbox, outbox};
+use crate::wasm::bindings::{Context, Effects, Event, FailurePolicy};
+use crate::wasm::{Called, Failure};
+
+/// Headers we add to a dead-lettered record.
+pub mod dlt_headers {
+    pub const REASON: &str = "saga_dlt_reason";
+    pub const ATTEMPTS: &str = "saga_dlt_attempts";
+    pub const SERVICE: &str = "saga_dlt_service";
+    pub const TOPIC: &str = "saga_dlt_topic";
+    pub const PARTITION: &str = "saga_dlt_partition";
+    pub const OFFSET: &str = "saga_dlt_offset";
+}
+
+/// One record of a batch and what became of it.
+struct Item {
+    record: Record,
+    /// The decoded event, or why it could not be decoded.
+    event: Result<Event, Malformed>,
+    /// `context.new-id` for this event: stable across re-runs.
+    new_id: String,
+}
+
+impl Item {
+    /// The inbox key: the event id, or the record's coordinates if it has none.
+    fn inbox_id(&self) -> String {
+        match &self.event {
+            Ok(e) => e.id.clone(),
+            Err(_) => format!(
+                "kafka:{}:{}:{}",
+                self.record.topic, self.record.partition, self.record.offset
+            ),
+        }
+    }
+}
+
+enum Verdict {
+    /// Already in the inbox; nothing to do.
+    Duplicate,
+    Apply(Called<Effects>),
+    DeadLetter {
+        reason: String,
+        attempts: u32,
+    },
+}
+
+pub struct Worker {
+    shared: Arc<Shared>,
+    service: String,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>, service: &str) -> Self {
+        Worker {
+            shared,
+            service: service.to_string(),
+        }
+    }
+
+    pub async fn run(self, consumer: Consumer) {
+        let max = self.shared.config.worker.max_batch.max(1);
+        loop {
+            let batch = tokio::select! {
+                _ = self.shared.shutdown.cancelled() => break,
+                batch = consumer.next_batch(max) => batch,
+            };
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(service = %self.service, "kafka consume failed: {e}");
+                    self.pause(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let Some(service) = self.shared.registry.get(&self.service) else {
+                break;
+            };
+            if !self.process(&service, &batch).await {
+                break; // shutting down; nothing was stored, the records will be redelivered
+            }
+            for record in &batch {
+                if let Err(e) = consumer.done(record) {
+                    tracing::warn!(service = %self.service, "could not store offset: {e}");
+                }
+            }
+        }
+    }
+
+    /// Handle a batch to the end. Returns `false` only if shutdown interrupted it.
+    async fn process(&self, service: &Arc<Service>, batch: &[Record]) -> bool {
+        let kafka = &self.shared.config.kafka;
+        let items: Vec<Item> = batch
+            .iter()
+            .map(|record| Item {
+                event: cloudevents::decode(
+                    kafka.logical(&record.topic),
+                    &record.headers,
+                    &record.payload,
+                ),
+                record: record.clone(),
+                new_id: uuid::Uuid::now_v7().to_string(),
+            })
+            .collect();
+        let Some(seen) = self.retry_db(|| self.already_seen(&items)).await else {
+            return false;
+        };
+        let Some(verdicts) = self.decide_all(service, &items, &seen).await else {
+            return false;
+        };
+        let Some(deferred) = self
+            .retry_db(|| self.commit(service, &items, &verdicts))
+            .await
+        else {
+            return false;
+        };
+        for i in deferred {
+            if !self.rerun(service, &items[i]).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn already_seen(&self, items: &[Item]) -> Result<HashSet<String>, storage::Error> {
+        let ids: Vec<String> = items.iter().map(Item::inbox_id).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        inbox::seen(&self.shared.db, &self.service, &refs).await
+    }
+
+    /// Run the guests of a batch: partitions concurrently, each partition in order.
+    async fn decide_all(
+        &self,
+        service: &Arc<Service>,
+        items: &[Item],
+        seen: &HashSet<String>,
+    ) -> Option<Vec<Verdict>> {
+        let mut by_partition: HashMap<(&str, i32), Vec<usize>> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            by_partition
+                .entry((&item.record.topic, item.record.partition))
+                .or_default()
+                .push(i);
+        }
+        let lanes = by_partition.into_values().map(|indices| async move {
+            let mut out = Vec::with_capacity(indices.len());
+            for i in indices {
+                let verdict = if seen.contains(&items[i].inbox_id()) {
+                    Some(Verdict::Duplicate)
+                } else {
+                    self.decide(service, &items[i]).await
+                };
+                out.push((i, verdict?));
+            }
+            Some(out)
+        });
+        let mut verdicts: Vec<Option<Verdict>> = (0..items.len()).map(|_| None).collect();
+        for lane in futures::future::join_all(lanes).await {
+            for (i, verdict) in lane? {
+                verdicts[i] = Some(verdict);
+            }
+        }
+        verdicts.into_iter().collect()
+    }
+
+    /// Run the handler for one event under the subscription's failure policy.
+    /// `None` if shutdown interrupted the retries.
+    async fn decide(&self, service: &Arc<Service>, item: &Item) -> Option<Verdict> {
+        let event = match &item.event {
+            Ok(event) => event,
+            Err(malformed) => {
+                return Some(Verdict::DeadLetter {
+                    reason: format!("malformed event: {malformed}"),
+                    attempts: 0,
+                })
+            }
+        };
+        let policy = service.policy(&event.topic);
+        let mut attempt = 1u32;
+        loop {
+            let failure = match self.call(service, item, event, attempt).await {
+                Ok(called) => match effects::validate(service, &called.output) {
+                    Ok(()) => return Some(Verdict::Apply(called)),
+                    Err(reason) => Failure::Reject(reason),
+                },
+                Err(failure) => failure,
+            };
+            Stats::add(&self.shared.stats.failures, 1);
+            tracing::warn!(
+                service = %self.service, event = %event.id, attempt, "handler failed: {failure}"
+            );
+            let exhausted = match policy {
+                FailurePolicy::DeadLetter(max) => attempt >= max.max(1),
+                FailurePolicy::Blocking => false,
+            };
+            if failure.is_permanent() || exhausted {
+                return Some(Verdict::DeadLetter {
+                    reason: failure.to_string(),
+                    attempts: attempt,
+                });
+            }
+            if !self.pause(self.backoff(attempt)).await {
+                return None;
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn call(
+        &self,
+        service: &Arc<Service>,
+        item: &Item,
+        event: &Event,
+        attempt: u32,
+    ) -> Result<Called<Effects>, Failure> {
+        let ctx = Context {
+            now_ms: self.shared.clock.now_ms(),
+            attempt,
+            new_id: item.new_id.clone(),
+        };
+        let (service, event, reader) = (service.clone(), event.clone(), self.shared.reader.clone());
+        tokio::task::spawn_blocking(move || service.guest.on_event(reader, &ctx, &event))
+            .await
+            .unwrap_or_else(|e| Err(Failure::Trap(format!("handler thread failed: {e}"))))
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let cfg = &self.shared.config.worker;
+        let ms = cfg
+            .retry_backoff_ms
+            .saturating_mul(1u64 << (attempt - 1).min(20))
+            .min(cfg.max_backoff_ms);
+        Duration::from_millis(ms)
+    }
+
+    /// Commit a batch's verdicts in one transaction. Returns the indices deferred by a conflict.
+    async fn commit(
+        &self,
+        service: &Arc<Service>,
+        items: &[Item],
+        verdicts: &[Verdict],
+    ) -> Result<Vec<usize>, storage::Error> {
+        let mut tx = self.shared.db.begin().await?;
+        let mut blocked: HashSet<(&str, i32)> = HashSet::new();
+        let mut deferred = Vec::new();
+        let (mut applied, mut duplicates, mut dead) = (0, 0, 0);
+        for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
+            let lane = (item.record.topic.as_str(), item.record.partition);
+            if blocked.contains(&lane) {
+                deferred.push(i);
+                continue;
+            }
+            match self.commit_one(&mut tx, service, item, verdict).await {
+                Ok(Some(inbox::Outcome::Applied)) => applied += 1,
+                Ok(Some(inbox::Outcome::DeadLettered)) => dead += 1,
+                Ok(None) => duplicates += 1,
+                Err(storage::Error::Conflict { .. }) => {
+                    Stats::add(&self.shared.stats.conflicts, 1);
+                    blocked.insert(lane);
+                    deferred.push(i);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit().await?;
+        let stats = &self.shared.stats;
+        Stats::add(&stats.applied, applied);
+        Stats::add(&stats.duplicates, duplicates);
+        Stats::add(&stats.dead_lettered, dead);
+        if applied + dead > 0 {
+            self.shared.relay_wake.notify_one();
+        }
+        Ok(deferred)
+    }
+
+    /// One event inside its own savepoint. `Ok(None)`: it was a duplicate.
+    async fn commit_one(
+        &self,
+        tx: &mut storage::Tx,
+        service: &Service,
+        item: &Item,
+        verdict: &Verdict,
+    ) -> Result<Option<inbox::Outcome>, storage::Error> {
+        use sqlx::Connection as _;
+        let (outcome, detail) = match verdict {
+            Verdict::Duplicate => return Ok(None),
+            Verdict::Apply(_) => (inbox::Outcome::Applied, None),
+            Verdict::DeadLetter { reason, .. } => {
+                (inbox::Outcome::DeadLettered, Some(reason.as_str()))
+            }
+        };
+        let now_ms = self.shared.clock.now_ms();
+        let id = item.inbox_id();
+        let (saga, event_type, topic) = match &item.event {
+            Ok(e) => (e.subject.as_str(), e.type_.as_str(), e.topic.as_str()),
+            Err(_) => ("", "", self.shared.config.kafka.logical(&item.record.topic)),
+        };
+        let mut sp = tx.begin().await?;
+        let entry = inbox::Entry {
+            service: service.name(),
+            event_id: &id,
+            saga,
+            event_type,
+            topic,
+            outcome,
+            detail,
+            version: service.version(),
+            handled_ms: now_ms,
+        };
+        if !inbox::record(&mut sp, &entry).await? {
+            sp.rollback().await?;
+            return Ok(None);
+        }
+        let result = match verdict {
+            Verdict::Apply(called) => {
+                let ctx = effects::Context {
+                    kafka: &self.shared.config.kafka,
+                    now_ms,
+                    cause_deadline_ms: item.event.as_ref().ok().and_then(|e| e.deadline_ms),
+                    default_deadline_ms: self.shared.config.worker.default_saga_deadline_ms,
+                    cause_id: &id,
+                };
+                effects::apply(&mut sp, &ctx, service, &called.reads, &called.output).await
+            }
+            Verdict::DeadLetter { reason, attempts } => {
+                let message = self.dead_letter(service, item, &id, reason, *attempts);
+                outbox::insert(&mut sp, &message, now_ms).await
+            }
+            Verdict::Duplicate => unreachable!("returned above"),
+        };
+        match result {
+            Ok(()) => {
+                sp.commit().await?;
+                Ok(Some(outcome))
+            }
+            Err(e) => {
+                sp.rollback().await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The record as it arrived, to `<topic>.dlt`, with why and where from in headers.
+    fn dead_letter(
+        &self,
+        service: &Service,
+        item: &Item,
+        id: &str,
+        reason: &str,
+        attempts: u32,
+    ) -> outbox::Message {
+        let kafka = &self.shared.config.kafka;
+        let r = &item.record;
+        let mut headers: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        headers.extend([
+            (dlt_headers::REASON.to_string(), reason.to_string()),
+            (dlt_headers::ATTEMPTS.to_string(), attempts.to_string()),
+            (dlt_headers::SERVICE.to_string(), service.name().to_string()),
+            (
+                dlt_headers::TOPIC.to_string(),
+                kafka.logical(&r.topic).to_string(),
+            ),
+            (dlt_headers::PARTITION.to_string(), r.partition.to_string()),
+            (dlt_headers::OFFSET.to_string(), r.offset.to_string()),
+        ]);
+        outbox::Message {
+            event_id: id.to_string(),
+            topic: kafka.topic(&dead_letter_topic(kafka.logical(&r.topic))),
+            key: String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned(),
+            headers,
+            payload: r.payload.clone(),
+        }
+    }
+
+    /// Re-run a deferred event on fresh state until it commits (or is found a duplicate).
+    async fn rerun(&self, service: &Arc<Service>, item: &Item) -> bool {
+        loop {
+            let Some(seen) = self
+                .retry_db(|| self.already_seen(std::slice::from_ref(item)))
+                .await
+            else {
+                return false;
+            };
+            let verdict = if seen.is_empty() {
+                match self.decide(service, item).await {
+                    Some(v) => v,
+                    None => return false,
+                }
+            } else {
+                Verdict::Duplicate
+            };
+            let Some(deferred) = self
+                .retry_db(|| {
+                    self.commit(
+                        service,
+                        std::slice::from_ref(item),
+                        std::slice::from_ref(&verdict),
+                    )
+                })
+                .await
+            else {
+                return false;
+            };
+            if deferred.is_empty() {
+                return true;
+            }
+        }
+    }
+
+    /// Retry a database step with backoff until it succeeds; `None` on shutdown.
+    async fn retry_db<T, F, Fut>(&self, mut step: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, storage::Error>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match step().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    tracing::warn!(service = %self.service, attempt, "database step failed, retrying: {e}");
+                    if !self.pause(self.backoff(attempt)).await {
+                        return None;
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Sleep unless shutting down; `false` if shutdown came first.
+    async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.shared.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
