@@ -1,7 +1,8 @@
 //! A test fixture, not an example: a service that misbehaves on request. Events of type
 //! `Loop` spin forever, `Hog` allocate far past any memory limit, `Panic` trap, `Reject`
 //! return a permanent error; anything else is recorded under `seen/<event id>`, so a test can
-//! prove that well-behaved events keep flowing past the hostile ones.
+//! prove that well-behaved events keep flowing past the hostile ones. `Probe` records what the
+//! sandbox lets a guest see of the world (clock, environment, files) under `probe/<subject>`.
 
 use saga_sdk::{
     query_reply, route, scan_json, subscribe, Context, Effects, Error, Event, Manifest, Request,
@@ -16,7 +17,10 @@ impl Service for Hostile {
             name: "hostile".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             subscriptions: vec![subscribe("hostile")],
-            routes: vec![route("GET", "/hostile/seen")],
+            routes: vec![
+                route("GET", "/hostile/seen"),
+                route("GET", "/hostile/probe/{id}"),
+            ],
             publishes: vec![],
             saga_deadline_ms: None,
         }
@@ -42,6 +46,22 @@ impl Service for Hostile {
             }
             "Panic" => panic!("hostile guest panics on purpose (event {})", event.id),
             "Reject" => Err(Error::Reject("hostile guest rejects this event".into())),
+            "Probe" => {
+                let clock_secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(u64::MAX);
+                let probe = serde_json::json!({
+                    "clockSecs": clock_secs,
+                    "envVars": std::env::vars().count(),
+                    "args": std::env::args().count(),
+                    "rootReadable": std::fs::read_dir("/").is_ok(),
+                    "cwdReadable": std::fs::read_dir(".").is_ok(),
+                });
+                let mut fx = Effects::new();
+                fx.put_json(format!("probe/{}", event.subject), &probe);
+                Ok(fx.build())
+            }
             _ => {
                 let mut fx = Effects::new();
                 fx.put_json(format!("seen/{}", event.subject), &event.type_);
@@ -50,7 +70,11 @@ impl Service for Hostile {
         }
     }
 
-    fn on_request(_ctx: Context, _request: Request) -> Result<Response, Error> {
+    fn on_request(_ctx: Context, request: Request) -> Result<Response, Error> {
+        if let Some(id) = saga_sdk::param(&request, "id") {
+            let probe = saga_sdk::get_json::<serde_json::Value>(&format!("probe/{id}"))?;
+            return Ok(query_reply(200, &probe));
+        }
         let seen: Vec<String> = scan_json::<String>("seen/", 10_000)?
             .into_iter()
             .map(|(k, _)| k.trim_start_matches("seen/").to_string())

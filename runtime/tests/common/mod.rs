@@ -1,0 +1,345 @@
+//! Shared test harness: real broker, real databases, real guests.
+//!
+//! - Broker: `SAGA_TEST_BROKERS` (scripts/test.sh starts noida-db and sets it). Required: a test
+//!   that needs Kafka fails loudly without it rather than skipping.
+//! - PostgreSQL: `SAGA_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432`); each test
+//!   gets a fresh database, dropped at the end.
+//! - Guests: built from `guests/` once per test binary (cargo skips the work if up to date).
+//! - Isolation: each runtime gets its own topic prefix, so tests share one broker safely.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use saga_runtime::config::Config;
+use saga_runtime::node::{self, Handle, Options};
+use serde_json::Value;
+use sqlx::Connection;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generate one `#[tokio::test]` per storage backend for an `async fn(Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+pub fn brokers() -> String {
+    std::env::var("SAGA_TEST_BROKERS").expect(
+        "SAGA_TEST_BROKERS must name a Kafka-protocol broker (run the tests with scripts/test.sh, \
+         which starts one)",
+    )
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Path of a built guest component, building the guests on first use.
+pub fn guest_path(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let target = root().join("guests/target");
+        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+            .current_dir(root())
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(root().join("guests/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .status()
+            .expect("run cargo to build the guests");
+        assert!(status.success(), "building the guests failed");
+        target.join("wasm32-wasip2/release")
+    });
+    dir.join(format!("{name}.wasm"))
+}
+
+pub fn guest(name: &str) -> Vec<u8> {
+    std::fs::read(guest_path(name)).expect("read guest component")
+}
+
+fn unique(tag: &str) -> String {
+    format!("{tag}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A database for one test: a SQLite file in a temp dir or a fresh PostgreSQL database.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn pg_server() -> String {
+    std::env::var("SAGA_TEST_POSTGRES").unwrap_or("postgres://postgres@127.0.0.1:5432".into())
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}", dir.path().join("saga.db").display());
+                TestDb {
+                    url,
+                    pg_name: None,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => {
+                let name = unique("saga_test_");
+                let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", pg_server()))
+                    .await
+                    .expect("connect to PostgreSQL (SAGA_TEST_POSTGRES)");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+                TestDb {
+                    url: format!("{}/{name}", pg_server()),
+                    pg_name: Some(name),
+                    _dir: None,
+                }
+            }
+        }
+    }
+
+    pub async fn drop_db(&self) {
+        if let Some(name) = &self.pg_name {
+            if let Ok(mut admin) =
+                sqlx::PgConnection::connect(&format!("{}/postgres", pg_server())).await
+            {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await;
+            }
+        }
+    }
+}
+
+/// A test configuration: fast retries, a free HTTP port, a private topic namespace.
+pub fn config(db: &TestDb, services: &[&str]) -> Config {
+    let mut config = Config::default();
+    config.database_url = db.url.clone();
+    config.http_listen = "127.0.0.1:0".parse().unwrap();
+    config.instance_id = unique("test-");
+    config.services = services.iter().map(|s| guest_path(s)).collect();
+    config.cache_dir = Some(root().join("guests/target/cwasm-cache"));
+    config.kafka.brokers = brokers();
+    config.kafka.topic_prefix = format!("{}.", unique("t"));
+    config.kafka.partitions = 2;
+    config.worker.retry_backoff_ms = 10;
+    config.worker.max_backoff_ms = 100;
+    config.relay.poll_interval_ms = 50;
+    config
+}
+
+/// A running runtime plus an HTTP client pointed at it.
+pub struct TestRuntime {
+    pub handle: Handle,
+    pub db: TestDb,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl TestRuntime {
+    pub async fn start(backend: Backend, services: &[&str]) -> Self {
+        Self::start_with(backend, services, |_| {}).await
+    }
+
+    pub async fn start_with(
+        backend: Backend,
+        services: &[&str],
+        tweak: impl FnOnce(&mut Options),
+    ) -> Self {
+        let db = TestDb::new(backend).await;
+        let mut options = Options::new(config(&db, services));
+        tweak(&mut options);
+        let handle = node::start(options).await.expect("runtime starts");
+        let base = format!("http://{}", handle.http_addr());
+        TestRuntime {
+            handle,
+            db,
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.handle.config().kafka.topic_prefix
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        resp.json().await.unwrap_or(Value::Null)
+    }
+
+    pub async fn stop(self) {
+        self.handle.shutdown().await;
+        self.db.drop_db().await;
+    }
+}
+
+/// Wait until `probe` returns `Some`, polling an observable outcome; panics after 30 s with
+/// the last thing seen.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        match probe().await {
+            Ok(v) => return v,
+            Err(seen) => last = seen,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}; last seen: {last}");
+}
+
+/// Produce one CloudEvent straight to a topic, bypassing the outbox (for redelivery tests).
+pub async fn produce_event(
+    prefix: &str,
+    topic: &str,
+    id: &str,
+    event_type: &str,
+    subject: &str,
+    data: &Value,
+) {
+    produce_raw(
+        prefix,
+        topic,
+        subject,
+        &[
+            ("ce_specversion", "1.0"),
+            ("ce_id", id),
+            ("ce_type", event_type),
+            ("ce_source", "/test"),
+            ("ce_subject", subject),
+            ("content-type", "application/json"),
+        ],
+        &serde_json::to_vec(data).unwrap(),
+    )
+    .await
+}
+
+pub async fn produce_raw(
+    prefix: &str,
+    topic: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+    payload: &[u8],
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    static PRODUCER: OnceLock<FutureProducer> = OnceLock::new();
+    let producer = PRODUCER.get_or_init(|| {
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .unwrap()
+    });
+    let headers = headers.iter().fold(OwnedHeaders::new(), |hs, (k, v)| {
+        hs.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        })
+    });
+    let topic = format!("{prefix}{topic}");
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce test event");
+}
+
+/// Read every record of a topic (read_committed) until `n` have arrived.
+pub async fn consume_n(prefix: &str, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader-"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{prefix}{topic}")]).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Err(e)) => panic!("consuming {topic}: {e}"),
+            Err(_) => panic!("only {} of {n} records arrived on {topic}", out.len()),
+        }
+    }
+    out
+}
+
+pub fn header(m: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::{Headers, Message};
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+pub fn shared<T>(v: T) -> Arc<T> {
+    Arc::new(v)
+}

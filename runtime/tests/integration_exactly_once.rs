@@ -1,0 +1,144 @@
+//! At-least-once delivery, exactly-once effects: a redelivered event and a relay that crashes
+//! between the Kafka commit and deleting its outbox rows are both absorbed by the inbox.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::{eventually, produce_event, Backend, TestRuntime};
+use saga_runtime::relay::Faults;
+use saga_runtime::stats::Stats;
+use saga_runtime::storage::inbox;
+use serde_json::json;
+
+/// The same event (same `ce_id`) delivered twice deducts points once.
+async fn a_redelivered_event_is_applied_once(backend: Backend) {
+    let rt = TestRuntime::start(backend, &["point"]).await;
+    rt.post("/points", json!({"userId": "dave", "point": 1000}))
+        .await;
+    let step = json!({"orderId": "o-1", "holderId": "dave", "point": 300});
+    for _ in 0..2 {
+        produce_event(
+            rt.prefix(),
+            "exchange",
+            "evt-1",
+            "ExchangeSucceeded",
+            "o-1",
+            &step,
+        )
+        .await;
+    }
+    // A later, different event of the same partition (same key) proves both copies were handled.
+    let marker = json!({"orderId": "o-1", "holderId": "nobody", "point": 1});
+    produce_event(
+        rt.prefix(),
+        "exchange",
+        "evt-2",
+        "Unrelated",
+        "o-1",
+        &marker,
+    )
+    .await;
+    eventually("both copies and the marker to be handled", || async {
+        let stats = rt.handle.stats();
+        let (applied, dups) = (Stats::get(&stats.applied), Stats::get(&stats.duplicates));
+        if applied == 2 && dups == 1 {
+            Ok(())
+        } else {
+            Err(format!("applied {applied}, duplicates {dups}"))
+        }
+    })
+    .await;
+    assert_eq!(rt.get("/points/dave").await["point"], 700);
+    assert_eq!(rt.get("/transactions").await.as_array().unwrap().len(), 1);
+    let (outcome, _) = inbox::outcome(rt.handle.db(), "point", "evt-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, "applied");
+    rt.stop().await;
+}
+
+/// Fails the first `n` relay batches right after their Kafka commit, as if the process died
+/// before deleting the rows.
+struct CrashAfterCommit {
+    left: AtomicUsize,
+}
+
+impl Faults for CrashAfterCommit {
+    fn after_commit(&self, ids: &[i64]) -> Result<(), String> {
+        let left = self.left.load(Ordering::SeqCst);
+        if left == 0 {
+            return Ok(());
+        }
+        self.left.store(left - 1, Ordering::SeqCst);
+        Err(format!("simulated crash after committing rows {ids:?}"))
+    }
+}
+
+/// A relay that dies between the Kafka commit and marking rows sent republishes them; the
+/// consumers' inboxes absorb the copies and the saga ends exactly as without the crash.
+async fn a_relay_crash_after_commit_republishes_and_the_inbox_absorbs_it(backend: Backend) {
+    let rt = TestRuntime::start_with(backend, &["order", "point", "exchange"], |o| {
+        o.relay_faults = Arc::new(CrashAfterCommit {
+            left: AtomicUsize::new(3),
+        });
+    })
+    .await;
+    rt.post("/points", json!({"userId": "erin", "point": 10000}))
+        .await;
+    let (_, order) = rt
+        .post(
+            "/orders",
+            json!({"holderId": "erin", "currencyId": 1, "amount": 500}),
+        )
+        .await;
+    let id = order["id"].as_str().unwrap().to_string();
+    eventually("the order to be approved", || async {
+        let order = rt.get(&format!("/orders/{id}")).await;
+        if order["status"] == "APPROVED" {
+            Ok(())
+        } else {
+            Err(order.to_string())
+        }
+    })
+    .await;
+    let stats = rt.handle.stats();
+    // OrderCreated, ExchangeSucceeded, PointUsed, OrderApproved: 4 events; the first three
+    // batches were each published twice.
+    eventually("every republished copy to be absorbed", || async {
+        let dups = Stats::get(&stats.duplicates);
+        if dups >= 3 {
+            Ok(())
+        } else {
+            Err(format!("duplicates absorbed: {dups}"))
+        }
+    })
+    .await;
+    assert!(
+        Stats::get(&stats.published) >= 7,
+        "published {}",
+        Stats::get(&stats.published)
+    );
+    assert_eq!(rt.get("/points/erin").await["point"], 9500);
+    assert_eq!(rt.get("/exchanges").await.as_array().unwrap().len(), 1);
+    assert_eq!(rt.get("/transactions").await.as_array().unwrap().len(), 1);
+    eventually("the outbox to drain", || async {
+        let left = saga_runtime::storage::outbox::len(rt.handle.db())
+            .await
+            .unwrap();
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} rows left"))
+        }
+    })
+    .await;
+    rt.stop().await;
+}
+
+on_both_backends!(
+    a_redelivered_event_is_applied_once,
+    a_relay_crash_after_commit_republishes_and_the_inbox_absorbs_it,
+);
