@@ -254,6 +254,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/runtime.toml");
+        let config = Config::load(Some(&path), |_| None).unwrap();
+        assert_eq!(config.services.len(), 3);
+        assert_eq!(config.kafka.stall_reseek_ms, 1000);
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         assert!(toml::from_str::<Config>("databse_url = 'x'").is_err());
     }

@@ -184,6 +184,9 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Route parameters, in the order of the pattern.
+pub type Params = Vec<(String, String)>;
+
 /// All loaded services by name.
 #[derive(Default)]
 pub struct Registry {
@@ -222,7 +225,7 @@ impl Registry {
     }
 
     /// The service serving `method path`, with the route's parameters.
-    pub fn route(&self, method: &str, path: &str) -> Option<(Arc<Service>, Vec<(String, String)>)> {
+    pub fn route(&self, method: &str, path: &str) -> Option<(Arc<Service>, Params)> {
         self.snapshot().values().find_map(|s| {
             s.routes
                 .iter()

@@ -4,10 +4,21 @@
 //! Offsets: the worker stores a record's offset only after the record's outcome is committed
 //! to the database, and librdkafka commits stored offsets in the background. A crash in between
 //! redelivers records whose effects are already committed; the inbox absorbs them.
+//!
+//! Stall watchdog: with noida-db (the test broker), a `read_committed` consumer that is waiting
+//! behind an open transaction which is then *aborted* never fetches again, while a seek to its
+//! own position un-sticks it at once (see `integration_broker_conformance`). So after
+//! `stall_reseek` without records the consumer re-seeks its partitions to where it already is;
+//! on a correct broker that is a harmless re-fetch.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use futures::FutureExt;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{Headers, Message as _};
+use rdkafka::Offset;
 
 use super::{Error, Settings};
 
@@ -25,14 +36,18 @@ pub struct Record {
 
 pub struct Consumer {
     inner: StreamConsumer,
+    stall_reseek: Option<Duration>,
+    /// Next offset per (topic, partition), from the records handed out: librdkafka reports a
+    /// position as invalid right after a seek, so the watchdog keeps its own.
+    next: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl Consumer {
     /// Join the consumer group of `service` and subscribe to the physical `topics`.
-    pub fn subscribe(settings: &Settings, service: &str, topics: &[String]) -> Result<Self, Error> {
+    pub fn subscribe(settings: &Settings, group: &str, topics: &[String]) -> Result<Self, Error> {
         let inner: StreamConsumer = settings
             .client()
-            .set("group.id", settings.topic(service))
+            .set("group.id", settings.topic(group))
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "200")
             .set("enable.auto.offset.store", "false")
@@ -43,12 +58,25 @@ impl Consumer {
             .create()?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         inner.subscribe(&names)?;
-        Ok(Consumer { inner })
+        Ok(Consumer {
+            inner,
+            next: Mutex::new(HashMap::new()),
+            stall_reseek: (settings.stall_reseek_ms > 0)
+                .then(|| Duration::from_millis(settings.stall_reseek_ms)),
+        })
     }
 
     /// Wait for at least one record, then take whatever else is already buffered, up to `max`.
     pub async fn next_batch(&self, max: usize) -> Result<Vec<Record>, Error> {
-        let first = self.inner.recv().await?;
+        let first = loop {
+            let Some(quiet) = self.stall_reseek else {
+                break self.inner.recv().await?;
+            };
+            match tokio::time::timeout(quiet, self.inner.recv()).await {
+                Ok(message) => break message?,
+                Err(_) => self.reseek_in_place(),
+            }
+        };
         let mut batch = vec![detach(&first)];
         drop(first);
         while batch.len() < max {
@@ -61,7 +89,47 @@ impl Consumer {
                 None => break,
             }
         }
+        let mut next = self.next.lock().expect("offsets lock");
+        for r in &batch {
+            next.insert((r.topic.clone(), r.partition), r.offset + 1);
+        }
         Ok(batch)
+    }
+
+    /// Seek every assigned partition to where it already is (the stall watchdog).
+    fn reseek_in_place(&self) {
+        let assignment = match self.inner.assignment() {
+            Ok(assignment) => assignment,
+            Err(e) => {
+                tracing::debug!("consumer assignment unavailable: {e}");
+                return;
+            }
+        };
+        let assigned: Vec<(String, i32)> = assignment
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        // Lists from the consumer must not outlive it (field notes): drop it now.
+        drop(assignment);
+        let targets: Vec<(String, i32, i64)> = {
+            let next = self.next.lock().expect("offsets lock");
+            assigned
+                .into_iter()
+                .filter_map(|(t, p)| next.get(&(t.clone(), p)).map(|&o| (t, p, o)))
+                .collect()
+        };
+        for (topic, partition, offset) in targets {
+            let seek = self.inner.seek(
+                &topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(1),
+            );
+            if let Err(e) = seek {
+                tracing::debug!(%topic, partition, "re-seek failed: {e}");
+            }
+        }
     }
 
     /// Mark `record` done: its offset is committed with the next auto-commit.

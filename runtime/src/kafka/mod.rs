@@ -29,6 +29,10 @@ pub struct Settings {
     pub partitions: i32,
     /// Replication factor of the topics the runtime creates. Default 1.
     pub replication: i32,
+    /// After this long without records a consumer re-seeks its partitions to their current
+    /// positions: works around brokers that stop fetching behind an aborted transaction
+    /// (noida-db does). 0 disables. Default 1000 ms.
+    pub stall_reseek_ms: u64,
 }
 
 impl Default for Settings {
@@ -38,6 +42,7 @@ impl Default for Settings {
             topic_prefix: String::new(),
             partitions: 4,
             replication: 1,
+            stall_reseek_ms: 1000,
         }
     }
 }

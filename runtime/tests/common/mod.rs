@@ -147,12 +147,14 @@ impl TestDb {
 
 /// A test configuration: fast retries, a free HTTP port, a private topic namespace.
 pub fn config(db: &TestDb, services: &[&str]) -> Config {
-    let mut config = Config::default();
-    config.database_url = db.url.clone();
-    config.http_listen = "127.0.0.1:0".parse().unwrap();
-    config.instance_id = unique("test-");
-    config.services = services.iter().map(|s| guest_path(s)).collect();
-    config.cache_dir = Some(root().join("guests/target/cwasm-cache"));
+    let mut config = Config {
+        database_url: db.url.clone(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        instance_id: unique("test-"),
+        services: services.iter().map(|s| guest_path(s)).collect(),
+        cache_dir: Some(root().join("guests/target/cwasm-cache")),
+        ..Config::default()
+    };
     config.kafka.brokers = brokers();
     config.kafka.topic_prefix = format!("{}.", unique("t"));
     config.kafka.partitions = 2;

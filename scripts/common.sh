@@ -1,0 +1,27 @@
+# Shared set-up of scripts/test.sh and scripts/demo.sh: toolchain target, PostgreSQL, broker.
+# Sourced, not run.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export SAGA_CACHE="${SAGA_CACHE:-$HOME/.cache/saga-runtime}"
+export SAGA_BROKER_PORT="${SAGA_BROKER_PORT:-19092}"
+mkdir -p "$SAGA_CACHE"
+
+# The pinned toolchain (rust-toolchain.toml) and its wasm32-wasip2 target.
+rustup show active-toolchain >/dev/null
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+# PostgreSQL (tests only; the demo runs on SQLite): start the machine's cluster if it stopped.
+ensure_postgres() {
+  if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    if command -v pg_ctlcluster >/dev/null; then
+      echo "starting PostgreSQL"
+      pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
+    fi
+  fi
+}
+
+build_guests() {
+  cargo build --quiet --release --target wasm32-wasip2 \
+    --manifest-path guests/Cargo.toml --target-dir guests/target
+}
+
+scripts/broker.sh start

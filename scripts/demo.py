@@ -1,0 +1,96 @@
+"""Drive the deadline saga's example services over HTTP, as a user would with curl, and check
+that each scenario ends as SPEC B7 says. Exits non-zero if one does not."""
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+base = sys.argv[1]
+runtime_pid = int(sys.argv[2])
+
+
+def call(method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def show(method, path, body=None):
+    shown = f" -d '{json.dumps(body)}'" if body is not None else ""
+    status, reply = call(method, path, body)
+    print(f"$ curl -X {method} {base}{path}{shown}\n  {status} {json.dumps(reply)}")
+    return reply
+
+
+def wait_ready():
+    for _ in range(600):
+        try:
+            os.kill(runtime_pid, 0)
+        except OSError:
+            sys.exit("the runtime exited during start-up; see its log")
+        try:
+            with urllib.request.urlopen(base + "/_saga/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit("the runtime did not become ready in 60 s")
+
+
+def settle(order_id):
+    started = time.monotonic()
+    while time.monotonic() - started < 30:
+        _, order = call("GET", f"/orders/{order_id}")
+        if order.get("status") != "PENDING":
+            return order, time.monotonic() - started
+        time.sleep(0.02)
+    sys.exit(f"order {order_id} still PENDING after 30 s")
+
+
+def check(what, ok):
+    print(f"  {'ok' if ok else 'WRONG'}: {what}")
+    return ok
+
+
+wait_ready()
+good = True
+
+print("\n== B7.1 happy path: 10000 points, order 500 ==")
+show("POST", "/points", {"userId": "alice", "point": 10000})
+order = show("POST", "/orders", {"holderId": "alice", "currencyId": 1, "amount": 500})
+order, took = settle(order["id"])
+print(f"  (settled in {took * 1000:.0f} ms)")
+show("GET", f"/orders/{order['id']}")
+points = show("GET", "/points/alice")
+exchanges = show("GET", "/exchanges")
+good &= check("order APPROVED", order["status"] == "APPROVED")
+good &= check("points 9500", points["point"] == 9500)
+good &= check("one exchange", len([e for e in exchanges if e["holderId"] == "alice"]) == 1)
+
+print("\n== B7.2 point limit: 10000 points, order 50000 ==")
+show("POST", "/points", {"userId": "bob", "point": 10000})
+order = show("POST", "/orders", {"holderId": "bob", "currencyId": 1, "amount": 50000})
+order, took = settle(order["id"])
+print(f"  (settled in {took * 1000:.0f} ms)")
+show("GET", f"/orders/{order['id']}")
+points = show("GET", "/points/bob")
+good &= check("order REJECTED for the point limit",
+              order["status"] == "REJECTED" and "point limit" in (order["reason"] or ""))
+good &= check("points unchanged at 10000", points["point"] == 10000)
+for _ in range(500):
+    _, exchanges = call("GET", "/exchanges")
+    if not [e for e in exchanges if e["holderId"] == "bob"]:
+        break
+    time.sleep(0.02)
+show("GET", "/exchanges")
+good &= check("bob's exchange compensated", not [e for e in exchanges if e["holderId"] == "bob"])
+
+print("\nall scenarios ended as SPEC B7 says" if good else "\nSOME SCENARIO ENDED WRONG")
+sys.exit(0 if good else 1)
