@@ -108,6 +108,26 @@ async fn concurrent_orders_of_one_user_lose_no_update(backend: Backend) {
     rt.stop().await;
 }
 
+/// The relay is woken by commits: with its polling interval set to an hour the saga still
+/// completes, which it could not if the relay only polled.
+async fn the_relay_is_woken_by_commits_not_by_polling(backend: Backend) {
+    let rt = TestRuntime::start_with(backend, SERVICES, |o| {
+        o.config.relay.poll_interval_ms = 3_600_000;
+    })
+    .await;
+    rt.post("/points", json!({"userId": "fay", "point": 1000}))
+        .await;
+    let (_, order) = rt
+        .post(
+            "/orders",
+            json!({"holderId": "fay", "currencyId": 1, "amount": 10}),
+        )
+        .await;
+    let order = settled_order(&rt, order["id"].as_str().unwrap()).await;
+    assert_eq!(order["status"], "APPROVED", "{order}");
+    rt.stop().await;
+}
+
 /// Bad input to a route is refused with the reason and changes nothing.
 async fn a_malformed_command_is_refused_with_the_reason(backend: Backend) {
     let rt = TestRuntime::start(backend, SERVICES).await;
@@ -141,4 +161,5 @@ on_both_backends!(
     point_limit_rejects_and_leaves_points_alone,
     concurrent_orders_of_one_user_lose_no_update,
     a_malformed_command_is_refused_with_the_reason,
+    the_relay_is_woken_by_commits_not_by_polling,
 );

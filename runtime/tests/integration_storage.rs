@@ -1,0 +1,226 @@
+//! Storage semantics the event path relies on, on SQLite and PostgreSQL: optimistic
+//! concurrency (including delete-and-recreate), inbox dedup, outbox order, leases.
+
+mod common;
+
+use common::{Backend, TestDb};
+use saga_runtime::storage::{inbox, lease, outbox, state, Db, Error};
+use saga_runtime::wasm::bindings::Write;
+use saga_runtime::wasm::read_set;
+
+async fn open(backend: Backend) -> (TestDb, Db) {
+    let test_db = TestDb::new(backend).await;
+    let db = Db::connect(&test_db.url, 4)
+        .await
+        .expect("connect and migrate");
+    (test_db, db)
+}
+
+fn put(key: &str, value: &str) -> Write {
+    Write {
+        key: key.into(),
+        value: Some(value.as_bytes().to_vec()),
+    }
+}
+
+fn delete(key: &str) -> Write {
+    Write {
+        key: key.into(),
+        value: None,
+    }
+}
+
+async fn write(db: &Db, reads: &[(&str, i64)], writes: &[Write]) -> Result<(), Error> {
+    let reads = read_set(reads.iter().map(|(k, v)| (k.to_string(), *v)));
+    let mut tx = db.begin().await?;
+    state::apply(&mut tx, "svc", &reads, writes).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn a_write_based_on_a_stale_read_is_a_conflict(backend: Backend) {
+    let (t, db) = open(backend).await;
+    write(&db, &[("k", 0)], &[put("k", "1")]).await.unwrap();
+    let seen = state::get(&db, "svc", "k").await.unwrap();
+    assert_eq!((seen.value.as_deref(), seen.version), (Some(&b"1"[..]), 1));
+    // Someone else writes after our read...
+    write(&db, &[("k", 1)], &[put("k", "2")]).await.unwrap();
+    // ...so our write, based on version 1, must not apply.
+    let err = write(&db, &[("k", 1)], &[put("k", "mine")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    assert_eq!(
+        state::get(&db, "svc", "k").await.unwrap().value.unwrap(),
+        b"2"
+    );
+    // Two creators of one key: the second sees a conflict, not an overwrite.
+    write(&db, &[("new", 0)], &[put("new", "a")]).await.unwrap();
+    let err = write(&db, &[("new", 0)], &[put("new", "b")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }));
+    t.drop_db().await;
+}
+
+async fn a_changed_key_that_was_only_read_is_a_conflict_too(backend: Backend) {
+    let (t, db) = open(backend).await;
+    write(&db, &[], &[put("balance", "10")]).await.unwrap();
+    write(&db, &[], &[put("balance", "5")]).await.unwrap(); // version 2 now
+    let err = write(&db, &[("balance", 1)], &[put("other", "x")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { ref key, .. } if key == "balance"));
+    assert_eq!(
+        state::get(&db, "svc", "other").await.unwrap().version,
+        0,
+        "nothing applied"
+    );
+    t.drop_db().await;
+}
+
+async fn a_deleted_and_recreated_key_still_conflicts(backend: Backend) {
+    let (t, db) = open(backend).await;
+    write(&db, &[], &[put("k", "v")]).await.unwrap();
+    write(&db, &[("k", 1)], &[delete("k")]).await.unwrap();
+    let gone = state::get(&db, "svc", "k").await.unwrap();
+    assert_eq!((gone.value, gone.version), (None, 2));
+    write(&db, &[("k", 2)], &[put("k", "again")]).await.unwrap();
+    // A reader that saw the first incarnation (version 1) must not win.
+    let err = write(&db, &[("k", 1)], &[put("k", "stale")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }));
+    let listed = state::scan(&db, "svc", "k", 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    t.drop_db().await;
+}
+
+async fn scan_lists_live_keys_of_a_prefix_in_order(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let writes = [
+        put("o/2", "b"),
+        put("o/1", "a"),
+        put("o/10", "c"),
+        put("p/1", "x"),
+        put("o_", "y"),
+    ];
+    write(&db, &[], &writes).await.unwrap();
+    write(&db, &[], &[delete("o/10")]).await.unwrap();
+    let keys: Vec<String> = state::scan(&db, "svc", "o/", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, ["o/1", "o/2"]);
+    assert_eq!(
+        state::scan(&db, "other", "o/", 10).await.unwrap().len(),
+        0,
+        "services are apart"
+    );
+    t.drop_db().await;
+}
+
+async fn the_inbox_records_an_event_once(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let entry = inbox::Entry {
+        service: "svc",
+        event_id: "e1",
+        saga: "s",
+        event_type: "T",
+        topic: "t",
+        outcome: inbox::Outcome::Applied,
+        detail: None,
+        version: "1",
+        handled_ms: 1,
+    };
+    let mut tx = db.begin().await.unwrap();
+    assert!(inbox::record(&mut tx, &entry).await.unwrap());
+    assert!(!inbox::record(&mut tx, &entry).await.unwrap());
+    tx.commit().await.unwrap();
+    let other_service = inbox::Entry {
+        service: "svc2",
+        ..entry.clone()
+    };
+    let mut tx = db.begin().await.unwrap();
+    assert!(
+        inbox::record(&mut tx, &other_service).await.unwrap(),
+        "dedup is per service"
+    );
+    tx.commit().await.unwrap();
+    let seen = inbox::seen(&db, "svc", &["e1", "e2"]).await.unwrap();
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["e1"]);
+    t.drop_db().await;
+}
+
+async fn the_outbox_returns_rows_in_storage_order(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let mut tx = db.begin().await.unwrap();
+    for i in 0..5 {
+        let m = outbox::Message {
+            event_id: format!("e{i}"),
+            topic: "t".into(),
+            key: "saga".into(),
+            headers: vec![("ce_id".into(), format!("e{i}"))],
+            payload: vec![i as u8],
+        };
+        outbox::insert(&mut tx, &m, 0).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let rows = outbox::fetch(&db, 3).await.unwrap();
+    let ids: Vec<String> = rows.iter().map(|r| r.message.event_id.clone()).collect();
+    assert_eq!(ids, ["e0", "e1", "e2"]);
+    assert_eq!(
+        rows[1].message.headers,
+        vec![("ce_id".to_string(), "e1".to_string())]
+    );
+    outbox::delete(&db, &rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(outbox::len(&db).await.unwrap(), 2);
+    t.drop_db().await;
+}
+
+async fn a_lease_has_one_holder_until_it_expires(backend: Backend) {
+    let (t, db) = open(backend).await;
+    assert!(lease::acquire(&db, "relay/0", "a", 1_000, 100)
+        .await
+        .unwrap());
+    assert!(!lease::acquire(&db, "relay/0", "b", 1_050, 100)
+        .await
+        .unwrap());
+    assert!(
+        lease::acquire(&db, "relay/0", "a", 1_050, 100)
+            .await
+            .unwrap(),
+        "renewal"
+    );
+    assert!(!lease::acquire(&db, "relay/0", "b", 1_149, 100)
+        .await
+        .unwrap());
+    assert!(
+        lease::acquire(&db, "relay/0", "b", 1_151, 100)
+            .await
+            .unwrap(),
+        "taken over after expiry"
+    );
+    lease::release(&db, "relay/0", "b").await.unwrap();
+    assert!(
+        lease::acquire(&db, "relay/0", "a", 1_152, 100)
+            .await
+            .unwrap(),
+        "free after release"
+    );
+    t.drop_db().await;
+}
+
+on_both_backends!(
+    a_write_based_on_a_stale_read_is_a_conflict,
+    a_changed_key_that_was_only_read_is_a_conflict_too,
+    a_deleted_and_recreated_key_still_conflicts,
+    scan_lists_live_keys_of_a_prefix_in_order,
+    the_inbox_records_an_event_once,
+    the_outbox_returns_rows_in_storage_order,
+    a_lease_has_one_holder_until_it_expires,
+);
