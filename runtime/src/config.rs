@@ -48,6 +48,9 @@ pub struct Config {
     pub services: Vec<PathBuf>,
     /// Directory of precompiled components. Default `.saga-cache`; env `SAGA_CACHE_DIR`.
     pub cache_dir: Option<PathBuf>,
+    /// Saga deadline per service (ms) for deadlines set with `after-ms: none`; overrides what
+    /// the service declares. `[saga_deadlines] order = 10000`. Default: none.
+    pub saga_deadlines: std::collections::BTreeMap<String, u64>,
     pub kafka: kafka::Settings,
     pub sandbox: Sandbox,
     pub worker: Worker,
@@ -102,6 +105,7 @@ impl Default for Config {
             instance_id: default_instance_id(),
             services: Vec::new(),
             cache_dir: Some(PathBuf::from(".saga-cache")),
+            saga_deadlines: Default::default(),
             kafka: kafka::Settings::default(),
             sandbox: Sandbox::default(),
             worker: Worker::default(),

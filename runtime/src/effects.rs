@@ -34,8 +34,8 @@ pub struct Context<'a> {
     pub now_ms: i64,
     /// The saga deadline of the causing event, carried to the events emitted for that saga.
     pub cause_deadline_ms: Option<i64>,
-    /// Deadline for `after-ms: none` when the service declares no default.
-    pub default_deadline_ms: u64,
+    /// Deadline for `after-ms: none` (`Shared::saga_deadline_ms`).
+    pub saga_deadline_ms: u64,
     /// The id of the causing event or request, recorded with deadlines it sets.
     pub cause_id: &'a str,
 }
@@ -48,12 +48,7 @@ pub async fn apply(
     fx: &Effects,
 ) -> Result<(), storage::Error> {
     storage::state::apply(conn, service.name(), reads, &fx.writes).await?;
-    let default_after = service
-        .guest
-        .manifest
-        .saga_deadline_ms
-        .unwrap_or(ctx.default_deadline_ms);
-    let due = |after: Option<u64>| ctx.now_ms + after.unwrap_or(default_after) as i64;
+    let due = |after: Option<u64>| ctx.now_ms + after.unwrap_or(ctx.saga_deadline_ms) as i64;
     for d in &fx.cancel_deadlines {
         deadlines::cancel(conn, service.name(), &d.subject, &d.name).await?;
     }

@@ -23,6 +23,7 @@ const MAX_CONFLICT_RERUNS: u32 = 16;
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/_saga/health", axum::routing::get(|| async { "ok" }))
+        .route("/deadlines", axum::routing::get(list_deadlines))
         .fallback(handle)
         .with_state(shared)
 }
@@ -132,7 +133,7 @@ async fn run(
         kafka: &shared.config.kafka,
         now_ms,
         cause_deadline_ms: None,
-        default_deadline_ms: shared.config.worker.default_saga_deadline_ms,
+        saga_deadline_ms: shared.saga_deadline_ms(service),
         cause_id: new_id,
     };
     let committed = async {
@@ -147,6 +148,9 @@ async fn run(
             if !response.effects.emits.is_empty() {
                 shared.relay_wake.notify_one();
             }
+            if !response.effects.set_deadlines.is_empty() {
+                shared.deadline_wake.notify_one();
+            }
             Outcome::Reply(response.reply)
         }
         Err(crate::storage::Error::Conflict { .. }) => Outcome::Conflict,
@@ -154,6 +158,14 @@ async fn run(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("could not commit: {e}"),
         )),
+    }
+}
+
+/// `GET /deadlines` (SPEC B6): every deadline with its state.
+async fn list_deadlines(State(shared): State<Arc<Shared>>) -> Response {
+    match crate::storage::deadlines::list(&shared.db, 10_000).await {
+        Ok(list) => axum::Json(list).into_response(),
+        Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod deadline;
 pub mod effects;
 pub mod ingress;
 pub mod kafka;

@@ -58,7 +58,22 @@ pub struct Shared {
     pub stats: Stats,
     /// Notified after every commit that wrote outbox rows.
     pub relay_wake: Notify,
+    /// Notified after every commit that set a deadline.
+    pub deadline_wake: Notify,
     pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// The saga deadline of `service` for `after-ms: none`: the config's per-service value,
+    /// else what the service declares, else the config default.
+    pub fn saga_deadline_ms(&self, service: &Service) -> u64 {
+        self.config
+            .saga_deadlines
+            .get(service.name())
+            .copied()
+            .or(service.guest.manifest.saga_deadline_ms)
+            .unwrap_or(self.config.worker.default_saga_deadline_ms)
+    }
 }
 
 /// What to start: the config plus the seams tests replace.
@@ -95,6 +110,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         clock: options.clock,
         stats: Stats::default(),
         relay_wake: Notify::new(),
+        deadline_wake: Notify::new(),
         shutdown: CancellationToken::new(),
     });
     let handle = Handle {
@@ -126,6 +142,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     })?;
     let mut tasks = handle.tasks.lock().await;
     tasks.spawn(Relay::new(shared.clone(), options.relay_faults).run());
+    tasks.spawn(crate::deadline::Scheduler::new(shared.clone()).run());
     let router = crate::ingress::router(shared.clone());
     let stop = shared.shutdown.clone();
     tasks.spawn(async move {
@@ -180,17 +197,11 @@ impl Handle {
         let kafka = &self.shared.config.kafka;
         kafka::topics::ensure(kafka, &service.topics()).await?;
         let subscribed: Vec<String> = service
-            .guest
-            .manifest
-            .subscriptions
+            .subscribed_topics()
             .iter()
-            .map(|s| kafka.topic(&s.topic))
+            .map(|t| kafka.topic(t))
             .collect();
-        let consumer = if subscribed.is_empty() {
-            None
-        } else {
-            Some(Consumer::subscribe(kafka, service.name(), &subscribed)?)
-        };
+        let consumer = Consumer::subscribe(kafka, service.name(), &subscribed)?;
         let service = self.shared.registry.install(service)?;
         tracing::info!(
             service = service.name(),
@@ -198,10 +209,8 @@ impl Handle {
             digest = %service.guest.digest,
             "service installed"
         );
-        if let Some(consumer) = consumer {
-            let worker = Worker::new(self.shared.clone(), service.name());
-            self.tasks.lock().await.spawn(worker.run(consumer));
-        }
+        let worker = Worker::new(self.shared.clone(), service.name());
+        self.tasks.lock().await.spawn(worker.run(consumer));
         Ok(service)
     }
 

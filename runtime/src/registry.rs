@@ -70,14 +70,24 @@ impl Service {
         self.guest.manifest.publishes.iter().any(|t| t == topic)
     }
 
-    /// Every logical topic this service needs: subscriptions, their dead-letter topics, and
-    /// the topics it emits to.
-    pub fn topics(&self) -> Vec<String> {
-        let m = &self.guest.manifest;
-        m.subscriptions
+    /// The logical topics this service consumes: its subscriptions and its deadline topic.
+    pub fn subscribed_topics(&self) -> Vec<String> {
+        self.guest
+            .manifest
+            .subscriptions
             .iter()
-            .flat_map(|s| [s.topic.clone(), crate::kafka::dead_letter_topic(&s.topic)])
-            .chain(m.publishes.iter().cloned())
+            .map(|s| s.topic.clone())
+            .chain([crate::deadline::topic(self.name())])
+            .collect()
+    }
+
+    /// Every logical topic this service needs: what it consumes, their dead-letter topics,
+    /// and the topics it emits to.
+    pub fn topics(&self) -> Vec<String> {
+        self.subscribed_topics()
+            .into_iter()
+            .flat_map(|t| [crate::kafka::dead_letter_topic(&t), t])
+            .chain(self.guest.manifest.publishes.iter().cloned())
             .collect()
     }
 }

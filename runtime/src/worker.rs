@@ -295,6 +295,12 @@ impl Worker {
         if applied + dead > 0 {
             self.shared.relay_wake.notify_one();
         }
+        let sets_deadlines = verdicts
+            .iter()
+            .any(|v| matches!(v, Verdict::Apply(c) if !c.output.set_deadlines.is_empty()));
+        if sets_deadlines {
+            self.shared.deadline_wake.notify_one();
+        }
         Ok(deferred)
     }
 
@@ -342,7 +348,7 @@ impl Worker {
                     kafka: &self.shared.config.kafka,
                     now_ms,
                     cause_deadline_ms: item.event.as_ref().ok().and_then(|e| e.deadline_ms),
-                    default_deadline_ms: self.shared.config.worker.default_saga_deadline_ms,
+                    saga_deadline_ms: self.shared.saga_deadline_ms(service),
                     cause_id: &id,
                 };
                 effects::apply(&mut sp, &ctx, service, &called.reads, &called.output).await

@@ -1,5 +1,8 @@
 //! The order service of the deadline saga (SPEC B): takes orders over HTTP, starts the saga
-//! with `OrderCreated`, and approves or rejects the order when the point step reports back.
+//! with `OrderCreated` and a saga deadline (`approval`, the service default), and approves or
+//! rejects the order when the point step reports back. If the deadline fires first the order is
+//! rejected; the `OrderRejected` it emits makes exchange (and then point) compensate, and a late
+//! outcome for an order that is no longer pending is ignored.
 
 use saga_sdk::{
     get_json, param, parse_json, query_reply, route, scan_json, subscribe, Context, Effects, Error,
@@ -8,6 +11,7 @@ use saga_sdk::{
 use serde::{Deserialize, Serialize};
 
 const TOPIC: &str = "order";
+const DEADLINE: &str = "approval";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -62,30 +66,39 @@ impl OrderService {
         };
         let mut fx = Effects::new();
         fx.put_json(key(&order.id), &order)
+            .set_deadline(&order.id, DEADLINE, None)
             .emit_json(TOPIC, "OrderCreated", &order.id, &order);
         Ok(fx.reply(201, &order))
     }
 
-    /// Settle a pending order; a late outcome for an order already settled changes nothing.
-    fn settle(ctx: &Context, event: &Event, approve: bool) -> Result<Effects, Error> {
-        let outcome: PointOutcome = parse_json(&event.data)?;
+    /// Settle a pending order: `Ok(reason)` rejects it. A late outcome for an order already
+    /// settled changes nothing.
+    fn settle(
+        ctx: &Context,
+        order_id: &str,
+        outcome: Result<(), String>,
+    ) -> Result<Effects, Error> {
         let mut fx = Effects::new();
-        let Some(mut order) = get_json::<Order>(&key(&outcome.order_id))? else {
+        let Some(mut order) = get_json::<Order>(&key(order_id))? else {
             return Ok(fx);
         };
         if order.status != "PENDING" {
             return Ok(fx);
         }
         order.updated_ms = ctx.now_ms;
-        if approve {
-            order.status = "APPROVED".into();
-            fx.emit_json(TOPIC, "OrderApproved", &order.id, &order);
-        } else {
-            order.status = "REJECTED".into();
-            order.reason = Some(outcome.reason.unwrap_or_else(|| "point limit".into()));
-            fx.emit_json(TOPIC, "OrderRejected", &order.id, &order);
+        match outcome {
+            Ok(()) => {
+                order.status = "APPROVED".into();
+                fx.emit_json(TOPIC, "OrderApproved", &order.id, &order);
+            }
+            Err(reason) => {
+                order.status = "REJECTED".into();
+                order.reason = Some(reason);
+                fx.emit_json(TOPIC, "OrderRejected", &order.id, &order);
+            }
         }
-        fx.put_json(key(&order.id), &order);
+        fx.put_json(key(&order.id), &order)
+            .cancel_deadline(&order.id, DEADLINE);
         Ok(fx)
     }
 }
@@ -111,8 +124,18 @@ impl Service for OrderService {
         event: Event,
     ) -> Result<saga_sdk::bindings::saga::runtime::types::Effects, Error> {
         let fx = match event.type_.as_str() {
-            "PointUsed" => Self::settle(&ctx, &event, true)?,
-            "PointLimitExceeded" => Self::settle(&ctx, &event, false)?,
+            "PointUsed" => {
+                let outcome: PointOutcome = parse_json(&event.data)?;
+                Self::settle(&ctx, &outcome.order_id, Ok(()))?
+            }
+            "PointLimitExceeded" => {
+                let outcome: PointOutcome = parse_json(&event.data)?;
+                let reason = outcome.reason.unwrap_or_else(|| "point limit".into());
+                Self::settle(&ctx, &outcome.order_id, Err(reason))?
+            }
+            "DeadlineExpired" => {
+                Self::settle(&ctx, &event.subject, Err("deadline exceeded".into()))?
+            }
             _ => Effects::new(),
         };
         Ok(fx.build())

@@ -39,3 +39,81 @@ pub async fn cancel(conn: &mut Conn, service: &str, saga: &str, name: &str) -> R
     .await?;
     Ok(())
 }
+
+/// A stored deadline.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deadline {
+    pub service: String,
+    pub saga: String,
+    pub name: String,
+    pub due_ms: i64,
+    /// `PENDING`, `CANCELLED` or `FIRED`.
+    pub status: String,
+    /// The event or request whose handler set it.
+    pub set_by: String,
+}
+
+fn from_row(row: &super::Row) -> Result<Deadline, Error> {
+    use sqlx::Row as _;
+    Ok(Deadline {
+        service: row.try_get("service")?,
+        saga: row.try_get("saga")?,
+        name: row.try_get("name")?,
+        due_ms: row.try_get("due_ms")?,
+        status: row.try_get("status")?,
+        set_by: row.try_get("set_by")?,
+    })
+}
+
+const COLUMNS: &str = "service, saga, name, due_ms, status, set_by";
+
+/// When the earliest pending deadline falls due, if any.
+pub async fn next_due(db: &super::Db) -> Result<Option<i64>, Error> {
+    Ok(
+        sqlx::query_scalar("SELECT MIN(due_ms) FROM deadlines WHERE status = 'PENDING'")
+            .fetch_one(db.pool())
+            .await?,
+    )
+}
+
+/// Pending deadlines due at `now_ms`, earliest first.
+pub async fn due(db: &super::Db, now_ms: i64, limit: u32) -> Result<Vec<Deadline>, Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM deadlines WHERE status = 'PENDING' AND due_ms <= $1 \
+         ORDER BY due_ms LIMIT $2"
+    ))
+    .bind(now_ms)
+    .bind(limit as i64)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Mark a due deadline fired. Exactly one caller wins, across instances: the others see
+/// `false` (it was fired, cancelled or moved meanwhile).
+pub async fn claim(conn: &mut Conn, d: &Deadline) -> Result<bool, Error> {
+    let affected = sqlx::query(
+        "UPDATE deadlines SET status = 'FIRED' \
+         WHERE service = $1 AND saga = $2 AND name = $3 AND status = 'PENDING' AND due_ms = $4",
+    )
+    .bind(&d.service)
+    .bind(&d.saga)
+    .bind(&d.name)
+    .bind(d.due_ms)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(affected == 1)
+}
+
+/// Every deadline, earliest first (for `GET /deadlines`).
+pub async fn list(db: &super::Db, limit: u32) -> Result<Vec<Deadline>, Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM deadlines ORDER BY due_ms LIMIT $1"
+    ))
+    .bind(limit as i64)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(from_row).collect()
+}

@@ -168,6 +168,7 @@ pub fn config(db: &TestDb, services: &[&str]) -> Config {
 pub struct TestRuntime {
     pub handle: Handle,
     pub db: TestDb,
+    config: Config,
     pub base: String,
     pub http: reqwest::Client,
 }
@@ -183,16 +184,31 @@ impl TestRuntime {
         tweak: impl FnOnce(&mut Options),
     ) -> Self {
         let db = TestDb::new(backend).await;
-        let mut options = Options::new(config(&db, services));
+        let config = config(&db, services);
+        Self::launch(db, config, tweak).await
+    }
+
+    async fn launch(db: TestDb, config: Config, tweak: impl FnOnce(&mut Options)) -> Self {
+        let mut options = Options::new(config);
         tweak(&mut options);
+        let config = options.config.clone();
         let handle = node::start(options).await.expect("runtime starts");
         let base = format!("http://{}", handle.http_addr());
         TestRuntime {
             handle,
             db,
+            config,
             base,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Stop this instance and start a new one on the same database and topics.
+    pub async fn restart(self, tweak: impl FnOnce(&mut Options)) -> Self {
+        self.handle.shutdown().await;
+        let mut config = self.config;
+        config.http_listen = "127.0.0.1:0".parse().unwrap();
+        Self::launch(self.db, config, tweak).await
     }
 
     pub fn prefix(&self) -> &str {

@@ -1,0 +1,108 @@
+//! The deadline scheduler: host-owned saga deadlines (SPEC B1, B3, B8).
+//!
+//! A handler sets a deadline as an effect; it is stored in the same transaction as the rest.
+//! The scheduler sleeps until the earliest pending deadline (re-armed whenever a local commit
+//! sets one, and re-checked every `relay.poll_interval_ms` for deadlines set by other instances),
+//! so it never "falls asleep": after a restart it finds every pending deadline in the table and
+//! fires the overdue ones at once.
+//!
+//! Firing = one transaction that claims the deadline (`PENDING` → `FIRED`, so exactly one
+//! instance wins) and writes a `DeadlineExpired` event to the outbox, addressed to the owning
+//! service's topic `<service>.deadline`. From there it travels like any event: relay, Kafka,
+//! the service's consumer and inbox. A service that is down when its deadline fires gets the
+//! event when it comes back. The event id is derived from the deadline, so even a deadline
+//! fired twice would be handled once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::kafka::cloudevents;
+use crate::node::Shared;
+use crate::storage::{self, deadlines, outbox};
+use crate::wasm::bindings::{Emit, Payload};
+
+/// `ce_type` of the event a fired deadline delivers.
+pub const EXPIRED: &str = "DeadlineExpired";
+
+/// The topic on which `service` receives its fired deadlines.
+pub fn topic(service: &str) -> String {
+    format!("{service}.deadline")
+}
+
+pub struct Scheduler {
+    shared: Arc<Shared>,
+}
+
+impl Scheduler {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Scheduler { shared }
+    }
+
+    pub async fn run(self) {
+        let poll = Duration::from_millis(self.shared.config.relay.poll_interval_ms.max(1));
+        while !self.shared.shutdown.is_cancelled() {
+            let wait = match self.fire_due().await {
+                Ok(next) => {
+                    let now = self.shared.clock.now_ms();
+                    next.map_or(poll, |due| {
+                        Duration::from_millis(due.saturating_sub(now).max(0) as u64).min(poll)
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!("deadline scheduler: {e}");
+                    poll
+                }
+            };
+            tokio::select! {
+                _ = self.shared.shutdown.cancelled() => {}
+                _ = self.shared.deadline_wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Fire everything due now; return when the next pending deadline is due.
+    async fn fire_due(&self) -> Result<Option<i64>, storage::Error> {
+        let db = &self.shared.db;
+        loop {
+            let now = self.shared.clock.now_ms();
+            let due = deadlines::due(db, now, 100).await?;
+            if due.is_empty() {
+                return deadlines::next_due(db).await;
+            }
+            for d in &due {
+                let mut tx = db.begin().await?;
+                if deadlines::claim(&mut tx, d).await? {
+                    outbox::insert(&mut tx, &self.message(d, now), now).await?;
+                }
+                tx.commit().await?;
+                tracing::info!(service = %d.service, saga = %d.saga, name = %d.name, lag_ms = now - d.due_ms, "deadline fired");
+            }
+            self.shared.relay_wake.notify_one();
+        }
+    }
+
+    fn message(&self, d: &deadlines::Deadline, now_ms: i64) -> outbox::Message {
+        let data = serde_json::json!({
+            "saga": d.saga, "name": d.name, "dueMs": d.due_ms, "firedMs": now_ms,
+        });
+        let emit = Emit {
+            topic: topic(&d.service),
+            type_: EXPIRED.to_string(),
+            subject: d.saga.clone(),
+            data: Payload {
+                content_type: "application/json".into(),
+                data: serde_json::to_vec(&data).expect("JSON"),
+            },
+        };
+        let kafka = &self.shared.config.kafka;
+        cloudevents::encode(
+            "deadlines",
+            kafka.topic(&emit.topic),
+            format!("deadline:{}:{}:{}:{}", d.service, d.saga, d.name, d.due_ms),
+            &emit,
+            now_ms,
+            Some(d.due_ms),
+        )
+    }
+}
