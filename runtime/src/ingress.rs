@@ -24,6 +24,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/_saga/health", axum::routing::get(|| async { "ok" }))
         .route("/deadlines", axum::routing::get(list_deadlines))
+        .route("/sagas/{id}", axum::routing::get(saga_timeline))
         .fallback(handle)
         .with_state(shared)
 }
@@ -165,6 +166,26 @@ async fn run(
 async fn list_deadlines(State(shared): State<Arc<Shared>>) -> Response {
     match crate::storage::deadlines::list(&shared.db, 10_000).await {
         Ok(list) => axum::Json(list).into_response(),
+        Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `GET /sagas/{id}` (SPEC B9): every event of the saga each service handled — when, by which
+/// handler version, with what outcome — and the saga's deadlines.
+async fn saga_timeline(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    use crate::storage::{deadlines, inbox};
+    let timeline = async {
+        Ok::<_, crate::storage::Error>(serde_json::json!({
+            "saga": id,
+            "events": inbox::for_saga(&shared.db, &id).await?,
+            "deadlines": deadlines::for_saga(&shared.db, &id).await?,
+        }))
+    };
+    match timeline.await {
+        Ok(t) => axum::Json(t).into_response(),
         Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -43,6 +43,17 @@ enum Command {
     },
     /// Compile a component and print what it declares (name, version, subscriptions, routes).
     Describe { wasm: PathBuf },
+    /// Print the timeline of one saga: every event each service handled, and its deadlines.
+    Trace {
+        saga: String,
+        /// Base URL of a running runtime.
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:8088",
+            env = "SAGA_RUNTIME_URL"
+        )]
+        runtime: String,
+    },
 }
 
 #[tokio::main]
@@ -80,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
             handle.shutdown().await;
             Ok(())
         }
+        Command::Trace { saga, runtime } => trace(&runtime, &saga).await,
         Command::Describe { wasm } => {
             let bytes =
                 std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
@@ -91,6 +103,49 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn trace(runtime: &str, saga: &str) -> anyhow::Result<()> {
+    let url = format!("{}/sagas/{saga}", runtime.trim_end_matches('/'));
+    let t: serde_json::Value = reqwest::get(&url)
+        .await
+        .with_context(|| format!("GET {url}"))?
+        .error_for_status()?
+        .json()
+        .await?;
+    let time = |ms: &serde_json::Value| {
+        let ms = ms.as_i64().unwrap_or(0).max(0) as u64;
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string()
+    };
+    println!("saga {saga}");
+    for e in t["events"].as_array().into_iter().flatten() {
+        let detail = e["detail"]
+            .as_str()
+            .map(|d| format!("  ({d})"))
+            .unwrap_or_default();
+        println!(
+            "  {}  {:<10} {:<8} {:<22} {:<14} {}{detail}",
+            time(&e["handledMs"]),
+            e["service"].as_str().unwrap_or(""),
+            e["version"].as_str().unwrap_or(""),
+            e["eventType"].as_str().unwrap_or(""),
+            e["outcome"].as_str().unwrap_or(""),
+            e["topic"].as_str().unwrap_or(""),
+        );
+    }
+    for d in t["deadlines"].as_array().into_iter().flatten() {
+        println!(
+            "  deadline {}/{} due {} {}",
+            d["service"].as_str().unwrap_or(""),
+            d["name"].as_str().unwrap_or(""),
+            time(&d["dueMs"]),
+            d["status"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -79,6 +79,48 @@ async fn an_order_is_rejected_by_its_deadline_and_compensated_when_exchange_retu
         order_status(&rt, &id, "REJECTED").await["reason"],
         "deadline exceeded"
     );
+    // B9: the saga's timeline across services, over HTTP and through `runtime trace`.
+    let timeline = rt.get(&format!("/sagas/{id}")).await;
+    let steps: Vec<(String, String, String)> = timeline["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap().to_string();
+            (s("service"), s("eventType"), s("outcome"))
+        })
+        .collect();
+    for step in [
+        ("order", "DeadlineExpired"),
+        ("exchange", "OrderCreated"),
+        ("exchange", "OrderRejected"),
+        ("point", "ExchangeSucceeded"),
+        ("point", "ExchangeCancelled"),
+    ] {
+        let found = steps
+            .iter()
+            .any(|(svc, ty, outcome)| (svc.as_str(), ty.as_str()) == step && outcome == "applied");
+        assert!(found, "{step:?} missing from {steps:?}");
+    }
+    assert_eq!(timeline["deadlines"][0]["status"], "FIRED");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["trace", &id, "--runtime", &rt.base])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.contains("DeadlineExpired") && printed.contains("ExchangeCancelled"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("deadline order/approval") && printed.contains("FIRED"),
+        "{printed}"
+    );
     rt.stop().await;
 }
 

@@ -117,3 +117,14 @@ pub async fn list(db: &super::Db, limit: u32) -> Result<Vec<Deadline>, Error> {
     .await?;
     rows.iter().map(from_row).collect()
 }
+
+/// The deadlines of one saga.
+pub async fn for_saga(db: &super::Db, saga: &str) -> Result<Vec<Deadline>, Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM deadlines WHERE saga = $1 ORDER BY due_ms"
+    ))
+    .bind(saga)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(from_row).collect()
+}

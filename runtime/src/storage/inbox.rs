@@ -97,3 +97,42 @@ pub async fn outcome(
     row.map(|row| Ok((row.try_get("outcome")?, row.try_get("detail")?)))
         .transpose()
 }
+
+/// One handled event of a saga, for its timeline.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Handled {
+    pub handled_ms: i64,
+    pub service: String,
+    pub version: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub topic: String,
+    pub outcome: String,
+    pub detail: Option<String>,
+}
+
+/// Every event of `saga` any service handled, in the order they were handled.
+pub async fn for_saga(db: &Db, saga: &str) -> Result<Vec<Handled>, Error> {
+    let rows = sqlx::query(
+        "SELECT handled_ms, service, version, event_id, event_type, topic, outcome, detail \
+         FROM inbox WHERE saga = $1 ORDER BY handled_ms, service, event_id",
+    )
+    .bind(saga)
+    .fetch_all(db.pool())
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(Handled {
+                handled_ms: row.try_get("handled_ms")?,
+                service: row.try_get("service")?,
+                version: row.try_get("version")?,
+                event_id: row.try_get("event_id")?,
+                event_type: row.try_get("event_type")?,
+                topic: row.try_get("topic")?,
+                outcome: row.try_get("outcome")?,
+                detail: row.try_get("detail")?,
+            })
+        })
+        .collect()
+}
