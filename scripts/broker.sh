@@ -34,7 +34,11 @@ start)
   echo "broker did not start; log follows:" >&2; cat "$log" >&2; exit 1
   ;;
 stop)
+  # The launcher may leave the server as a child process: stop whatever serves this port.
   if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
+  pkill -f "noida-db start --only kafka --kafka-port $port " 2>/dev/null || true
+  for _ in $(seq 1 50); do listening || exit 0; sleep 0.1; done
+  echo "broker on port $port did not stop" >&2; exit 1
   ;;
 *) echo "usage: $0 start|stop" >&2; exit 2 ;;
 esac
