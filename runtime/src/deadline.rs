@@ -73,6 +73,7 @@ impl Scheduler {
             for d in &due {
                 let mut tx = db.begin().await?;
                 if deadlines::claim(&mut tx, d).await? {
+                    storage::sagas::expire(&mut tx, &d.saga, now).await?;
                     outbox::insert(&mut tx, &self.message(d, now), now).await?;
                 }
                 tx.commit().await?;

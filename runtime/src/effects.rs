@@ -53,6 +53,7 @@ pub async fn apply(
         deadlines::cancel(conn, service.name(), &d.subject, &d.name).await?;
     }
     for d in &fx.set_deadlines {
+        storage::sagas::open(conn, &d.subject).await?;
         deadlines::set(
             conn,
             service.name(),

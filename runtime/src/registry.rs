@@ -26,6 +26,7 @@ pub struct Service {
     pub guest: Guest,
     routes: Vec<Pattern>,
     policies: HashMap<String, FailurePolicy>,
+    compensations: HashMap<String, Vec<String>>,
 }
 
 impl Service {
@@ -42,10 +43,17 @@ impl Service {
             .iter()
             .map(|s| (s.topic.clone(), s.on_failure))
             .collect();
+        let compensations = guest
+            .manifest
+            .subscriptions
+            .iter()
+            .map(|s| (s.topic.clone(), s.compensations.clone()))
+            .collect();
         Ok(Service {
             guest,
             routes,
             policies,
+            compensations,
         })
     }
 
@@ -63,6 +71,16 @@ impl Service {
             .get(topic)
             .copied()
             .unwrap_or(FailurePolicy::DeadLetter(3))
+    }
+
+    /// Whether an event is a compensation, never dropped as expired: a declared compensation
+    /// type of its subscription, or anything on the host's deadline topic.
+    pub fn is_compensation(&self, topic: &str, event_type: &str) -> bool {
+        topic == crate::deadline::topic(self.name())
+            || self
+                .compensations
+                .get(topic)
+                .is_some_and(|types| types.iter().any(|t| t == event_type))
     }
 
     /// Whether the service declared that it emits to `topic`.

@@ -8,6 +8,8 @@ pub struct Stats {
     pub applied: AtomicU64,
     /// Events recognised by the inbox as already handled and skipped.
     pub duplicates: AtomicU64,
+    /// Forward events not applied because their saga's deadline had passed.
+    pub expired: AtomicU64,
     /// Events sent to a dead-letter topic.
     pub dead_lettered: AtomicU64,
     /// Handler runs discarded because state they read changed before commit.

@@ -68,6 +68,10 @@ enum Verdict {
         reason: String,
         attempts: u32,
     },
+    /// A forward event of a saga past its deadline: recorded, not applied.
+    Expired {
+        reason: String,
+    },
 }
 
 pub struct Worker {
@@ -200,6 +204,16 @@ impl Worker {
                 })
             }
         };
+        // Expiry, first half: at the door. (The second half is in `commit_one`.)
+        let forward = !service.is_compensation(&event.topic, &event.type_);
+        if let Some(deadline) = event.deadline_ms.filter(|_| forward) {
+            let now = self.shared.clock.now_ms();
+            if deadline <= now {
+                return Some(Verdict::Expired {
+                    reason: format!("arrived {} ms after its saga deadline", now - deadline),
+                });
+            }
+        }
         let policy = service.policy(&event.topic);
         let mut attempt = 1u32;
         loop {
@@ -268,7 +282,7 @@ impl Worker {
         let mut tx = self.shared.db.begin().await?;
         let mut blocked: HashSet<(&str, i32)> = HashSet::new();
         let mut deferred = Vec::new();
-        let (mut applied, mut duplicates, mut dead) = (0, 0, 0);
+        let (mut applied, mut duplicates, mut dead, mut expired) = (0, 0, 0, 0);
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
@@ -278,6 +292,7 @@ impl Worker {
             match self.commit_one(&mut tx, service, item, verdict).await {
                 Ok(Some(inbox::Outcome::Applied)) => applied += 1,
                 Ok(Some(inbox::Outcome::DeadLettered)) => dead += 1,
+                Ok(Some(inbox::Outcome::Expired)) => expired += 1,
                 Ok(None) => duplicates += 1,
                 Err(storage::Error::Conflict { .. }) => {
                     Stats::add(&self.shared.stats.conflicts, 1);
@@ -292,6 +307,7 @@ impl Worker {
         Stats::add(&stats.applied, applied);
         Stats::add(&stats.duplicates, duplicates);
         Stats::add(&stats.dead_lettered, dead);
+        Stats::add(&stats.expired, expired);
         if applied + dead > 0 {
             self.shared.relay_wake.notify_one();
         }
@@ -313,13 +329,9 @@ impl Worker {
         verdict: &Verdict,
     ) -> Result<Option<inbox::Outcome>, storage::Error> {
         use sqlx::Connection as _;
-        let (outcome, detail) = match verdict {
-            Verdict::Duplicate => return Ok(None),
-            Verdict::Apply(_) => (inbox::Outcome::Applied, None),
-            Verdict::DeadLetter { reason, .. } => {
-                (inbox::Outcome::DeadLettered, Some(reason.as_str()))
-            }
-        };
+        if matches!(verdict, Verdict::Duplicate) {
+            return Ok(None);
+        }
         let now_ms = self.shared.clock.now_ms();
         let id = item.inbox_id();
         let (saga, event_type, topic) = match &item.event {
@@ -327,6 +339,27 @@ impl Worker {
             Err(_) => ("", "", self.shared.config.kafka.logical(&item.record.topic)),
         };
         let mut sp = tx.begin().await?;
+        // Expiry, second half: a forward step writes its saga's row, which the deadline firing
+        // also writes, and reads back whether the saga expired. See `storage::sagas`.
+        let mut late = None;
+        if let (Verdict::Apply(_), Ok(event)) = (verdict, &item.event) {
+            if event.deadline_ms.is_some() && !service.is_compensation(topic, event_type) {
+                if let Some(at) = storage::sagas::step(&mut sp, saga).await? {
+                    late = Some(format!(
+                        "its saga expired {} ms before this step committed",
+                        now_ms - at
+                    ));
+                }
+            }
+        }
+        let (outcome, detail) = match (verdict, &late) {
+            (_, Some(reason)) => (inbox::Outcome::Expired, Some(reason.as_str())),
+            (Verdict::DeadLetter { reason, .. }, None) => {
+                (inbox::Outcome::DeadLettered, Some(reason.as_str()))
+            }
+            (Verdict::Expired { reason }, None) => (inbox::Outcome::Expired, Some(reason.as_str())),
+            (_, None) => (inbox::Outcome::Applied, None),
+        };
         let entry = inbox::Entry {
             service: service.name(),
             event_id: &id,
@@ -342,8 +375,8 @@ impl Worker {
             sp.rollback().await?;
             return Ok(None);
         }
-        let result = match verdict {
-            Verdict::Apply(called) => {
+        let result = match (verdict, outcome) {
+            (Verdict::Apply(called), inbox::Outcome::Applied) => {
                 let ctx = effects::Context {
                     kafka: &self.shared.config.kafka,
                     now_ms,
@@ -353,11 +386,11 @@ impl Worker {
                 };
                 effects::apply(&mut sp, &ctx, service, &called.reads, &called.output).await
             }
-            Verdict::DeadLetter { reason, attempts } => {
+            (Verdict::DeadLetter { reason, attempts }, _) => {
                 let message = self.dead_letter(service, item, &id, reason, *attempts);
                 outbox::insert(&mut sp, &message, now_ms).await
             }
-            Verdict::Duplicate => unreachable!("returned above"),
+            _ => Ok(()),
         };
         match result {
             Ok(()) => {

@@ -30,58 +30,23 @@ async fn deadline_of(rt: &TestRuntime, saga: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-async fn place(rt: &TestRuntime, user: &str, amount: i64) -> String {
+async fn place(rt: &TestRuntime, user: &str, amount: i64, currency: i64) -> String {
     rt.post("/points", json!({"userId": user, "point": 10000}))
         .await;
     let (status, order) = rt
         .post(
             "/orders",
-            json!({"holderId": user, "currencyId": 1, "amount": amount}),
+            json!({"holderId": user, "currencyId": currency, "amount": amount}),
         )
         .await;
     assert_eq!(status, 201, "{order}");
     order["id"].as_str().unwrap().to_string()
 }
 
-/// B7.3: exchange is down while an order is placed → the deadline rejects the order; when
-/// exchange comes back, the chain compensates: points back where they were, no exchange left.
-async fn an_order_is_rejected_by_its_deadline_and_compensated_when_exchange_returns(
-    backend: Backend,
-) {
-    let rt = TestRuntime::start_with(backend, &["order", "point"], |o| {
-        o.config.saga_deadlines.insert("order".into(), 500);
-    })
-    .await;
-    let id = place(&rt, "gus", 500).await;
-    assert_eq!(deadline_of(&rt, &id).await["status"], "PENDING");
-    let order = order_status(&rt, &id, "REJECTED").await;
-    assert_eq!(order["reason"], "deadline exceeded", "{order}");
-    assert_eq!(deadline_of(&rt, &id).await["status"], "FIRED");
-    assert_eq!(rt.get("/points/gus").await["point"], 10000);
-
-    // Exchange comes back and works through the backlog: OrderCreated, then OrderRejected.
-    rt.handle.install(guest("exchange")).await.unwrap();
-    eventually("point to refund the late deduction", || async {
-        let txs = rt.get("/transactions").await;
-        if txs
-            .as_array()
-            .is_some_and(|a| a.len() == 1 && a[0]["status"] == "REFUNDED")
-        {
-            Ok(())
-        } else {
-            Err(txs.to_string())
-        }
-    })
-    .await;
-    assert_eq!(rt.get("/points/gus").await["point"], 10000);
-    assert_eq!(rt.get("/exchanges").await, json!([]));
-    assert_eq!(
-        order_status(&rt, &id, "REJECTED").await["reason"],
-        "deadline exceeded"
-    );
-    // B9: the saga's timeline across services, over HTTP and through `runtime trace`.
-    let timeline = rt.get(&format!("/sagas/{id}")).await;
-    let steps: Vec<(String, String, String)> = timeline["events"]
+/// The (service, event type, outcome) steps of a saga's timeline.
+async fn steps(rt: &TestRuntime, saga: &str) -> Vec<(String, String, String)> {
+    let timeline = rt.get(&format!("/sagas/{saga}")).await;
+    timeline["events"]
         .as_array()
         .unwrap()
         .iter()
@@ -89,20 +54,78 @@ async fn an_order_is_rejected_by_its_deadline_and_compensated_when_exchange_retu
             let s = |k: &str| e[k].as_str().unwrap().to_string();
             (s("service"), s("eventType"), s("outcome"))
         })
-        .collect();
-    for step in [
-        ("order", "DeadlineExpired"),
-        ("exchange", "OrderCreated"),
-        ("exchange", "OrderRejected"),
-        ("point", "ExchangeSucceeded"),
-        ("point", "ExchangeCancelled"),
-    ] {
-        let found = steps
+        .collect()
+}
+
+/// Wait until the timeline has every one of `want` (service, type, outcome).
+async fn timeline_has(rt: &TestRuntime, saga: &str, want: &[(&str, &str, &str)]) {
+    eventually("the saga's timeline", || async {
+        let steps = steps(rt, saga).await;
+        let has = |w: &(&str, &str, &str)| {
+            steps
+                .iter()
+                .any(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()) == *w)
+        };
+        if want.iter().all(has) {
+            Ok(())
+        } else {
+            Err(format!("{steps:?}"))
+        }
+    })
+    .await
+}
+
+/// The end state every rejected-by-deadline scenario must reach: REJECTED for the deadline,
+/// points where they were, no exchange, no deduction (so nothing could be refunded twice).
+async fn assert_rejected_by_deadline_and_untouched(rt: &TestRuntime, id: &str, user: &str) {
+    let order = order_status(rt, id, "REJECTED").await;
+    assert_eq!(order["reason"], "deadline exceeded", "{order}");
+    assert_eq!(rt.get(&format!("/points/{user}")).await["point"], 10000);
+    let exchanges = rt.get("/exchanges").await;
+    assert!(
+        !exchanges
+            .as_array()
+            .unwrap()
             .iter()
-            .any(|(svc, ty, outcome)| (svc.as_str(), ty.as_str()) == step && outcome == "applied");
-        assert!(found, "{step:?} missing from {steps:?}");
-    }
-    assert_eq!(timeline["deadlines"][0]["status"], "FIRED");
+            .any(|e| e["orderId"] == id),
+        "{exchanges}"
+    );
+    let txs = rt.get("/transactions").await;
+    assert!(
+        !txs.as_array().unwrap().iter().any(|t| t["orderId"] == id),
+        "{txs}"
+    );
+    assert_eq!(deadline_of(rt, id).await["status"], "FIRED");
+}
+
+/// B7.3: exchange is down while an order is placed → the deadline rejects the order. When
+/// exchange comes back, the expired OrderCreated is not applied and the OrderRejected
+/// compensation finds nothing to undo: points where they were, no exchange.
+async fn an_order_is_rejected_by_its_deadline_while_exchange_is_down(backend: Backend) {
+    let rt = TestRuntime::start_with(backend, &["order", "point"], |o| {
+        o.config.saga_deadlines.insert("order".into(), 500);
+    })
+    .await;
+    let id = place(&rt, "gus", 500, 1).await;
+    assert_eq!(deadline_of(&rt, &id).await["status"], "PENDING");
+    let order = order_status(&rt, &id, "REJECTED").await;
+    assert_eq!(order["reason"], "deadline exceeded", "{order}");
+
+    // Exchange comes back and works through the backlog.
+    rt.handle.install(guest("exchange")).await.unwrap();
+    timeline_has(
+        &rt,
+        &id,
+        &[
+            ("order", "DeadlineExpired", "applied"),
+            ("exchange", "OrderCreated", "expired"),
+            ("exchange", "OrderRejected", "applied"),
+        ],
+    )
+    .await;
+    assert_rejected_by_deadline_and_untouched(&rt, &id, "gus").await;
+
+    // B9 through the CLI: `runtime trace` against the running instance.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
         .args(["trace", &id, "--runtime", &rt.base])
         .output()
@@ -114,7 +137,7 @@ async fn an_order_is_rejected_by_its_deadline_and_compensated_when_exchange_retu
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        printed.contains("DeadlineExpired") && printed.contains("ExchangeCancelled"),
+        printed.contains("DeadlineExpired") && printed.contains("expired"),
         "{printed}"
     );
     assert!(
@@ -124,10 +147,63 @@ async fn an_order_is_rejected_by_its_deadline_and_compensated_when_exchange_retu
     rt.stop().await;
 }
 
+/// B7.4 (`currencyId=100`): the exchange step takes longer than the deadline. The order is
+/// rejected by the deadline and the late step is ignored.
+async fn a_step_slower_than_the_deadline_is_ignored(backend: Backend) {
+    slow_step_scenario(backend, 100, "hank").await
+}
+
+/// B7.5 (`currencyId=200`): the step passes the expiry check at the door, then commits after
+/// the deadline fired. The in-commit check stops it; the end state is consistent.
+async fn a_step_that_slips_past_the_door_check_cannot_commit(backend: Backend) {
+    slow_step_scenario(backend, 200, "iris").await
+}
+
+async fn slow_step_scenario(backend: Backend, currency: i64, user: &str) {
+    // Long enough for the warm-up saga below even on a loaded machine; the injected delays
+    // are relative to the deadline.
+    let rt = TestRuntime::start_with(backend, &["order", "point", "exchange"], |o| {
+        o.config.saga_deadlines.insert("order".into(), 3_000);
+    })
+    .await;
+    // A saga to completion first: every consumer has joined its group, so the slow order's
+    // OrderCreated reaches exchange before its deadline and passes the door check.
+    let warm = place(&rt, "warm-up", 10, 1).await;
+    order_status(&rt, &warm, "APPROVED").await;
+    let id = place(&rt, user, 500, currency).await;
+    timeline_has(
+        &rt,
+        &id,
+        &[
+            ("order", "DeadlineExpired", "applied"),
+            ("exchange", "OrderCreated", "expired"),
+            ("exchange", "OrderRejected", "applied"),
+        ],
+    )
+    .await;
+    assert_rejected_by_deadline_and_untouched(&rt, &id, user).await;
+    let timeline = rt.get(&format!("/sagas/{id}")).await;
+    let created = timeline["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["eventType"] == "OrderCreated")
+        .unwrap()
+        .clone();
+    assert!(
+        created["detail"]
+            .as_str()
+            .unwrap()
+            .contains("before this step committed"),
+        "the in-commit check, not the door, must have stopped it: {created}"
+    );
+    rt.stop().await;
+}
+
 /// An order approved in time cancels its deadline, which then never fires.
 async fn an_approved_order_cancels_its_deadline(backend: Backend) {
     let rt = TestRuntime::start(backend, &["order", "point", "exchange"]).await;
-    let id = place(&rt, "hal", 500).await;
+    let id = place(&rt, "hal", 500, 1).await;
     order_status(&rt, &id, "APPROVED").await;
     let deadline = deadline_of(&rt, &id).await;
     assert_eq!(deadline["status"], "CANCELLED", "{deadline}");
@@ -144,7 +220,7 @@ async fn a_deadline_due_during_downtime_fires_after_restart(backend: Backend) {
         o.clock = ManualClock::starting_at(start);
     })
     .await;
-    let id = place(&rt, "ivy", 500).await;
+    let id = place(&rt, "ivy", 500, 1).await;
     let deadline = deadline_of(&rt, &id).await;
     assert_eq!(deadline["status"], "PENDING");
     assert_eq!(
@@ -162,7 +238,9 @@ async fn a_deadline_due_during_downtime_fires_after_restart(backend: Backend) {
 }
 
 on_both_backends!(
-    an_order_is_rejected_by_its_deadline_and_compensated_when_exchange_returns,
+    an_order_is_rejected_by_its_deadline_while_exchange_is_down,
+    a_step_slower_than_the_deadline_is_ignored,
+    a_step_that_slips_past_the_door_check_cannot_commit,
     an_approved_order_cancels_its_deadline,
     a_deadline_due_during_downtime_fires_after_restart,
 );

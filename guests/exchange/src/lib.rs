@@ -1,6 +1,13 @@
 //! The exchange service of the deadline saga (SPEC B): converts an order's currency amount into
 //! points (`OrderCreated` → `ExchangeSucceeded`) and undoes the exchange when the order is
 //! rejected (`OrderRejected` → `ExchangeCancelled`, which the point service refunds on).
+//!
+//! The demo's faults are injected here, by `currencyId` (test data, not runtime features). The
+//! guest has no clock and cannot sleep, so "slow" means: ask the host to retry this event
+//! (a blocking subscription) until the host's time is past the saga deadline.
+//! - 100: the step takes longer than the deadline (finishes 1 s after it).
+//! - 200: a delay right after the expiry check at the door: the step finishes 500 ms after the
+//!   deadline, so only the host's in-commit check can stop it.
 
 use saga_sdk::{
     get_json, parse_json, query_reply, route, scan_json, subscribe, Context, Effects, Error, Event,
@@ -41,9 +48,29 @@ fn rate(_currency_id: i64) -> i64 {
     1
 }
 
+/// How long past the saga deadline the fault-injecting currencies keep the step busy.
+fn injected_delay_past_deadline(currency_id: i64) -> Option<i64> {
+    match currency_id {
+        100 => Some(1_000),
+        200 => Some(500),
+        _ => None,
+    }
+}
+
 impl ExchangeService {
     fn exchange(ctx: &Context, event: &Event) -> Result<Effects, Error> {
         let order: OrderEvent = parse_json(&event.data)?;
+        if let (Some(past), Some(deadline)) = (
+            injected_delay_past_deadline(order.currency_id),
+            event.deadline_ms,
+        ) {
+            if ctx.now_ms < deadline + past {
+                return Err(Error::Retry(format!(
+                    "currency {} is slow (injected fault)",
+                    order.currency_id
+                )));
+            }
+        }
         let mut fx = Effects::new();
         if get_json::<Exchange>(&key(&order.id))?.is_some() {
             return Ok(fx);
@@ -81,7 +108,10 @@ impl Service for ExchangeService {
         Manifest {
             name: "exchange".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            subscriptions: vec![subscribe("order")],
+            subscriptions: vec![saga_sdk::blocking(saga_sdk::compensating(
+                subscribe("order"),
+                &["OrderRejected"],
+            ))],
             routes: vec![route("GET", "/exchanges")],
             publishes: vec![TOPIC.into()],
             saga_deadline_ms: None,

@@ -127,7 +127,10 @@ impl Service for PointService {
         Manifest {
             name: "point".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            subscriptions: vec![subscribe("exchange")],
+            subscriptions: vec![saga_sdk::compensating(
+                subscribe("exchange"),
+                &["ExchangeCancelled"],
+            )],
             routes: vec![
                 route("POST", "/points"),
                 route("GET", "/points/{userId}"),

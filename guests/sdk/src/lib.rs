@@ -178,12 +178,25 @@ pub fn log(level: Level, message: &str) {
     bindings::saga::runtime::log::log(level, message);
 }
 
-/// A `dead-letter(3)` subscription: the default for most handlers.
+/// A `dead-letter(3)` subscription with no compensation events: the default for most handlers.
 pub fn subscribe(topic: &str) -> Subscription {
     Subscription {
         topic: topic.to_string(),
         on_failure: FailurePolicy::DeadLetter(3),
+        compensations: Vec::new(),
     }
+}
+
+/// Declare event types of a subscription that are compensations (never dropped as expired).
+pub fn compensating(mut subscription: Subscription, types: &[&str]) -> Subscription {
+    subscription.compensations = types.iter().map(|t| t.to_string()).collect();
+    subscription
+}
+
+/// Make a subscription blocking: a failing event is retried in place until it succeeds.
+pub fn blocking(mut subscription: Subscription) -> Subscription {
+    subscription.on_failure = FailurePolicy::Blocking;
+    subscription
 }
 
 pub fn route(method: &str, path: &str) -> Route {

@@ -120,12 +120,10 @@ impl Consumer {
                 .collect()
         };
         for (topic, partition, offset) in targets {
-            let seek = self.inner.seek(
-                &topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(1),
-            );
+            // A zero timeout makes librdkafka seek asynchronously: never block a tokio worker.
+            let seek = self
+                .inner
+                .seek(&topic, partition, Offset::Offset(offset), Duration::ZERO);
             if let Err(e) = seek {
                 tracing::debug!(%topic, partition, "re-seek failed: {e}");
             }

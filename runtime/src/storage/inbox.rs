@@ -15,6 +15,8 @@ pub enum Outcome {
     Applied,
     /// The handler kept failing (or rejected the event); it went to `<topic>.dlt`.
     DeadLettered,
+    /// A forward event of a saga whose deadline had passed: not applied.
+    Expired,
 }
 
 impl Outcome {
@@ -22,6 +24,7 @@ impl Outcome {
         match self {
             Outcome::Applied => "applied",
             Outcome::DeadLettered => "dead-lettered",
+            Outcome::Expired => "expired",
         }
     }
 }
