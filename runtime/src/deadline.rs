@@ -71,11 +71,15 @@ impl Scheduler {
                 return deadlines::next_due(db).await;
             }
             for d in &due {
+                // Saga row first, deadline row second: the same lock order as a step that
+                // settles a saga and cancels its deadline, so the two cannot deadlock.
                 let mut tx = db.begin().await?;
-                if deadlines::claim(&mut tx, d).await? {
-                    storage::sagas::expire(&mut tx, &d.saga, now).await?;
-                    outbox::insert(&mut tx, &self.message(d, now), now).await?;
+                storage::sagas::expire(&mut tx, &d.saga, now).await?;
+                if !deadlines::claim(&mut tx, d).await? {
+                    tx.rollback().await?; // cancelled, moved or fired meanwhile
+                    continue;
                 }
+                outbox::insert(&mut tx, &self.message(d, now), now).await?;
                 tx.commit().await?;
                 tracing::info!(service = %d.service, saga = %d.saga, name = %d.name, lag_ms = now - d.due_ms, "deadline fired");
             }

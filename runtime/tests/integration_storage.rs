@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Backend, TestDb};
-use saga_runtime::storage::{inbox, lease, outbox, state, Db, Error};
+use saga_runtime::storage::{inbox, lease, outbox, sagas, state, Db, Error};
 use saga_runtime::wasm::bindings::Write;
 use saga_runtime::wasm::read_set;
 
@@ -215,7 +215,34 @@ async fn a_lease_has_one_holder_until_it_expires(backend: Backend) {
     t.drop_db().await;
 }
 
+async fn a_saga_step_sees_the_expiry_of_its_saga(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let mut tx = db.begin().await.unwrap();
+    assert_eq!(
+        sagas::step(&mut tx, "s1").await.unwrap(),
+        None,
+        "no deadline, no row"
+    );
+    sagas::open(&mut tx, "s1").await.unwrap();
+    assert_eq!(
+        sagas::step(&mut tx, "s1").await.unwrap(),
+        None,
+        "open, not expired"
+    );
+    sagas::expire(&mut tx, "s1", 500).await.unwrap();
+    sagas::expire(&mut tx, "s1", 900).await.unwrap();
+    sagas::open(&mut tx, "s1").await.unwrap();
+    assert_eq!(
+        sagas::step(&mut tx, "s1").await.unwrap(),
+        Some(500),
+        "first expiry wins"
+    );
+    tx.commit().await.unwrap();
+    t.drop_db().await;
+}
+
 on_both_backends!(
+    a_saga_step_sees_the_expiry_of_its_saga,
     a_write_based_on_a_stale_read_is_a_conflict,
     a_changed_key_that_was_only_read_is_a_conflict_too,
     a_deleted_and_recreated_key_still_conflicts,
