@@ -209,6 +209,7 @@ async fn a_deadline_due_during_downtime_fires_after_restart(backend: Backend) {
     let start = saga_runtime::storage::millis(std::time::SystemTime::now());
     let rt = TestRuntime::start_with(backend, &["order", "point"], |o| {
         o.clock = ManualClock::starting_at(start);
+        o.config.saga_deadlines.clear(); // the service's own default
     })
     .await;
     let id = place(&rt, "ivy", 500, 1).await;

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 async fn start(backend: Backend) -> TestRuntime {
     TestRuntime::start_with(backend, &["hostile"], |o| {
-        o.config.sandbox.call_timeout_ms = 300;
+        o.config.sandbox.call_timeout_ms = 1_000;
         o.config.sandbox.memory_mib = 32;
     })
     .await

@@ -161,6 +161,10 @@ pub fn config(db: &TestDb, services: &[&str]) -> Config {
     config.worker.retry_backoff_ms = 10;
     config.worker.max_backoff_ms = 100;
     config.relay.poll_interval_ms = 50;
+    // The first consumer-group joins on a freshly started broker can take seconds; tests that
+    // are not about deadlines must not race the order service's 10 s one. Deadline tests set
+    // their own.
+    config.saga_deadlines.insert("order".into(), 60_000);
     config
 }
 
