@@ -60,6 +60,52 @@ async fn a_redelivered_event_is_applied_once(backend: Backend) {
     rt.stop().await;
 }
 
+/// B4: a compensation delivered twice as two distinct events (different ids, so the inbox
+/// cannot tell) refunds once: the point service's ledger entry is marked REFUNDED.
+async fn a_compensation_delivered_twice_refunds_once(backend: Backend) {
+    let rt = TestRuntime::start(backend, &["point"]).await;
+    rt.post("/points", json!({"userId": "kim", "point": 1000}))
+        .await;
+    let step = json!({"orderId": "o-9", "holderId": "kim", "point": 300});
+    produce_event(
+        rt.prefix(),
+        "exchange",
+        "use-1",
+        "ExchangeSucceeded",
+        "o-9",
+        &step,
+    )
+    .await;
+    for id in ["undo-1", "undo-2"] {
+        produce_event(
+            rt.prefix(),
+            "exchange",
+            id,
+            "ExchangeCancelled",
+            "o-9",
+            &step,
+        )
+        .await;
+    }
+    eventually("the step and both compensations to be handled", || async {
+        let applied = Stats::get(&rt.handle.stats().applied);
+        if applied == 3 {
+            Ok(())
+        } else {
+            Err(format!("applied {applied}"))
+        }
+    })
+    .await;
+    assert_eq!(
+        rt.get("/points/kim").await["point"],
+        1000,
+        "refunded exactly once"
+    );
+    let txs = rt.get("/transactions").await;
+    assert_eq!(txs[0]["status"], "REFUNDED", "{txs}");
+    rt.stop().await;
+}
+
 /// "Crashes" every batch right after its Kafka commit the first time any of its rows is
 /// published, as if the process died before deleting them: every row goes out at least twice.
 #[derive(Default)]
@@ -139,5 +185,6 @@ async fn a_relay_crash_after_commit_republishes_and_the_inbox_absorbs_it(backend
 
 on_both_backends!(
     a_redelivered_event_is_applied_once,
+    a_compensation_delivered_twice_refunds_once,
     a_relay_crash_after_commit_republishes_and_the_inbox_absorbs_it,
 );
