@@ -54,6 +54,16 @@ def settle(order_id):
     sys.exit(f"order {order_id} still PENDING after 30 s")
 
 
+def order_for(user, amount):
+    """Give `user` 10000 points, order `amount`, wait for the saga to settle; show each step."""
+    show("POST", "/points", {"userId": user, "point": 10000})
+    order = show("POST", "/orders", {"holderId": user, "currencyId": 1, "amount": amount})
+    order, took = settle(order["id"])
+    print(f"  (settled in {took * 1000:.0f} ms)")
+    show("GET", f"/orders/{order['id']}")
+    return order, show("GET", f"/points/{user}")
+
+
 def check(what, ok):
     print(f"  {'ok' if ok else 'WRONG'}: {what}")
     return ok
@@ -63,24 +73,14 @@ wait_ready()
 good = True
 
 print("\n== B7.1 happy path: 10000 points, order 500 ==")
-show("POST", "/points", {"userId": "alice", "point": 10000})
-order = show("POST", "/orders", {"holderId": "alice", "currencyId": 1, "amount": 500})
-order, took = settle(order["id"])
-print(f"  (settled in {took * 1000:.0f} ms)")
-show("GET", f"/orders/{order['id']}")
-points = show("GET", "/points/alice")
+order, points = order_for("alice", 500)
 exchanges = show("GET", "/exchanges")
 good &= check("order APPROVED", order["status"] == "APPROVED")
 good &= check("points 9500", points["point"] == 9500)
 good &= check("one exchange", len([e for e in exchanges if e["holderId"] == "alice"]) == 1)
 
 print("\n== B7.2 point limit: 10000 points, order 50000 ==")
-show("POST", "/points", {"userId": "bob", "point": 10000})
-order = show("POST", "/orders", {"holderId": "bob", "currencyId": 1, "amount": 50000})
-order, took = settle(order["id"])
-print(f"  (settled in {took * 1000:.0f} ms)")
-show("GET", f"/orders/{order['id']}")
-points = show("GET", "/points/bob")
+order, points = order_for("bob", 50000)
 good &= check("order REJECTED for the point limit",
               order["status"] == "REJECTED" and "point limit" in (order["reason"] or ""))
 good &= check("points unchanged at 10000", points["point"] == 10000)

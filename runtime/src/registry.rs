@@ -27,6 +27,8 @@ pub struct Service {
     routes: Vec<Pattern>,
     policies: HashMap<String, FailurePolicy>,
     compensations: HashMap<String, Vec<String>>,
+    /// `<name>.deadline`, where this service receives its fired deadlines.
+    deadline_topic: String,
 }
 
 impl Service {
@@ -49,11 +51,13 @@ impl Service {
             .iter()
             .map(|s| (s.topic.clone(), s.compensations.clone()))
             .collect();
+        let deadline_topic = crate::deadline::topic(&guest.manifest.name);
         Ok(Service {
             guest,
             routes,
             policies,
             compensations,
+            deadline_topic,
         })
     }
 
@@ -76,7 +80,7 @@ impl Service {
     /// Whether an event is a compensation, never dropped as expired: a declared compensation
     /// type of its subscription, or anything on the host's deadline topic.
     pub fn is_compensation(&self, topic: &str, event_type: &str) -> bool {
-        topic == crate::deadline::topic(self.name())
+        topic == self.deadline_topic
             || self
                 .compensations
                 .get(topic)
@@ -95,7 +99,7 @@ impl Service {
             .subscriptions
             .iter()
             .map(|s| s.topic.clone())
-            .chain([crate::deadline::topic(self.name())])
+            .chain([self.deadline_topic.clone()])
             .collect()
     }
 

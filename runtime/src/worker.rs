@@ -39,15 +39,15 @@ pub mod dlt_headers {
 }
 
 /// One record of a batch and what became of it.
-struct Item {
-    record: Record,
+struct Item<'a> {
+    record: &'a Record,
     /// The decoded event, or why it could not be decoded.
     event: Result<Event, Malformed>,
     /// `context.new-id` for this event: stable across re-runs.
     new_id: String,
 }
 
-impl Item {
+impl Item<'_> {
     /// The inbox key: the event id, or the record's coordinates if it has none.
     fn inbox_id(&self) -> String {
         match &self.event {
@@ -119,7 +119,7 @@ impl Worker {
     /// Handle a batch to the end. Returns `false` only if shutdown interrupted it.
     async fn process(&self, service: &Arc<Service>, batch: &[Record]) -> bool {
         let kafka = &self.shared.config.kafka;
-        let items: Vec<Item> = batch
+        let items: Vec<Item<'_>> = batch
             .iter()
             .map(|record| Item {
                 event: cloudevents::decode(
@@ -127,7 +127,7 @@ impl Worker {
                     &record.headers,
                     &record.payload,
                 ),
-                record: record.clone(),
+                record,
                 new_id: uuid::Uuid::now_v7().to_string(),
             })
             .collect();
@@ -151,7 +151,7 @@ impl Worker {
         true
     }
 
-    async fn already_seen(&self, items: &[Item]) -> Result<HashSet<String>, storage::Error> {
+    async fn already_seen(&self, items: &[Item<'_>]) -> Result<HashSet<String>, storage::Error> {
         let ids: Vec<String> = items.iter().map(Item::inbox_id).collect();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         inbox::seen(&self.shared.db, &self.service, &refs).await
@@ -161,7 +161,7 @@ impl Worker {
     async fn decide_all(
         &self,
         service: &Arc<Service>,
-        items: &[Item],
+        items: &[Item<'_>],
         seen: &HashSet<String>,
     ) -> Option<Vec<Verdict>> {
         let mut by_partition: HashMap<(&str, i32), Vec<usize>> = HashMap::new();
@@ -194,7 +194,7 @@ impl Worker {
 
     /// Run the handler for one event under the subscription's failure policy.
     /// `None` if shutdown interrupted the retries.
-    async fn decide(&self, service: &Arc<Service>, item: &Item) -> Option<Verdict> {
+    async fn decide(&self, service: &Arc<Service>, item: &Item<'_>) -> Option<Verdict> {
         let event = match &item.event {
             Ok(event) => event,
             Err(malformed) => {
@@ -248,7 +248,7 @@ impl Worker {
     async fn call(
         &self,
         service: &Arc<Service>,
-        item: &Item,
+        item: &Item<'_>,
         event: &Event,
         attempt: u32,
     ) -> Result<Called<Effects>, Failure> {
@@ -276,7 +276,7 @@ impl Worker {
     async fn commit(
         &self,
         service: &Arc<Service>,
-        items: &[Item],
+        items: &[Item<'_>],
         verdicts: &[Verdict],
     ) -> Result<Vec<usize>, storage::Error> {
         let mut tx = self.shared.db.begin().await?;
@@ -325,7 +325,7 @@ impl Worker {
         &self,
         tx: &mut storage::Tx,
         service: &Service,
-        item: &Item,
+        item: &Item<'_>,
         verdict: &Verdict,
     ) -> Result<Option<inbox::Outcome>, storage::Error> {
         use sqlx::Connection as _;
@@ -408,7 +408,7 @@ impl Worker {
     fn dead_letter(
         &self,
         service: &Service,
-        item: &Item,
+        item: &Item<'_>,
         id: &str,
         reason: &str,
         attempts: u32,
@@ -441,7 +441,7 @@ impl Worker {
     }
 
     /// Re-run a deferred event on fresh state until it commits (or is found a duplicate).
-    async fn rerun(&self, service: &Arc<Service>, item: &Item) -> bool {
+    async fn rerun(&self, service: &Arc<Service>, item: &Item<'_>) -> bool {
         loop {
             let Some(seen) = self
                 .retry_db(|| self.already_seen(std::slice::from_ref(item)))
