@@ -6,13 +6,18 @@
 //!   worker does), state served from memory so only the sandbox is measured.
 //! - saga: POST /orders → order APPROVED through Kafka and three guests, on SQLite, measured
 //!   by the host clock stamps the order guest records (created → approved).
+//! - deadline lag: many concurrent orders that nobody approves (only the order service runs),
+//!   each with a 1 s saga deadline; lag = the deadline's due time → the order handler running
+//!   on its `DeadlineExpired` (the order's `updatedMs`, host clock), while new orders keep
+//!   arriving and other deadlines keep falling due.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use saga_runtime::config::Config;
-use saga_runtime::node::{self, Options};
+use saga_runtime::node::{self, Handle, Options};
+use saga_runtime::storage::deadlines;
 use saga_runtime::wasm::bindings::{Context, Event, Payload};
 use saga_runtime::wasm::{Sandbox, StateReader, Versioned};
 
@@ -112,22 +117,34 @@ fn bench_guest_call() {
     );
 }
 
-async fn bench_saga() {
-    let dir = tempfile::tempdir().unwrap();
+/// A runtime of `services` on a fresh SQLite file and a private topic namespace.
+async fn start(
+    dir: &std::path::Path,
+    services: &[&str],
+    tweak: impl FnOnce(&mut Config),
+) -> Handle {
     let mut config = Config {
-        database_url: format!("sqlite://{}", dir.path().join("bench.db").display()),
+        database_url: format!("sqlite://{}", dir.join("bench.db").display()),
         http_listen: "127.0.0.1:0".parse().unwrap(),
-        services: ["order", "point", "exchange"]
-            .iter()
-            .map(|s| guest_file(s))
-            .collect(),
-        cache_dir: Some(dir.path().join("cache")),
+        services: services.iter().map(|s| guest_file(s)).collect(),
+        cache_dir: Some(dir.join("cache")),
         ..Config::default()
     };
     config.kafka.brokers =
         std::env::var("SAGA_TEST_BROKERS").expect("SAGA_TEST_BROKERS (scripts/bench.sh sets it)");
-    config.kafka.topic_prefix = format!("bench{}.", std::process::id());
-    let rt = node::start(Options::new(config)).await.unwrap();
+    let tag = dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .replace(['.', '_'], "");
+    config.kafka.topic_prefix = format!("bench{}{tag}.", std::process::id());
+    tweak(&mut config);
+    node::start(Options::new(config)).await.unwrap()
+}
+
+async fn bench_saga() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start(dir.path(), &["order", "point", "exchange"], |_| {}).await;
     let base = format!("http://{}", rt.http_addr());
     let http = reqwest::Client::new();
     let post =
@@ -177,12 +194,95 @@ async fn bench_saga() {
     rt.shutdown().await;
 }
 
+async fn bench_deadline_lag() {
+    const ORDERS: usize = 600;
+    const CLIENTS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start(dir.path(), &["order"], |c| {
+        c.saga_deadlines.insert("order".into(), 1_000);
+    })
+    .await;
+    let base = format!("http://{}", rt.http_addr());
+    let http = reqwest::Client::new();
+    let place = |http: reqwest::Client, base: String, n: usize| async move {
+        for _ in 0..n {
+            let resp = http
+                .post(format!("{base}/orders"))
+                .json(&serde_json::json!({"holderId": "u", "currencyId": 1, "amount": 5}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 201);
+        }
+    };
+    // Warm up the consumer group: one order through its deadline first.
+    place(http.clone(), base.clone(), 1).await;
+    let rejected = |http: reqwest::Client, base: String| async move {
+        let orders: Vec<serde_json::Value> = http
+            .get(format!("{base}/orders"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        orders
+    };
+    while rejected(http.clone(), base.clone())
+        .await
+        .iter()
+        .any(|o| o["status"] == "PENDING")
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(place(http.clone(), base.clone(), ORDERS / CLIENTS)))
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let placing = started.elapsed();
+    let orders = loop {
+        let orders = rejected(http.clone(), base.clone()).await;
+        if orders.iter().all(|o| o["status"] == "REJECTED") {
+            break orders;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let due: HashMap<String, i64> = deadlines::list(rt.db(), 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.saga, d.due_ms))
+        .collect();
+    let samples: Vec<Duration> = orders
+        .iter()
+        .skip(1)
+        .map(|o| {
+            let lag = o["updatedMs"].as_i64().unwrap() - due[o["id"].as_str().unwrap()];
+            Duration::from_millis(lag.max(0) as u64)
+        })
+        .collect();
+    println!(
+        "deadline lag: {} orders placed by {CLIENTS} clients in {placing:?} ({:.0}/s), 1 s deadline each",
+        ORDERS,
+        ORDERS as f64 / placing.as_secs_f64()
+    );
+    report(
+        "deadline lag (due -> order's DeadlineExpired handler ran, SQLite)",
+        samples,
+    );
+    rt.shutdown().await;
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a listing
     }
     bench_guest_call();
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(bench_saga());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        bench_saga().await;
+        bench_deadline_lag().await;
+    });
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::kafka::cloudevents;
 use crate::node::Shared;
+use crate::stats::Stats;
 use crate::storage::{self, deadlines, outbox};
 use crate::wasm::bindings::{Emit, Payload};
 
@@ -81,6 +82,7 @@ impl Scheduler {
                 }
                 outbox::insert(&mut tx, &self.message(d, now), now).await?;
                 tx.commit().await?;
+                Stats::add(&self.shared.stats.deadlines_fired, 1);
                 tracing::info!(service = %d.service, saga = %d.saga, name = %d.name, lag_ms = now - d.due_ms, "deadline fired");
             }
             self.shared.relay_wake.notify_one();

@@ -21,6 +21,19 @@ pub enum Error {
     BadRoute(String),
 }
 
+/// What part an event plays in its saga at the service that receives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A step forward: dropped as expired after the saga deadline, and not applied once the
+    /// saga was compensated at this service (see `storage::ledger`).
+    Forward,
+    /// A declared compensation type of its subscription: never dropped as expired, applied
+    /// once per saga.
+    Compensation,
+    /// A fired deadline, on the host's deadline topic: always delivered.
+    Deadline,
+}
+
 /// One service version, ready to run.
 pub struct Service {
     pub guest: Guest,
@@ -77,14 +90,25 @@ impl Service {
             .unwrap_or(FailurePolicy::DeadLetter(3))
     }
 
-    /// Whether an event is a compensation, never dropped as expired: a declared compensation
-    /// type of its subscription, or anything on the host's deadline topic.
-    pub fn is_compensation(&self, topic: &str, event_type: &str) -> bool {
-        topic == self.deadline_topic
-            || self
-                .compensations
-                .get(topic)
-                .is_some_and(|types| types.iter().any(|t| t == event_type))
+    /// What part an event plays in its saga at this service.
+    pub fn step(&self, topic: &str, event_type: &str) -> Step {
+        if topic == self.deadline_topic {
+            Step::Deadline
+        } else if self
+            .compensations
+            .get(topic)
+            .is_some_and(|types| types.iter().any(|t| t == event_type))
+        {
+            Step::Compensation
+        } else {
+            Step::Forward
+        }
+    }
+
+    /// Whether any subscription declares compensation types: only then can the ledger close a
+    /// saga at this service, and only then does it need the ledger at all.
+    pub fn compensates(&self) -> bool {
+        self.compensations.values().any(|types| !types.is_empty())
     }
 
     /// Whether the service declared that it emits to `topic`.

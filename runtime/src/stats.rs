@@ -10,12 +10,16 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     /// Forward events not applied because their saga's deadline had passed.
     pub expired: AtomicU64,
+    /// Events not applied because their saga was already compensated at the service.
+    pub ignored: AtomicU64,
     /// Events sent to a dead-letter topic.
     pub dead_lettered: AtomicU64,
     /// Handler runs discarded because state they read changed before commit.
     pub conflicts: AtomicU64,
     /// Failed handler attempts (errors, traps, time and memory limits).
     pub failures: AtomicU64,
+    /// Deadlines this instance claimed and fired (each deadline is claimed by one instance).
+    pub deadlines_fired: AtomicU64,
     /// Outbox rows the relay published (a republish after a crash counts again).
     pub published: AtomicU64,
     /// Kafka transactions the relay committed.

@@ -22,9 +22,9 @@ use crate::kafka::cloudevents::{self, Malformed};
 use crate::kafka::consumer::{Consumer, Record};
 use crate::kafka::dead_letter_topic;
 use crate::node::Shared;
-use crate::registry::Service;
+use crate::registry::{Service, Step};
 use crate::stats::Stats;
-use crate::storage::{self, inbox, outbox};
+use crate::storage::{self, inbox, ledger, outbox};
 use crate::wasm::bindings::{Context, Effects, Event, FailurePolicy};
 use crate::wasm::{Called, Failure};
 
@@ -48,6 +48,15 @@ struct Item<'a> {
 }
 
 impl Item<'_> {
+    /// The saga the event belongs to (its CloudEvents `subject`), if it has one.
+    fn saga(&self) -> Option<&str> {
+        self.event
+            .as_ref()
+            .ok()
+            .map(|e| e.subject.as_str())
+            .filter(|s| !s.is_empty())
+    }
+
     /// The inbox key: the event id, or the record's coordinates if it has none.
     fn inbox_id(&self) -> String {
         match &self.event {
@@ -72,6 +81,25 @@ enum Verdict {
     Expired {
         reason: String,
     },
+    /// The saga was already compensated at this service: recorded, not applied.
+    Ignored {
+        reason: String,
+    },
+}
+
+/// What the batch reads before any guest runs: events already handled, and sagas closed by a
+/// compensation at this service.
+struct Door {
+    seen: HashSet<String>,
+    closed: HashMap<String, String>,
+}
+
+/// Why the ledger refuses an event of a saga compensated at this service by `by`.
+fn closed_reason(step: Step, by: &str) -> String {
+    match step {
+        Step::Compensation => format!("saga already compensated here by event {by}"),
+        _ => format!("saga compensated here by event {by} before this step"),
+    }
 }
 
 pub struct Worker {
@@ -131,10 +159,10 @@ impl Worker {
                 new_id: uuid::Uuid::now_v7().to_string(),
             })
             .collect();
-        let Some(seen) = self.retry_db(|| self.already_seen(&items)).await else {
+        let Some(door) = self.retry_db(|| self.door(service, &items)).await else {
             return false;
         };
-        let Some(verdicts) = self.decide_all(service, &items, &seen).await else {
+        let Some(verdicts) = self.decide_all(service, &items, &door).await else {
             return false;
         };
         let Some(deferred) = self
@@ -151,10 +179,19 @@ impl Worker {
         true
     }
 
-    async fn already_seen(&self, items: &[Item<'_>]) -> Result<HashSet<String>, storage::Error> {
+    async fn door(&self, service: &Service, items: &[Item<'_>]) -> Result<Door, storage::Error> {
         let ids: Vec<String> = items.iter().map(Item::inbox_id).collect();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        inbox::seen(&self.shared.db, &self.service, &refs).await
+        let seen = inbox::seen(&self.shared.db, &self.service, &refs).await?;
+        let mut sagas: Vec<&str> = items.iter().filter_map(Item::saga).collect();
+        sagas.sort_unstable();
+        sagas.dedup();
+        let closed = if service.compensates() {
+            ledger::closed(&self.shared.db, &self.service, &sagas).await?
+        } else {
+            HashMap::new()
+        };
+        Ok(Door { seen, closed })
     }
 
     /// Run the guests of a batch: partitions concurrently, each partition in order.
@@ -162,7 +199,7 @@ impl Worker {
         &self,
         service: &Arc<Service>,
         items: &[Item<'_>],
-        seen: &HashSet<String>,
+        door: &Door,
     ) -> Option<Vec<Verdict>> {
         let mut by_partition: HashMap<(&str, i32), Vec<usize>> = HashMap::new();
         for (i, item) in items.iter().enumerate() {
@@ -174,10 +211,10 @@ impl Worker {
         let lanes = by_partition.into_values().map(|indices| async move {
             let mut out = Vec::with_capacity(indices.len());
             for i in indices {
-                let verdict = if seen.contains(&items[i].inbox_id()) {
+                let verdict = if door.seen.contains(&items[i].inbox_id()) {
                     Some(Verdict::Duplicate)
                 } else {
-                    self.decide(service, &items[i]).await
+                    self.decide(service, &items[i], &door.closed).await
                 };
                 out.push((i, verdict?));
             }
@@ -194,7 +231,12 @@ impl Worker {
 
     /// Run the handler for one event under the subscription's failure policy.
     /// `None` if shutdown interrupted the retries.
-    async fn decide(&self, service: &Arc<Service>, item: &Item<'_>) -> Option<Verdict> {
+    async fn decide(
+        &self,
+        service: &Arc<Service>,
+        item: &Item<'_>,
+        closed: &HashMap<String, String>,
+    ) -> Option<Verdict> {
         let event = match &item.event {
             Ok(event) => event,
             Err(malformed) => {
@@ -204,9 +246,16 @@ impl Worker {
                 })
             }
         };
-        // Expiry, first half: at the door. (The second half is in `commit_one`.)
-        let forward = !service.is_compensation(&event.topic, &event.type_);
-        if let Some(deadline) = event.deadline_ms.filter(|_| forward) {
+        // Expiry and the ledger, first half: at the door. (The second half is in `commit_one`.)
+        let step = service.step(&event.topic, &event.type_);
+        if step != Step::Deadline {
+            if let Some(by) = item.saga().and_then(|saga| closed.get(saga)) {
+                return Some(Verdict::Ignored {
+                    reason: closed_reason(step, by),
+                });
+            }
+        }
+        if let Some(deadline) = event.deadline_ms.filter(|_| step == Step::Forward) {
             let now = self.shared.clock.now_ms();
             if deadline <= now {
                 return Some(Verdict::Expired {
@@ -282,7 +331,7 @@ impl Worker {
         let mut tx = self.shared.db.begin().await?;
         let mut blocked: HashSet<(&str, i32)> = HashSet::new();
         let mut deferred = Vec::new();
-        let (mut applied, mut duplicates, mut dead, mut expired) = (0, 0, 0, 0);
+        let (mut applied, mut duplicates, mut dead, mut expired, mut ignored) = (0, 0, 0, 0, 0);
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
@@ -290,9 +339,10 @@ impl Worker {
                 continue;
             }
             match self.commit_one(&mut tx, service, item, verdict).await {
-                Ok(Some(inbox::Outcome::Applied)) => applied += 1,
+                Ok(Some(inbox::Outcome::Applied | inbox::Outcome::Compensated)) => applied += 1,
                 Ok(Some(inbox::Outcome::DeadLettered)) => dead += 1,
                 Ok(Some(inbox::Outcome::Expired)) => expired += 1,
+                Ok(Some(inbox::Outcome::Ignored)) => ignored += 1,
                 Ok(None) => duplicates += 1,
                 Err(storage::Error::Conflict { .. }) => {
                     Stats::add(&self.shared.stats.conflicts, 1);
@@ -308,6 +358,7 @@ impl Worker {
         Stats::add(&stats.duplicates, duplicates);
         Stats::add(&stats.dead_lettered, dead);
         Stats::add(&stats.expired, expired);
+        Stats::add(&stats.ignored, ignored);
         if applied + dead > 0 {
             self.shared.relay_wake.notify_one();
         }
@@ -339,26 +390,17 @@ impl Worker {
             Err(_) => ("", "", self.shared.config.kafka.logical(&item.record.topic)),
         };
         let mut sp = tx.begin().await?;
-        // Expiry, second half: a forward step writes its saga's row, which the deadline firing
-        // also writes, and reads back whether the saga expired. See `storage::sagas`.
-        let mut late = None;
-        if let (Verdict::Apply(_), Ok(event)) = (verdict, &item.event) {
-            if event.deadline_ms.is_some() && !service.is_compensation(topic, event_type) {
-                if let Some(at) = storage::sagas::step(&mut sp, saga).await? {
-                    late = Some(format!(
-                        "its saga expired {} ms before this step committed",
-                        now_ms - at
-                    ));
-                }
+        let (outcome, detail) = match (verdict, &item.event) {
+            (Verdict::Apply(_), Ok(event)) => {
+                self.fence(&mut sp, service, item.saga(), event, &id, now_ms)
+                    .await?
             }
-        }
-        let (outcome, detail) = match (verdict, &late) {
-            (_, Some(reason)) => (inbox::Outcome::Expired, Some(reason.as_str())),
-            (Verdict::DeadLetter { reason, .. }, None) => {
-                (inbox::Outcome::DeadLettered, Some(reason.as_str()))
+            (Verdict::DeadLetter { reason, .. }, _) => {
+                (inbox::Outcome::DeadLettered, Some(reason.clone()))
             }
-            (Verdict::Expired { reason }, None) => (inbox::Outcome::Expired, Some(reason.as_str())),
-            (_, None) => (inbox::Outcome::Applied, None),
+            (Verdict::Expired { reason }, _) => (inbox::Outcome::Expired, Some(reason.clone())),
+            (Verdict::Ignored { reason }, _) => (inbox::Outcome::Ignored, Some(reason.clone())),
+            _ => (inbox::Outcome::Applied, None),
         };
         let entry = inbox::Entry {
             service: service.name(),
@@ -367,7 +409,7 @@ impl Worker {
             event_type,
             topic,
             outcome,
-            detail,
+            detail: detail.as_deref(),
             version: service.version(),
             handled_ms: now_ms,
         };
@@ -376,7 +418,7 @@ impl Worker {
             return Ok(None);
         }
         let result = match (verdict, outcome) {
-            (Verdict::Apply(called), inbox::Outcome::Applied) => {
+            (Verdict::Apply(called), inbox::Outcome::Applied | inbox::Outcome::Compensated) => {
                 let ctx = effects::Context {
                     kafka: &self.shared.config.kafka,
                     now_ms,
@@ -402,6 +444,51 @@ impl Worker {
                 Err(e)
             }
         }
+    }
+
+    /// The in-commit half of the expiry and ledger checks for an event the guest handled, as
+    /// row writes that the deadline firing (`storage::sagas`) and the saga's other steps at this
+    /// service (`storage::ledger`) also write, so whichever commits second sees the first.
+    async fn fence(
+        &self,
+        conn: &mut storage::Conn,
+        service: &Service,
+        saga: Option<&str>,
+        event: &Event,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<(inbox::Outcome, Option<String>), storage::Error> {
+        let step = service.step(&event.topic, &event.type_);
+        let Some(saga) = saga.filter(|_| step != Step::Deadline) else {
+            return Ok((inbox::Outcome::Applied, None));
+        };
+        if step == Step::Forward && event.deadline_ms.is_some() {
+            if let Some(at) = storage::sagas::step(conn, saga).await? {
+                let reason = format!(
+                    "its saga expired {} ms before this step committed",
+                    now_ms - at
+                );
+                return Ok((inbox::Outcome::Expired, Some(reason)));
+            }
+        }
+        if !service.compensates() {
+            return Ok((inbox::Outcome::Applied, None)); // nothing can ever close its sagas
+        }
+        let name = service.name();
+        let verdict = match step {
+            Step::Compensation => ledger::compensate(conn, name, saga, id, now_ms).await?,
+            _ => ledger::forward(conn, name, saga).await?,
+        };
+        Ok(match verdict {
+            ledger::Verdict::Closed { by } => {
+                (inbox::Outcome::Ignored, Some(closed_reason(step, &by)))
+            }
+            ledger::Verdict::Apply { tombstone } if step == Step::Compensation => (
+                inbox::Outcome::Compensated,
+                tombstone.then(|| "tombstone: no forward step of this saga before it".to_string()),
+            ),
+            ledger::Verdict::Apply { .. } => (inbox::Outcome::Applied, None),
+        })
     }
 
     /// The record as it arrived, to `<topic>.dlt`, with why and where from in headers.
@@ -443,14 +530,14 @@ impl Worker {
     /// Re-run a deferred event on fresh state until it commits (or is found a duplicate).
     async fn rerun(&self, service: &Arc<Service>, item: &Item<'_>) -> bool {
         loop {
-            let Some(seen) = self
-                .retry_db(|| self.already_seen(std::slice::from_ref(item)))
+            let Some(door) = self
+                .retry_db(|| self.door(service, std::slice::from_ref(item)))
                 .await
             else {
                 return false;
             };
-            let verdict = if seen.is_empty() {
-                match self.decide(service, item).await {
+            let verdict = if door.seen.is_empty() {
+                match self.decide(service, item, &door.closed).await {
                     Some(v) => v,
                     None => return false,
                 }

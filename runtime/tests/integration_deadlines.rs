@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use common::{eventually, guest, Backend, TestRuntime};
 use saga_runtime::clock::ManualClock;
+use saga_runtime::stats::Stats;
 use serde_json::{json, Value};
 
 async fn order_status(rt: &TestRuntime, id: &str, want: &str) -> Value {
@@ -58,11 +59,12 @@ async fn steps(rt: &TestRuntime, saga: &str) -> Vec<(String, String, String)> {
 }
 
 /// What a saga rejected by its deadline shows once exchange has seen it: the deadline applied
-/// by order, the step expired at exchange, the compensation applied there.
+/// by order, the step expired at exchange, the compensation applied there (a tombstone: its
+/// step never applied, so a later copy of the step would be ignored).
 const REJECTED_BY_DEADLINE: &[(&str, &str, &str)] = &[
     ("order", "DeadlineExpired", "applied"),
     ("exchange", "OrderCreated", "expired"),
-    ("exchange", "OrderRejected", "applied"),
+    ("exchange", "OrderRejected", "compensated"),
 ];
 
 /// Wait until the timeline has every one of `want` (service, type, outcome); an outcome of
@@ -183,7 +185,7 @@ async fn slow_step_scenario(backend: Backend, currency: i64, user: &str) {
         &id,
         &[
             ("order", "DeadlineExpired", "applied"),
-            ("exchange", "OrderRejected", "applied"),
+            ("exchange", "OrderRejected", "compensated"),
         ],
     )
     .await;
@@ -197,7 +199,7 @@ async fn slow_step_scenario(backend: Backend, currency: i64, user: &str) {
         .map(|(_, _, outcome)| outcome.clone())
         .unwrap();
     if created == "applied" {
-        timeline_has(&rt, &id, &[("point", "ExchangeCancelled", "applied")]).await;
+        timeline_has(&rt, &id, &[("point", "ExchangeCancelled", "compensated")]).await;
     }
     eprintln!("exchange's late step was {created}: {path:?}");
     assert_rejected_by_deadline_and_untouched(&rt, &id, user).await;
@@ -242,7 +244,50 @@ async fn a_deadline_due_during_downtime_fires_after_restart(backend: Backend) {
     rt.stop().await;
 }
 
+/// With two instances on one database, both schedulers see every deadline and race for it;
+/// each deadline is claimed, and fired, exactly once.
+async fn each_deadline_fires_once_across_two_instances(backend: Backend) {
+    let rt = TestRuntime::start_with(backend, &["order"], |o| {
+        o.config.saga_deadlines.insert("order".into(), 300);
+    })
+    .await;
+    let other = rt.sibling(|_| {}).await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let (status, order) = rt
+            .post(
+                "/orders",
+                json!({"holderId": "jo", "currencyId": 1, "amount": 5}),
+            )
+            .await;
+        assert_eq!(status, 201, "{order}");
+        ids.push(order["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let order = order_status(&rt, id, "REJECTED").await;
+        assert_eq!(order["reason"], "deadline exceeded", "{order}");
+        assert_eq!(deadline_of(&rt, id).await["status"], "FIRED");
+    }
+    let fired = [&rt.handle, &other].map(|h| Stats::get(&h.stats().deadlines_fired));
+    assert_eq!(
+        fired.iter().sum::<u64>(),
+        20,
+        "fired per instance: {fired:?}"
+    );
+    for id in &ids {
+        let expiries = steps(&rt, id)
+            .await
+            .into_iter()
+            .filter(|(_, ty, _)| ty == "DeadlineExpired")
+            .count();
+        assert_eq!(expiries, 1, "saga {id}");
+    }
+    other.shutdown().await;
+    rt.stop().await;
+}
+
 on_both_backends!(
+    each_deadline_fires_once_across_two_instances,
     an_order_is_rejected_by_its_deadline_while_exchange_is_down,
     a_step_slower_than_the_deadline_is_ignored,
     a_step_that_slips_past_the_door_check_cannot_commit,

@@ -1,5 +1,6 @@
 //! At-least-once delivery, exactly-once effects: a redelivered event and a relay that crashes
-//! between the Kafka commit and deleting its outbox rows are both absorbed by the inbox.
+//! between the Kafka commit and deleting its outbox rows are both absorbed by the inbox; a
+//! compensation delivered twice, or ahead of its step, is settled by the compensation ledger.
 
 mod common;
 
@@ -61,49 +62,97 @@ async fn a_redelivered_event_is_applied_once(backend: Backend) {
 }
 
 /// B4: a compensation delivered twice as two distinct events (different ids, so the inbox
-/// cannot tell) refunds once: the point service's ledger entry is marked REFUNDED.
+/// cannot tell) refunds once: the host's compensation ledger applies the first and records the
+/// second as ignored. (The point guest has no "already refunded?" check of its own.)
 async fn a_compensation_delivered_twice_refunds_once(backend: Backend) {
     let rt = TestRuntime::start(backend, &["point"]).await;
     rt.post("/points", json!({"userId": "kim", "point": 1000}))
         .await;
     let step = json!({"orderId": "o-9", "holderId": "kim", "point": 300});
-    produce_event(
-        rt.prefix(),
-        "exchange",
-        "use-1",
-        "ExchangeSucceeded",
-        "o-9",
-        &step,
-    )
-    .await;
-    for id in ["undo-1", "undo-2"] {
-        produce_event(
-            rt.prefix(),
-            "exchange",
-            id,
-            "ExchangeCancelled",
-            "o-9",
-            &step,
-        )
-        .await;
+    let events = [
+        ("use-1", "ExchangeSucceeded"),
+        ("undo-1", "ExchangeCancelled"),
+        ("undo-2", "ExchangeCancelled"),
+    ];
+    for (id, kind) in events {
+        produce_event(rt.prefix(), "exchange", id, kind, "o-9", &step).await;
     }
-    eventually("the step and both compensations to be handled", || async {
-        let applied = Stats::get(&rt.handle.stats().applied);
-        if applied == 3 {
-            Ok(())
-        } else {
-            Err(format!("applied {applied}"))
-        }
-    })
-    .await;
+    handled(&rt, 2, 1).await;
     assert_eq!(
         rt.get("/points/kim").await["point"],
         1000,
         "refunded exactly once"
     );
-    let txs = rt.get("/transactions").await;
-    assert_eq!(txs[0]["status"], "REFUNDED", "{txs}");
+    assert_outcome(&rt, "undo-1", "compensated", None).await;
+    assert_outcome(
+        &rt,
+        "undo-2",
+        "ignored",
+        Some("already compensated here by event undo-1"),
+    )
+    .await;
     rt.stop().await;
+}
+
+/// B2: a compensation that arrives before its forward step leaves a tombstone; the late step is
+/// recorded as ignored and deducts nothing.
+async fn a_step_after_its_compensation_is_ignored(backend: Backend) {
+    let rt = TestRuntime::start(backend, &["point"]).await;
+    rt.post("/points", json!({"userId": "lou", "point": 1000}))
+        .await;
+    let step = json!({"orderId": "o-7", "holderId": "lou", "point": 300});
+    for (id, kind) in [
+        ("undo-7", "ExchangeCancelled"),
+        ("use-7", "ExchangeSucceeded"),
+    ] {
+        produce_event(rt.prefix(), "exchange", id, kind, "o-7", &step).await;
+    }
+    handled(&rt, 1, 1).await;
+    assert_eq!(
+        rt.get("/points/lou").await["point"],
+        1000,
+        "nothing deducted"
+    );
+    assert_eq!(rt.get("/transactions").await, json!([]));
+    assert_outcome(&rt, "undo-7", "compensated", Some("tombstone")).await;
+    assert_outcome(
+        &rt,
+        "use-7",
+        "ignored",
+        Some("compensated here by event undo-7"),
+    )
+    .await;
+    rt.stop().await;
+}
+
+/// Wait until the runtime has applied `applied` events and ignored `ignored`.
+async fn handled(rt: &TestRuntime, applied: u64, ignored: u64) {
+    eventually("the events to be handled", || async {
+        let stats = rt.handle.stats();
+        let seen = (Stats::get(&stats.applied), Stats::get(&stats.ignored));
+        if seen == (applied, ignored) {
+            Ok(())
+        } else {
+            Err(format!("applied, ignored = {seen:?}"))
+        }
+    })
+    .await;
+}
+
+/// The point service's recorded outcome of `event_id`, with a detail containing `detail`.
+async fn assert_outcome(rt: &TestRuntime, event_id: &str, want: &str, detail: Option<&str>) {
+    let (outcome, got) = inbox::outcome(rt.handle.db(), "point", event_id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{event_id} not in the inbox"));
+    assert_eq!(outcome, want, "{event_id}: {got:?}");
+    match detail {
+        Some(d) => assert!(
+            got.as_deref().is_some_and(|g| g.contains(d)),
+            "{event_id}: detail {got:?} lacks {d:?}"
+        ),
+        None => assert_eq!(got, None, "{event_id}"),
+    }
 }
 
 /// "Crashes" every batch right after its Kafka commit the first time any of its rows is
@@ -184,6 +233,7 @@ async fn a_relay_crash_after_commit_republishes_and_the_inbox_absorbs_it(backend
 }
 
 on_both_backends!(
+    a_step_after_its_compensation_is_ignored,
     a_redelivered_event_is_applied_once,
     a_compensation_delivered_twice_refunds_once,
     a_relay_crash_after_commit_republishes_and_the_inbox_absorbs_it,

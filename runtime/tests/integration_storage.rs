@@ -1,9 +1,13 @@
 //! Storage semantics the event path relies on, on SQLite and PostgreSQL: optimistic
-//! concurrency (including delete-and-recreate), inbox dedup, outbox order, leases.
+//! concurrency (including delete-and-recreate), inbox dedup, outbox order, leases, saga expiry
+//! and the compensation ledger.
 
 mod common;
 
 use common::{Backend, TestDb};
+use std::time::Duration;
+
+use saga_runtime::storage::ledger::{self, Verdict};
 use saga_runtime::storage::{inbox, lease, outbox, sagas, state, Db, Error};
 use saga_runtime::wasm::bindings::Write;
 use saga_runtime::wasm::read_set;
@@ -241,7 +245,100 @@ async fn a_saga_step_sees_the_expiry_of_its_saga(backend: Backend) {
     t.drop_db().await;
 }
 
+async fn the_ledger_applies_one_compensation_and_no_step_after_it(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let mut tx = db.begin().await.unwrap();
+    let applied = Verdict::Apply { tombstone: false };
+    let closed = |by: &str| Verdict::Closed { by: by.into() };
+    // A saga with a forward step: its first compensation applies, a second one does not.
+    assert_eq!(
+        ledger::forward(&mut tx, "point", "s1").await.unwrap(),
+        applied
+    );
+    assert_eq!(
+        ledger::forward(&mut tx, "point", "s1").await.unwrap(),
+        applied
+    );
+    assert_eq!(
+        ledger::compensate(&mut tx, "point", "s1", "undo-1", 10)
+            .await
+            .unwrap(),
+        applied
+    );
+    assert_eq!(
+        ledger::compensate(&mut tx, "point", "s1", "undo-2", 20)
+            .await
+            .unwrap(),
+        closed("undo-1")
+    );
+    assert_eq!(
+        ledger::forward(&mut tx, "point", "s1").await.unwrap(),
+        closed("undo-1")
+    );
+    // A compensation before any forward step leaves a tombstone that refuses the step.
+    assert_eq!(
+        ledger::compensate(&mut tx, "point", "s2", "undo-3", 30)
+            .await
+            .unwrap(),
+        Verdict::Apply { tombstone: true }
+    );
+    assert_eq!(
+        ledger::forward(&mut tx, "point", "s2").await.unwrap(),
+        closed("undo-3")
+    );
+    // Ledgers are per service: another service's step of the same saga is unaffected.
+    assert_eq!(
+        ledger::forward(&mut tx, "order", "s2").await.unwrap(),
+        applied
+    );
+    tx.commit().await.unwrap();
+    let closed_now = ledger::closed(&db, "point", &["s1", "s2", "s3"])
+        .await
+        .unwrap();
+    assert_eq!(closed_now.len(), 2, "{closed_now:?}");
+    assert_eq!(closed_now["s2"], "undo-3");
+    assert!(ledger::closed(&db, "order", &["s2"])
+        .await
+        .unwrap()
+        .is_empty());
+    t.drop_db().await;
+}
+
+/// The in-commit half of the ledger: a forward step that commits while its compensation's
+/// transaction is open waits for it and then sees it (two connections, as on two instances).
+async fn a_step_racing_its_compensation_serialises_on_the_ledger_row(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let mut compensation = db.begin().await.unwrap();
+    assert_eq!(
+        ledger::compensate(&mut compensation, "stock", "s1", "undo", 10)
+            .await
+            .unwrap(),
+        Verdict::Apply { tombstone: true }
+    );
+    let other = db.clone();
+    let mut step = tokio::spawn(async move {
+        let mut tx = other.begin().await?;
+        let verdict = ledger::forward(&mut tx, "stock", "s1").await?;
+        tx.commit().await?;
+        Ok::<_, Error>(verdict)
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut step)
+            .await
+            .is_err(),
+        "the step must wait for the open compensation"
+    );
+    compensation.commit().await.unwrap();
+    assert_eq!(
+        step.await.unwrap().unwrap(),
+        Verdict::Closed { by: "undo".into() }
+    );
+    t.drop_db().await;
+}
+
 on_both_backends!(
+    the_ledger_applies_one_compensation_and_no_step_after_it,
+    a_step_racing_its_compensation_serialises_on_the_ledger_row,
     a_saga_step_sees_the_expiry_of_its_saga,
     a_write_based_on_a_stale_read_is_a_conflict,
     a_changed_key_that_was_only_read_is_a_conflict_too,

@@ -1,6 +1,10 @@
 //! The point service of the deadline saga (SPEC B): keeps users' point balances, deducts an
-//! order's points on `ExchangeSucceeded` (or reports the point limit), and refunds them once
-//! on `ExchangeCancelled`.
+//! order's points on `ExchangeSucceeded` (or reports the point limit), and refunds them on
+//! `ExchangeCancelled`.
+//!
+//! `ExchangeCancelled` is declared a compensation, so the host's compensation ledger applies it
+//! once per order however often it is delivered, and ignores an `ExchangeSucceeded` that
+//! arrives after it. The refund below therefore needs no "already refunded?" check of its own.
 
 use saga_sdk::{
     get_json, param, parse_json, query_reply, route, scan_json, subscribe, Context, Effects, Error,
@@ -93,9 +97,6 @@ impl PointService {
         let Some(mut tx) = get_json::<Transaction>(&tx_key(&step.order_id))? else {
             return Ok(fx);
         };
-        if tx.status != "USED" {
-            return Ok(fx);
-        }
         let have = balance(&tx.user_id)?;
         tx.status = "REFUNDED".into();
         tx.updated_ms = ctx.now_ms;

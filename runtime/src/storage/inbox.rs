@@ -13,6 +13,10 @@ use super::{Conn, Db, Error};
 pub enum Outcome {
     /// The handler's effects were committed.
     Applied,
+    /// A compensation: the handler's effects were committed and closed the saga here.
+    Compensated,
+    /// Not applied: the saga was already compensated at this service (see `ledger`).
+    Ignored,
     /// The handler kept failing (or rejected the event); it went to `<topic>.dlt`.
     DeadLettered,
     /// A forward event of a saga whose deadline had passed: not applied.
@@ -23,6 +27,8 @@ impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Applied => "applied",
+            Outcome::Compensated => "compensated",
+            Outcome::Ignored => "ignored",
             Outcome::DeadLettered => "dead-lettered",
             Outcome::Expired => "expired",
         }
@@ -71,10 +77,9 @@ pub async fn seen(db: &Db, service: &str, ids: &[&str]) -> Result<HashSet<String
     if ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let placeholders: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
     let sql = format!(
         "SELECT event_id FROM inbox WHERE service = $1 AND event_id IN ({})",
-        placeholders.join(", ")
+        super::placeholders(2, ids.len())
     );
     let mut query = sqlx::query(&sql).bind(service);
     for id in ids {

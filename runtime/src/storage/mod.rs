@@ -9,6 +9,7 @@
 pub mod deadlines;
 pub mod inbox;
 pub mod lease;
+pub mod ledger;
 pub mod outbox;
 pub mod sagas;
 pub mod state;
@@ -138,4 +139,12 @@ pub fn millis(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// `$from, $from+1, …` for `n` values: the parameter list of an `IN (…)`.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -68,10 +68,9 @@ pub async fn fetch(db: &Db, limit: u32) -> Result<Vec<Row>, Error> {
 /// Remove published rows (ids up to and including `last` that were in the batch).
 pub async fn delete(db: &Db, ids: &[i64]) -> Result<(), Error> {
     for chunk in ids.chunks(500) {
-        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
             "DELETE FROM outbox WHERE id IN ({})",
-            placeholders.join(", ")
+            super::placeholders(1, chunk.len())
         );
         let mut query = sqlx::query(&sql);
         for id in chunk {

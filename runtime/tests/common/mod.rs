@@ -215,6 +215,17 @@ impl TestRuntime {
         Self::launch(self.db, config, tweak).await
     }
 
+    /// Start another instance on the same database and topics (as a second process would):
+    /// its own instance id and HTTP port. Stop it with `Handle::shutdown` before `stop`.
+    pub async fn sibling(&self, tweak: impl FnOnce(&mut Options)) -> Handle {
+        let mut config = self.config.clone();
+        config.http_listen = "127.0.0.1:0".parse().unwrap();
+        config.instance_id = unique("test-");
+        let mut options = Options::new(config);
+        tweak(&mut options);
+        node::start(options).await.expect("sibling starts")
+    }
+
     pub fn prefix(&self) -> &str {
         &self.handle.config().kafka.topic_prefix
     }
