@@ -91,6 +91,7 @@ fn bench_guest_call() {
         topic: "exchange".into(),
         time_ms: 0,
         deadline_ms: None,
+        dead_letter: None,
         data: Payload {
             content_type: "application/json".into(),
             data: br#"{"orderId":"o1","holderId":"u1","point":500}"#.to_vec(),

@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod config;
 pub mod deadline;
+pub mod dlt;
 pub mod effects;
 pub mod ingress;
 pub mod kafka;

@@ -43,6 +43,9 @@ enum Command {
     },
     /// Compile a component and print what it declares (name, version, subscriptions, routes).
     Describe { wasm: PathBuf },
+    /// Dead-lettered events: list them, or send them back to the topic they failed on.
+    #[command(subcommand)]
+    Dlt(DltCommand),
     /// Print the timeline of one saga: every event each service handled, and its deadlines.
     Trace {
         saga: String,
@@ -54,6 +57,75 @@ enum Command {
         )]
         runtime: String,
     },
+}
+
+#[derive(Subcommand)]
+enum DltCommand {
+    /// Print the dead-lettered events of a topic (`payment` or `payment.dlt`): event, saga,
+    /// reason, attempts, and where it failed.
+    List {
+        topic: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead-lettered events back to the topic they failed on (e.g. after deploying a
+    /// fixed handler). The failed service handles each once more; re-driving an event that has
+    /// since been applied is a no-op.
+    Redrive {
+        topic: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Re-drive the events with this id (repeatable).
+        #[arg(long = "event", value_name = "ID")]
+        events: Vec<String>,
+        /// Re-drive the record at PARTITION:OFFSET of the dead-letter topic (repeatable).
+        #[arg(long = "offset", value_name = "PARTITION:OFFSET", value_parser = partition_offset)]
+        offsets: Vec<(i32, i64)>,
+        /// Re-drive every dead-lettered event of the topic.
+        #[arg(long, conflicts_with_all = ["events", "offsets"])]
+        all: bool,
+    },
+}
+
+/// Where Kafka is, for commands that talk to it directly.
+#[derive(clap::Args)]
+struct KafkaArgs {
+    /// TOML config file (its `[kafka]` section is used).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers (default: config, SAGA_KAFKA_BROKERS, 127.0.0.1:9092).
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Topic prefix (default: config, SAGA_KAFKA_TOPIC_PREFIX, none).
+    #[arg(long)]
+    topic_prefix: Option<String>,
+}
+
+impl KafkaArgs {
+    fn settings(self) -> anyhow::Result<saga_runtime::kafka::Settings> {
+        let config = Config::load(self.config.as_deref(), |k| std::env::var(k).ok())?;
+        let mut kafka = config.kafka;
+        if let Some(brokers) = self.brokers {
+            kafka.brokers = brokers;
+        }
+        if let Some(prefix) = self.topic_prefix {
+            kafka.topic_prefix = prefix;
+        }
+        Ok(kafka)
+    }
+}
+
+fn partition_offset(s: &str) -> Result<(i32, i64), String> {
+    let (p, o) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected PARTITION:OFFSET, got {s:?}"))?;
+    Ok((
+        p.parse().map_err(|e| format!("partition {p:?}: {e}"))?,
+        o.parse().map_err(|e| format!("offset {o:?}: {e}"))?,
+    ))
 }
 
 #[tokio::main]
@@ -92,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Trace { saga, runtime } => trace(&runtime, &saga).await,
+        Command::Dlt(command) => dlt(command).await,
         Command::Describe { wasm } => {
             let bytes =
                 std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
@@ -100,6 +173,71 @@ async fn main() -> anyhow::Result<()> {
             let guest = sandbox.load(&bytes)?;
             println!("{}", serde_json::to_string_pretty(&guest.manifest)?);
             println!("sha256: {}", guest.digest);
+            Ok(())
+        }
+    }
+}
+
+async fn dlt(command: DltCommand) -> anyhow::Result<()> {
+    use saga_runtime::dlt;
+    match command {
+        DltCommand::List { topic, kafka, json } => {
+            let settings = kafka.settings()?;
+            let dlt_topic = dlt::dlt_topic(&topic);
+            let entries =
+                tokio::task::spawn_blocking(move || dlt::list(&settings, &topic)).await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+                return Ok(());
+            }
+            println!("{} dead-lettered event(s) on {dlt_topic}", entries.len());
+            for e in &entries {
+                let s = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                println!(
+                    "  {}:{}  event {}  {}  saga {}  failed in {} on {} after {} attempt(s): {}{}",
+                    e.partition,
+                    e.offset,
+                    s(&e.event_id),
+                    s(&e.event_type),
+                    s(&e.saga),
+                    s(&e.service),
+                    s(&e.origin_topic),
+                    e.attempts.unwrap_or(0),
+                    s(&e.reason),
+                    e.redriven_from
+                        .as_ref()
+                        .map(|f| format!("  (re-driven from {f})"))
+                        .unwrap_or_default(),
+                );
+            }
+            Ok(())
+        }
+        DltCommand::Redrive {
+            topic,
+            kafka,
+            events,
+            offsets,
+            all,
+        } => {
+            if !all && events.is_empty() && offsets.is_empty() {
+                anyhow::bail!("say which events to re-drive: --event ID, --offset P:O, or --all");
+            }
+            let settings = kafka.settings()?;
+            let selection = dlt::Selection {
+                event_ids: events,
+                offsets,
+            };
+            let sent = dlt::redrive(&settings, &topic, &selection).await?;
+            let dlt_topic = dlt::dlt_topic(&topic);
+            for e in &sent {
+                println!(
+                    "re-drove {} (event {}) to {}",
+                    e.coordinates(&dlt_topic),
+                    e.event_id.as_deref().unwrap_or("-"),
+                    e.origin_topic.as_deref().unwrap_or("-"),
+                );
+            }
+            println!("{} event(s) re-driven", sent.len());
             Ok(())
         }
     }

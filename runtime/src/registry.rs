@@ -132,7 +132,7 @@ impl Service {
     pub fn topics(&self) -> Vec<String> {
         self.subscribed_topics()
             .into_iter()
-            .flat_map(|t| [crate::kafka::dead_letter_topic(&t), t])
+            .flat_map(|t| [crate::kafka::dead_letter::topic(&t), t])
             .chain(self.guest.manifest.publishes.iter().cloned())
             .collect()
     }

@@ -20,23 +20,13 @@ use std::time::Duration;
 use crate::effects;
 use crate::kafka::cloudevents::{self, Malformed};
 use crate::kafka::consumer::{Consumer, Record};
-use crate::kafka::dead_letter_topic;
+use crate::kafka::dead_letter::{self, headers as dlt_headers};
 use crate::node::Shared;
 use crate::registry::{Service, Step};
 use crate::stats::Stats;
 use crate::storage::{self, inbox, ledger, outbox};
 use crate::wasm::bindings::{Context, Effects, Event, FailurePolicy};
 use crate::wasm::{Called, Failure};
-
-/// Headers we add to a dead-lettered record.
-pub mod dlt_headers {
-    pub const REASON: &str = "saga_dlt_reason";
-    pub const ATTEMPTS: &str = "saga_dlt_attempts";
-    pub const SERVICE: &str = "saga_dlt_service";
-    pub const TOPIC: &str = "saga_dlt_topic";
-    pub const PARTITION: &str = "saga_dlt_partition";
-    pub const OFFSET: &str = "saga_dlt_offset";
-}
 
 /// One record of a batch and what became of it.
 struct Item<'a> {
@@ -45,6 +35,9 @@ struct Item<'a> {
     event: Result<Event, Malformed>,
     /// `context.new-id` for this event: stable across re-runs.
     new_id: String,
+    /// A re-drive from a dead-letter topic (`runtime dlt redrive`): handled again if this
+    /// service dead-lettered it, a duplicate if it has since been handled otherwise.
+    redrive: bool,
 }
 
 impl Item<'_> {
@@ -55,6 +48,14 @@ impl Item<'_> {
             .ok()
             .map(|e| e.subject.as_str())
             .filter(|s| !s.is_empty())
+    }
+
+    /// Whether the inbox outcome `recorded` makes this event a duplicate.
+    fn duplicate(&self, recorded: Option<&String>) -> bool {
+        match recorded {
+            None => false,
+            Some(outcome) => !(self.redrive && outcome == inbox::Outcome::DeadLettered.as_str()),
+        }
     }
 
     /// The inbox key: the event id, or the record's coordinates if it has none.
@@ -90,7 +91,8 @@ enum Verdict {
 /// What the batch reads before any guest runs: events already handled, and sagas closed by a
 /// compensation at this service.
 struct Door {
-    seen: HashSet<String>,
+    /// Inbox outcomes of the batch's events that were handled before.
+    seen: HashMap<String, String>,
     closed: HashMap<String, String>,
 }
 
@@ -155,6 +157,10 @@ impl Worker {
                     &record.headers,
                     &record.payload,
                 ),
+                redrive: record
+                    .headers
+                    .iter()
+                    .any(|(k, _)| k == dlt_headers::REDRIVEN_FROM),
                 record,
                 new_id: uuid::Uuid::now_v7().to_string(),
             })
@@ -211,7 +217,7 @@ impl Worker {
         let lanes = by_partition.into_values().map(|indices| async move {
             let mut out = Vec::with_capacity(indices.len());
             for i in indices {
-                let verdict = if door.seen.contains(&items[i].inbox_id()) {
+                let verdict = if items[i].duplicate(door.seen.get(&items[i].inbox_id())) {
                     Some(Verdict::Duplicate)
                 } else {
                     self.decide(service, &items[i], &door.closed).await
@@ -413,7 +419,7 @@ impl Worker {
             version: service.version(),
             handled_ms: now_ms,
         };
-        if !inbox::record(&mut sp, &entry).await? {
+        if !inbox::record(&mut sp, &entry, item.redrive).await? {
             sp.rollback().await?;
             return Ok(None);
         }
@@ -520,7 +526,7 @@ impl Worker {
         ]);
         outbox::Message {
             event_id: id.to_string(),
-            topic: kafka.topic(&dead_letter_topic(kafka.logical(&r.topic))),
+            topic: kafka.topic(&dead_letter::topic(kafka.logical(&r.topic))),
             key: String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned(),
             headers,
             payload: r.payload.clone(),
@@ -536,7 +542,7 @@ impl Worker {
             else {
                 return false;
             };
-            let verdict = if door.seen.is_empty() {
+            let verdict = if !item.duplicate(door.seen.get(&item.inbox_id())) {
                 match self.decide(service, item, &door.closed).await {
                     Some(v) => v,
                     None => return false,

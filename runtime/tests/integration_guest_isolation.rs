@@ -5,8 +5,8 @@
 mod common;
 
 use common::{consume_n, eventually, header, produce_event, produce_raw, Backend, TestRuntime};
+use saga_runtime::kafka::dead_letter::headers as dlt_headers;
 use saga_runtime::storage::inbox;
-use saga_runtime::worker::dlt_headers;
 use serde_json::{json, Value};
 
 async fn start(backend: Backend) -> TestRuntime {

@@ -16,6 +16,8 @@ fn every_example_guest_describes_itself() {
         ("order", "point", "order"),
         ("point", "exchange", "point"),
         ("exchange", "order", "exchange"),
+        ("payment", "payment", "payment.success"),
+        ("stock", "stock", "stock.success"),
     ] {
         let guest = s.load(&common::guest(name)).unwrap();
         let m = &guest.manifest;

@@ -140,8 +140,12 @@ async fn the_inbox_records_an_event_once(backend: Backend) {
         handled_ms: 1,
     };
     let mut tx = db.begin().await.unwrap();
-    assert!(inbox::record(&mut tx, &entry).await.unwrap());
-    assert!(!inbox::record(&mut tx, &entry).await.unwrap());
+    assert!(inbox::record(&mut tx, &entry, false).await.unwrap());
+    assert!(!inbox::record(&mut tx, &entry, false).await.unwrap());
+    assert!(
+        !inbox::record(&mut tx, &entry, true).await.unwrap(),
+        "a re-drive only replaces a dead-lettered record"
+    );
     tx.commit().await.unwrap();
     let other_service = inbox::Entry {
         service: "svc2",
@@ -149,12 +153,53 @@ async fn the_inbox_records_an_event_once(backend: Backend) {
     };
     let mut tx = db.begin().await.unwrap();
     assert!(
-        inbox::record(&mut tx, &other_service).await.unwrap(),
+        inbox::record(&mut tx, &other_service, false).await.unwrap(),
         "dedup is per service"
     );
     tx.commit().await.unwrap();
     let seen = inbox::seen(&db, "svc", &["e1", "e2"]).await.unwrap();
-    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["e1"]);
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        [("e1".to_string(), "applied".to_string())]
+    );
+    t.drop_db().await;
+}
+
+/// A re-driven event replaces its dead-lettered record once; after that it is a duplicate.
+async fn a_redrive_replaces_a_dead_letter_record_once(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let dead = inbox::Entry {
+        service: "svc",
+        event_id: "e1",
+        saga: "s",
+        event_type: "T",
+        topic: "t",
+        outcome: inbox::Outcome::DeadLettered,
+        detail: Some("insufficient funds"),
+        version: "1",
+        handled_ms: 1,
+    };
+    let applied = inbox::Entry {
+        outcome: inbox::Outcome::Applied,
+        detail: None,
+        version: "2",
+        handled_ms: 2,
+        ..dead.clone()
+    };
+    let mut tx = db.begin().await.unwrap();
+    assert!(inbox::record(&mut tx, &dead, false).await.unwrap());
+    assert!(
+        !inbox::record(&mut tx, &applied, false).await.unwrap(),
+        "a plain redelivery of a dead-lettered event stays a duplicate"
+    );
+    assert!(inbox::record(&mut tx, &applied, true).await.unwrap());
+    assert!(
+        !inbox::record(&mut tx, &applied, true).await.unwrap(),
+        "a second re-drive is a duplicate"
+    );
+    tx.commit().await.unwrap();
+    let (outcome, _) = inbox::outcome(&db, "svc", "e1").await.unwrap().unwrap();
+    assert_eq!(outcome, "applied");
     t.drop_db().await;
 }
 
@@ -337,6 +382,7 @@ async fn a_step_racing_its_compensation_serialises_on_the_ledger_row(backend: Ba
 }
 
 on_both_backends!(
+    a_redrive_replaces_a_dead_letter_record_once,
     the_ledger_applies_one_compensation_and_no_step_after_it,
     a_step_racing_its_compensation_serialises_on_the_ledger_row,
     a_saga_step_sees_the_expiry_of_its_saga,

@@ -24,7 +24,7 @@ pub use bindings::export_service;
 pub use bindings::exports::saga::runtime::handler::Guest as Service;
 pub use bindings::saga::runtime::log::Level;
 pub use bindings::saga::runtime::types::{
-    Context, Deadline, DeadlineRef, Emit, Error, Event, FailurePolicy, Manifest, Payload, Reply,
+    Context, DeadLetter, Deadline, DeadlineRef, Emit, Error, Event, FailurePolicy, Manifest, Payload, Reply,
     Request, Response, Route, Subscription, Write,
 };
 

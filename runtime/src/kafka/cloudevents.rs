@@ -116,6 +116,7 @@ pub fn decode(
         topic: logical_topic.to_string(),
         time_ms,
         deadline_ms,
+        dead_letter: super::dead_letter::info(|name| text(name).ok().flatten()),
         data: Payload {
             content_type: text(CONTENT_TYPE)?.unwrap_or_else(|| "application/octet-stream".into()),
             data: payload.to_vec(),

@@ -53,7 +53,14 @@ impl Consumer {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
-            .set("session.timeout.ms", "10000")
+            .set(
+                "session.timeout.ms",
+                settings.session_timeout_ms.to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                (settings.session_timeout_ms / 4).max(100).to_string(),
+            )
             .set("fetch.wait.max.ms", "10")
             .create()?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();

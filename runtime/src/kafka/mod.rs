@@ -3,6 +3,7 @@
 
 pub mod cloudevents;
 pub mod consumer;
+pub mod dead_letter;
 pub mod topics;
 
 use rdkafka::ClientConfig;
@@ -33,6 +34,9 @@ pub struct Settings {
     /// positions: works around brokers that stop fetching behind an aborted transaction
     /// (noida-db does). 0 disables. Default 1000 ms.
     pub stall_reseek_ms: u64,
+    /// How long the group waits for a silent consumer (e.g. a killed instance) before giving
+    /// its partitions to the others. Default 10000 ms (the broker may enforce a minimum).
+    pub session_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -43,6 +47,7 @@ impl Default for Settings {
             partitions: 4,
             replication: 1,
             stall_reseek_ms: 1000,
+            session_timeout_ms: 10_000,
         }
     }
 }
@@ -67,9 +72,4 @@ impl Settings {
             .set("client.id", "saga-runtime");
         config
     }
-}
-
-/// The dead-letter topic of a topic.
-pub fn dead_letter_topic(logical: &str) -> String {
-    format!("{logical}.dlt")
 }

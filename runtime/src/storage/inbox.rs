@@ -2,7 +2,7 @@
 //! same transaction as the event's effects; its primary key (service, event id) is what makes a
 //! redelivered event a no-op.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use sqlx::Row as _;
 
@@ -51,11 +51,21 @@ pub struct Entry<'a> {
 
 /// Record that `entry.service` has handled `entry.event_id`. Returns `false` if it already had:
 /// the caller must then discard the effects, the event is a duplicate.
-pub async fn record(conn: &mut Conn, entry: &Entry<'_>) -> Result<bool, Error> {
-    let inserted = sqlx::query(
+///
+/// A re-driven event (`redrive`) replaces an earlier `dead-lettered` record of the same id, and
+/// only that: once a re-drive is applied, a second re-drive of it is a duplicate too.
+pub async fn record(conn: &mut Conn, entry: &Entry<'_>, redrive: bool) -> Result<bool, Error> {
+    let on_conflict = if redrive {
+        "DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail, \
+         version = excluded.version, handled_ms = excluded.handled_ms \
+         WHERE inbox.outcome = 'dead-lettered'"
+    } else {
+        "DO NOTHING"
+    };
+    let inserted = sqlx::query(&format!(
         "INSERT INTO inbox (service, event_id, saga, event_type, topic, outcome, detail, version, handled_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (service, event_id) DO NOTHING",
-    )
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (service, event_id) {on_conflict}",
+    ))
     .bind(entry.service)
     .bind(entry.event_id)
     .bind(entry.saga)
@@ -71,14 +81,14 @@ pub async fn record(conn: &mut Conn, entry: &Entry<'_>) -> Result<bool, Error> {
     Ok(inserted == 1)
 }
 
-/// Which of `ids` the service has already handled: lets the worker skip the guest call for
-/// duplicates. (The authoritative check is [`record`], inside the commit.)
-pub async fn seen(db: &Db, service: &str, ids: &[&str]) -> Result<HashSet<String>, Error> {
+/// Which of `ids` the service has already handled, with the outcome recorded: lets the worker
+/// skip the guest call for duplicates. (The authoritative check is [`record`], in the commit.)
+pub async fn seen(db: &Db, service: &str, ids: &[&str]) -> Result<HashMap<String, String>, Error> {
     if ids.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(HashMap::new());
     }
     let sql = format!(
-        "SELECT event_id FROM inbox WHERE service = $1 AND event_id IN ({})",
+        "SELECT event_id, outcome FROM inbox WHERE service = $1 AND event_id IN ({})",
         super::placeholders(2, ids.len())
     );
     let mut query = sqlx::query(&sql).bind(service);
@@ -87,7 +97,7 @@ pub async fn seen(db: &Db, service: &str, ids: &[&str]) -> Result<HashSet<String
     }
     let rows = query.fetch_all(db.pool()).await?;
     rows.into_iter()
-        .map(|row| row.try_get::<String, _>("event_id").map_err(Error::from))
+        .map(|row| Ok((row.try_get("event_id")?, row.try_get("outcome")?)))
         .collect()
 }
 

@@ -13,7 +13,7 @@ pub use exports::saga::runtime::handler::{
     Context, Effects, Error as GuestError, Request, Response,
 };
 pub use saga::runtime::types::{
-    Deadline, DeadlineRef, Emit, Event, FailurePolicy, Manifest, Payload, Reply, Route,
+    DeadLetter, Deadline, DeadlineRef, Emit, Event, FailurePolicy, Manifest, Payload, Reply, Route,
     Subscription, Write,
 };
 

@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod shop;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

@@ -1,0 +1,426 @@
+//! SPEC A on the real runtime, broker, guests and both databases: the shop → payment + stock
+//! saga with its transactional outbox, atomic fan-out, dead letters and the compensation table.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use common::shop::{Shop, SERVICES};
+use common::{consume_n, eventually, header, produce_event, Backend, TestRuntime};
+use saga_runtime::relay::Faults;
+use saga_runtime::stats::Stats;
+use saga_runtime::storage::{inbox, outbox};
+use serde_json::Value;
+
+/// How a step of the saga ends, as the rows of the table in SPEC A9 name it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Step {
+    Success,
+    Failed,
+    /// IN_PROGRESS → SUCCESS: the step finishes after the order already failed.
+    LateSuccess,
+    /// IN_PROGRESS → FAILED.
+    LateFailed,
+}
+
+impl Step {
+    fn succeeds(self) -> bool {
+        matches!(self, Step::Success | Step::LateSuccess)
+    }
+    fn late(self) -> bool {
+        matches!(self, Step::LateSuccess | Step::LateFailed)
+    }
+}
+
+/// One handled event of a saga's timeline.
+#[derive(Debug)]
+struct Handled {
+    service: String,
+    event_type: String,
+    outcome: String,
+    handled_ms: i64,
+}
+
+async fn timeline(rt: &TestRuntime, saga: &str) -> Vec<Handled> {
+    let t = rt.get(&format!("/sagas/{saga}")).await;
+    t["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| Handled {
+            service: e["service"].as_str().unwrap().into(),
+            event_type: e["eventType"].as_str().unwrap().into(),
+            outcome: e["outcome"].as_str().unwrap().into(),
+            handled_ms: e["handledMs"].as_i64().unwrap(),
+        })
+        .collect()
+}
+
+/// Wait until the saga's timeline has each (service, event type), with the outcome given or
+/// any outcome for `"*"`.
+async fn handled(rt: &TestRuntime, saga: &str, want: &[(&str, &str, &str)]) -> Vec<Handled> {
+    eventually("the saga's timeline", || async {
+        let t = timeline(rt, saga).await;
+        let has = |(s, ty, o): &(&str, &str, &str)| {
+            t.iter()
+                .any(|h| h.service == *s && h.event_type == *ty && (*o == "*" || h.outcome == *o))
+        };
+        if want.iter().all(has) {
+            Ok(t)
+        } else {
+            Err(format!("{t:?}"))
+        }
+    })
+    .await
+}
+
+fn find<'a>(t: &'a [Handled], service: &str, event_type: &str) -> &'a Handled {
+    t.iter()
+        .find(|h| h.service == service && h.event_type == event_type)
+        .unwrap_or_else(|| panic!("{service} never handled {event_type}: {t:?}"))
+}
+
+const BALANCE: i64 = 1_000;
+const AMOUNT: i64 = 300;
+const AVAILABLE: i64 = 10;
+const QUANTITY: i64 = 4;
+
+/// Run one row of SPEC A9: set up a customer and a product whose inputs make payment and stock
+/// end as the row says (a poor customer fails payment, a scarce product fails stock, a `slow-`
+/// id makes the step late), place an order, and check where everything ends.
+async fn compensation_row(backend: Backend, payment: Step, stock: Step) {
+    let rt = TestRuntime::start(backend, SERVICES).await;
+    let shop = Shop::of(&rt);
+    // A first order proves every consumer has joined, so "late" means the injected delay.
+    shop.fund("warm", BALANCE).await;
+    shop.stock("warm", AVAILABLE).await;
+    let warm = shop.order("warm", "warm", 1, 1).await;
+    assert_eq!(shop.settled(&warm).await["status"], "SUCCESS");
+
+    let slow = |late: bool| if late { "slow-" } else { "" };
+    let customer = format!("{}cust", slow(payment.late()));
+    let product = format!("{}widget", slow(stock.late()));
+    let balance = if payment.succeeds() {
+        BALANCE
+    } else {
+        AMOUNT - 1
+    };
+    let available = if stock.succeeds() {
+        AVAILABLE
+    } else {
+        QUANTITY - 1
+    };
+    shop.fund(&customer, balance).await;
+    shop.stock(&product, available).await;
+    let id = shop.order(&customer, &product, QUANTITY, AMOUNT).await;
+    let order = shop.settled(&id).await;
+    let success = payment.succeeds() && stock.succeeds();
+    assert_eq!(
+        order["status"],
+        if success { "SUCCESS" } else { "FAILED" },
+        "{order}"
+    );
+
+    // Wait for every event the row must produce, then check the end state.
+    let report = |step: Step, ok: &'static str, failed: &'static str| {
+        if step.succeeds() {
+            ok
+        } else {
+            failed
+        }
+    };
+    let mut want = vec![
+        (
+            "payment",
+            "PaymentRequested",
+            report(payment, "applied", "dead-lettered"),
+        ),
+        (
+            "stock",
+            "StockReserveRequested",
+            report(stock, "applied", "dead-lettered"),
+        ),
+        (
+            "shop",
+            report(payment, "PaymentSucceeded", "PaymentRequested"),
+            "applied",
+        ),
+        (
+            "shop",
+            report(stock, "StockReserved", "StockReserveRequested"),
+            "applied",
+        ),
+    ];
+    if !success && payment.succeeds() {
+        want.push(("payment", "PaymentCompensationRequested", "compensated"));
+    }
+    if !success && stock.succeeds() {
+        want.push(("stock", "StockCompensationRequested", "compensated"));
+    }
+    let t = handled(&rt, &id, &want).await;
+
+    let charged = if success { AMOUNT } else { 0 };
+    let taken = if success { QUANTITY } else { 0 };
+    assert_eq!(shop.balance(&customer).await, balance - charged, "{t:?}");
+    assert_eq!(shop.available(&product).await, available - taken, "{t:?}");
+    for (step, list, service) in [
+        (payment, "/payments", "payment"),
+        (stock, "/reservations", "stock"),
+    ] {
+        let record = shop.record(list, &id).await;
+        let want = match (step.succeeds(), success) {
+            (true, true) => Some("SUCCESS"),
+            (true, false) => Some("COMPENSATED"),
+            (false, _) => None,
+        };
+        assert_eq!(
+            record.as_ref().map(|r| r["status"].as_str().unwrap()),
+            want,
+            "{service}: {record:?}"
+        );
+    }
+    // A late success finished after the order had already failed (the shop handled the other
+    // step's failure first), and compensated itself then.
+    for (step, service, request, other_failure) in [
+        (
+            payment,
+            "payment",
+            "PaymentRequested",
+            "StockReserveRequested",
+        ),
+        (stock, "stock", "StockReserveRequested", "PaymentRequested"),
+    ] {
+        if step == Step::LateSuccess {
+            let finished = find(&t, service, request).handled_ms;
+            let failed = find(&t, "shop", other_failure).handled_ms;
+            assert!(failed < finished, "{service} was not late: {t:?}");
+        }
+    }
+    if !success {
+        let failed_first = if !payment.succeeds() && (!stock.succeeds()) {
+            None // either may be reported first
+        } else if !payment.succeeds() {
+            Some(("payment failed:", "insufficient funds"))
+        } else {
+            Some(("stock failed:", "out of stock"))
+        };
+        if let Some((step, why)) = failed_first {
+            let got = order["reason"].as_str().unwrap_or_default();
+            assert!(got.starts_with(step) && got.contains(why), "reason {got:?}");
+        }
+    }
+    rt.stop().await;
+}
+
+async fn all_succeed(b: Backend) {
+    compensation_row(b, Step::Success, Step::Success).await
+}
+async fn payment_fails_stock_succeeds(b: Backend) {
+    compensation_row(b, Step::Failed, Step::Success).await
+}
+async fn payment_fails_stock_succeeds_late(b: Backend) {
+    compensation_row(b, Step::Failed, Step::LateSuccess).await
+}
+async fn payment_fails_stock_fails_late(b: Backend) {
+    compensation_row(b, Step::Failed, Step::LateFailed).await
+}
+async fn payment_succeeds_stock_fails(b: Backend) {
+    compensation_row(b, Step::Success, Step::Failed).await
+}
+async fn payment_fails_late_stock_fails(b: Backend) {
+    compensation_row(b, Step::LateFailed, Step::Failed).await
+}
+async fn payment_succeeds_late_stock_fails(b: Backend) {
+    compensation_row(b, Step::LateSuccess, Step::Failed).await
+}
+async fn both_fail(b: Backend) {
+    compensation_row(b, Step::Failed, Step::Failed).await
+}
+
+/// Fails the second send of every relay batch while `failing` is set, as if the broker
+/// connection broke between the two topics of the fan-out.
+#[derive(Default)]
+struct BreakBetweenSends {
+    failing: AtomicBool,
+    aborted: AtomicU32,
+}
+
+impl Faults for BreakBetweenSends {
+    fn before_send(&self, index: usize) -> Result<(), String> {
+        if index == 1 && self.failing.load(Ordering::SeqCst) {
+            self.aborted.fetch_add(1, Ordering::SeqCst);
+            return Err("connection lost between the two sends (injected)".into());
+        }
+        Ok(())
+    }
+}
+
+/// A4: one order fans out to `payment` and `stock` in one Kafka transaction. When the second
+/// send fails, the first is not visible to a read_committed consumer, both outbox rows stay,
+/// and they go out together on a later attempt.
+async fn a_fan_out_is_all_or_nothing_across_topics(backend: Backend) {
+    let faults = Arc::new(BreakBetweenSends::default());
+    faults.failing.store(true, Ordering::SeqCst);
+    let rt = TestRuntime::start_with(backend, SERVICES, |o| o.relay_faults = faults.clone()).await;
+    let shop = Shop::of(&rt);
+    shop.fund("fay", BALANCE).await;
+    shop.stock("gear", AVAILABLE).await;
+    let id = shop.order("fay", "gear", 1, 100).await;
+    eventually("two aborted attempts", || async {
+        match faults.aborted.load(Ordering::SeqCst) {
+            n if n >= 2 => Ok(()),
+            n => Err(format!("aborted {n}")),
+        }
+    })
+    .await;
+    assert_eq!(outbox::len(rt.handle.db()).await.unwrap(), 2, "rows stay");
+    // A marker written after the aborted attempts, with the saga's key (same partition): a
+    // read_committed reader must see it first, nothing of the aborted transactions before it.
+    for topic in ["payment", "stock"] {
+        let marker = format!("marker-{topic}");
+        produce_event(rt.prefix(), topic, &marker, "TestMarker", &id, &Value::Null).await;
+        let first = consume_n(rt.prefix(), topic, 1).await;
+        assert_eq!(
+            header(&first[0], "ce_id").as_deref(),
+            Some(marker.as_str()),
+            "{topic}: an aborted record was visible"
+        );
+    }
+    faults.failing.store(false, Ordering::SeqCst);
+    let order = shop.settled(&id).await;
+    assert_eq!(order["status"], "SUCCESS", "{order}");
+    assert_eq!(shop.balance("fay").await, BALANCE - 100);
+    assert_eq!(shop.available("gear").await, AVAILABLE - 1);
+    let t = timeline(&rt, &id).await;
+    for (service, request) in [
+        ("payment", "PaymentRequested"),
+        ("stock", "StockReserveRequested"),
+    ] {
+        let n = t
+            .iter()
+            .filter(|h| h.service == service && h.event_type == request)
+            .count();
+        assert_eq!(n, 1, "{service} handled {request} {n} times: {t:?}");
+    }
+    eventually("the outbox to drain", || async {
+        match outbox::len(rt.handle.db()).await.unwrap() {
+            0 => Ok(()),
+            n => Err(format!("{n} rows")),
+        }
+    })
+    .await;
+    rt.stop().await;
+}
+
+/// `runtime dlt …` against this runtime's broker and topics.
+fn dlt_cli(rt: &TestRuntime, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .arg("dlt")
+        .args(args)
+        .args([
+            "--brokers",
+            &common::brokers(),
+            "--topic-prefix",
+            rt.prefix(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "runtime dlt {args:?}: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A7: a rejected payment is dead-lettered with its reason (and fails the order); `runtime dlt
+/// list` shows it; after the account is funded, `runtime dlt redrive` sends it back, payment
+/// applies it once, and the shop compensates the late success. A second re-drive is absorbed.
+async fn a_dead_lettered_payment_can_be_listed_and_redriven_once(backend: Backend) {
+    let rt = TestRuntime::start(backend, SERVICES).await;
+    let shop = Shop::of(&rt);
+    shop.fund("dora", 50).await;
+    shop.stock("lamp", AVAILABLE).await;
+    let id = shop.order("dora", "lamp", 1, 100).await;
+    let order = shop.settled(&id).await;
+    assert_eq!(order["status"], "FAILED", "{order}");
+    handled(
+        &rt,
+        &id,
+        &[("stock", "StockCompensationRequested", "compensated")],
+    )
+    .await;
+
+    let listed: Value =
+        serde_json::from_str(&dlt_cli(&rt, &["list", "payment", "--json"])).unwrap();
+    let entries = listed.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{listed}");
+    let dead = &entries[0];
+    assert_eq!(dead["saga"], id.as_str());
+    assert_eq!(dead["service"], "payment");
+    assert_eq!(dead["originTopic"], "payment");
+    assert_eq!(dead["attempts"], 1, "a reject is not retried");
+    assert!(
+        dead["reason"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient funds"),
+        "{dead}"
+    );
+    let event_id = dead["eventId"].as_str().unwrap().to_string();
+    let table = dlt_cli(&rt, &["list", "payment.dlt"]);
+    assert!(
+        table.contains(&event_id) && table.contains("insufficient funds"),
+        "{table}"
+    );
+
+    shop.fund("dora", 500).await;
+    let out = dlt_cli(&rt, &["redrive", "payment", "--event", &event_id]);
+    assert!(out.contains("1 event(s) re-driven"), "{out}");
+    handled(
+        &rt,
+        &id,
+        &[
+            ("payment", "PaymentRequested", "applied"),
+            ("shop", "PaymentSucceeded", "applied"),
+            ("payment", "PaymentCompensationRequested", "compensated"),
+        ],
+    )
+    .await;
+    assert_eq!(shop.balance("dora").await, 500, "charged, then refunded");
+    let payment = shop.record("/payments", &id).await.unwrap();
+    assert_eq!(payment["status"], "COMPENSATED", "{payment}");
+
+    let duplicates = Stats::get(&rt.handle.stats().duplicates);
+    let out = dlt_cli(&rt, &["redrive", "payment", "--all"]);
+    assert!(out.contains("1 event(s) re-driven"), "{out}");
+    eventually("the second re-drive to be absorbed", || async {
+        match Stats::get(&rt.handle.stats().duplicates) {
+            n if n > duplicates => Ok(()),
+            n => Err(format!("duplicates {n}")),
+        }
+    })
+    .await;
+    assert_eq!(shop.balance("dora").await, 500);
+    let (outcome, _) = inbox::outcome(rt.handle.db(), "payment", &event_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, "applied");
+    rt.stop().await;
+}
+
+on_both_backends!(
+    all_succeed,
+    payment_fails_stock_succeeds,
+    payment_fails_stock_succeeds_late,
+    payment_fails_stock_fails_late,
+    payment_succeeds_stock_fails,
+    payment_fails_late_stock_fails,
+    payment_succeeds_late_stock_fails,
+    both_fail,
+    a_fan_out_is_all_or_nothing_across_topics,
+    a_dead_lettered_payment_can_be_listed_and_redriven_once,
+);
