@@ -23,6 +23,12 @@ const MAX_CONFLICT_RERUNS: u32 = 16;
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/_saga/health", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/_saga/stats",
+            axum::routing::get(|State(shared): State<Arc<Shared>>| async move {
+                axum::Json(serde_json::to_value(&shared.stats).unwrap_or_default())
+            }),
+        )
         .route("/deadlines", axum::routing::get(list_deadlines))
         .route("/sagas/{id}", axum::routing::get(saga_timeline))
         .fallback(handle)

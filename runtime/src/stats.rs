@@ -2,7 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-#[derive(Debug, Default)]
+/// Served as JSON at `GET /_saga/stats` (this instance's counters since it started).
+#[derive(Debug, Default, serde::Serialize)]
 pub struct Stats {
     /// Events whose effects were committed.
     pub applied: AtomicU64,

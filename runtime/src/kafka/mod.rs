@@ -35,7 +35,8 @@ pub struct Settings {
     /// (noida-db does). 0 disables. Default 1000 ms.
     pub stall_reseek_ms: u64,
     /// How long the group waits for a silent consumer (e.g. a killed instance) before giving
-    /// its partitions to the others. Default 10000 ms (the broker may enforce a minimum).
+    /// its partitions to the others. Default 10000 ms; brokers refuse less than their
+    /// `group.min.session.timeout.ms` (Kafka: 6000).
     pub session_timeout_ms: u64,
 }
 
