@@ -44,10 +44,10 @@ def wait_ready():
     sys.exit("the runtime did not become ready in 60 s")
 
 
-def settle(order_id):
+def settle(order_id, path="/orders"):
     started = time.monotonic()
     while time.monotonic() - started < 30:
-        _, order = call("GET", f"/orders/{order_id}")
+        _, order = call("GET", f"{path}/{order_id}")
         if order.get("status") != "PENDING":
             return order, time.monotonic() - started
         time.sleep(0.02)
@@ -92,5 +92,47 @@ for _ in range(500):
 show("GET", "/exchanges")
 good &= check("bob's exchange compensated", not [e for e in exchanges if e["holderId"] == "bob"])
 
-print("\nall scenarios ended as SPEC B7 says" if good else "\nSOME SCENARIO ENDED WRONG")
+
+
+def eventually(probe, seconds=30):
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.02)
+    return None
+
+
+def shop_order(customer, product, quantity, amount):
+    """Place an order with the outbox saga's shop and wait for it to settle; show each step."""
+    order = show("POST", "/shop/orders",
+                 {"customerId": customer, "productId": product, "quantity": quantity, "amount": amount})
+    order, took = settle(order["id"], "/shop/orders")
+    print(f"  (settled in {took * 1000:.0f} ms)")
+    return show("GET", f"/shop/orders/{order['id']}")
+
+
+print("\n== A: outbox saga, order → payment + stock, all succeed ==")
+show("POST", "/accounts", {"accountId": "carol", "balance": 1000})
+show("POST", "/stock", {"productId": "kettle", "available": 10})
+order = shop_order("carol", "kettle", 2, 300)
+good &= check("order SUCCESS", order["status"] == "SUCCESS")
+good &= check("balance 700", show("GET", "/accounts/carol")["balance"] == 700)
+good &= check("stock 8", show("GET", "/stock/kettle")["available"] == 8)
+
+print("\n== A9: payment fails (balance 100, order 300), stock succeeded → compensate stock ==")
+show("POST", "/accounts", {"accountId": "dave", "balance": 100})
+order = shop_order("dave", "kettle", 1, 300)
+good &= check("order FAILED for the payment", order["status"] == "FAILED"
+              and (order["reason"] or "").startswith("payment failed"))
+good &= check("dave's reservation COMPENSATED", bool(eventually(
+    lambda: [r for r in call("GET", "/reservations")[1]
+             if r["orderId"] == order["id"] and r["status"] == "COMPENSATED"])))
+good &= check("stock back to 8", show("GET", "/stock/kettle")["available"] == 8)
+good &= check("balance unchanged at 100", show("GET", "/accounts/dave")["balance"] == 100)
+print(f"  see the timeline: runtime trace {order['id']} --runtime {base}")
+print(f"  and the dead letter: runtime dlt list payment --brokers <broker>")
+
+print("\nall scenarios ended as SPEC A and B7 say" if good else "\nSOME SCENARIO ENDED WRONG")
 sys.exit(0 if good else 1)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The runtime's main job, end to end: build everything, start the broker and one runtime on
-# SQLite with the order, point and exchange guests, then run the happy path and the point-limit
-# path of the deadline saga over HTTP, printing what happened.
+# SQLite with both example sagas' guests (order, point, exchange; shop, payment, stock), then
+# run the deadline saga's happy and point-limit paths and the outbox saga's happy path and a
+# compensation over HTTP, printing what happened.
 # Environment: SAGA_DEMO_PORT (default 8088), SAGA_BROKER_PORT (default 19092).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -16,6 +17,7 @@ guests=guests/target/wasm32-wasip2/release
   --brokers "127.0.0.1:$SAGA_BROKER_PORT" \
   --http "127.0.0.1:$port" \
   --service "$guests/order.wasm" --service "$guests/point.wasm" --service "$guests/exchange.wasm" \
+  --service "$guests/shop.wasm" --service "$guests/payment.wasm" --service "$guests/stock.wasm" \
   >"$work/runtime.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; echo "runtime log: $work/runtime.log"' EXIT
