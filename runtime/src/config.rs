@@ -81,6 +81,9 @@ pub struct Worker {
     pub max_backoff_ms: u64,
     /// Saga deadline for services that declare none, ms. Default 10000.
     pub default_saga_deadline_ms: u64,
+    /// How long this instance owns a topic partition of a service without renewing, ms: the
+    /// partitions of an instance that died move to the others after this. Default 10000.
+    pub partition_lease_ms: u64,
 }
 
 /// The outbox relay (`[relay]`).
@@ -131,6 +134,7 @@ impl Default for Worker {
             retry_backoff_ms: 100,
             max_backoff_ms: 10_000,
             default_saga_deadline_ms: 10_000,
+            partition_lease_ms: 10_000,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod effects;
 pub mod ingress;
 pub mod kafka;
 pub mod node;
+pub mod ownership;
 pub mod registry;
 pub mod relay;
 pub mod stats;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::kafka::{self, consumer::Consumer};
+use crate::ownership::Ownership;
 use crate::registry::{self, Registry, Service};
 use crate::relay::{self, Relay};
 use crate::stats::Stats;
@@ -201,7 +202,28 @@ impl Handle {
             .iter()
             .map(|t| kafka.topic(t))
             .collect();
-        let consumer = Consumer::subscribe(kafka, service.name(), &subscribed)?;
+        let consumer = Arc::new(Consumer::new(kafka, service.name())?);
+        let partitions = {
+            let consumer = consumer.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut all = Vec::new();
+                for topic in subscribed {
+                    for p in consumer.partitions(&topic)? {
+                        all.push((topic.clone(), p));
+                    }
+                }
+                Ok::<_, kafka::Error>(all)
+            })
+            .await
+            .map_err(|e| wasm::LoadError::Engine(e.to_string()))??
+        };
+        let mut ownership = Ownership::new(
+            self.shared.clone(),
+            service.name(),
+            consumer.clone(),
+            partitions,
+        );
+        ownership.tick().await?;
         let service = self.shared.registry.install(service)?;
         tracing::info!(
             service = service.name(),
@@ -210,7 +232,9 @@ impl Handle {
             "service installed"
         );
         let worker = Worker::new(self.shared.clone(), service.name());
-        self.tasks.lock().await.spawn(worker.run(consumer));
+        let mut tasks = self.tasks.lock().await;
+        tasks.spawn(worker.run(consumer));
+        tasks.spawn(ownership.run());
         Ok(service)
     }
 

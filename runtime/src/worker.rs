@@ -117,7 +117,7 @@ impl Worker {
         }
     }
 
-    pub async fn run(self, consumer: Consumer) {
+    pub async fn run(self, consumer: Arc<Consumer>) {
         let max = self.shared.config.worker.max_batch.max(1);
         loop {
             let batch = tokio::select! {
@@ -137,11 +137,6 @@ impl Worker {
             };
             if !self.process(&service, &batch).await {
                 break; // shutting down; nothing was stored, the records will be redelivered
-            }
-            for record in &batch {
-                if let Err(e) = consumer.done(record) {
-                    tracing::warn!(service = %self.service, "could not store offset: {e}");
-                }
             }
         }
     }
@@ -357,6 +352,19 @@ impl Worker {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        // Positions move with the effects: per partition, past every event not deferred (a
+        // deferred event blocks the rest of its partition, so those are a prefix).
+        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            if !deferred.contains(&i) {
+                let r = item.record;
+                let n = next.entry((r.topic.as_str(), r.partition)).or_insert(0);
+                *n = (*n).max(r.offset + 1);
+            }
+        }
+        for ((topic, partition), offset) in next {
+            storage::offsets::advance(&mut tx, &self.service, topic, partition, offset).await?;
         }
         tx.commit().await?;
         let stats = &self.shared.stats;

@@ -27,7 +27,6 @@ async fn make_topics(prefix: &str, names: &[&str]) -> Settings {
         partitions: 1,
         replication: 1,
         stall_reseek_ms: 1000,
-        ..Settings::default()
     };
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     topics::ensure(&settings, &names)
@@ -149,8 +148,10 @@ async fn a_runtime_consumer_waiting_behind_an_aborted_transaction_moves_on() {
     let mut s = make_topics(&p, &["stall"]).await;
     s.stall_reseek_ms = 300;
     let topic = s.topic("stall");
-    let runtime_consumer =
-        RuntimeConsumer::subscribe(&s, "stall-reader", std::slice::from_ref(&topic)).unwrap();
+    let runtime_consumer = RuntimeConsumer::new(&s, "stall-reader").unwrap();
+    runtime_consumer
+        .assign(&[(topic.clone(), 0, None)])
+        .unwrap();
     let producer = transactional(&format!("{p}txn"));
     producer.begin_transaction().unwrap();
     send(&producer, &topic, "committed").await;

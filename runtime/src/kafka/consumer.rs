@@ -1,9 +1,12 @@
-//! One consumer group per service, reading committed records only (`read_committed`), so an
-//! aborted or still-open relay transaction is never seen.
+//! One consumer per service and instance, reading committed records only (`read_committed`), so
+//! an aborted or still-open relay transaction is never seen.
 //!
-//! Offsets: the worker stores a record's offset only after the record's outcome is committed
-//! to the database, and librdkafka commits stored offsets in the background. A crash in between
-//! redelivers records whose effects are already committed; the inbox absorbs them.
+//! Assignment and offsets are ours, not the broker's group coordinator's: `crate::ownership`
+//! decides which partitions this instance reads (database leases) and [`Consumer::assign`]s them
+//! at the positions stored in the database, which the worker advances in the same transaction
+//! as the events' effects. So a crash resumes exactly after what was committed, and a crashed
+//! instance's partitions move when its leases expire, whatever the broker does with dead group
+//! members.
 //!
 //! Stall watchdog: with noida-db (the test broker), a `read_committed` consumer that is waiting
 //! behind an open transaction which is then *aborted* never fetches again, while a seek to its
@@ -43,28 +46,16 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// Join the consumer group of `service` and subscribe to the physical `topics`.
-    pub fn subscribe(settings: &Settings, group: &str, topics: &[String]) -> Result<Self, Error> {
+    /// A consumer for `service` with nothing assigned yet.
+    pub fn new(settings: &Settings, service: &str) -> Result<Self, Error> {
         let inner: StreamConsumer = settings
             .client()
-            .set("group.id", settings.topic(group))
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "200")
-            .set("enable.auto.offset.store", "false")
+            .set("group.id", settings.topic(service))
+            .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
-            .set(
-                "session.timeout.ms",
-                settings.session_timeout_ms.to_string(),
-            )
-            .set(
-                "heartbeat.interval.ms",
-                (settings.session_timeout_ms / 4).max(100).to_string(),
-            )
             .set("fetch.wait.max.ms", "10")
             .create()?;
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        inner.subscribe(&names)?;
         Ok(Consumer {
             inner,
             next: Mutex::new(HashMap::new()),
@@ -74,6 +65,7 @@ impl Consumer {
     }
 
     /// Wait for at least one record, then take whatever else is already buffered, up to `max`.
+    /// With nothing assigned it waits (the stall watchdog keeps it cheap).
     pub async fn next_batch(&self, max: usize) -> Result<Vec<Record>, Error> {
         let first = loop {
             let Some(quiet) = self.stall_reseek else {
@@ -137,11 +129,37 @@ impl Consumer {
         }
     }
 
-    /// Mark `record` done: its offset is committed with the next auto-commit.
-    pub fn done(&self, record: &Record) -> Result<(), Error> {
-        self.inner
-            .store_offset(&record.topic, record.partition, record.offset + 1)?;
+    /// Read exactly `parts` (physical topic, partition, stored position): each from the later
+    /// of its stored position and where this consumer already is, or from the beginning.
+    pub fn assign(&self, parts: &[(String, i32, Option<i64>)]) -> Result<(), Error> {
+        let mut list = rdkafka::TopicPartitionList::new();
+        {
+            let mut next = self.next.lock().expect("offsets lock");
+            next.retain(|(t, p), _| parts.iter().any(|(pt, pp, _)| pt == t && pp == p));
+            for (topic, partition, stored) in parts {
+                let here = next.get(&(topic.clone(), *partition)).copied();
+                // 0 is "the beginning": below the low watermark, `auto.offset.reset` applies.
+                let at = here.max(*stored).unwrap_or(0);
+                // The watchdog re-seeks here too, before any record of the partition arrived.
+                next.insert((topic.clone(), *partition), at);
+                list.add_partition_offset(topic, *partition, Offset::Offset(at))?;
+            }
+        }
+        self.inner.assign(&list)?;
         Ok(())
+    }
+
+    /// Partitions of a physical topic, from the broker's metadata.
+    pub fn partitions(&self, topic: &str) -> Result<Vec<i32>, Error> {
+        let metadata = self
+            .inner
+            .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect())
     }
 }
 

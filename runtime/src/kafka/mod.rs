@@ -34,10 +34,6 @@ pub struct Settings {
     /// positions: works around brokers that stop fetching behind an aborted transaction
     /// (noida-db does). 0 disables. Default 1000 ms.
     pub stall_reseek_ms: u64,
-    /// How long the group waits for a silent consumer (e.g. a killed instance) before giving
-    /// its partitions to the others. Default 10000 ms; brokers refuse less than their
-    /// `group.min.session.timeout.ms` (Kafka: 6000).
-    pub session_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -48,7 +44,6 @@ impl Default for Settings {
             partitions: 4,
             replication: 1,
             stall_reseek_ms: 1000,
-            session_timeout_ms: 10_000,
         }
     }
 }

@@ -37,3 +37,14 @@ pub async fn release(db: &Db, name: &str, holder: &str) -> Result<(), Error> {
         .await?;
     Ok(())
 }
+
+/// How many leases starting with `prefix` are held (unexpired) at `now_ms`.
+pub async fn count_held(db: &Db, prefix: &str, now_ms: i64) -> Result<i64, Error> {
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE name LIKE $1 AND expires_ms >= $2")
+            .bind(format!("{prefix}%"))
+            .bind(now_ms)
+            .fetch_one(db.pool())
+            .await?,
+    )
+}

@@ -10,6 +10,7 @@ pub mod deadlines;
 pub mod inbox;
 pub mod lease;
 pub mod ledger;
+pub mod offsets;
 pub mod outbox;
 pub mod sagas;
 pub mod state;

@@ -1,0 +1,135 @@
+//! Which instance reads which partition: database leases, not the broker's group coordinator.
+//!
+//! Each instance heartbeats a `member/<instance>` lease and, per service, holds one
+//! `partition/<service>/<topic>/<partition>` lease for every partition it reads. Every tick
+//! (a third of `worker.partition_lease_ms`) it renews what it holds, gives back what exceeds its
+//! fair share (partitions ÷ live members, rounded up) so a newcomer gets some, and takes free or
+//! expired ones up to that share. The consumer is then assigned exactly the held partitions, at
+//! the positions stored in the database with the effects (`storage::offsets`).
+//!
+//! Trade-off: a handover costs up to one tick, and a dead instance's partitions wait for its
+//! leases to expire; in exchange failover needs nothing from the broker but fetches (the test
+//! broker never evicts a dead group member), and positions commit atomically with effects. Two
+//! instances may briefly read the same partition around a handover; the inbox makes the second
+//! handling of any event a duplicate.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::kafka::consumer::Consumer;
+use crate::node::Shared;
+use crate::storage::{self, lease, offsets};
+
+const MEMBERS: &str = "member/";
+
+/// The partition leases of one service on this instance.
+pub struct Ownership {
+    shared: Arc<Shared>,
+    service: String,
+    consumer: Arc<Consumer>,
+    /// (physical topic, partition) of every topic the service consumes.
+    partitions: Vec<(String, i32)>,
+    held: BTreeSet<(String, i32)>,
+}
+
+impl Ownership {
+    pub fn new(
+        shared: Arc<Shared>,
+        service: &str,
+        consumer: Arc<Consumer>,
+        mut partitions: Vec<(String, i32)>,
+    ) -> Self {
+        // Start the search for free partitions at a different place on each instance, so that
+        // instances starting together do not all contend for the same first ones.
+        let spin = shared
+            .config
+            .instance_id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        if !partitions.is_empty() {
+            let n = spin % partitions.len();
+            partitions.rotate_left(n);
+        }
+        Ownership {
+            shared,
+            service: service.to_string(),
+            consumer,
+            partitions,
+            held: BTreeSet::new(),
+        }
+    }
+
+    fn lease_name(&self, (topic, partition): &(String, i32)) -> String {
+        format!("partition/{}/{topic}/{partition}", self.service)
+    }
+
+    /// One round of renew, give back, take; re-assigns the consumer if the set changed.
+    pub async fn tick(&mut self) -> Result<(), storage::Error> {
+        let db = &self.shared.db;
+        let me = &self.shared.config.instance_id;
+        let ttl = self.shared.config.worker.partition_lease_ms as i64;
+        let now = self.shared.clock.now_ms();
+        lease::acquire(db, &format!("{MEMBERS}{me}"), me, now, ttl).await?;
+        let members = lease::count_held(db, MEMBERS, now).await?.max(1) as usize;
+        let share = self.partitions.len().div_ceil(members);
+        let mut held = BTreeSet::new();
+        for p in &self.held {
+            if lease::acquire(db, &self.lease_name(p), me, now, ttl).await? {
+                held.insert(p.clone());
+            }
+        }
+        while held.len() > share {
+            let p = held.pop_last().expect("more than share");
+            lease::release(db, &self.lease_name(&p), me).await?;
+        }
+        for p in &self.partitions {
+            if held.len() >= share {
+                break;
+            }
+            if !held.contains(p) && lease::acquire(db, &self.lease_name(p), me, now, ttl).await? {
+                held.insert(p.clone());
+            }
+        }
+        if held != self.held {
+            let stored = offsets::load(db, &self.service).await?;
+            let parts: Vec<(String, i32, Option<i64>)> = held
+                .iter()
+                .map(|(t, p)| (t.clone(), *p, stored.get(&(t.clone(), *p)).copied()))
+                .collect();
+            match self.consumer.assign(&parts) {
+                Ok(()) => {
+                    tracing::info!(
+                        service = %self.service, partitions = held.len(), members,
+                        "partition ownership changed"
+                    );
+                    self.held = held;
+                }
+                Err(e) => {
+                    tracing::warn!(service = %self.service, "could not assign partitions: {e}")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tick until shutdown, then give every lease back so the others take over at once.
+    pub async fn run(mut self) {
+        let every =
+            Duration::from_millis((self.shared.config.worker.partition_lease_ms / 3).max(10));
+        loop {
+            tokio::select! {
+                _ = self.shared.shutdown.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.tick().await {
+                tracing::warn!(service = %self.service, "partition ownership: {e}");
+            }
+        }
+        let me = &self.shared.config.instance_id;
+        for p in &self.held {
+            let _ = lease::release(&self.shared.db, &self.lease_name(p), me).await;
+        }
+        let _ = lease::release(&self.shared.db, &format!("{MEMBERS}{me}"), me).await;
+    }
+}
