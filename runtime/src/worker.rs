@@ -314,12 +314,7 @@ impl Worker {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let cfg = &self.shared.config.worker;
-        let ms = cfg
-            .retry_backoff_ms
-            .saturating_mul(1u64 << (attempt - 1).min(20))
-            .min(cfg.max_backoff_ms);
-        Duration::from_millis(ms)
+        backoff(&self.shared.config.worker, attempt)
     }
 
     /// Commit a batch's verdicts in one transaction. Returns the indices deferred by a conflict.
@@ -603,5 +598,38 @@ impl Worker {
             _ = self.shared.shutdown.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
         }
+    }
+}
+
+/// The pause before retry `attempt + 1`: `retry_backoff_ms` doubling per attempt, capped at
+/// `max_backoff_ms`.
+fn backoff(cfg: &crate::config::Worker, attempt: u32) -> Duration {
+    let ms = cfg
+        .retry_backoff_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
+        .min(cfg.max_backoff_ms);
+    Duration::from_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_cap() {
+        let cfg = crate::config::Worker {
+            retry_backoff_ms: 100,
+            max_backoff_ms: 1_000,
+            ..Default::default()
+        };
+        let pauses: Vec<u64> = (1..=6)
+            .map(|a| backoff(&cfg, a).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1_000, 1_000]);
+        assert_eq!(
+            backoff(&cfg, u32::MAX),
+            Duration::from_millis(1_000),
+            "no overflow"
+        );
     }
 }
