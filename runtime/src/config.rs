@@ -51,6 +51,9 @@ pub struct Config {
     /// Saga deadline per service (ms) for deadlines set with `after-ms: none`; overrides what
     /// the service declares. `[saga_deadlines] order = 10000`. Default: none.
     pub saga_deadlines: std::collections::BTreeMap<String, u64>,
+    /// Bearer token of the admin API (`runtime deploy`). Without one the admin API is off:
+    /// it is never open without a token. Default none; env `SAGA_ADMIN_TOKEN`.
+    pub admin_token: Option<String>,
     pub kafka: kafka::Settings,
     pub sandbox: Sandbox,
     pub worker: Worker,
@@ -109,6 +112,7 @@ impl Default for Config {
             services: Vec::new(),
             cache_dir: Some(PathBuf::from(".saga-cache")),
             saga_deadlines: Default::default(),
+            admin_token: None,
             kafka: kafka::Settings::default(),
             sandbox: Sandbox::default(),
             worker: Worker::default(),
@@ -210,6 +214,9 @@ impl Config {
         }
         if let Some(v) = env("SAGA_INSTANCE_ID") {
             self.instance_id = v;
+        }
+        if let Some(v) = env("SAGA_ADMIN_TOKEN") {
+            self.admin_token = Some(v).filter(|t| !t.is_empty());
         }
         Ok(())
     }

@@ -29,6 +29,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
                 axum::Json(serde_json::to_value(&shared.stats).unwrap_or_default())
             }),
         )
+        .route(
+            "/_saga/admin/deploy",
+            axum::routing::post(crate::admin::deploy)
+                .layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+        )
         .route("/deadlines", axum::routing::get(list_deadlines))
         .route("/sagas/{id}", axum::routing::get(saga_timeline))
         .fallback(handle)

@@ -2,6 +2,7 @@
 //! modules: `kafka::consumer` → `worker` (with `storage::inbox`) → `wasm` → `effects` (with
 //! `storage::{state, outbox, deadlines}`) → `relay` → Kafka; HTTP enters at `ingress`.
 
+pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod deadline;

@@ -43,6 +43,21 @@ enum Command {
     },
     /// Compile a component and print what it declares (name, version, subscriptions, routes).
     Describe { wasm: PathBuf },
+    /// Deploy a component to a running runtime: it is validated (compiles, matches our world,
+    /// `describe` answers) and then runs; a running version of the service is swapped in place.
+    Deploy {
+        wasm: PathBuf,
+        /// Base URL of a running runtime.
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:8088",
+            env = "SAGA_RUNTIME_URL"
+        )]
+        runtime: String,
+        /// The runtime's admin token.
+        #[arg(long, env = "SAGA_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Dead-lettered events: list them, or send them back to the topic they failed on.
     #[command(subcommand)]
     Dlt(DltCommand),
@@ -165,6 +180,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Trace { saga, runtime } => trace(&runtime, &saga).await,
         Command::Dlt(command) => dlt(command).await,
+        Command::Deploy {
+            wasm,
+            runtime,
+            token,
+        } => deploy(&wasm, &runtime, &token).await,
         Command::Describe { wasm } => {
             let bytes =
                 std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
@@ -241,6 +261,48 @@ async fn dlt(command: DltCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn deploy(wasm: &std::path::Path, runtime: &str, token: &str) -> anyhow::Result<()> {
+    let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+    let url = format!("{}/_saga/admin/deploy", runtime.trim_end_matches('/'));
+    eprintln!(
+        "deploying {} ({} bytes) to {runtime} …",
+        wasm.display(),
+        bytes.len()
+    );
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(token)
+        .header("content-type", "application/wasm")
+        .body(bytes)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!(
+            "{status}: {}",
+            body["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    let was = match body["replaced"]["version"].as_str() {
+        Some(v) => format!(
+            " (replaced {v}, {})",
+            body["replaced"]["digest"].as_str().unwrap_or("")
+        ),
+        None => " (new service)".to_string(),
+    };
+    println!(
+        "deployed {} {} sha256:{}{was}",
+        body["service"].as_str().unwrap_or(""),
+        body["version"].as_str().unwrap_or(""),
+        body["digest"].as_str().unwrap_or(""),
+    );
+    println!("  subscriptions: {}", body["subscriptions"]);
+    println!("  routes: {}", body["routes"]);
+    Ok(())
 }
 
 async fn trace(runtime: &str, saga: &str) -> anyhow::Result<()> {

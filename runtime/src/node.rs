@@ -41,6 +41,15 @@ pub enum Error {
     Registry(#[from] registry::Error),
     #[error(transparent)]
     Kafka(#[from] kafka::Error),
+    #[error(
+        "service {service} would change what it consumes ({old:?} → {new:?}); \
+         deploying that to a running instance is not supported yet: restart with the new component"
+    )]
+    SubscriptionsChanged {
+        service: String,
+        old: Vec<String>,
+        new: Vec<String>,
+    },
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -62,6 +71,8 @@ pub struct Shared {
     /// Notified after every commit that set a deadline.
     pub deadline_wake: Notify,
     pub shutdown: CancellationToken,
+    /// The instance's tasks; installing a service adds its worker and partition ownership.
+    tasks: Arc<tokio::sync::Mutex<JoinSet<()>>>,
 }
 
 impl Shared {
@@ -113,11 +124,11 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         relay_wake: Notify::new(),
         deadline_wake: Notify::new(),
         shutdown: CancellationToken::new(),
+        tasks: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),
     });
     let handle = Handle {
         shared: shared.clone(),
         http_addr: listen,
-        tasks: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),
     };
     for path in shared.config.services.clone() {
         let wasm = tokio::fs::read(&path)
@@ -141,7 +152,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         addr: listen,
         source,
     })?;
-    let mut tasks = handle.tasks.lock().await;
+    let mut tasks = shared.tasks.lock().await;
     tasks.spawn(Relay::new(shared.clone(), options.relay_faults).run());
     tasks.spawn(crate::deadline::Scheduler::new(shared.clone()).run());
     let router = crate::ingress::router(shared.clone());
@@ -167,7 +178,6 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
 pub struct Handle {
     shared: Arc<Shared>,
     http_addr: SocketAddr,
-    tasks: Arc<tokio::sync::Mutex<JoinSet<()>>>,
 }
 
 impl Handle {
@@ -188,13 +198,70 @@ impl Handle {
         &self.shared.config
     }
 
-    /// Load a component, create its topics and start consuming for it.
+    /// Load a component, create its topics and start consuming for it; see [`install`].
     pub async fn install(&self, wasm: Vec<u8>) -> Result<Arc<Service>, Error> {
+        install(&self.shared, wasm).await.map(|d| d.service)
+    }
+
+    /// Stop consuming, relaying and serving, and wait for the tasks to finish.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        let mut tasks = self.shared.tasks.lock().await;
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Resolves when the instance is asked to stop.
+    pub async fn stopped(&self) {
+        self.shared.shutdown.cancelled().await
+    }
+}
+
+/// What an install did.
+pub struct Installed {
+    pub service: Arc<Service>,
+    /// The version it replaced on this instance, if the service was running.
+    pub replaced: Option<Arc<Service>>,
+}
+
+/// Load a component and run it: compile, link against our world, `describe` (any failure is
+/// a refusal with the reason, and nothing changes). A new service gets its topics, a consumer
+/// and its partition ownership; a running one is swapped in place: the event or request in
+/// flight finishes on the old version, the next one runs the new. A new version may not change
+/// what the service consumes yet (that needs a restart).
+pub async fn install(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Installed, Error> {
+    let handle = Handle {
+        shared: shared.clone(),
+        http_addr: shared.config.http_listen,
+    };
+    handle.install_inner(wasm).await
+}
+
+impl Handle {
+    async fn install_inner(&self, wasm: Vec<u8>) -> Result<Installed, Error> {
         let sandbox = self.shared.sandbox.clone();
         let guest = tokio::task::spawn_blocking(move || sandbox.load(&wasm))
             .await
             .map_err(|e| wasm::LoadError::Engine(e.to_string()))??;
         let service = Service::new(guest)?;
+        if let Some(old) = self.shared.registry.get(service.name()) {
+            if old.subscribed_topics() != service.subscribed_topics() {
+                return Err(Error::SubscriptionsChanged {
+                    service: service.name().to_string(),
+                    old: old.subscribed_topics(),
+                    new: service.subscribed_topics(),
+                });
+            }
+            kafka::topics::ensure(&self.shared.config.kafka, &service.topics()).await?;
+            let service = self.shared.registry.install(service)?;
+            tracing::info!(
+                service = service.name(), version = service.version(),
+                digest = %service.guest.digest, replaced = %old.guest.digest, "service swapped"
+            );
+            return Ok(Installed {
+                service,
+                replaced: Some(old),
+            });
+        }
         let kafka = &self.shared.config.kafka;
         kafka::topics::ensure(kafka, &service.topics()).await?;
         let subscribed: Vec<String> = service
@@ -232,21 +299,12 @@ impl Handle {
             "service installed"
         );
         let worker = Worker::new(self.shared.clone(), service.name());
-        let mut tasks = self.tasks.lock().await;
+        let mut tasks = self.shared.tasks.lock().await;
         tasks.spawn(worker.run(consumer));
         tasks.spawn(ownership.run());
-        Ok(service)
-    }
-
-    /// Stop consuming, relaying and serving, and wait for the tasks to finish.
-    pub async fn shutdown(&self) {
-        self.shared.shutdown.cancel();
-        let mut tasks = self.tasks.lock().await;
-        while tasks.join_next().await.is_some() {}
-    }
-
-    /// Resolves when the instance is asked to stop.
-    pub async fn stopped(&self) {
-        self.shared.shutdown.cancelled().await
+        Ok(Installed {
+            service,
+            replaced: None,
+        })
     }
 }
