@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::node::{self, Shared};
 use crate::registry::Service;
+use crate::storage::deployments;
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = serde_json::json!({ "error": message.into() });
@@ -61,9 +62,29 @@ pub async fn deploy(
     if let Some(refused) = refuse(&shared, &headers) {
         return refused;
     }
-    match node::install(&shared, body.to_vec()).await {
+    let wasm = body.to_vec();
+    match node::install(&shared, wasm.clone()).await {
         Ok(installed) => {
             let s = &installed.service;
+            let by = headers
+                .get("x-saga-deployed-by")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("admin API");
+            let record = deployments::Deployment {
+                id: 0,
+                service: s.name().to_string(),
+                version: s.version().to_string(),
+                digest: s.guest.digest.clone(),
+                deployed_by: by.to_string(),
+                deployed_ms: shared.clock.now_ms(),
+            };
+            // Recorded after it runs here, so what other instances follow was validated.
+            if let Err(e) = deployments::record(&shared.db, &record, &wasm).await {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("running here, but not recorded for other instances: {e}"),
+                );
+            }
             let mut reply = describe(s);
             reply["service"] = s.name().into();
             reply["replaced"] = installed
@@ -74,6 +95,32 @@ pub async fn deploy(
             axum::Json(reply).into_response()
         }
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("refused: {e}")),
+    }
+}
+
+/// `GET /_saga/services`: what this instance runs.
+pub async fn services(State(shared): State<Arc<Shared>>) -> Response {
+    let list: Vec<serde_json::Value> = shared
+        .registry
+        .snapshot()
+        .values()
+        .map(|s| {
+            let mut v = describe(s);
+            v["service"] = s.name().into();
+            v
+        })
+        .collect();
+    axum::Json(list).into_response()
+}
+
+/// `GET /_saga/services/{name}/versions`: the deployment history of a service, newest first.
+pub async fn versions(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match deployments::history(&shared.db, &name).await {
+        Ok(h) => axum::Json(h).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -34,6 +34,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
             axum::routing::post(crate::admin::deploy)
                 .layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
         )
+        .route(
+            "/_saga/services",
+            axum::routing::get(crate::admin::services),
+        )
+        .route(
+            "/_saga/services/{name}/versions",
+            axum::routing::get(crate::admin::versions),
+        )
         .route("/deadlines", axum::routing::get(list_deadlines))
         .route("/sagas/{id}", axum::routing::get(saga_timeline))
         .fallback(handle)

@@ -8,6 +8,7 @@ pub mod config;
 pub mod deadline;
 pub mod dlt;
 pub mod effects;
+pub mod follow;
 pub mod ingress;
 pub mod kafka;
 pub mod node;

@@ -58,6 +58,25 @@ enum Command {
         #[arg(long, env = "SAGA_ADMIN_TOKEN", hide_env_values = true)]
         token: String,
     },
+    /// List the services a runtime runs: name, version, digest, subscriptions, routes.
+    Services {
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:8088",
+            env = "SAGA_RUNTIME_URL"
+        )]
+        runtime: String,
+    },
+    /// The deployment history of a service, newest (active) first.
+    Versions {
+        service: String,
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:8088",
+            env = "SAGA_RUNTIME_URL"
+        )]
+        runtime: String,
+    },
     /// Dead-lettered events: list them, or send them back to the topic they failed on.
     #[command(subcommand)]
     Dlt(DltCommand),
@@ -180,6 +199,39 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Trace { saga, runtime } => trace(&runtime, &saga).await,
         Command::Dlt(command) => dlt(command).await,
+        Command::Services { runtime } => {
+            let list =
+                get_json(&format!("{}/_saga/services", runtime.trim_end_matches('/'))).await?;
+            for s in list.as_array().into_iter().flatten() {
+                println!(
+                    "{:<12} {:<10} sha256:{}",
+                    s["service"].as_str().unwrap_or(""),
+                    s["version"].as_str().unwrap_or(""),
+                    s["digest"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Command::Versions { service, runtime } => {
+            let url = format!(
+                "{}/_saga/services/{service}/versions",
+                runtime.trim_end_matches('/')
+            );
+            let list = get_json(&url).await?;
+            for (i, d) in list.as_array().into_iter().flatten().enumerate() {
+                let when = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_millis(d["deployedMs"].as_i64().unwrap_or(0) as u64);
+                println!(
+                    "{} {:<10} sha256:{}  {}  by {}",
+                    if i == 0 { "*" } else { " " },
+                    d["version"].as_str().unwrap_or(""),
+                    d["digest"].as_str().unwrap_or(""),
+                    humantime::format_rfc3339_seconds(when),
+                    d["deployedBy"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
         Command::Deploy {
             wasm,
             runtime,
@@ -275,6 +327,10 @@ async fn deploy(wasm: &std::path::Path, runtime: &str, token: &str) -> anyhow::R
         .post(&url)
         .bearer_auth(token)
         .header("content-type", "application/wasm")
+        .header(
+            "x-saga-deployed-by",
+            std::env::var("USER").unwrap_or_else(|_| "runtime deploy".into()),
+        )
         .body(bytes)
         .send()
         .await
@@ -303,6 +359,15 @@ async fn deploy(wasm: &std::path::Path, runtime: &str, token: &str) -> anyhow::R
     println!("  subscriptions: {}", body["subscriptions"]);
     println!("  routes: {}", body["routes"]);
     Ok(())
+}
+
+async fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(reqwest::get(url)
+        .await
+        .with_context(|| format!("GET {url}"))?
+        .error_for_status()?
+        .json()
+        .await?)
 }
 
 async fn trace(runtime: &str, saga: &str) -> anyhow::Result<()> {

@@ -155,6 +155,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     let mut tasks = shared.tasks.lock().await;
     tasks.spawn(Relay::new(shared.clone(), options.relay_faults).run());
     tasks.spawn(crate::deadline::Scheduler::new(shared.clone()).run());
+    tasks.spawn(crate::follow::run(shared.clone()));
     let router = crate::ingress::router(shared.clone());
     let stop = shared.shutdown.clone();
     tasks.spawn(async move {

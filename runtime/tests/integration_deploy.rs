@@ -111,6 +111,65 @@ async fn a_deployed_service_joins_a_running_saga_and_bad_components_are_refused(
     rt.stop().await;
 }
 
+/// C4 (first slice): a deploy to one instance is recorded in the database (content-addressed,
+/// with who and when) and every instance on that database follows it. PostgreSQL only: two
+/// instances need a shared server database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_instance_on_the_database_follows_a_deploy() {
+    let rt = TestRuntime::start_with(Backend::Postgres, &["order", "point"], |o| {
+        o.config.admin_token = Some(TOKEN.into());
+    })
+    .await;
+    let other = rt.sibling(|_| {}).await;
+    let other_base = format!("http://{}", other.http_addr());
+    let runtime = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = runtime(&["services", "--runtime", &other_base]);
+    assert!(!before.contains("exchange"), "{before}");
+
+    let (status, body) = post_wasm(&rt, Some(TOKEN), guest("exchange")).await;
+    assert_eq!(status, 200, "{body}");
+    let digest = body["digest"].as_str().unwrap().to_string();
+    eventually("the other instance to run exchange", || async {
+        let listed = runtime(&["services", "--runtime", &other_base]);
+        if listed.contains(&format!("exchange     0.1.0      sha256:{digest}")) {
+            Ok(())
+        } else {
+            Err(listed)
+        }
+    })
+    .await;
+    let exchanges = rt
+        .http
+        .get(format!("{other_base}/exchanges"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        exchanges.status(),
+        200,
+        "the other instance serves exchange's routes"
+    );
+    let versions = runtime(&["versions", "exchange", "--runtime", &other_base]);
+    assert!(
+        versions.starts_with(&format!("* 0.1.0      sha256:{digest}"))
+            && versions.contains("by admin API"),
+        "{versions}"
+    );
+    other.shutdown().await;
+    rt.stop().await;
+}
+
 on_both_backends!(
     the_admin_api_is_off_without_a_configured_token,
     a_deployed_service_joins_a_running_saga_and_bad_components_are_refused,

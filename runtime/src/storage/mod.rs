@@ -7,6 +7,7 @@
 //! `migrations/<dialect>/` and run at connect.
 
 pub mod deadlines;
+pub mod deployments;
 pub mod inbox;
 pub mod lease;
 pub mod ledger;
