@@ -155,10 +155,12 @@ async fn every_instance_on_the_database_follows_a_deploy() {
         .send()
         .await
         .unwrap();
+    let status = exchanges.status();
     assert_eq!(
-        exchanges.status(),
+        status,
         200,
-        "the other instance serves exchange's routes"
+        "the other instance serves exchange's routes: {}",
+        exchanges.text().await.unwrap_or_default()
     );
     let versions = runtime(&["versions", "exchange", "--runtime", &other_base]);
     assert!(

@@ -203,7 +203,13 @@ fn write_cache(component: &Component, path: &std::path::Path) -> wasmtime::Resul
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per write, not per process: two loads of one component can race (two instances
+    // in one process, a deploy and a follower), and a shared temp file could publish a torn one.
+    let tmp = path.with_extension(format!(
+        "tmp{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(tmp, path)?;
     Ok(())
