@@ -62,8 +62,7 @@ pub async fn deploy(
     if let Some(refused) = refuse(&shared, &headers) {
         return refused;
     }
-    let wasm = body.to_vec();
-    match node::install(&shared, wasm.clone()).await {
+    match node::install(&shared, body.to_vec()).await {
         Ok(installed) => {
             let s = &installed.service;
             let by = headers
@@ -79,7 +78,7 @@ pub async fn deploy(
                 deployed_ms: shared.clock.now_ms(),
             };
             // Recorded after it runs here, so what other instances follow was validated.
-            if let Err(e) = deployments::record(&shared.db, &record, &wasm).await {
+            if let Err(e) = deployments::record(&shared.db, &record, &body).await {
                 return error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("running here, but not recorded for other instances: {e}"),

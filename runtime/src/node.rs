@@ -230,82 +230,68 @@ pub struct Installed {
 /// flight finishes on the old version, the next one runs the new. A new version may not change
 /// what the service consumes yet (that needs a restart).
 pub async fn install(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Installed, Error> {
-    let handle = Handle {
-        shared: shared.clone(),
-        http_addr: shared.config.http_listen,
-    };
-    handle.install_inner(wasm).await
-}
-
-impl Handle {
-    async fn install_inner(&self, wasm: Vec<u8>) -> Result<Installed, Error> {
-        let sandbox = self.shared.sandbox.clone();
-        let guest = tokio::task::spawn_blocking(move || sandbox.load(&wasm))
-            .await
-            .map_err(|e| wasm::LoadError::Engine(e.to_string()))??;
-        let service = Service::new(guest)?;
-        if let Some(old) = self.shared.registry.get(service.name()) {
-            if old.subscribed_topics() != service.subscribed_topics() {
-                return Err(Error::SubscriptionsChanged {
-                    service: service.name().to_string(),
-                    old: old.subscribed_topics(),
-                    new: service.subscribed_topics(),
-                });
-            }
-            kafka::topics::ensure(&self.shared.config.kafka, &service.topics()).await?;
-            let service = self.shared.registry.install(service)?;
-            tracing::info!(
-                service = service.name(), version = service.version(),
-                digest = %service.guest.digest, replaced = %old.guest.digest, "service swapped"
-            );
-            return Ok(Installed {
-                service,
-                replaced: Some(old),
+    let sandbox = shared.sandbox.clone();
+    let guest = tokio::task::spawn_blocking(move || sandbox.load(&wasm))
+        .await
+        .map_err(|e| wasm::LoadError::Engine(e.to_string()))??;
+    let service = Service::new(guest)?;
+    if let Some(old) = shared.registry.get(service.name()) {
+        if old.subscribed_topics() != service.subscribed_topics() {
+            return Err(Error::SubscriptionsChanged {
+                service: service.name().to_string(),
+                old: old.subscribed_topics(),
+                new: service.subscribed_topics(),
             });
         }
-        let kafka = &self.shared.config.kafka;
-        kafka::topics::ensure(kafka, &service.topics()).await?;
-        let subscribed: Vec<String> = service
-            .subscribed_topics()
-            .iter()
-            .map(|t| kafka.topic(t))
-            .collect();
-        let consumer = Arc::new(Consumer::new(kafka, service.name())?);
-        let partitions = {
-            let consumer = consumer.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut all = Vec::new();
-                for topic in subscribed {
-                    for p in consumer.partitions(&topic)? {
-                        all.push((topic.clone(), p));
-                    }
-                }
-                Ok::<_, kafka::Error>(all)
-            })
-            .await
-            .map_err(|e| wasm::LoadError::Engine(e.to_string()))??
-        };
-        let mut ownership = Ownership::new(
-            self.shared.clone(),
-            service.name(),
-            consumer.clone(),
-            partitions,
-        );
-        ownership.tick().await?;
-        let service = self.shared.registry.install(service)?;
+        kafka::topics::ensure(&shared.config.kafka, &service.topics()).await?;
+        let service = shared.registry.install(service)?;
         tracing::info!(
-            service = service.name(),
-            version = service.version(),
-            digest = %service.guest.digest,
-            "service installed"
+            service = service.name(), version = service.version(),
+            digest = %service.guest.digest, replaced = %old.guest.digest, "service swapped"
         );
-        let worker = Worker::new(self.shared.clone(), service.name());
-        let mut tasks = self.shared.tasks.lock().await;
-        tasks.spawn(worker.run(consumer));
-        tasks.spawn(ownership.run());
-        Ok(Installed {
+        return Ok(Installed {
             service,
-            replaced: None,
-        })
+            replaced: Some(old),
+        });
     }
+    let kafka = &shared.config.kafka;
+    kafka::topics::ensure(kafka, &service.topics()).await?;
+    let subscribed: Vec<String> = service
+        .subscribed_topics()
+        .iter()
+        .map(|t| kafka.topic(t))
+        .collect();
+    let consumer = Arc::new(Consumer::new(kafka, service.name())?);
+    let partitions = {
+        let consumer = consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut all = Vec::new();
+            for topic in subscribed {
+                for p in consumer.partitions(&topic)? {
+                    all.push((topic.clone(), p));
+                }
+            }
+            Ok::<_, kafka::Error>(all)
+        })
+        .await
+        .map_err(|e| wasm::LoadError::Engine(e.to_string()))??
+    };
+    let mut ownership =
+        Ownership::new(shared.clone(), service.name(), consumer.clone(), partitions);
+    ownership.tick().await?;
+    let service = shared.registry.install(service)?;
+    tracing::info!(
+        service = service.name(),
+        version = service.version(),
+        digest = %service.guest.digest,
+        "service installed"
+    );
+    let worker = Worker::new(shared.clone(), service.name());
+    let mut tasks = shared.tasks.lock().await;
+    tasks.spawn(worker.run(consumer));
+    tasks.spawn(ownership.run());
+    Ok(Installed {
+        service,
+        replaced: None,
+    })
 }

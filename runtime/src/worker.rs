@@ -327,6 +327,9 @@ impl Worker {
         let mut tx = self.shared.db.begin().await?;
         let mut blocked: HashSet<(&str, i32)> = HashSet::new();
         let mut deferred = Vec::new();
+        // Positions move with the effects: per partition, past every event handled here (a
+        // deferred event blocks the rest of its partition, so those form a prefix).
+        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
         let (mut applied, mut duplicates, mut dead, mut expired, mut ignored) = (0, 0, 0, 0, 0);
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
@@ -334,7 +337,11 @@ impl Worker {
                 deferred.push(i);
                 continue;
             }
-            match self.commit_one(&mut tx, service, item, verdict).await {
+            let outcome = self.commit_one(&mut tx, service, item, verdict).await;
+            if outcome.is_ok() {
+                next.insert(lane, item.record.offset + 1);
+            }
+            match outcome {
                 Ok(Some(inbox::Outcome::Applied | inbox::Outcome::Compensated)) => applied += 1,
                 Ok(Some(inbox::Outcome::DeadLettered)) => dead += 1,
                 Ok(Some(inbox::Outcome::Expired)) => expired += 1,
@@ -346,16 +353,6 @@ impl Worker {
                     deferred.push(i);
                 }
                 Err(e) => return Err(e),
-            }
-        }
-        // Positions move with the effects: per partition, past every event not deferred (a
-        // deferred event blocks the rest of its partition, so those are a prefix).
-        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
-        for (i, item) in items.iter().enumerate() {
-            if !deferred.contains(&i) {
-                let r = item.record;
-                let n = next.entry((r.topic.as_str(), r.partition)).or_insert(0);
-                *n = (*n).max(r.offset + 1);
             }
         }
         for ((topic, partition), offset) in next {

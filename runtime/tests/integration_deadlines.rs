@@ -4,22 +4,10 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{eventually, guest, Backend, TestRuntime};
+use common::{guest, order_status, timeline, timeline_has, Backend, TestRuntime};
 use saga_runtime::clock::ManualClock;
 use saga_runtime::stats::Stats;
 use serde_json::{json, Value};
-
-async fn order_status(rt: &TestRuntime, id: &str, want: &str) -> Value {
-    eventually(&format!("order {id} to be {want}"), || async {
-        let order = rt.get(&format!("/orders/{id}")).await;
-        if order["status"] == want {
-            Ok(order)
-        } else {
-            Err(order.to_string())
-        }
-    })
-    .await
-}
 
 async fn deadline_of(rt: &TestRuntime, saga: &str) -> Value {
     let all = rt.get("/deadlines").await;
@@ -44,20 +32,6 @@ async fn place(rt: &TestRuntime, user: &str, amount: i64, currency: i64) -> Stri
     order["id"].as_str().unwrap().to_string()
 }
 
-/// The (service, event type, outcome) steps of a saga's timeline.
-async fn steps(rt: &TestRuntime, saga: &str) -> Vec<(String, String, String)> {
-    let timeline = rt.get(&format!("/sagas/{saga}")).await;
-    timeline["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let s = |k: &str| e[k].as_str().unwrap().to_string();
-            (s("service"), s("eventType"), s("outcome"))
-        })
-        .collect()
-}
-
 /// What a saga rejected by its deadline shows once exchange has seen it: the deadline applied
 /// by order, the step expired at exchange, the compensation applied there (a tombstone: its
 /// step never applied, so a later copy of the step would be ignored).
@@ -66,25 +40,6 @@ const REJECTED_BY_DEADLINE: &[(&str, &str, &str)] = &[
     ("exchange", "OrderCreated", "expired"),
     ("exchange", "OrderRejected", "compensated"),
 ];
-
-/// Wait until the timeline has every one of `want` (service, type, outcome); an outcome of
-/// `"*"` matches any.
-async fn timeline_has(rt: &TestRuntime, saga: &str, want: &[(&str, &str, &str)]) {
-    eventually("the saga's timeline", || async {
-        let steps = steps(rt, saga).await;
-        let has = |(ws, wt, wo): &(&str, &str, &str)| {
-            steps
-                .iter()
-                .any(|(s, t, o)| s == ws && t == wt && (*wo == "*" || o == wo))
-        };
-        if want.iter().all(has) {
-            Ok(())
-        } else {
-            Err(format!("{steps:?}"))
-        }
-    })
-    .await
-}
 
 /// The end state every rejected-by-deadline scenario must reach: REJECTED for the deadline,
 /// points where they were, no exchange, no deduction left standing.
@@ -192,11 +147,11 @@ async fn slow_step_scenario(backend: Backend, currency: i64, user: &str) {
     // Normally the in-commit check stops the late step (`expired`). If the deadline fired late
     // on a loaded machine the step may have committed first; then it is compensated, and the
     // end state must be the same. Wait for point to finish that path too.
-    let path = steps(&rt, &id).await;
+    let path = timeline(&rt, &id).await;
     let created = path
         .iter()
-        .find(|(svc, ty, _)| svc == "exchange" && ty == "OrderCreated")
-        .map(|(_, _, outcome)| outcome.clone())
+        .find(|h| h.service == "exchange" && h.event_type == "OrderCreated")
+        .map(|h| h.outcome.clone())
         .unwrap();
     if created == "applied" {
         timeline_has(&rt, &id, &[("point", "ExchangeCancelled", "compensated")]).await;
@@ -275,10 +230,10 @@ async fn each_deadline_fires_once_across_two_instances(backend: Backend) {
         "fired per instance: {fired:?}"
     );
     for id in &ids {
-        let expiries = steps(&rt, id)
+        let expiries = timeline(&rt, id)
             .await
             .into_iter()
-            .filter(|(_, ty, _)| ty == "DeadlineExpired")
+            .filter(|h| h.event_type == "DeadlineExpired")
             .count();
         assert_eq!(expiries, 1, "saga {id}");
     }

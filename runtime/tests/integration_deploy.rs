@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, guest, guest_path, Backend, TestRuntime};
+use common::{eventually, guest, guest_path, order_status, Backend, TestRuntime};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "t0k-for-tests";
@@ -78,21 +78,7 @@ async fn a_deployed_service_joins_a_running_saga_and_bad_components_are_refused(
         printed.contains("deployed exchange 0.1.0 sha256:") && printed.contains("(new service)"),
         "{printed}"
     );
-    let approved = |id: String| {
-        let rt = &rt;
-        async move {
-            eventually("the order to be approved", || async {
-                let order = rt.get(&format!("/orders/{id}")).await;
-                if order["status"] == "APPROVED" {
-                    Ok(())
-                } else {
-                    Err(order.to_string())
-                }
-            })
-            .await
-        }
-    };
-    approved(id).await;
+    order_status(&rt, &id, "APPROVED").await;
     assert_eq!(rt.get("/points/ivy").await["point"], 9500);
 
     // Deploying a running service swaps it in place; sagas go on.
@@ -106,7 +92,7 @@ async fn a_deployed_service_joins_a_running_saga_and_bad_components_are_refused(
             json!({"holderId": "ivy", "currencyId": 1, "amount": 100}),
         )
         .await;
-    approved(order["id"].as_str().unwrap().to_string()).await;
+    order_status(&rt, order["id"].as_str().unwrap(), "APPROVED").await;
     assert_eq!(rt.get("/points/ivy").await["point"], 9400);
     rt.stop().await;
 }

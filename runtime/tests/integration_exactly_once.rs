@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use common::{eventually, produce_event, Backend, TestRuntime};
+use common::{eventually, order_status, produce_event, Backend, TestRuntime};
 use saga_runtime::relay::Faults;
 use saga_runtime::stats::Stats;
 use saga_runtime::storage::inbox;
@@ -189,15 +189,7 @@ async fn a_relay_crash_after_commit_republishes_and_the_inbox_absorbs_it(backend
         )
         .await;
     let id = order["id"].as_str().unwrap().to_string();
-    eventually("the order to be approved", || async {
-        let order = rt.get(&format!("/orders/{id}")).await;
-        if order["status"] == "APPROVED" {
-            Ok(())
-        } else {
-            Err(order.to_string())
-        }
-    })
-    .await;
+    order_status(&rt, &id, "APPROVED").await;
     let stats = rt.handle.stats();
     // OrderCreated, ExchangeSucceeded, PointUsed, OrderApproved: 4 events, each consumed by
     // one service, each published (at least) twice.

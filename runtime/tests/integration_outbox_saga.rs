@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use common::shop::{Shop, SERVICES};
-use common::{consume_n, eventually, header, produce_event, Backend, TestRuntime};
+use common::{
+    consume_n, eventually, header, produce_event, timeline, timeline_has, Backend, Handled,
+    TestRuntime,
+};
 use saga_runtime::relay::Faults;
 use saga_runtime::stats::Stats;
 use saga_runtime::storage::{inbox, outbox};
@@ -31,48 +34,6 @@ impl Step {
     fn late(self) -> bool {
         matches!(self, Step::LateSuccess | Step::LateFailed)
     }
-}
-
-/// One handled event of a saga's timeline.
-#[derive(Debug)]
-struct Handled {
-    service: String,
-    event_type: String,
-    outcome: String,
-    handled_ms: i64,
-}
-
-async fn timeline(rt: &TestRuntime, saga: &str) -> Vec<Handled> {
-    let t = rt.get(&format!("/sagas/{saga}")).await;
-    t["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| Handled {
-            service: e["service"].as_str().unwrap().into(),
-            event_type: e["eventType"].as_str().unwrap().into(),
-            outcome: e["outcome"].as_str().unwrap().into(),
-            handled_ms: e["handledMs"].as_i64().unwrap(),
-        })
-        .collect()
-}
-
-/// Wait until the saga's timeline has each (service, event type), with the outcome given or
-/// any outcome for `"*"`.
-async fn handled(rt: &TestRuntime, saga: &str, want: &[(&str, &str, &str)]) -> Vec<Handled> {
-    eventually("the saga's timeline", || async {
-        let t = timeline(rt, saga).await;
-        let has = |(s, ty, o): &(&str, &str, &str)| {
-            t.iter()
-                .any(|h| h.service == *s && h.event_type == *ty && (*o == "*" || h.outcome == *o))
-        };
-        if want.iter().all(has) {
-            Ok(t)
-        } else {
-            Err(format!("{t:?}"))
-        }
-    })
-    .await
 }
 
 fn find<'a>(t: &'a [Handled], service: &str, event_type: &str) -> &'a Handled {
@@ -158,7 +119,7 @@ async fn compensation_row(backend: Backend, payment: Step, stock: Step) {
     if !success && stock.succeeds() {
         want.push(("stock", "StockCompensationRequested", "compensated"));
     }
-    let t = handled(&rt, &id, &want).await;
+    let t = timeline_has(&rt, &id, &want).await;
 
     let charged = if success { AMOUNT } else { 0 };
     let taken = if success { QUANTITY } else { 0 };
@@ -346,7 +307,7 @@ async fn a_dead_lettered_payment_can_be_listed_and_redriven_once(backend: Backen
     let id = shop.order("dora", "lamp", 1, 100).await;
     let order = shop.settled(&id).await;
     assert_eq!(order["status"], "FAILED", "{order}");
-    handled(
+    timeline_has(
         &rt,
         &id,
         &[("stock", "StockCompensationRequested", "compensated")],
@@ -379,7 +340,7 @@ async fn a_dead_lettered_payment_can_be_listed_and_redriven_once(backend: Backen
     shop.fund("dora", 500).await;
     let out = dlt_cli(&rt, &["redrive", "payment", "--event", &event_id]);
     assert!(out.contains("1 event(s) re-driven"), "{out}");
-    handled(
+    timeline_has(
         &rt,
         &id,
         &[

@@ -233,31 +233,103 @@ impl TestRuntime {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        post_json(&self.http, &self.base, path, body).await
     }
 
     pub async fn get(&self, path: &str) -> Value {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        resp.json().await.unwrap_or(Value::Null)
+        get_json(&self.http, &self.base, path).await
     }
 
     pub async fn stop(self) {
         self.handle.shutdown().await;
         self.db.drop_db().await;
     }
+}
+
+/// `POST base+path` with a JSON body: the status and the JSON reply (`null` if none).
+pub async fn post_json(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: Value,
+) -> (u16, Value) {
+    let resp = http
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET base+path`: the JSON reply (`null` if none).
+pub async fn get_json(http: &reqwest::Client, base: &str, path: &str) -> Value {
+    let resp = http.get(format!("{base}{path}")).send().await.unwrap();
+    resp.json().await.unwrap_or(Value::Null)
+}
+
+/// One handled event of a saga's timeline (`GET /sagas/{id}`).
+#[derive(Debug)]
+pub struct Handled {
+    pub service: String,
+    pub event_type: String,
+    pub outcome: String,
+    pub handled_ms: i64,
+}
+
+/// Every event of a saga any service handled, in the order handled.
+pub async fn timeline(rt: &TestRuntime, saga: &str) -> Vec<Handled> {
+    let t = rt.get(&format!("/sagas/{saga}")).await;
+    t["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap().to_string();
+            Handled {
+                service: s("service"),
+                event_type: s("eventType"),
+                outcome: s("outcome"),
+                handled_ms: e["handledMs"].as_i64().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// Wait until the saga's timeline has every one of `want` (service, event type, outcome); an
+/// outcome of `"*"` matches any. Returns the timeline.
+pub async fn timeline_has(
+    rt: &TestRuntime,
+    saga: &str,
+    want: &[(&str, &str, &str)],
+) -> Vec<Handled> {
+    eventually("the saga's timeline", || async {
+        let t = timeline(rt, saga).await;
+        let has = |(s, ty, o): &(&str, &str, &str)| {
+            t.iter()
+                .any(|h| h.service == *s && h.event_type == *ty && (*o == "*" || h.outcome == *o))
+        };
+        if want.iter().all(has) {
+            Ok(t)
+        } else {
+            Err(format!("{t:?}"))
+        }
+    })
+    .await
+}
+
+/// Wait until the deadline saga's order `id` has status `want`; returns it.
+pub async fn order_status(rt: &TestRuntime, id: &str, want: &str) -> Value {
+    eventually(&format!("order {id} to be {want}"), || async {
+        let order = rt.get(&format!("/orders/{id}")).await;
+        if order["status"] == want {
+            Ok(order)
+        } else {
+            Err(order.to_string())
+        }
+    })
+    .await
 }
 
 /// Wait until `probe` returns `Some`, polling an observable outcome; panics after 30 s with

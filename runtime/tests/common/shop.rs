@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::{eventually, TestRuntime};
+use super::{eventually, get_json, post_json, TestRuntime};
 
 pub const SERVICES: &[&str] = &["shop", "payment", "stock"];
 
@@ -21,26 +21,11 @@ impl<'a> Shop<'a> {
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        post_json(self.http, self.base, path, body).await
     }
 
     pub async fn get(&self, path: &str) -> Value {
-        self.http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or(Value::Null)
+        get_json(self.http, self.base, path).await
     }
 
     pub async fn fund(&self, account: &str, balance: i64) {
