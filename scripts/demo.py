@@ -3,6 +3,7 @@ that each scenario ends as SPEC B7 says. Exits non-zero if one does not."""
 
 import json
 import os
+import subprocess
 import sys
 import time
 import urllib.error
@@ -134,5 +135,28 @@ good &= check("balance unchanged at 100", show("GET", "/accounts/dave")["balance
 print(f"  see the timeline: runtime trace {order['id']} --runtime {base}")
 print(f"  and the dead letter: runtime dlt list payment --brokers <broker>")
 
-print("\nall scenarios ended as SPEC A and B7 say" if good else "\nSOME SCENARIO ENDED WRONG")
+def runtime(*args):
+    """Run the runtime CLI against this runtime, show it as typed and what it printed."""
+    cmd = [os.environ["SAGA_DEMO_BIN"], *args, "--runtime", base]
+    print("$ runtime " + " ".join(args))
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "RUST_BACKTRACE": "0"})
+    for line in (done.stdout + done.stderr).strip().splitlines():
+        print("  " + line)
+    return done.returncode
+
+
+print("\n== C3/C4: deploy point 0.2.0 while the runtime runs, guarded by --verify ==")
+v2 = os.path.join(os.environ["SAGA_DEMO_GUESTS"], "point_v2.wasm")
+good &= check("--verify finds what 0.2.0 does differently and does not deploy",
+              runtime("deploy", "--verify", v2) != 0)
+good &= check("deployed", runtime("deploy", v2) == 0)
+show("POST", "/orders", {"holderId": "alice", "currencyId": 1, "amount": 100})
+stamped = eventually(lambda: [t for t in call("GET", "/transactions")[1]
+                              if t.get("handledBy") == "point 0.2.0"])
+good &= check("the next saga ran on point 0.2.0", bool(stamped))
+good &= check("rolled back to 0.1.0", runtime("rollback", "point") == 0)
+runtime("versions", "point")
+
+print("\nall scenarios ended as SPEC A, B7 and C4 say" if good else "\nSOME SCENARIO ENDED WRONG")
 sys.exit(0 if good else 1)

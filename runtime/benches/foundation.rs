@@ -10,6 +10,11 @@
 //!   each with a 1 s saga deadline; lag = the deadline's due time → the order handler running
 //!   on its `DeadlineExpired` (the order's `updatedMs`, host clock), while new orders keep
 //!   arriving and other deadlines keep falling due.
+//! - hot swap: a steady stream of 100 sagas/s (open loop, 50 users); in the middle, `point` is
+//!   deployed six times through the admin API, alternating 0.2.0 and 0.1.0. Swap latency =
+//!   deploy accepted (the admin API answered) → the first event handled by the new version
+//!   (inbox `handled_ms`, host clock); throughput = sagas approved per second before the
+//!   swaps, over the swapping period, and in the 500 ms after each deploy was sent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -277,13 +282,178 @@ async fn bench_deadline_lag() {
     rt.shutdown().await;
 }
 
+async fn bench_hot_swap() {
+    // Open loop, below what the machine sustains, so the numbers show the swap, not a backlog.
+    const RATE: u64 = 100; // sagas per second
+    const USERS: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start(dir.path(), &["order", "point", "exchange"], |c| {
+        c.admin_token = Some("bench".into());
+        c.saga_deadlines.insert("order".into(), 120_000);
+    })
+    .await;
+    let base = format!("http://{}", rt.http_addr());
+    let http = reqwest::Client::new();
+    for u in 0..USERS {
+        http.post(format!("{base}/points"))
+            .json(&serde_json::json!({"userId": format!("u{u}"), "point": 1_000_000_000}))
+            .send()
+            .await
+            .unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let placer = {
+        let (http, base, stop) = (http.clone(), base.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+            let mut placed = Vec::new();
+            for i in 0.. {
+                tick.tick().await;
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let (http, base) = (http.clone(), base.clone());
+                placed.push(tokio::spawn(async move {
+                    let body = serde_json::json!({
+                        "holderId": format!("u{}", i % USERS), "currencyId": 1, "amount": 1
+                    });
+                    let resp = http.post(format!("{base}/orders")).json(&body).send().await;
+                    assert_eq!(resp.unwrap().status(), 201);
+                }));
+            }
+            for p in placed {
+                p.await.unwrap();
+            }
+        })
+    };
+    // Let the stream settle (consumer start-up, warm caches), then swap back and forth in the
+    // middle of it.
+    const SWAPS: usize = 6;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let builds = [
+        ("0.2.0", std::fs::read(guest_file("point_v2")).unwrap()),
+        ("0.1.0", std::fs::read(guest_file("point")).unwrap()),
+    ];
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    // (version, deploy sent, deploy accepted), host clock ms.
+    let mut swaps = Vec::new();
+    for k in 0..SWAPS {
+        let (version, wasm) = &builds[k % 2];
+        let sent_ms = now_ms();
+        let resp = http
+            .post(format!("{base}/_saga/admin/deploy"))
+            .bearer_auth("bench")
+            .body(wasm.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        assert_eq!(status, 200, "{}", resp.text().await.unwrap_or_default());
+        swaps.push((*version, sent_ms, now_ms()));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    placer.await.unwrap();
+    let orders = loop {
+        let orders: Vec<serde_json::Value> = http
+            .get(format!("{base}/orders"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if orders.iter().all(|o| o["status"] != "PENDING") {
+            break orders;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let approved = orders.iter().filter(|o| o["status"] == "APPROVED").count();
+    assert_eq!(
+        approved,
+        orders.len(),
+        "every saga of the stream is approved"
+    );
+    let mut call = Vec::new();
+    let mut to_first = Vec::new();
+    for (version, sent_ms, accepted_ms) in &swaps {
+        let first: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(handled_ms) FROM inbox \
+             WHERE service = 'point' AND version = $1 AND handled_ms >= $2",
+        )
+        .bind(*version)
+        .bind(*sent_ms)
+        .fetch_one(rt.db().pool())
+        .await
+        .unwrap();
+        let first = first.expect("an event handled by the new version");
+        call.push(Duration::from_millis((accepted_ms - sent_ms) as u64));
+        to_first.push(Duration::from_millis((first - accepted_ms).max(0) as u64));
+    }
+    println!(
+        "hot swap of point under load: {RATE} sagas/s offered, {} sagas, {SWAPS} deploys alternating 0.2.0 and 0.1.0, SQLite",
+        orders.len()
+    );
+    report(
+        "hot swap: deploy call (upload, compile, validate, smoke call, swap, record)",
+        call,
+    );
+    report(
+        "hot swap: deploy accepted -> first event handled by the new version",
+        to_first,
+    );
+    let approved_in = |from: i64, to: i64| {
+        orders
+            .iter()
+            .filter(|o| (from..to).contains(&o["updatedMs"].as_i64().unwrap()))
+            .count() as f64
+            * 1000.0
+            / (to - from) as f64
+    };
+    let (start, end) = (swaps[0].1 - 2000, swaps[SWAPS - 1].1 + 1500);
+    let during: Vec<String> = swaps
+        .iter()
+        .map(|(_, sent, _)| format!("{:.0}", approved_in(*sent, sent + 500)))
+        .collect();
+    println!(
+        "hot swap throughput: {:.0} sagas/s approved in the 2 s before the first deploy, \
+         {:.0}/s over the whole swapping period; in the 500 ms after each deploy was sent: {}",
+        approved_in(start, swaps[0].1),
+        approved_in(swaps[0].1, end),
+        during.join(", ")
+    );
+    rt.shutdown().await;
+}
+
+/// `scripts/bench.sh [NAME…]`: run the benchmarks whose name contains a NAME (all if none):
+/// `guest-call`, `saga`, `deadline-lag`, `hot-swap`.
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a listing
     }
-    bench_guest_call();
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
+    if wanted("guest-call") {
+        bench_guest_call();
+    }
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        bench_saga().await;
-        bench_deadline_lag().await;
+        if wanted("saga") {
+            bench_saga().await;
+        }
+        if wanted("deadline-lag") {
+            bench_deadline_lag().await;
+        }
+        if wanted("hot-swap") {
+            bench_hot_swap().await;
+        }
     });
 }

@@ -1,5 +1,5 @@
 //! The admin API: `POST /_saga/admin/deploy` with a component's bytes (what `runtime deploy`
-//! sends). It is never open without a token: with no `admin_token` configured every admin
+//! sends), `POST /_saga/admin/rollback` and `POST /_saga/admin/undeploy`. It is never open without a token: with no `admin_token` configured every admin
 //! call is refused (403), and a call without the right `Authorization: Bearer <token>` gets 401.
 
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::node::{self, Shared};
 use crate::registry::Service;
-use crate::storage::deployments;
+use crate::storage::deployments::{self, Action};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = serde_json::json!({ "error": message.into() });
@@ -53,6 +53,55 @@ fn describe(s: &Service) -> serde_json::Value {
     })
 }
 
+/// Who is acting: what `runtime` sends in `x-saga-deployed-by`.
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-saga-deployed-by")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("admin API")
+        .to_string()
+}
+
+/// Run `wasm` here, then record it as `action` (with the bytes if `store`): recorded after it
+/// runs here, so what the other instances follow was validated.
+async fn activate(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    wasm: Vec<u8>,
+    action: Action,
+    store: bool,
+) -> Response {
+    let installed = match node::install(shared, wasm.clone()).await {
+        Ok(installed) => installed,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("refused: {e}")),
+    };
+    let s = &installed.service;
+    let record = deployments::Deployment {
+        id: 0,
+        service: s.name().to_string(),
+        version: s.version().to_string(),
+        digest: s.guest.digest.clone(),
+        deployed_by: actor(headers),
+        deployed_ms: shared.clock.now_ms(),
+        action,
+    };
+    if let Err(e) = deployments::record(&shared.db, &record, store.then_some(&wasm[..])).await {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("running here, but not recorded for other instances: {e}"),
+        );
+    }
+    let mut reply = describe(s);
+    reply["service"] = s.name().into();
+    reply["action"] = action.as_str().into();
+    reply["replaced"] = installed
+        .replaced
+        .as_deref()
+        .map(describe)
+        .unwrap_or_default();
+    axum::Json(reply).into_response()
+}
+
 /// `POST /_saga/admin/deploy`: validate and run a component; 422 with the reason if refused.
 pub async fn deploy(
     State(shared): State<Arc<Shared>>,
@@ -62,39 +111,148 @@ pub async fn deploy(
     if let Some(refused) = refuse(&shared, &headers) {
         return refused;
     }
-    match node::install(&shared, body.to_vec()).await {
-        Ok(installed) => {
-            let s = &installed.service;
-            let by = headers
-                .get("x-saga-deployed-by")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("admin API");
-            let record = deployments::Deployment {
-                id: 0,
-                service: s.name().to_string(),
-                version: s.version().to_string(),
-                digest: s.guest.digest.clone(),
-                deployed_by: by.to_string(),
-                deployed_ms: shared.clock.now_ms(),
-            };
-            // Recorded after it runs here, so what other instances follow was validated.
-            if let Err(e) = deployments::record(&shared.db, &record, &body).await {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("running here, but not recorded for other instances: {e}"),
-                );
-            }
-            let mut reply = describe(s);
-            reply["service"] = s.name().into();
-            reply["replaced"] = installed
-                .replaced
-                .as_deref()
-                .map(describe)
-                .unwrap_or_default();
-            axum::Json(reply).into_response()
-        }
-        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("refused: {e}")),
+    let _changing = shared.lifecycle.lock().await;
+    activate(&shared, &headers, body.to_vec(), Action::Deploy, true).await
+}
+
+/// `POST /_saga/admin/verify` with a component's bytes: validate it (as deploy would) and
+/// replay the recent events this instance recorded for its service through it in the sandbox
+/// (see `crate::verify`). Activates nothing, writes nothing.
+pub async fn verify(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = refuse(&shared, &headers) {
+        return refused;
     }
+    let service = match node::validate(&shared, body.to_vec()).await {
+        Ok(service) => Arc::new(service),
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("refused: {e}")),
+    };
+    let recordings = shared.recordings.of(service.name());
+    let new = service.clone();
+    let replayed = tokio::task::spawn_blocking(move || {
+        recordings
+            .iter()
+            .map(|r| crate::verify::replay(&new.guest, r))
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let replayed = match replayed {
+        Ok(replayed) => replayed,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let count = |what: &str| replayed.iter().filter(|r| r.result == what).count();
+    let mut reply = describe(&service);
+    reply["service"] = service.name().into();
+    reply["active"] = shared
+        .registry
+        .get(service.name())
+        .as_deref()
+        .map(describe)
+        .unwrap_or_default();
+    reply["replayed"] = replayed.len().into();
+    reply["same"] = count("same").into();
+    reply["differs"] = count("differs").into();
+    reply["failed"] = count("failed").into();
+    reply["events"] = serde_json::to_value(&replayed).unwrap_or_default();
+    axum::Json(reply).into_response()
+}
+
+/// What `rollback` and `undeploy` name.
+#[derive(serde::Deserialize)]
+pub struct Target {
+    service: String,
+    /// For a rollback: the version to reactivate (default: the one before the active).
+    version: Option<String>,
+}
+
+/// `POST /_saga/admin/rollback` `{"service", "version"?}`: make an earlier deployment active
+/// again (see `deployments::rollback_target`); 404 if there is none.
+pub async fn rollback(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::Json(target): axum::Json<Target>,
+) -> Response {
+    if let Some(refused) = refuse(&shared, &headers) {
+        return refused;
+    }
+    let _changing = shared.lifecycle.lock().await;
+    let found =
+        deployments::rollback_target(&shared.db, &target.service, target.version.as_deref()).await;
+    let d = match found {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            let which = match &target.version {
+                Some(v) => format!("version {v}"),
+                None => "an earlier version".to_string(),
+            };
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("service {} has no {which} to roll back to", target.service),
+            );
+        }
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let wasm = match deployments::component(&shared.db, &d.digest).await {
+        Ok(Some(wasm)) => wasm,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("component sha256:{} is not stored", d.digest),
+            )
+        }
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    activate(&shared, &headers, wasm, Action::Rollback, false).await
+}
+
+/// `POST /_saga/admin/undeploy` `{"service"}`: stop the service on every instance (see
+/// `node::undeploy`); 404 if it runs nowhere.
+pub async fn undeploy(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::Json(target): axum::Json<Target>,
+) -> Response {
+    if let Some(refused) = refuse(&shared, &headers) {
+        return refused;
+    }
+    let _changing = shared.lifecycle.lock().await;
+    let latest = match deployments::history(&shared.db, &target.service).await {
+        Ok(h) => h.into_iter().next(),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let stopped = node::undeploy(&shared, &target.service).await;
+    let (version, digest) = match (&stopped, &latest) {
+        (Some(s), _) => (s.version().to_string(), s.guest.digest.clone()),
+        (None, Some(d)) if d.action != Action::Undeploy => (d.version.clone(), d.digest.clone()),
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("service {} is not deployed", target.service),
+            )
+        }
+    };
+    let record = deployments::Deployment {
+        id: 0,
+        service: target.service.clone(),
+        version: version.clone(),
+        digest: digest.clone(),
+        deployed_by: actor(&headers),
+        deployed_ms: shared.clock.now_ms(),
+        action: Action::Undeploy,
+    };
+    if let Err(e) = deployments::record(&shared.db, &record, None).await {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stopped here, but not recorded for other instances: {e}"),
+        );
+    }
+    axum::Json(serde_json::json!({
+        "service": target.service, "action": "undeploy", "version": version, "digest": digest,
+    }))
+    .into_response()
 }
 
 /// `GET /_saga/services`: what this instance runs.

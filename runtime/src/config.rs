@@ -87,6 +87,10 @@ pub struct Worker {
     /// How long this instance owns a topic partition of a service without renewing, ms: the
     /// partitions of an instance that died move to the others after this. Default 10000.
     pub partition_lease_ms: u64,
+    /// How many recent events per service this instance keeps with their inputs (the state the
+    /// handler read) and effects, for `runtime deploy --verify` to replay; 0 keeps none.
+    /// Default 200.
+    pub verify_recent: usize,
 }
 
 /// The outbox relay (`[relay]`).
@@ -139,6 +143,7 @@ impl Default for Worker {
             max_backoff_ms: 10_000,
             default_saga_deadline_ms: 10_000,
             partition_lease_ms: 10_000,
+            verify_recent: 200,
         }
     }
 }

@@ -35,6 +35,19 @@ pub fn router(shared: Arc<Shared>) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
         )
         .route(
+            "/_saga/admin/verify",
+            axum::routing::post(crate::admin::verify)
+                .layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+        )
+        .route(
+            "/_saga/admin/rollback",
+            axum::routing::post(crate::admin::rollback),
+        )
+        .route(
+            "/_saga/admin/undeploy",
+            axum::routing::post(crate::admin::undeploy),
+        )
+        .route(
             "/_saga/services",
             axum::routing::get(crate::admin::services),
         )

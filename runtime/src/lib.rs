@@ -17,5 +17,6 @@ pub mod registry;
 pub mod relay;
 pub mod stats;
 pub mod storage;
+pub mod verify;
 pub mod wasm;
 pub mod worker;

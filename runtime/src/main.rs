@@ -47,16 +47,32 @@ enum Command {
     /// `describe` answers) and then runs; a running version of the service is swapped in place.
     Deploy {
         wasm: PathBuf,
-        /// Base URL of a running runtime.
-        #[arg(
-            long,
-            default_value = "http://127.0.0.1:8088",
-            env = "SAGA_RUNTIME_URL"
-        )]
-        runtime: String,
-        /// The runtime's admin token.
-        #[arg(long, env = "SAGA_ADMIN_TOKEN", hide_env_values = true)]
-        token: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// First replay the recent events the runtime recorded for this service through the new
+        /// version in a sandbox (no state or Kafka touched) and print, per event, where its
+        /// effects differ from what the active version produced. Deploys only if none differ
+        /// or fail, unless --yes.
+        #[arg(long)]
+        verify: bool,
+        /// With --verify: deploy even if some replayed events differ or fail.
+        #[arg(long, requires = "verify")]
+        yes: bool,
+    },
+    /// Make an earlier version of a service active again on every instance (default: the one
+    /// before the active version; after an undeploy, the version that was stopped).
+    Rollback {
+        service: String,
+        /// The version to reactivate.
+        version: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stop a service on every instance. Its events wait on their topics for a later deploy.
+    Undeploy {
+        service: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// List the services a runtime runs: name, version, digest, subscriptions, routes.
     Services {
@@ -67,7 +83,7 @@ enum Command {
         )]
         runtime: String,
     },
-    /// The deployment history of a service, newest (active) first.
+    /// The deployment history of a service, newest first; `*` marks the active version.
     Versions {
         service: String,
         #[arg(
@@ -122,6 +138,54 @@ enum DltCommand {
         #[arg(long, conflicts_with_all = ["events", "offsets"])]
         all: bool,
     },
+}
+
+/// A running runtime and its admin token.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Base URL of a running runtime.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:8088",
+        env = "SAGA_RUNTIME_URL"
+    )]
+    runtime: String,
+    /// The runtime's admin token.
+    #[arg(long, env = "SAGA_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+impl AdminArgs {
+    /// POST to the admin API; the reply, or the refusal's reason as the error.
+    async fn post(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+        content_type: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}/_saga/admin/{path}", self.runtime.trim_end_matches('/'));
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(&self.token)
+            .header("content-type", content_type)
+            .header(
+                "x-saga-deployed-by",
+                std::env::var("USER").unwrap_or_else(|_| "runtime cli".into()),
+            )
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        if !status.is_success() {
+            anyhow::bail!(
+                "{status}: {}",
+                body["error"].as_str().unwrap_or("no reason given")
+            );
+        }
+        Ok(body)
+    }
 }
 
 /// Where Kafka is, for commands that talk to it directly.
@@ -221,12 +285,15 @@ async fn main() -> anyhow::Result<()> {
             for (i, d) in list.as_array().into_iter().flatten().enumerate() {
                 let when = std::time::UNIX_EPOCH
                     + std::time::Duration::from_millis(d["deployedMs"].as_i64().unwrap_or(0) as u64);
+                let action = d["action"].as_str().unwrap_or("");
+                let active = i == 0 && action != "undeploy";
                 println!(
-                    "{} {:<10} sha256:{}  {}  by {}",
-                    if i == 0 { "*" } else { " " },
+                    "{} {:<10} sha256:{}  {}  {:<8} by {}",
+                    if active { "*" } else { " " },
                     d["version"].as_str().unwrap_or(""),
                     d["digest"].as_str().unwrap_or(""),
                     humantime::format_rfc3339_seconds(when),
+                    action,
                     d["deployedBy"].as_str().unwrap_or("")
                 );
             }
@@ -234,15 +301,59 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Deploy {
             wasm,
-            runtime,
-            token,
-        } => deploy(&wasm, &runtime, &token).await,
+            admin,
+            verify,
+            yes,
+        } => {
+            let bytes =
+                std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
+            if verify {
+                let report = admin
+                    .post("verify", bytes.clone().into(), "application/wasm")
+                    .await
+                    .context("verify refused the component; nothing was deployed")?;
+                let differing = print_verified(&report);
+                if differing > 0 && !yes {
+                    anyhow::bail!(
+                        "not deployed: {differing} replayed event(s) differ or fail \
+                         (deploy with --yes to accept the differences)"
+                    );
+                }
+            }
+            deploy(&wasm, bytes, &admin).await
+        }
+        Command::Rollback {
+            service,
+            version,
+            admin,
+        } => {
+            let body = serde_json::json!({ "service": service, "version": version });
+            let reply = admin
+                .post("rollback", body.to_string().into(), "application/json")
+                .await?;
+            print_activated(&reply);
+            Ok(())
+        }
+        Command::Undeploy { service, admin } => {
+            let body = serde_json::json!({ "service": service });
+            let reply = admin
+                .post("undeploy", body.to_string().into(), "application/json")
+                .await?;
+            println!(
+                "undeployed {} {} sha256:{}",
+                reply["service"].as_str().unwrap_or(""),
+                reply["version"].as_str().unwrap_or(""),
+                reply["digest"].as_str().unwrap_or("")
+            );
+            Ok(())
+        }
         Command::Describe { wasm } => {
             let bytes =
                 std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
             let config = Config::default();
             let sandbox = saga_runtime::wasm::Sandbox::new(config.limits(), None)?;
-            let guest = sandbox.load(&bytes)?;
+            // Off the async runtime: WASI calls of the guest block.
+            let guest = tokio::task::spawn_blocking(move || sandbox.load(&bytes)).await??;
             println!("{}", serde_json::to_string_pretty(&guest.manifest)?);
             println!("sha256: {}", guest.digest);
             Ok(())
@@ -315,50 +426,106 @@ async fn dlt(command: DltCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn deploy(wasm: &std::path::Path, runtime: &str, token: &str) -> anyhow::Result<()> {
-    let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
-    let url = format!("{}/_saga/admin/deploy", runtime.trim_end_matches('/'));
-    eprintln!(
-        "deploying {} ({} bytes) to {runtime} …",
-        wasm.display(),
-        bytes.len()
+/// Print a verify report; the number of events that differ or failed.
+fn print_verified(report: &serde_json::Value) -> usize {
+    let n = |k: &str| report[k].as_u64().unwrap_or(0);
+    println!(
+        "verify {} {} against {}: {} recent event(s) replayed: {} same, {} differ, {} failed",
+        report["service"].as_str().unwrap_or(""),
+        report["version"].as_str().unwrap_or(""),
+        report["active"]["version"]
+            .as_str()
+            .map(|v| format!("active {v}"))
+            .unwrap_or_else(|| "no active version here".into()),
+        n("replayed"),
+        n("same"),
+        n("differs"),
+        n("failed"),
     );
-    let resp = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth(token)
-        .header("content-type", "application/wasm")
-        .header(
-            "x-saga-deployed-by",
-            std::env::var("USER").unwrap_or_else(|_| "runtime deploy".into()),
-        )
-        .body(bytes)
-        .send()
-        .await
-        .with_context(|| format!("POST {url}"))?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
-    if !status.is_success() {
-        anyhow::bail!(
-            "{status}: {}",
-            body["error"].as_str().unwrap_or("no reason given")
+    for e in report["events"].as_array().into_iter().flatten() {
+        if e["result"] == "same" {
+            continue;
+        }
+        println!(
+            "  {} {} (saga {}, recorded on {}): {}",
+            e["eventId"].as_str().unwrap_or(""),
+            e["eventType"].as_str().unwrap_or(""),
+            e["saga"].as_str().unwrap_or(""),
+            e["recordedVersion"].as_str().unwrap_or(""),
+            e["result"].as_str().unwrap_or(""),
         );
+        for line in e["detail"].as_array().into_iter().flatten() {
+            println!("      {}", line.as_str().unwrap_or(""));
+        }
     }
-    let was = match body["replaced"]["version"].as_str() {
+    (n("differs") + n("failed")) as usize
+}
+
+async fn deploy(wasm: &std::path::Path, bytes: Vec<u8>, admin: &AdminArgs) -> anyhow::Result<()> {
+    eprintln!(
+        "deploying {} ({} bytes) to {}: uploading, then the runtime compiles, links, \
+         describes and smoke-tests it before it runs …",
+        wasm.display(),
+        bytes.len(),
+        admin.runtime
+    );
+    let reply = admin
+        .post("deploy", bytes.into(), "application/wasm")
+        .await
+        .context("deploy refused; the running version stays")?;
+    print_activated(&reply);
+    Ok(())
+}
+
+/// The result of a deploy or rollback: what runs now, what it replaced, and what changed in
+/// subscriptions and routes.
+fn print_activated(reply: &serde_json::Value) {
+    let verb = match reply["action"].as_str() {
+        Some("rollback") => "rolled back",
+        _ => "deployed",
+    };
+    let was = match reply["replaced"]["version"].as_str() {
         Some(v) => format!(
-            " (replaced {v}, {})",
-            body["replaced"]["digest"].as_str().unwrap_or("")
+            " (replaced {v}, sha256:{})",
+            reply["replaced"]["digest"].as_str().unwrap_or("")
         ),
         None => " (new service)".to_string(),
     };
     println!(
-        "deployed {} {} sha256:{}{was}",
-        body["service"].as_str().unwrap_or(""),
-        body["version"].as_str().unwrap_or(""),
-        body["digest"].as_str().unwrap_or(""),
+        "{verb} {} {} sha256:{}{was}",
+        reply["service"].as_str().unwrap_or(""),
+        reply["version"].as_str().unwrap_or(""),
+        reply["digest"].as_str().unwrap_or(""),
     );
-    println!("  subscriptions: {}", body["subscriptions"]);
-    println!("  routes: {}", body["routes"]);
-    Ok(())
+    for field in ["subscriptions", "routes"] {
+        let list = |v: &serde_json::Value| -> Vec<String> {
+            v[field]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        };
+        let now = list(reply);
+        let before = list(&reply["replaced"]);
+        let mut line: Vec<String> = now
+            .iter()
+            .map(|x| {
+                if before.contains(x) || reply["replaced"].is_null() {
+                    x.clone()
+                } else {
+                    format!("+{x}")
+                }
+            })
+            .collect();
+        line.extend(
+            before
+                .iter()
+                .filter(|x| !now.contains(x))
+                .map(|x| format!("-{x}")),
+        );
+        println!("  {field}: {}", line.join(", "));
+    }
 }
 
 async fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {

@@ -2,11 +2,12 @@
 //! service, the relay and the HTTP ingress together. `Options` → [`start`] → a cheap
 //! [`Handle`] to inspect, extend and stop it.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +18,7 @@ use crate::ownership::Ownership;
 use crate::registry::{self, Registry, Service};
 use crate::relay::{self, Relay};
 use crate::stats::Stats;
-use crate::storage::{self, state::BlockingReader, Db};
+use crate::storage::{self, deployments, state::BlockingReader, Db};
 use crate::wasm::{self, Sandbox, StateReader};
 use crate::worker::Worker;
 
@@ -41,15 +42,6 @@ pub enum Error {
     Registry(#[from] registry::Error),
     #[error(transparent)]
     Kafka(#[from] kafka::Error),
-    #[error(
-        "service {service} would change what it consumes ({old:?} → {new:?}); \
-         deploying that to a running instance is not supported yet: restart with the new component"
-    )]
-    SubscriptionsChanged {
-        service: String,
-        old: Vec<String>,
-        new: Vec<String>,
-    },
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -66,6 +58,8 @@ pub struct Shared {
     pub reader: Arc<dyn StateReader>,
     pub clock: Arc<dyn Clock>,
     pub stats: Stats,
+    /// Recent events with their inputs and effects, per service, for `deploy --verify`.
+    pub recordings: crate::verify::Recordings,
     /// Notified after every commit that wrote outbox rows.
     pub relay_wake: Notify,
     /// Notified after every commit that set a deadline.
@@ -73,6 +67,13 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// The instance's tasks; installing a service adds its worker and partition ownership.
     tasks: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+    /// The services consuming here. Held while one is installed or stopped, so lifecycle
+    /// changes (admin API, following deployments) happen one at a time.
+    runs: tokio::sync::Mutex<HashMap<String, Run>>,
+    /// Held by the admin API from running a change here to recording it, and by `follow` from
+    /// reading the recorded deployments to applying them: otherwise `follow` could read the
+    /// history just before a change is recorded and undo the change it has not seen yet.
+    pub lifecycle: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -113,6 +114,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     let sandbox = Sandbox::new(config.limits(), config.cache_dir.clone())?;
     let reader = BlockingReader::new(db.clone(), tokio::runtime::Handle::current());
     let listen = config.http_listen;
+    let recordings = crate::verify::Recordings::new(config.worker.verify_recent);
     let shared = Arc::new(Shared {
         config,
         db,
@@ -121,10 +123,13 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         reader,
         clock: options.clock,
         stats: Stats::default(),
+        recordings,
         relay_wake: Notify::new(),
         deadline_wake: Notify::new(),
         shutdown: CancellationToken::new(),
         tasks: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),
+        runs: tokio::sync::Mutex::new(HashMap::new()),
+        lifecycle: tokio::sync::Mutex::new(()),
     });
     let handle = Handle {
         shared: shared.clone(),
@@ -137,10 +142,11 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
                 path: path.clone(),
                 source,
             })?;
-        handle.install(wasm).await.map_err(|e| match e {
+        let installed = install(&shared, wasm.clone()).await.map_err(|e| match e {
             Error::Sandbox(source) => Error::Component { path, source },
             other => other,
         })?;
+        record_first(&shared, &installed.service, &wasm).await?;
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -172,6 +178,29 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         http_addr,
         ..handle
     })
+}
+
+/// A service given at start-up that was never deployed enters the history as deployed by this
+/// instance's configuration, so it can be rolled back to and undeployed like any other. Once
+/// a service has a history, the database is its authority: `follow` runs its active version
+/// whatever the configuration gave.
+async fn record_first(shared: &Shared, service: &Service, wasm: &[u8]) -> Result<(), Error> {
+    if !deployments::history(&shared.db, service.name())
+        .await?
+        .is_empty()
+    {
+        return Ok(());
+    }
+    let d = deployments::Deployment {
+        id: 0,
+        service: service.name().to_string(),
+        version: service.version().to_string(),
+        digest: service.guest.digest.clone(),
+        deployed_by: format!("config of {}", shared.config.instance_id),
+        deployed_ms: shared.clock.now_ms(),
+        action: deployments::Action::Deploy,
+    };
+    Ok(deployments::record(&shared.db, &d, Some(wasm)).await?)
 }
 
 /// A running instance. Cloning is cheap.
@@ -207,8 +236,16 @@ impl Handle {
     /// Stop consuming, relaying and serving, and wait for the tasks to finish.
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
-        let mut tasks = self.shared.tasks.lock().await;
-        while tasks.join_next().await.is_some() {}
+        // The set is taken out of its lock before joining: a task finishing an install (e.g.
+        // `follow`) adds its service's tasks under that lock, and must not wait for us while
+        // we wait for it. What it adds is joined on the next round.
+        loop {
+            let mut tasks = std::mem::take(&mut *self.shared.tasks.lock().await);
+            if tasks.is_empty() {
+                break;
+            }
+            while tasks.join_next().await.is_some() {}
+        }
     }
 
     /// Resolves when the instance is asked to stop.
@@ -224,38 +261,105 @@ pub struct Installed {
     pub replaced: Option<Arc<Service>>,
 }
 
-/// Load a component and run it: compile, link against our world, `describe` (any failure is
-/// a refusal with the reason, and nothing changes). A new service gets its topics, a consumer
-/// and its partition ownership; a running one is swapped in place: the event or request in
-/// flight finishes on the old version, the next one runs the new. A new version may not change
-/// what the service consumes yet (that needs a restart).
-pub async fn install(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Installed, Error> {
+/// A service consuming on this instance: its worker and partition ownership, stopped together.
+pub(crate) struct Run {
+    stop: CancellationToken,
+    /// Fails (its sender dropped) once both tasks have finished.
+    done: oneshot::Receiver<()>,
+}
+
+impl Run {
+    /// Stop consuming and wait: the batch in flight commits on the version it started with,
+    /// the service's partition leases are given back, nothing later is taken from Kafka.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
+    }
+}
+
+/// Compile, link and describe a component, then make one smoke call (see
+/// [`wasm::Sandbox::load`]): any failure is the refusal, with the reason.
+pub async fn validate(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Service, Error> {
     let sandbox = shared.sandbox.clone();
     let guest = tokio::task::spawn_blocking(move || sandbox.load(&wasm))
         .await
         .map_err(|e| wasm::LoadError::Engine(e.to_string()))??;
-    let service = Service::new(guest)?;
-    if let Some(old) = shared.registry.get(service.name()) {
-        if old.subscribed_topics() != service.subscribed_topics() {
-            return Err(Error::SubscriptionsChanged {
-                service: service.name().to_string(),
-                old: old.subscribed_topics(),
-                new: service.subscribed_topics(),
+    Ok(Service::new(guest)?)
+}
+
+/// Load a component and run it: [`validate`] (a refusal changes nothing), then
+/// - a new service gets its topics, a consumer and its partition ownership;
+/// - a new version that consumes the same topics is swapped in place: the event or request in
+///   flight finishes on the old version, the next one runs the new;
+/// - a new version that consumes other topics restarts the service's consumer here: the batch
+///   in flight commits on the old version, then the new one consumes its topics from the
+///   positions stored for them (a topic it no longer consumes keeps its stored position and is
+///   picked up there by any later version that consumes it again).
+pub async fn install(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Installed, Error> {
+    let service = validate(shared, wasm).await?;
+    let mut runs = shared.runs.lock().await;
+    shared.registry.check(&service)?;
+    let old = shared.registry.get(service.name());
+    if old.as_ref().map(|o| o.topics()) != Some(service.topics()) {
+        kafka::topics::ensure(&shared.config.kafka, &service.topics()).await?;
+    }
+    if let Some(old) = old.as_ref() {
+        if old.subscribed_topics() == service.subscribed_topics() {
+            let service = shared.registry.install(service)?;
+            tracing::info!(
+                service = service.name(), version = service.version(),
+                digest = %service.guest.digest, replaced = %old.guest.digest, "service swapped"
+            );
+            return Ok(Installed {
+                service,
+                replaced: Some(old.clone()),
             });
         }
-        kafka::topics::ensure(&shared.config.kafka, &service.topics()).await?;
-        let service = shared.registry.install(service)?;
-        tracing::info!(
-            service = service.name(), version = service.version(),
-            digest = %service.guest.digest, replaced = %old.guest.digest, "service swapped"
-        );
-        return Ok(Installed {
-            service,
-            replaced: Some(old),
-        });
     }
+    let (consumer, partitions) = prepare(shared, &service).await?;
+    if let Some(run) = runs.remove(service.name()) {
+        run.stop().await;
+    }
+    let service = shared.registry.install(service)?;
+    let stop = shared.shutdown.child_token();
+    let mut ownership = Ownership::new(
+        shared.clone(),
+        service.name(),
+        consumer.clone(),
+        partitions,
+        stop.clone(),
+    );
+    if let Err(e) = ownership.tick().await {
+        tracing::warn!(service = service.name(), "partition ownership: {e}");
+    }
+    let worker = Worker::new(shared.clone(), service.name(), stop.clone());
+    let (finished, done) = oneshot::channel();
+    shared.tasks.lock().await.spawn(async move {
+        tokio::join!(worker.run(consumer.clone()), ownership.run());
+        // Closing a librdkafka consumer blocks: not on a tokio worker thread.
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        drop(finished);
+    });
+    runs.insert(service.name().to_string(), Run { stop, done });
+    tracing::info!(
+        service = service.name(),
+        version = service.version(),
+        digest = %service.guest.digest,
+        replaced = old.as_ref().map(|o| o.guest.digest.as_str()).unwrap_or("-"),
+        "service started"
+    );
+    Ok(Installed {
+        service,
+        replaced: old,
+    })
+}
+
+/// A consumer for the topics `service` consumes, and their partitions.
+async fn prepare(
+    shared: &Arc<Shared>,
+    service: &Service,
+) -> Result<(Arc<Consumer>, Vec<(String, i32)>), Error> {
     let kafka = &shared.config.kafka;
-    kafka::topics::ensure(kafka, &service.topics()).await?;
     let subscribed: Vec<String> = service
         .subscribed_topics()
         .iter()
@@ -276,22 +380,22 @@ pub async fn install(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Installed, E
         .await
         .map_err(|e| wasm::LoadError::Engine(e.to_string()))??
     };
-    let mut ownership =
-        Ownership::new(shared.clone(), service.name(), consumer.clone(), partitions);
-    ownership.tick().await?;
-    let service = shared.registry.install(service)?;
-    tracing::info!(
-        service = service.name(),
-        version = service.version(),
-        digest = %service.guest.digest,
-        "service installed"
-    );
-    let worker = Worker::new(shared.clone(), service.name());
-    let mut tasks = shared.tasks.lock().await;
-    tasks.spawn(worker.run(consumer));
-    tasks.spawn(ownership.run());
-    Ok(Installed {
-        service,
-        replaced: None,
-    })
+    Ok((consumer, partitions))
+}
+
+/// Stop a service on this instance: it consumes nothing more (the batch in flight commits
+/// first), its routes answer 404, its partition leases are given back. Events keep arriving
+/// on its topics and wait there, at the stored positions, for a later deployment. Its
+/// outbox rows still go out and its deadlines still fire (onto its deadline topic, where they
+/// wait likewise). `None` if it was not running here.
+pub async fn undeploy(shared: &Arc<Shared>, name: &str) -> Option<Arc<Service>> {
+    let mut runs = shared.runs.lock().await;
+    if let Some(run) = runs.remove(name) {
+        run.stop().await;
+    }
+    let removed = shared.registry.remove(name);
+    if let Some(s) = &removed {
+        tracing::info!(service = name, version = s.version(), digest = %s.guest.digest, "service undeployed");
+    }
+    removed
 }

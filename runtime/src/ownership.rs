@@ -17,6 +17,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::kafka::consumer::Consumer;
 use crate::node::Shared;
 use crate::storage::{self, lease, offsets};
@@ -31,6 +33,8 @@ pub struct Ownership {
     /// (physical topic, partition) of every topic the service consumes.
     partitions: Vec<(String, i32)>,
     held: BTreeSet<(String, i32)>,
+    /// Cancelled when this service stops on this instance.
+    stop: CancellationToken,
 }
 
 impl Ownership {
@@ -39,6 +43,7 @@ impl Ownership {
         service: &str,
         consumer: Arc<Consumer>,
         mut partitions: Vec<(String, i32)>,
+        stop: CancellationToken,
     ) -> Self {
         // Start the search for free partitions at a different place on each instance, so that
         // instances starting together do not all contend for the same first ones.
@@ -57,6 +62,7 @@ impl Ownership {
             consumer,
             partitions,
             held: BTreeSet::new(),
+            stop,
         }
     }
 
@@ -113,13 +119,14 @@ impl Ownership {
         Ok(())
     }
 
-    /// Tick until shutdown, then give every lease back so the others take over at once.
+    /// Tick until the service stops, then give its leases back so the others take over at
+    /// once (and the instance's membership too if the whole instance is shutting down).
     pub async fn run(mut self) {
         let every =
             Duration::from_millis((self.shared.config.worker.partition_lease_ms / 3).max(10));
         loop {
             tokio::select! {
-                _ = self.shared.shutdown.cancelled() => break,
+                _ = self.stop.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}
             }
             if let Err(e) = self.tick().await {
@@ -130,6 +137,8 @@ impl Ownership {
         for p in &self.held {
             let _ = lease::release(&self.shared.db, &self.lease_name(p), me).await;
         }
-        let _ = lease::release(&self.shared.db, &format!("{MEMBERS}{me}"), me).await;
+        if self.shared.shutdown.is_cancelled() {
+            let _ = lease::release(&self.shared.db, &format!("{MEMBERS}{me}"), me).await;
+        }
     }
 }

@@ -243,6 +243,22 @@ pub fn percent_decode(s: &str) -> String {
 /// Route parameters, in the order of the pattern.
 pub type Params = Vec<(String, String)>;
 
+fn check_routes(services: &BTreeMap<String, Arc<Service>>, service: &Service) -> Result<(), Error> {
+    for other in services.values().filter(|o| o.name() != service.name()) {
+        for mine in &service.routes {
+            if let Some(theirs) = other.routes.iter().find(|r| r.overlaps(mine)) {
+                return Err(Error::RouteTaken {
+                    method: mine.method.clone(),
+                    path: theirs.render(),
+                    service: service.name().to_string(),
+                    other: other.name().to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// All loaded services by name.
 #[derive(Default)]
 pub struct Registry {
@@ -250,26 +266,30 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Whether `service` could be installed: its routes must not overlap another service's.
+    pub fn check(&self, service: &Service) -> Result<(), Error> {
+        let guard = self.services.read().expect("registry lock");
+        check_routes(&guard, service)
+    }
+
     /// Install `service`, replacing an earlier version of the same name.
     pub fn install(&self, service: Service) -> Result<Arc<Service>, Error> {
         let mut guard = self.services.write().expect("registry lock");
-        for other in guard.values().filter(|o| o.name() != service.name()) {
-            for mine in &service.routes {
-                if let Some(theirs) = other.routes.iter().find(|r| r.overlaps(mine)) {
-                    return Err(Error::RouteTaken {
-                        method: mine.method.clone(),
-                        path: theirs.render(),
-                        service: service.name().to_string(),
-                        other: other.name().to_string(),
-                    });
-                }
-            }
-        }
+        check_routes(&guard, &service)?;
         let service = Arc::new(service);
         let mut next = (**guard).clone();
         next.insert(service.name().to_string(), service.clone());
         *guard = Arc::new(next);
         Ok(service)
+    }
+
+    /// Take a service out: its routes and events find nothing from now on.
+    pub fn remove(&self, name: &str) -> Option<Arc<Service>> {
+        let mut guard = self.services.write().expect("registry lock");
+        let mut next = (**guard).clone();
+        let removed = next.remove(name);
+        *guard = Arc::new(next);
+        removed
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Service>> {

@@ -17,6 +17,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::effects;
 use crate::kafka::cloudevents::{self, Malformed};
 use crate::kafka::consumer::{Consumer, Record};
@@ -25,6 +27,7 @@ use crate::node::Shared;
 use crate::registry::{Service, Step};
 use crate::stats::Stats;
 use crate::storage::{self, inbox, ledger, outbox};
+use crate::verify::{Recorder, Recording};
 use crate::wasm::bindings::{Context, Effects, Event, FailurePolicy};
 use crate::wasm::{Called, Failure};
 
@@ -107,13 +110,17 @@ fn closed_reason(step: Step, by: &str) -> String {
 pub struct Worker {
     shared: Arc<Shared>,
     service: String,
+    /// Cancelled when this service stops on this instance (undeploy, a new version that
+    /// consumes other topics, or the instance's shutdown).
+    stop: CancellationToken,
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, service: &str) -> Self {
+    pub fn new(shared: Arc<Shared>, service: &str, stop: CancellationToken) -> Self {
         Worker {
             shared,
             service: service.to_string(),
+            stop,
         }
     }
 
@@ -121,7 +128,7 @@ impl Worker {
         let max = self.shared.config.worker.max_batch.max(1);
         loop {
             let batch = tokio::select! {
-                _ = self.shared.shutdown.cancelled() => break,
+                _ = self.stop.cancelled() => break,
                 batch = consumer.next_batch(max) => batch,
             };
             let batch = match batch {
@@ -136,12 +143,12 @@ impl Worker {
                 break;
             };
             if !self.process(&service, &batch).await {
-                break; // shutting down; nothing was stored, the records will be redelivered
+                break; // stopping; nothing was stored, the records will be redelivered
             }
         }
     }
 
-    /// Handle a batch to the end. Returns `false` only if shutdown interrupted it.
+    /// Handle a batch to the end. Returns `false` only if stopping interrupted it.
     async fn process(&self, service: &Arc<Service>, batch: &[Record]) -> bool {
         let kafka = &self.shared.config.kafka;
         let items: Vec<Item<'_>> = batch
@@ -231,7 +238,7 @@ impl Worker {
     }
 
     /// Run the handler for one event under the subscription's failure policy.
-    /// `None` if shutdown interrupted the retries.
+    /// `None` if stopping interrupted the retries.
     async fn decide(
         &self,
         service: &Arc<Service>,
@@ -307,10 +314,28 @@ impl Worker {
             attempt,
             new_id: item.new_id.clone(),
         };
-        let (service, event, reader) = (service.clone(), event.clone(), self.shared.reader.clone());
-        tokio::task::spawn_blocking(move || service.guest.on_event(reader, &ctx, &event))
-            .await
-            .unwrap_or_else(|e| Err(Failure::Trap(format!("handler thread failed: {e}"))))
+        let (svc, event) = (service.clone(), event.clone());
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            if !shared.recordings.enabled() {
+                return svc.guest.on_event(shared.reader.clone(), &ctx, &event);
+            }
+            let recorder = Arc::new(Recorder::new(shared.reader.clone()));
+            let called = svc.guest.on_event(recorder.clone(), &ctx, &event);
+            if let Ok(called) = &called {
+                let recording = Recording {
+                    event,
+                    ctx,
+                    tape: recorder.take(),
+                    effects: called.output.clone(),
+                    version: svc.version().to_string(),
+                };
+                shared.recordings.add(svc.name(), recording);
+            }
+            called
+        })
+        .await
+        .unwrap_or_else(|e| Err(Failure::Trap(format!("handler thread failed: {e}"))))
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -568,7 +593,7 @@ impl Worker {
         }
     }
 
-    /// Retry a database step with backoff until it succeeds; `None` on shutdown.
+    /// Retry a database step with backoff until it succeeds; `None` when stopping.
     async fn retry_db<T, F, Fut>(&self, mut step: F) -> Option<T>
     where
         F: FnMut() -> Fut,
@@ -589,10 +614,10 @@ impl Worker {
         }
     }
 
-    /// Sleep unless shutting down; `false` if shutdown came first.
+    /// Sleep unless stopping; `false` if the stop came first.
     async fn pause(&self, d: Duration) -> bool {
         tokio::select! {
-            _ = self.shared.shutdown.cancelled() => false,
+            _ = self.stop.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
         }
     }

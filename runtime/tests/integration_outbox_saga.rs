@@ -275,24 +275,13 @@ async fn a_fan_out_is_all_or_nothing_across_topics(backend: Backend) {
 }
 
 /// `runtime dlt …` against this runtime's broker and topics.
-fn dlt_cli(rt: &TestRuntime, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .arg("dlt")
-        .args(args)
-        .args([
-            "--brokers",
-            &common::brokers(),
-            "--topic-prefix",
-            rt.prefix(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "runtime dlt {args:?}: {}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+async fn dlt_cli(rt: &TestRuntime, args: &[&str]) -> String {
+    let brokers = common::brokers();
+    let mut all = vec!["dlt"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--brokers", &brokers, "--topic-prefix", rt.prefix()]);
+    let (ok, stdout, stderr) = common::run_cli(&all, &[]).await;
+    assert!(ok, "runtime dlt {args:?}: {stderr}{stdout}");
     stdout
 }
 
@@ -315,7 +304,7 @@ async fn a_dead_lettered_payment_can_be_listed_and_redriven_once(backend: Backen
     .await;
 
     let listed: Value =
-        serde_json::from_str(&dlt_cli(&rt, &["list", "payment", "--json"])).unwrap();
+        serde_json::from_str(&dlt_cli(&rt, &["list", "payment", "--json"]).await).unwrap();
     let entries = listed.as_array().unwrap();
     assert_eq!(entries.len(), 1, "{listed}");
     let dead = &entries[0];
@@ -331,14 +320,14 @@ async fn a_dead_lettered_payment_can_be_listed_and_redriven_once(backend: Backen
         "{dead}"
     );
     let event_id = dead["eventId"].as_str().unwrap().to_string();
-    let table = dlt_cli(&rt, &["list", "payment.dlt"]);
+    let table = dlt_cli(&rt, &["list", "payment.dlt"]).await;
     assert!(
         table.contains(&event_id) && table.contains("insufficient funds"),
         "{table}"
     );
 
     shop.fund("dora", 500).await;
-    let out = dlt_cli(&rt, &["redrive", "payment", "--event", &event_id]);
+    let out = dlt_cli(&rt, &["redrive", "payment", "--event", &event_id]).await;
     assert!(out.contains("1 event(s) re-driven"), "{out}");
     timeline_has(
         &rt,
@@ -355,7 +344,7 @@ async fn a_dead_lettered_payment_can_be_listed_and_redriven_once(backend: Backen
     assert_eq!(payment["status"], "COMPENSATED", "{payment}");
 
     let duplicates = Stats::get(&rt.handle.stats().duplicates);
-    let out = dlt_cli(&rt, &["redrive", "payment", "--all"]);
+    let out = dlt_cli(&rt, &["redrive", "payment", "--all"]).await;
     assert!(out.contains("1 event(s) re-driven"), "{out}");
     eventually("the second re-drive to be absorbed", || async {
         match Stats::get(&rt.handle.stats().duplicates) {

@@ -135,7 +135,7 @@ async fn killing_an_instance_mid_load_loses_and_duplicates_nothing() {
     let prefix = format!("so{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let mut a = Instance::start("a", &db, &prefix, &config);
     let mut b = Instance::start("b", &db, &prefix, &config);
-    let http = reqwest::Client::new();
+    let http = common::http_client();
     let bases = [a.base.clone(), b.base.clone()];
     let shops = bases.each_ref().map(|base| Shop { base, http: &http });
     for c in 0..CUSTOMERS {

@@ -3,6 +3,10 @@
 //! return a permanent error; anything else is recorded under `seen/<event id>`, so a test can
 //! prove that well-behaved events keep flowing past the hostile ones. `Probe` records what the
 //! sandbox lets a guest see of the world (clock, environment, files) under `probe/<subject>`.
+//!
+//! Built as package `hostile-v2` (version 0.2.0, same source) it consumes `hostile-v2` instead
+//! of `hostile` and serves `/hostile/v2/seen` instead of the probe route: a new version with
+//! other subscriptions and routes.
 
 use saga_sdk::{
     query_reply, route, scan_json, subscribe, Context, Effects, Error, Event, Manifest, Request,
@@ -13,13 +17,18 @@ struct Hostile;
 
 impl Service for Hostile {
     fn describe() -> Manifest {
+        let v2 = env!("CARGO_PKG_NAME") == "hostile-v2";
         Manifest {
             name: "hostile".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            subscriptions: vec![subscribe("hostile")],
+            subscriptions: vec![subscribe(if v2 { "hostile-v2" } else { "hostile" })],
             routes: vec![
                 route("GET", "/hostile/seen"),
-                route("GET", "/hostile/probe/{id}"),
+                if v2 {
+                    route("GET", "/hostile/v2/seen")
+                } else {
+                    route("GET", "/hostile/probe/{id}")
+                },
             ],
             publishes: vec![],
             saga_deadline_ms: None,

@@ -98,7 +98,12 @@ impl PaymentService {
             },
         )
         .put_json(payment_key(&req.order_id), &payment)
-        .emit_json("payment.success", "PaymentSucceeded", &req.order_id, &payment);
+        .emit_json(
+            "payment.success",
+            "PaymentSucceeded",
+            &req.order_id,
+            &payment,
+        );
         Ok(fx)
     }
 
@@ -109,7 +114,8 @@ impl PaymentService {
         let Some(mut payment) = get_json::<Payment>(&payment_key(&req.order_id))? else {
             return Ok(fx);
         };
-        let balance = get_json::<Account>(&account_key(&payment.account_id))?.map_or(0, |a| a.balance);
+        let balance =
+            get_json::<Account>(&account_key(&payment.account_id))?.map_or(0, |a| a.balance);
         payment.status = "COMPENSATED".into();
         payment.updated_ms = ctx.now_ms;
         fx.put_json(

@@ -38,6 +38,14 @@ struct Transaction {
     point: i64,
     status: String,
     updated_ms: i64,
+    /// Set only by the `point-v2` build (same source, version 0.2.0): a visible change of
+    /// behaviour for `runtime deploy --verify` to find.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    handled_by: Option<String>,
+}
+
+fn handled_by() -> Option<String> {
+    (env!("CARGO_PKG_NAME") == "point-v2").then(|| format!("point {}", env!("CARGO_PKG_VERSION")))
 }
 
 struct PointService;
@@ -78,6 +86,7 @@ impl PointService {
             point: step.point,
             status: "USED".into(),
             updated_ms: ctx.now_ms,
+            handled_by: handled_by(),
         };
         fx.put_json(
             user_key(&step.holder_id),

@@ -24,8 +24,8 @@ pub use bindings::export_service;
 pub use bindings::exports::saga::runtime::handler::Guest as Service;
 pub use bindings::saga::runtime::log::Level;
 pub use bindings::saga::runtime::types::{
-    Context, DeadLetter, Deadline, DeadlineRef, Emit, Error, Event, FailurePolicy, Manifest, Payload, Reply,
-    Request, Response, Route, Subscription, Write,
+    Context, DeadLetter, Deadline, DeadlineRef, Emit, Error, Event, FailurePolicy, Manifest,
+    Payload, Reply, Request, Response, Route, Subscription, Write,
 };
 
 /// The content type the JSON helpers write and expect.

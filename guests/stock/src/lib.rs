@@ -100,7 +100,12 @@ impl StockService {
             },
         )
         .put_json(reservation_key(&req.order_id), &reservation)
-        .emit_json("stock.success", "StockReserved", &req.order_id, &reservation);
+        .emit_json(
+            "stock.success",
+            "StockReserved",
+            &req.order_id,
+            &reservation,
+        );
         Ok(fx)
     }
 

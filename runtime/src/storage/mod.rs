@@ -39,6 +39,9 @@ pub enum Error {
     /// State a handler read changed before its effects committed; re-run the handler.
     #[error("state key {key:?} of service {service:?} changed concurrently")]
     Conflict { service: String, key: String },
+    /// A row holds what this version of the runtime cannot read.
+    #[error("unreadable row: {0}")]
+    Corrupt(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -48,6 +48,21 @@ impl StateReader for NoState {
     }
 }
 
+/// Used for the smoke call at load: a service with nothing stored yet.
+pub(super) struct EmptyState;
+
+impl StateReader for EmptyState {
+    fn get(&self, _: &str, _: &str) -> Result<Versioned, String> {
+        Ok(Versioned {
+            value: None,
+            version: 0,
+        })
+    }
+    fn scan(&self, _: &str, _: &str, _: u32) -> Result<Vec<(String, Versioned)>, String> {
+        Ok(Vec::new())
+    }
+}
+
 pub(super) struct Limiter {
     max_memory: u64,
     /// Set when the guest tried to grow past the limit: the size it asked for.

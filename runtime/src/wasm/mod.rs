@@ -25,7 +25,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
 use bindings::{Context, Effects, Event, GuestError, Manifest, Request, Response, ServicePre};
-use host::{Host, NoState};
+use host::{EmptyState, Host, NoState};
 pub use host::{ReadSet, StateReader, Versioned};
 
 /// Limits and knobs of the sandbox.
@@ -56,8 +56,12 @@ pub enum LoadError {
     Compile(String),
     #[error("component does not fit the saga:runtime/service world: {0}")]
     World(String),
+    #[error("component imports {import}, which guests may not use: {why}")]
+    ForbiddenImport { import: String, why: &'static str },
     #[error("describe() failed: {0}")]
     Describe(String),
+    #[error("smoke call (on-request GET {SMOKE_PATH} with empty state) failed: {0}")]
+    Smoke(String),
     #[error("the sandbox could not be set up: {0}")]
     Engine(String),
 }
@@ -94,6 +98,60 @@ pub struct Called<T> {
     pub reads: ReadSet,
 }
 
+/// The export a service must have.
+pub const HANDLER_EXPORT: &str = "saga:runtime/handler@0.1.0";
+
+/// What the smoke call at load asks for: a path no service routes, so any reply will do.
+pub const SMOKE_PATH: &str = "/_saga/smoke";
+
+/// Import prefixes a guest may have: our host interfaces, and the WASI parts Rust's standard
+/// library links to, which the sandbox grants nothing through (no preopened directories, no
+/// environment or arguments, clocks frozen, stdout discarded).
+const ALLOWED_IMPORTS: &[&str] = &[
+    "saga:runtime/",
+    "wasi:io/",
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:filesystem/",
+];
+
+/// Why an import is refused, or `None` if it is allowed.
+fn forbidden(import: &str) -> Option<&'static str> {
+    if ALLOWED_IMPORTS.iter().any(|p| import.starts_with(p)) {
+        None
+    } else if import.starts_with("wasi:sockets/") || import.starts_with("wasi:http/") {
+        Some("guests get no network; emit an event and let another service act on it")
+    } else {
+        Some("the runtime provides only saga:runtime and the WASI parts the standard library needs")
+    }
+}
+
+/// Refuse a component whose imports or exports do not fit a saga service, with the reason.
+fn check_shape(engine: &Engine, component: &Component) -> Result<(), LoadError> {
+    let ty = component.component_type();
+    for (import, _) in ty.imports(engine) {
+        if let Some(why) = forbidden(import) {
+            return Err(LoadError::ForbiddenImport {
+                import: import.to_string(),
+                why,
+            });
+        }
+    }
+    let exports: Vec<&str> = ty.exports(engine).map(|(name, _)| name).collect();
+    if !exports.contains(&HANDLER_EXPORT) {
+        let has = if exports.is_empty() {
+            "nothing".to_string()
+        } else {
+            exports.join(", ")
+        };
+        return Err(LoadError::World(format!(
+            "it must export {HANDLER_EXPORT} (the saga:runtime/service world) but exports {has}"
+        )));
+    }
+    Ok(())
+}
+
 /// Owns the engine; cheap to clone.
 #[derive(Clone)]
 pub struct Sandbox {
@@ -128,10 +186,14 @@ impl Sandbox {
         &self.limits
     }
 
-    /// Compile (or load from the cache), link and describe a component.
+    /// Compile (or load from the cache), check its imports and exports, link it, describe it
+    /// and make one smoke call: a `GET /_saga/smoke` request against empty state, which must
+    /// come back (any status, or an error result) without a trap or a limit hit. Whatever it
+    /// returns is thrown away.
     pub fn load(&self, wasm: &[u8]) -> Result<Guest, LoadError> {
         let digest = hex(&Sha256::digest(wasm));
         let component = self.compile(wasm, &digest)?;
+        check_shape(&self.engine, &component)?;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -169,7 +231,25 @@ impl Sandbox {
             )));
         }
         guest.manifest = manifest;
-        Ok(guest)
+        let smoke = Request {
+            method: "GET".into(),
+            path: SMOKE_PATH.into(),
+            params: Vec::new(),
+            query: Vec::new(),
+            body: bindings::Payload {
+                content_type: "application/json".into(),
+                data: Vec::new(),
+            },
+        };
+        let ctx = Context {
+            now_ms: 0,
+            attempt: 1,
+            new_id: "smoke".into(),
+        };
+        match guest.on_request(Arc::new(EmptyState), &ctx, &smoke) {
+            Ok(_) | Err(Failure::Retry(_) | Failure::Reject(_)) => Ok(guest),
+            Err(e) => Err(LoadError::Smoke(e.to_string())),
+        }
     }
 
     fn compile(&self, wasm: &[u8], digest: &str) -> Result<Component, LoadError> {

@@ -205,7 +205,7 @@ impl TestRuntime {
             db,
             config,
             base,
-            http: reqwest::Client::new(),
+            http: http_client(),
         }
     }
 
@@ -246,6 +246,35 @@ impl TestRuntime {
     }
 }
 
+/// Run the `runtime` CLI with `envs` set: whether it succeeded, its stdout and its stderr. It
+/// runs beside the test's own runtime (no blocked worker thread) and is killed after two
+/// minutes, which fails the test instead of hanging it.
+pub async fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .unwrap_or_else(|_| panic!("runtime {args:?} did not finish within 120 s"))
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An HTTP client for tests: a request the runtime never answers fails the test instead of
+/// hanging it.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
 /// `POST base+path` with a JSON body: the status and the JSON reply (`null` if none).
 pub async fn post_json(
     http: &reqwest::Client,
@@ -273,6 +302,8 @@ pub async fn get_json(http: &reqwest::Client, base: &str, path: &str) -> Value {
 #[derive(Debug)]
 pub struct Handled {
     pub service: String,
+    /// The version of the service that handled it.
+    pub version: String,
     pub event_type: String,
     pub outcome: String,
     pub handled_ms: i64,
@@ -289,6 +320,7 @@ pub async fn timeline(rt: &TestRuntime, saga: &str) -> Vec<Handled> {
             let s = |k: &str| e[k].as_str().unwrap().to_string();
             Handled {
                 service: s("service"),
+                version: s("version"),
                 event_type: s("eventType"),
                 outcome: s("outcome"),
                 handled_ms: e["handledMs"].as_i64().unwrap(),

@@ -1,0 +1,280 @@
+//! Guarded deploy (`runtime deploy --verify`): replay what the active version was given
+//! through a new version in the sandbox and show where the effects differ, before activating.
+//!
+//! Recording: every handler call of the worker reads state through a [`Recorder`], which keeps
+//! what each `get` and `scan` returned. The event, its context, those reads and the effects the
+//! handler produced are kept in memory, the last `worker.verify_recent` per service on this
+//! instance ([`Recordings`]); an event re-run after a conflict replaces its earlier record.
+//!
+//! Replay: the new version's `on-event` runs with the recorded context (same `now-ms`,
+//! `new-id`) against a [`Replay`] reader that answers only from the recorded reads, so the
+//! inputs are exactly what the active version saw. A read the recorded run did not make
+//! fails the call (reported as such). Effects are compared and thrown away: nothing replayed
+//! touches the database or Kafka.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use crate::wasm::bindings::{Context, Effects, Event};
+use crate::wasm::{Guest, StateReader, Versioned};
+
+/// What one handler call read.
+#[derive(Debug, Default, Clone)]
+pub struct Tape {
+    gets: BTreeMap<String, Versioned>,
+    scans: BTreeMap<(String, u32), Vec<(String, Versioned)>>,
+}
+
+/// A reader that keeps what it returned.
+pub struct Recorder {
+    inner: Arc<dyn StateReader>,
+    tape: Mutex<Tape>,
+}
+
+impl Recorder {
+    pub fn new(inner: Arc<dyn StateReader>) -> Self {
+        Recorder {
+            inner,
+            tape: Mutex::new(Tape::default()),
+        }
+    }
+
+    pub fn take(&self) -> Tape {
+        std::mem::take(&mut self.tape.lock().expect("tape lock"))
+    }
+}
+
+impl StateReader for Recorder {
+    fn get(&self, service: &str, key: &str) -> Result<Versioned, String> {
+        let found = self.inner.get(service, key)?;
+        let mut tape = self.tape.lock().expect("tape lock");
+        tape.gets.insert(key.to_string(), found.clone());
+        Ok(found)
+    }
+
+    fn scan(
+        &self,
+        service: &str,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Versioned)>, String> {
+        let rows = self.inner.scan(service, prefix, limit)?;
+        let mut tape = self.tape.lock().expect("tape lock");
+        tape.scans.insert((prefix.to_string(), limit), rows.clone());
+        Ok(rows)
+    }
+}
+
+/// Answers only what a recorded call read.
+pub struct Replay(Tape);
+
+impl StateReader for Replay {
+    fn get(&self, _: &str, key: &str) -> Result<Versioned, String> {
+        if let Some(v) = self.0.gets.get(key) {
+            return Ok(v.clone());
+        }
+        let scanned = self.0.scans.values().flatten().find(|(k, _)| k == key);
+        match scanned {
+            Some((_, v)) => Ok(v.clone()),
+            None => Err(format!(
+                "the active version did not read {key:?} for this event, so its value is not recorded"
+            )),
+        }
+    }
+
+    fn scan(&self, _: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Versioned)>, String> {
+        self.0
+            .scans
+            .get(&(prefix.to_string(), limit))
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "the active version did not scan {prefix:?} (limit {limit}) for this event, \
+                     so the result is not recorded"
+                )
+            })
+    }
+}
+
+/// One handled event with its inputs and what the version that handled it produced.
+#[derive(Debug)]
+pub struct Recording {
+    pub event: Event,
+    pub ctx: Context,
+    pub tape: Tape,
+    pub effects: Effects,
+    pub version: String,
+}
+
+/// The recent recordings of each service on this instance.
+pub struct Recordings {
+    keep: usize,
+    by_service: Mutex<HashMap<String, VecDeque<Arc<Recording>>>>,
+}
+
+impl Recordings {
+    pub fn new(keep: usize) -> Self {
+        Recordings {
+            keep,
+            by_service: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.keep > 0
+    }
+
+    pub fn add(&self, service: &str, recording: Recording) {
+        if self.keep == 0 {
+            return;
+        }
+        let mut all = self.by_service.lock().expect("recordings lock");
+        let recent = all.entry(service.to_string()).or_default();
+        recent.retain(|r| r.event.id != recording.event.id);
+        if recent.len() >= self.keep {
+            recent.pop_front();
+        }
+        recent.push_back(Arc::new(recording));
+    }
+
+    /// The recordings of `service`, oldest first.
+    pub fn of(&self, service: &str) -> Vec<Arc<Recording>> {
+        let all = self.by_service.lock().expect("recordings lock");
+        all.get(service)
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// What replaying one recording through a new version gave.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replayed {
+    pub event_id: String,
+    pub event_type: String,
+    pub saga: String,
+    /// The version whose effects were recorded.
+    pub recorded_version: String,
+    /// `same`, `differs` or `failed`.
+    pub result: &'static str,
+    /// For `differs`: `- effect` only the recorded version produced, `+ effect` only the new.
+    /// For `failed`: why the new version's call failed.
+    pub detail: Vec<String>,
+}
+
+/// Replay `recording` through `guest` (blocking: a guest call).
+pub fn replay(guest: &Guest, recording: &Recording) -> Replayed {
+    let reader = Arc::new(Replay(recording.tape.clone()));
+    let called = guest.on_event(reader, &recording.ctx, &recording.event);
+    let (result, detail) = match called {
+        Ok(called) => {
+            let diff = diff(&lines(&recording.effects), &lines(&called.output));
+            if diff.is_empty() {
+                ("same", diff)
+            } else {
+                ("differs", diff)
+            }
+        }
+        Err(failure) => ("failed", vec![failure.to_string()]),
+    };
+    Replayed {
+        event_id: recording.event.id.clone(),
+        event_type: recording.event.type_.clone(),
+        saga: recording.event.subject.clone(),
+        recorded_version: recording.version.clone(),
+        result,
+        detail,
+    }
+}
+
+fn show(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_string(),
+        Err(_) => format!("<{} bytes>", bytes.len()),
+    }
+}
+
+/// Effects as comparable lines.
+fn lines(fx: &Effects) -> Vec<String> {
+    let writes = fx.writes.iter().map(|w| match &w.value {
+        Some(v) => format!("put {} = {}", w.key, show(v)),
+        None => format!("delete {}", w.key),
+    });
+    let emits = fx.emits.iter().map(|e| {
+        format!(
+            "emit {} {} subject={} {}",
+            e.topic,
+            e.type_,
+            e.subject,
+            show(&e.data.data)
+        )
+    });
+    let set = fx.set_deadlines.iter().map(|d| {
+        let after = d
+            .after_ms
+            .map(|ms| format!("{ms} ms"))
+            .unwrap_or_else(|| "the saga deadline".into());
+        format!("set deadline {}/{} after {after}", d.subject, d.name)
+    });
+    let cancel = fx
+        .cancel_deadlines
+        .iter()
+        .map(|d| format!("cancel deadline {}/{}", d.subject, d.name));
+    writes.chain(emits).chain(set).chain(cancel).collect()
+}
+
+/// `- line` for what only `old` has, `+ line` for what only `new` has (as multisets).
+fn diff(old: &[String], new: &[String]) -> Vec<String> {
+    let mut unmatched: Vec<&String> = new.iter().collect();
+    let mut out = Vec::new();
+    for line in old {
+        match unmatched.iter().position(|n| *n == line) {
+            Some(i) => {
+                unmatched.remove(i);
+            }
+            None => out.push(format!("- {line}")),
+        }
+    }
+    out.extend(unmatched.into_iter().map(|l| format!("+ {l}")));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_diff_shows_what_each_side_alone_has() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(diff(&s(&["a", "b", "b"]), &s(&["b", "a", "b"])).is_empty());
+        assert_eq!(
+            diff(&s(&["a", "b", "b"]), &s(&["b", "c"])),
+            s(&["- a", "- b", "+ c"])
+        );
+    }
+
+    #[test]
+    fn a_replay_answers_only_recorded_reads() {
+        let mut tape = Tape::default();
+        let v = |x: &[u8]| Versioned {
+            value: Some(x.to_vec()),
+            version: 3,
+        };
+        tape.gets.insert("a".into(), v(b"1"));
+        tape.scans
+            .insert(("p/".into(), 10), vec![("p/x".into(), v(b"2"))]);
+        let r = Replay(tape);
+        assert_eq!(r.get("s", "a").unwrap(), v(b"1"));
+        assert_eq!(
+            r.get("s", "p/x").unwrap(),
+            v(b"2"),
+            "a key a recorded scan returned"
+        );
+        assert!(r.get("s", "b").unwrap_err().contains("did not read \"b\""));
+        assert_eq!(r.scan("s", "p/", 10).unwrap().len(), 1);
+        assert!(
+            r.scan("s", "p/", 5).is_err(),
+            "another limit is another read"
+        );
+    }
+}
