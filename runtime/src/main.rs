@@ -164,7 +164,7 @@ impl AdminArgs {
         content_type: &str,
     ) -> anyhow::Result<serde_json::Value> {
         let url = format!("{}/_saga/admin/{path}", self.runtime.trim_end_matches('/'));
-        let resp = reqwest::Client::new()
+        let resp = http()?
             .post(&url)
             .bearer_auth(&self.token)
             .header("content-type", content_type)
@@ -528,8 +528,19 @@ fn print_activated(reply: &serde_json::Value) {
     }
 }
 
+/// The CLI's HTTP client: a runtime that does not answer is an error, not a hang. A deploy
+/// waits for the runtime to compile, link and smoke-test the component, hence the minutes.
+fn http() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(300))
+        .build()?)
+}
+
 async fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
-    Ok(reqwest::get(url)
+    Ok(http()?
+        .get(url)
+        .send()
         .await
         .with_context(|| format!("GET {url}"))?
         .error_for_status()?
@@ -539,12 +550,7 @@ async fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
 
 async fn trace(runtime: &str, saga: &str) -> anyhow::Result<()> {
     let url = format!("{}/sagas/{saga}", runtime.trim_end_matches('/'));
-    let t: serde_json::Value = reqwest::get(&url)
-        .await
-        .with_context(|| format!("GET {url}"))?
-        .error_for_status()?
-        .json()
-        .await?;
+    let t = get_json(&url).await?;
     let time = |ms: &serde_json::Value| {
         let ms = ms.as_i64().unwrap_or(0).max(0) as u64;
         humantime::format_rfc3339_millis(

@@ -88,16 +88,8 @@ async fn an_order_is_rejected_by_its_deadline_while_exchange_is_down(backend: Ba
     assert_rejected_by_deadline_and_untouched(&rt, &id, "gus").await;
 
     // B9 through the CLI: `runtime trace` against the running instance.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .args(["trace", &id, "--runtime", &rt.base])
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, printed, stderr) = common::run_cli(&["trace", &id, "--runtime", &rt.base], &[]).await;
+    assert!(ok, "{stderr}");
     assert!(
         printed.contains("DeadlineExpired") && printed.contains("expired"),
         "{printed}"

@@ -75,18 +75,8 @@ async fn a_deployed_service_joins_a_running_saga_and_bad_components_are_refused(
         )
         .await;
     let id = order["id"].as_str().unwrap().to_string();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
-        .arg("deploy")
-        .arg(guest_path("exchange"))
-        .args(["--runtime", &rt.base, "--token", TOKEN])
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}{printed}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let exchange = guest_path("exchange");
+    let printed = cli_ok(&["deploy", exchange.to_str().unwrap(), "--runtime", &rt.base]).await;
     assert!(
         printed.contains("deployed exchange 0.1.0 sha256:") && printed.contains("(new service)"),
         "{printed}"
@@ -121,26 +111,14 @@ async fn every_instance_on_the_database_follows_a_deploy() {
     .await;
     let other = rt.sibling(|_| {}).await;
     let other_base = format!("http://{}", other.http_addr());
-    let runtime = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_runtime"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let before = runtime(&["services", "--runtime", &other_base]);
+    let before = cli_ok(&["services", "--runtime", &other_base]).await;
     assert!(!before.contains("exchange"), "{before}");
 
     let (status, body) = post_wasm(&rt, Some(TOKEN), guest("exchange")).await;
     assert_eq!(status, 200, "{body}");
     let digest = body["digest"].as_str().unwrap().to_string();
     eventually("the other instance to run exchange", || async {
-        let listed = runtime(&["services", "--runtime", &other_base]);
+        let listed = cli_ok(&["services", "--runtime", &other_base]).await;
         if listed.contains(&format!("exchange     0.1.0      sha256:{digest}")) {
             Ok(())
         } else {
@@ -161,7 +139,7 @@ async fn every_instance_on_the_database_follows_a_deploy() {
         "the other instance serves exchange's routes: {}",
         exchanges.text().await.unwrap_or_default()
     );
-    let versions = runtime(&["versions", "exchange", "--runtime", &other_base]);
+    let versions = cli_ok(&["versions", "exchange", "--runtime", &other_base]).await;
     assert!(
         versions.starts_with(&format!("* 0.1.0      sha256:{digest}"))
             && versions.contains("by admin API"),
