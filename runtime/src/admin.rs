@@ -116,8 +116,8 @@ pub async fn deploy(
 }
 
 /// `POST /_saga/admin/verify` with a component's bytes: validate it (as deploy would) and
-/// replay the recent events this instance recorded for its service through it in the sandbox
-/// (see `crate::verify`). Activates nothing, writes nothing.
+/// replay the recent events recorded for its service (by every instance on the database)
+/// through it in the sandbox (see `crate::verify`). Activates nothing, writes nothing.
 pub async fn verify(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -130,7 +130,10 @@ pub async fn verify(
         Ok(service) => Arc::new(service),
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("refused: {e}")),
     };
-    let recordings = shared.recordings.of(service.name());
+    let recordings = match shared.recordings.of(&shared, service.name()).await {
+        Ok(recordings) => recordings,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
     let new = service.clone();
     let replayed = tokio::task::spawn_blocking(move || {
         recordings

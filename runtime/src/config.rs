@@ -87,9 +87,9 @@ pub struct Worker {
     /// How long this instance owns a topic partition of a service without renewing, ms: the
     /// partitions of an instance that died move to the others after this. Default 10000.
     pub partition_lease_ms: u64,
-    /// How many recent events per service this instance keeps with their inputs (the state the
-    /// handler read) and effects, for `runtime deploy --verify` to replay; 0 keeps none.
-    /// Default 200.
+    /// How many recent events per service are kept with their inputs (the state the handler
+    /// read) and effects, in the database, for `runtime deploy --verify` to replay; 0 records
+    /// nothing. Default 200.
     pub verify_recent: usize,
 }
 

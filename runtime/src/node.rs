@@ -58,7 +58,8 @@ pub struct Shared {
     pub reader: Arc<dyn StateReader>,
     pub clock: Arc<dyn Clock>,
     pub stats: Stats,
-    /// Recent events with their inputs and effects, per service, for `deploy --verify`.
+    /// Recent events with their inputs and effects, per service, for `deploy --verify`,
+    /// until `verify::flush` writes them to the database.
     pub recordings: crate::verify::Recordings,
     /// Notified after every commit that wrote outbox rows.
     pub relay_wake: Notify,
@@ -162,6 +163,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     tasks.spawn(Relay::new(shared.clone(), options.relay_faults).run());
     tasks.spawn(crate::deadline::Scheduler::new(shared.clone()).run());
     tasks.spawn(crate::follow::run(shared.clone()));
+    tasks.spawn(crate::verify::flush(shared.clone()));
     let router = crate::ingress::router(shared.clone());
     let stop = shared.shutdown.clone();
     tasks.spawn(async move {

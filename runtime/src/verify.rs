@@ -3,8 +3,12 @@
 //!
 //! Recording: every handler call of the worker reads state through a [`Recorder`], which keeps
 //! what each `get` and `scan` returned. The event, its context, those reads and the effects the
-//! handler produced are kept in memory, the last `worker.verify_recent` per service on this
-//! instance ([`Recordings`]); an event re-run after a conflict replaces its earlier record.
+//! handler produced form a [`Recording`]. [`Recordings`] buffers them in memory (the newest
+//! `worker.verify_recent` per service) and [`flush`] writes the buffer to the database every
+//! [`FLUSH_EVERY`], off the event path, where `storage::recordings` keeps the newest per
+//! service across all instances and restarts; an event re-run after a conflict replaces its
+//! earlier record. The cost on the event path is the recording itself (a copy of the event,
+//! the values read and the effects), no I/O.
 //!
 //! Replay: the new version's `on-event` runs with the recorded context (same `now-ms`,
 //! `new-id`) against a [`Replay`] reader that answers only from the recorded reads, so the
@@ -14,15 +18,42 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use crate::node::Shared;
+use crate::storage::{self, recordings::Recorded};
 use crate::wasm::bindings::{Context, Effects, Event};
 use crate::wasm::{Guest, StateReader, Versioned};
 
+/// How often an instance writes its new recordings to the database.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
 /// What one handler call read.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Tape {
     gets: BTreeMap<String, Versioned>,
+    /// Keyed by (prefix, limit): a scan with another limit is another read.
+    #[serde(with = "scans_as_list")]
     scans: BTreeMap<(String, u32), Vec<(String, Versioned)>>,
+}
+
+/// JSON objects need string keys: scans are stored as `[prefix, limit, rows]` triples.
+mod scans_as_list {
+    use super::*;
+    type Rows = Vec<(String, Versioned)>;
+    type Scans = BTreeMap<(String, u32), Rows>;
+
+    pub fn serialize<S: serde::Serializer>(scans: &Scans, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(scans.iter().map(|((p, l), rows)| (p, l, rows)))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Scans, D::Error> {
+        let list: Vec<(String, u32, Rows)> = serde::Deserialize::deserialize(d)?;
+        Ok(list
+            .into_iter()
+            .map(|(p, l, rows)| ((p, l), rows))
+            .collect())
+    }
 }
 
 /// A reader that keeps what it returned.
@@ -97,7 +128,7 @@ impl StateReader for Replay {
 }
 
 /// One handled event with its inputs and what the version that handled it produced.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Recording {
     pub event: Event,
     pub ctx: Context,
@@ -106,17 +137,17 @@ pub struct Recording {
     pub version: String,
 }
 
-/// The recent recordings of each service on this instance.
+/// Recordings not yet written to the database, the newest `keep` per service.
 pub struct Recordings {
     keep: usize,
-    by_service: Mutex<HashMap<String, VecDeque<Arc<Recording>>>>,
+    pending: Mutex<HashMap<String, VecDeque<Recording>>>,
 }
 
 impl Recordings {
     pub fn new(keep: usize) -> Self {
         Recordings {
             keep,
-            by_service: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
         }
     }
 
@@ -124,25 +155,92 @@ impl Recordings {
         self.keep > 0
     }
 
+    pub fn keep(&self) -> usize {
+        self.keep
+    }
+
     pub fn add(&self, service: &str, recording: Recording) {
         if self.keep == 0 {
             return;
         }
-        let mut all = self.by_service.lock().expect("recordings lock");
+        let mut all = self.pending.lock().expect("recordings lock");
         let recent = all.entry(service.to_string()).or_default();
         recent.retain(|r| r.event.id != recording.event.id);
         if recent.len() >= self.keep {
             recent.pop_front();
         }
-        recent.push_back(Arc::new(recording));
+        recent.push_back(recording);
     }
 
-    /// The recordings of `service`, oldest first.
-    pub fn of(&self, service: &str) -> Vec<Arc<Recording>> {
-        let all = self.by_service.lock().expect("recordings lock");
-        all.get(service)
-            .map(|r| r.iter().cloned().collect())
-            .unwrap_or_default()
+    /// Everything pending, as rows for `storage::recordings`; the buffer is left empty.
+    fn take(&self, instance: &str) -> Vec<Recorded> {
+        let all = std::mem::take(&mut *self.pending.lock().expect("recordings lock"));
+        let mut rows = Vec::new();
+        for (service, recent) in all {
+            for r in recent {
+                match serde_json::to_string(&r) {
+                    Ok(body) => rows.push(Recorded {
+                        service: service.clone(),
+                        event_id: r.event.id.clone(),
+                        recorded_ms: r.ctx.now_ms,
+                        instance: instance.to_string(),
+                        version: r.version.clone(),
+                        body,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(%service, event = %r.event.id, "recording not kept: {e}")
+                    }
+                }
+            }
+        }
+        rows
+    }
+
+    /// Write what is pending to the database.
+    pub async fn save(&self, shared: &Shared) -> Result<(), storage::Error> {
+        let rows = self.take(&shared.config.instance_id);
+        storage::recordings::save(&shared.db, &rows, self.keep).await
+    }
+
+    /// The newest recordings of `service` on every instance (this one's saved first), oldest
+    /// first. Rows this runtime cannot read (written by another version of it) are skipped.
+    pub async fn of(
+        &self,
+        shared: &Shared,
+        service: &str,
+    ) -> Result<Vec<Recording>, storage::Error> {
+        self.save(shared).await?;
+        let rows = storage::recordings::recent(&shared.db, service, self.keep).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| match serde_json::from_str(&row.body) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(service, event = %row.event_id, "unreadable recording skipped: {e}");
+                    None
+                }
+            })
+            .collect())
+    }
+}
+
+/// Write new recordings to the database every [`FLUSH_EVERY`] until the instance stops (and
+/// once more then). A failed write loses that batch of samples, nothing else.
+pub async fn flush(shared: Arc<Shared>) {
+    if !shared.recordings.enabled() {
+        return;
+    }
+    loop {
+        let stopping = tokio::select! {
+            _ = shared.shutdown.cancelled() => true,
+            _ = tokio::time::sleep(FLUSH_EVERY) => false,
+        };
+        if let Err(e) = shared.recordings.save(&shared).await {
+            tracing::warn!("could not save recordings for deploy --verify: {e}");
+        }
+        if stopping {
+            return;
+        }
     }
 }
 
@@ -251,6 +349,21 @@ mod tests {
             diff(&s(&["a", "b", "b"]), &s(&["b", "c"])),
             s(&["- a", "- b", "+ c"])
         );
+    }
+
+    #[test]
+    fn a_tape_survives_its_json_form() {
+        let mut tape = Tape::default();
+        let v = Versioned {
+            value: Some(b"{}".to_vec()),
+            version: 2,
+        };
+        tape.gets.insert("a".into(), v.clone());
+        tape.scans.insert(("p/".into(), 5), vec![("p/x".into(), v)]);
+        tape.scans.insert(("p/".into(), 9), vec![]);
+        let json = serde_json::to_string(&tape).unwrap();
+        let back: Tape = serde_json::from_str(&json).unwrap();
+        assert_eq!((back.gets, back.scans), (tape.gets, tape.scans), "{json}");
     }
 
     #[test]

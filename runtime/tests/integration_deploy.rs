@@ -521,8 +521,9 @@ async fn a_hot_swap_under_load_loses_and_repeats_nothing() {
 }
 
 /// The guarded deploy: `runtime deploy --verify` replays the events the active version handled
-/// through the new version in the sandbox and prints where the effects differ; a version that
-/// differs is not deployed without `--yes`, and nothing replayed touches state or Kafka.
+/// (recorded in the database, so also after a restart) through the new version in the sandbox
+/// and prints where the effects differ; a version that differs is not deployed without
+/// `--yes`, and nothing replayed touches state or Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_verify_replays_recent_events_and_shows_what_differs() {
     let rt = TestRuntime::start_with(Backend::Sqlite, &["order", "point", "exchange"], |o| {
@@ -543,6 +544,8 @@ async fn deploy_verify_replays_recent_events_and_shows_what_differs() {
         // The saga's last event: exchange sees the approval. After it nothing moves.
         common::timeline_has(&rt, id, &[("exchange", "OrderApproved", "*")]).await;
     }
+    // Recordings are kept in the database: a restarted instance still replays them.
+    let rt = rt.restart(|_| {}).await;
     let before = (
         rt.get("/points/vera").await,
         rt.get("/transactions").await,

@@ -8,6 +8,7 @@ use common::{Backend, TestDb};
 use std::time::Duration;
 
 use saga_runtime::storage::ledger::{self, Verdict};
+use saga_runtime::storage::recordings::{self, Recorded};
 use saga_runtime::storage::{inbox, lease, outbox, sagas, state, Db, Error};
 use saga_runtime::wasm::bindings::Write;
 use saga_runtime::wasm::read_set;
@@ -381,7 +382,39 @@ async fn a_step_racing_its_compensation_serialises_on_the_ledger_row(backend: Ba
     t.drop_db().await;
 }
 
+/// `deploy --verify`'s recordings: a re-recorded event replaces its row, each service keeps
+/// only its newest `keep`, rows of every instance are read together, oldest first.
+async fn recordings_keep_the_newest_per_service_across_instances(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let row = |service: &str, event: &str, ms: i64, instance: &str| Recorded {
+        service: service.into(),
+        event_id: event.into(),
+        recorded_ms: ms,
+        instance: instance.into(),
+        version: "0.1.0".into(),
+        body: format!("{event}@{ms}"),
+    };
+    let first: Vec<Recorded> = (1..=4)
+        .map(|i| row("a", &format!("e{i}"), i, "x"))
+        .collect();
+    recordings::save(&db, &first, 3).await.unwrap();
+    recordings::save(&db, &[row("a", "e2", 9, "y"), row("b", "f1", 5, "y")], 3)
+        .await
+        .unwrap();
+    let a = recordings::recent(&db, "a", 10).await.unwrap();
+    let got: Vec<(&str, &str)> = a
+        .iter()
+        .map(|r| (r.body.as_str(), r.instance.as_str()))
+        .collect();
+    assert_eq!(got, [("e3@3", "x"), ("e4@4", "x"), ("e2@9", "y")]);
+    let newest = recordings::recent(&db, "a", 1).await.unwrap();
+    assert_eq!(newest, vec![row("a", "e2", 9, "y")]);
+    assert_eq!(recordings::recent(&db, "b", 10).await.unwrap().len(), 1);
+    t.drop_db().await;
+}
+
 on_both_backends!(
+    recordings_keep_the_newest_per_service_across_instances,
     a_redrive_replaces_a_dead_letter_record_once,
     the_ledger_applies_one_compensation_and_no_step_after_it,
     a_step_racing_its_compensation_serialises_on_the_ledger_row,

@@ -13,6 +13,7 @@ pub mod lease;
 pub mod ledger;
 pub mod offsets;
 pub mod outbox;
+pub mod recordings;
 pub mod sagas;
 pub mod state;
 

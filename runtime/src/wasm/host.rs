@@ -14,7 +14,7 @@ use super::bindings::saga::runtime::{log, state};
 /// A stored value and its version. Version 0 means the key has never been written; a deleted
 /// key keeps its row (value `None`) and a growing version, so a delete-and-recreate between a
 /// read and a commit is still seen as a conflict.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Versioned {
     pub value: Option<Vec<u8>>,
     pub version: i64,
