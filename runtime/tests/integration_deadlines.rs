@@ -233,7 +233,93 @@ async fn each_deadline_fires_once_across_two_instances(backend: Backend) {
     rt.stop().await;
 }
 
+/// A7 (blocking strategy): exchange's subscription is blocking, and a `currencyId=100` step
+/// keeps failing until past its deadline. That holds its partition only: orders whose events
+/// are on exchange's other partition are approved meanwhile, those behind it wait (and here
+/// are rejected by their deadlines), and every saga ends consistent.
+async fn a_blocked_step_holds_its_partition_not_its_service(backend: Backend) {
+    let rt = TestRuntime::start_with(backend, &["order", "point", "exchange"], |o| {
+        o.config.saga_deadlines.insert("order".into(), 5_000);
+    })
+    .await;
+    let warm = place(&rt, "warm-up", 10, 1).await;
+    timeline_has(&rt, &warm, &[("exchange", "OrderCreated", "*")]).await;
+    let slow = place(&rt, "slow", 500, 100).await;
+    common::eventually("exchange to fail the slow step", || async {
+        match Stats::get(&rt.handle.stats().failures) {
+            0 => Err("no failure yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    rt.post("/points", json!({"userId": "busy", "point": 10000}))
+        .await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let body = json!({"holderId": "busy", "currencyId": 1, "amount": 10});
+        let (status, order) = rt.post("/orders", body).await;
+        assert_eq!(status, 201, "{order}");
+        ids.push(order["id"].as_str().unwrap().to_string());
+    }
+    let status = |order: &Value| order["status"].as_str().unwrap_or("").to_string();
+    common::eventually("an order on the free partition to be approved", || async {
+        for id in &ids {
+            if status(&rt.get(&format!("/orders/{id}")).await) == "APPROVED" {
+                return Ok(());
+            }
+        }
+        Err("none approved".to_string())
+    })
+    .await;
+    let still = rt.get(&format!("/orders/{slow}")).await;
+    assert_eq!(
+        status(&still),
+        "PENDING",
+        "the slow step is still being retried: {still}"
+    );
+
+    // The end: the slow saga rejected by its deadline, untouched; every other one approved or
+    // rejected by its deadline, and only the approved ones spent points.
+    assert_rejected_by_deadline_and_untouched(&rt, &slow, "slow").await;
+    let mut approved = 0;
+    for id in &ids {
+        let order = common::eventually("each order to settle", || async {
+            let order = rt.get(&format!("/orders/{id}")).await;
+            match status(&order).as_str() {
+                "APPROVED" | "REJECTED" => Ok(order),
+                _ => Err(order.to_string()),
+            }
+        })
+        .await;
+        if status(&order) == "APPROVED" {
+            approved += 1;
+        } else {
+            assert_eq!(order["reason"], "deadline exceeded", "{order}");
+        }
+    }
+    // A rejected saga whose step got through before its deadline is compensated along the
+    // chain (exchange, then point): wait for the refunds to arrive.
+    let want = 10000 - 10 * approved;
+    common::eventually("only approved orders to have spent points", || async {
+        match rt.get("/points/busy").await["point"].as_i64() {
+            Some(p) if p == want => Ok(()),
+            other => Err(format!("{other:?}, want {want}")),
+        }
+    })
+    .await;
+    let txs = rt.get("/transactions").await;
+    let used = txs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["userId"] == "busy" && t["status"] == "USED")
+        .count();
+    assert_eq!(used, approved as usize, "{txs}");
+    rt.stop().await;
+}
+
 on_both_backends!(
+    a_blocked_step_holds_its_partition_not_its_service,
     each_deadline_fires_once_across_two_instances,
     an_order_is_rejected_by_its_deadline_while_exchange_is_down,
     a_step_slower_than_the_deadline_is_ignored,

@@ -129,6 +129,43 @@ impl Consumer {
         }
     }
 
+    /// Stop fetching a partition and move its position back to `offset` (a blocking
+    /// subscription's event that must be retried later); [`Consumer::release`] resumes it
+    /// there. Records of it fetched before the hold may still arrive: the caller drops them.
+    pub fn hold(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition(topic, partition);
+        self.inner.pause(&list)?;
+        drop(list);
+        self.rewind(topic, partition, offset);
+        Ok(())
+    }
+
+    /// Fetch a held partition again, from `offset`.
+    pub fn release(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition(topic, partition);
+        self.inner.resume(&list)?;
+        drop(list);
+        self.rewind(topic, partition, offset);
+        Ok(())
+    }
+
+    /// Make `offset` the partition's next record, for the broker and for the watchdog.
+    fn rewind(&self, topic: &str, partition: i32, offset: i64) {
+        self.next
+            .lock()
+            .expect("offsets lock")
+            .insert((topic.to_string(), partition), offset);
+        // Asynchronous (zero timeout), like the watchdog's: never block a tokio worker.
+        let seek = self
+            .inner
+            .seek(topic, partition, Offset::Offset(offset), Duration::ZERO);
+        if let Err(e) = seek {
+            tracing::debug!(%topic, partition, "rewind failed: {e}");
+        }
+    }
+
     /// Read exactly `parts` (physical topic, partition, stored position): each from the later
     /// of its stored position and where this consumer already is, or from the beginning.
     pub fn assign(&self, parts: &[(String, i32, Option<i64>)]) -> Result<(), Error> {

@@ -9,9 +9,13 @@
 //!   instance) are found at commit by the optimistic check; the conflicting event and every
 //!   later event of its partition are deferred and re-run in order on fresh state, so neither an
 //!   update nor the per-saga order of emitted events is lost.
-//! - Failures: a handler that errors or traps is retried in place with exponential backoff;
-//!   after the subscription's attempts it is dead-lettered (`<topic>.dlt`, through the outbox,
-//!   with the reason in headers), or, for a blocking subscription, retried until it succeeds.
+//! - Failures: a handler that errors or traps is retried with exponential backoff; after the
+//!   subscription's attempts it is dead-lettered (`<topic>.dlt`, through the outbox, with the
+//!   reason in headers). A non-blocking subscription retries in place (its attempts are
+//!   bounded); a blocking one retries until it succeeds and holds only its partition meanwhile
+//!   ([`holds`]).
+
+mod holds;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -30,6 +34,7 @@ use crate::storage::{self, inbox, ledger, outbox};
 use crate::verify::{Recorder, Recording};
 use crate::wasm::bindings::{Context, Effects, Event, FailurePolicy};
 use crate::wasm::{Called, Failure};
+use holds::{Hold, Holds};
 
 /// One record of a batch and what became of it.
 struct Item<'a> {
@@ -41,6 +46,8 @@ struct Item<'a> {
     /// A re-drive from a dead-letter topic (`runtime dlt redrive`): handled again if this
     /// service dead-lettered it, a duplicate if it has since been handled otherwise.
     redrive: bool,
+    /// The attempt its handling starts at (higher for an event released from a hold).
+    first_attempt: u32,
 }
 
 impl Item<'_> {
@@ -89,6 +96,28 @@ enum Verdict {
     Ignored {
         reason: String,
     },
+    /// A blocking subscription's handler failed: retry after `retry_in`, holding the
+    /// partition. Nothing is recorded.
+    Held {
+        attempt: u32,
+        retry_in: Duration,
+    },
+    /// Behind a held event of its partition: not handled yet, nothing recorded.
+    Behind,
+}
+
+impl Verdict {
+    /// Held, or waiting behind a held event: stays in Kafka, uncommitted.
+    fn waits(&self) -> bool {
+        matches!(self, Verdict::Held { .. } | Verdict::Behind)
+    }
+}
+
+/// What re-running a deferred event came to.
+enum Rerun {
+    Done,
+    Held(Hold),
+    Stopping,
 }
 
 /// What the batch reads before any guest runs: events already handled, and sagas closed by a
@@ -126,9 +155,16 @@ impl Worker {
 
     pub async fn run(self, consumer: Arc<Consumer>) {
         let max = self.shared.config.worker.max_batch.max(1);
+        let mut holds = Holds::default();
         loop {
+            for h in holds.due(tokio::time::Instant::now()) {
+                if let Err(e) = consumer.release(&h.topic, h.partition, h.offset) {
+                    tracing::warn!(service = %self.service, topic = %h.topic, partition = h.partition, "could not resume a held partition: {e}");
+                }
+            }
             let batch = tokio::select! {
                 _ = self.stop.cancelled() => break,
+                _ = holds.next_due() => continue,
                 batch = consumer.next_batch(max) => batch,
             };
             let batch = match batch {
@@ -139,17 +175,38 @@ impl Worker {
                     continue;
                 }
             };
+            // Fetched before their partition was held: they come again after the hold.
+            let batch: Vec<Record> = batch
+                .into_iter()
+                .filter(|r| !holds.is_held(&r.topic, r.partition))
+                .collect();
+            if batch.is_empty() {
+                continue;
+            }
             let Some(service) = self.shared.registry.get(&self.service) else {
                 break;
             };
-            if !self.process(&service, &batch).await {
+            let Some(held) = self.process(&service, &batch, &mut holds).await else {
                 break; // stopping; nothing was stored, the records will be redelivered
+            };
+            for h in held {
+                tracing::info!(service = %self.service, topic = %h.topic, partition = h.partition, offset = h.offset, attempt = h.attempt, "partition held for a retry");
+                if let Err(e) = consumer.hold(&h.topic, h.partition, h.offset) {
+                    tracing::warn!(service = %self.service, "could not hold a partition: {e}");
+                }
+                holds.insert(h);
             }
         }
     }
 
-    /// Handle a batch to the end. Returns `false` only if stopping interrupted it.
-    async fn process(&self, service: &Arc<Service>, batch: &[Record]) -> bool {
+    /// Handle a batch to the end: the partitions to hold for a retry, `None` only if
+    /// stopping interrupted it.
+    async fn process(
+        &self,
+        service: &Arc<Service>,
+        batch: &[Record],
+        holds: &mut Holds,
+    ) -> Option<Vec<Hold>> {
         let kafka = &self.shared.config.kafka;
         let items: Vec<Item<'_>> = batch
             .iter()
@@ -163,28 +220,45 @@ impl Worker {
                     .headers
                     .iter()
                     .any(|(k, _)| k == dlt_headers::REDRIVEN_FROM),
+                first_attempt: holds.first_attempt(record),
                 record,
                 new_id: uuid::Uuid::now_v7().to_string(),
             })
             .collect();
-        let Some(door) = self.retry_db(|| self.door(service, &items)).await else {
-            return false;
-        };
-        let Some(verdicts) = self.decide_all(service, &items, &door).await else {
-            return false;
-        };
-        let Some(deferred) = self
+        let door = self.retry_db(|| self.door(service, &items)).await?;
+        let mut verdicts = self.decide_all(service, &items, &door, holds).await?;
+        compensations_wait_for_held_steps(service, &items, &mut verdicts);
+        let deferred = self
             .retry_db(|| self.commit(service, &items, &verdicts))
-            .await
-        else {
-            return false;
-        };
-        for i in deferred {
-            if !self.rerun(service, &items[i]).await {
-                return false;
+            .await?;
+        let mut held: Vec<Hold> = Vec::new();
+        for (i, (item, verdict)) in items.iter().zip(&verdicts).enumerate() {
+            if let Verdict::Held { attempt, retry_in } = verdict {
+                if !deferred.contains(&i) {
+                    held.push(hold(item, *attempt, *retry_in));
+                }
             }
         }
-        true
+        let held_lane = |held: &[Hold], item: &Item<'_>| {
+            held.iter()
+                .any(|h| h.topic == item.record.topic && h.partition == item.record.partition)
+        };
+        for i in deferred {
+            if held_lane(&held, &items[i]) {
+                continue; // behind a held event of its partition
+            }
+            match self.rerun(service, &items[i], holds).await {
+                Rerun::Done => {}
+                Rerun::Held(h) => held.push(h),
+                Rerun::Stopping => return None,
+            }
+        }
+        for item in &items {
+            if !held_lane(&held, item) {
+                holds.handled(item.record);
+            }
+        }
+        Some(held)
     }
 
     async fn door(&self, service: &Service, items: &[Item<'_>]) -> Result<Door, storage::Error> {
@@ -208,6 +282,7 @@ impl Worker {
         service: &Arc<Service>,
         items: &[Item<'_>],
         door: &Door,
+        holds: &Holds,
     ) -> Option<Vec<Verdict>> {
         let mut by_partition: HashMap<(&str, i32), Vec<usize>> = HashMap::new();
         for (i, item) in items.iter().enumerate() {
@@ -218,13 +293,18 @@ impl Worker {
         }
         let lanes = by_partition.into_values().map(|indices| async move {
             let mut out = Vec::with_capacity(indices.len());
+            let mut held = false;
             for i in indices {
-                let verdict = if items[i].duplicate(door.seen.get(&items[i].inbox_id())) {
+                let verdict = if held {
+                    Some(Verdict::Behind)
+                } else if items[i].duplicate(door.seen.get(&items[i].inbox_id())) {
                     Some(Verdict::Duplicate)
                 } else {
-                    self.decide(service, &items[i], &door.closed).await
+                    self.decide(service, &items[i], &door.closed, holds).await
                 };
-                out.push((i, verdict?));
+                let verdict = verdict?;
+                held = verdict.waits();
+                out.push((i, verdict));
             }
             Some(out)
         });
@@ -244,6 +324,7 @@ impl Worker {
         service: &Arc<Service>,
         item: &Item<'_>,
         closed: &HashMap<String, String>,
+        holds: &Holds,
     ) -> Option<Verdict> {
         let event = match &item.event {
             Ok(event) => event,
@@ -271,8 +352,18 @@ impl Worker {
                 });
             }
         }
+        if step == Step::Compensation {
+            let now = tokio::time::Instant::now();
+            if let Some(until) = item.saga().and_then(|saga| holds.step_pending(saga, now)) {
+                let at_least = Duration::from_millis(self.shared.config.worker.retry_backoff_ms);
+                return Some(Verdict::Held {
+                    attempt: 0,
+                    retry_in: until.duration_since(now).max(at_least),
+                });
+            }
+        }
         let policy = service.policy(&event.topic);
-        let mut attempt = 1u32;
+        let mut attempt = item.first_attempt;
         loop {
             let failure = match self.call(service, item, event, attempt).await {
                 Ok(called) => match effects::validate(service, &called.output) {
@@ -293,6 +384,12 @@ impl Worker {
                 return Some(Verdict::DeadLetter {
                     reason: failure.to_string(),
                     attempts: attempt,
+                });
+            }
+            if policy == FailurePolicy::Blocking {
+                return Some(Verdict::Held {
+                    attempt,
+                    retry_in: self.backoff(attempt),
                 });
             }
             if !self.pause(self.backoff(attempt)).await {
@@ -361,6 +458,9 @@ impl Worker {
             if blocked.contains(&lane) {
                 deferred.push(i);
                 continue;
+            }
+            if verdict.waits() {
+                continue; // its partition is held: neither it nor what follows commits
             }
             let outcome = self.commit_one(&mut tx, service, item, verdict).await;
             if outcome.is_ok() {
@@ -558,19 +658,23 @@ impl Worker {
         }
     }
 
-    /// Re-run a deferred event on fresh state until it commits (or is found a duplicate).
-    async fn rerun(&self, service: &Arc<Service>, item: &Item<'_>) -> bool {
+    /// Re-run a deferred event on fresh state until it commits (or is found a duplicate), or
+    /// its handler fails under a blocking policy and its partition is to be held.
+    async fn rerun(&self, service: &Arc<Service>, item: &Item<'_>, holds: &Holds) -> Rerun {
         loop {
             let Some(door) = self
                 .retry_db(|| self.door(service, std::slice::from_ref(item)))
                 .await
             else {
-                return false;
+                return Rerun::Stopping;
             };
             let verdict = if !item.duplicate(door.seen.get(&item.inbox_id())) {
-                match self.decide(service, item, &door.closed).await {
+                match self.decide(service, item, &door.closed, holds).await {
+                    Some(Verdict::Held { attempt, retry_in }) => {
+                        return Rerun::Held(hold(item, attempt, retry_in))
+                    }
                     Some(v) => v,
-                    None => return false,
+                    None => return Rerun::Stopping,
                 }
             } else {
                 Verdict::Duplicate
@@ -585,10 +689,10 @@ impl Worker {
                 })
                 .await
             else {
-                return false;
+                return Rerun::Stopping;
             };
             if deferred.is_empty() {
-                return true;
+                return Rerun::Done;
             }
         }
     }
@@ -619,6 +723,62 @@ impl Worker {
         tokio::select! {
             _ = self.stop.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+/// A hold of `item`'s partition at it, after its `attempt` failed.
+fn hold(item: &Item<'_>, attempt: u32, retry_in: Duration) -> Hold {
+    Hold {
+        topic: item.record.topic.clone(),
+        partition: item.record.partition,
+        offset: item.record.offset,
+        attempt,
+        until: tokio::time::Instant::now() + retry_in,
+        saga: item.saga().map(str::to_string),
+    }
+}
+
+/// Within one batch: a compensation whose saga has a step held in another partition waits
+/// for it (see [`holds`]), and so does the rest of the compensation's partition. Verdicts
+/// are data until the commit, so turning one into a wait discards nothing but its effects.
+fn compensations_wait_for_held_steps(
+    service: &Service,
+    items: &[Item<'_>],
+    verdicts: &mut [Verdict],
+) {
+    let mut held_steps: HashMap<&str, Duration> = HashMap::new();
+    for (item, verdict) in items.iter().zip(verdicts.iter()) {
+        if let (Verdict::Held { attempt, retry_in }, Some(saga)) = (verdict, item.saga()) {
+            if *attempt > 0 {
+                held_steps.insert(saga, *retry_in);
+            }
+        }
+    }
+    if held_steps.is_empty() {
+        return;
+    }
+    let mut waiting: HashSet<(&str, i32)> = HashSet::new();
+    for (item, verdict) in items.iter().zip(verdicts.iter_mut()) {
+        let lane = (item.record.topic.as_str(), item.record.partition);
+        if waiting.contains(&lane) {
+            *verdict = Verdict::Behind;
+            continue;
+        }
+        let compensation = item
+            .event
+            .as_ref()
+            .is_ok_and(|e| service.step(&e.topic, &e.type_) == Step::Compensation);
+        let step_held = item.saga().and_then(|saga| held_steps.get(saga));
+        let applies = matches!(verdict, Verdict::Apply(_));
+        if let (true, Some(retry_in), true) = (compensation, step_held, applies) {
+            *verdict = Verdict::Held {
+                attempt: 0,
+                retry_in: *retry_in,
+            };
+        }
+        if verdict.waits() {
+            waiting.insert(lane);
         }
     }
 }
