@@ -13,11 +13,14 @@
 //! a failure) until that step has been handled, so a step that finishes late is compensated
 //! after it finished (SPEC A9's late rows), not ignored because the compensation came first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::{Item, Verdict};
 use crate::kafka::consumer::Record;
+use crate::registry::{Service, Step};
 
 /// A partition waiting to retry the event at `offset`.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,7 +46,7 @@ struct Released {
 
 /// How long a released event may take to come back before it no longer makes its saga's
 /// compensations wait (its partition may have moved to another instance).
-const RELEASED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+const RELEASED_FOR: Duration = Duration::from_secs(10);
 
 /// The held partitions of one worker, and the attempts of events released from a hold.
 #[derive(Debug, Default)]
@@ -125,6 +128,17 @@ impl Holds {
         }
     }
 
+    /// If `record` comes after an event released from a hold on its partition that has not
+    /// come back yet: that event's offset. The record must not be handled before it (the
+    /// stored position would pass the event); the partition is to be rewound to it.
+    pub fn ahead_of_released(&self, record: &Record) -> Option<i64> {
+        let lane = (record.topic.clone(), record.partition);
+        self.released
+            .get(&lane)
+            .filter(|r| record.offset > r.offset)
+            .map(|r| r.offset)
+    }
+
     /// A record was handled to the end (committed, not held again): if it was released from
     /// a hold, its saga's compensations no longer wait for it.
     pub fn handled(&mut self, record: &Record) {
@@ -139,10 +153,65 @@ impl Holds {
     }
 }
 
+/// A hold of `item`'s partition at it, after its `attempt` failed.
+pub(super) fn hold(item: &Item<'_>, attempt: u32, retry_in: Duration) -> Hold {
+    Hold {
+        topic: item.record.topic.clone(),
+        partition: item.record.partition,
+        offset: item.record.offset,
+        attempt,
+        until: tokio::time::Instant::now() + retry_in,
+        saga: item.saga().map(str::to_string),
+    }
+}
+
+/// Within one batch: a compensation whose saga has a step held in another partition waits
+/// for it (see the module docs), and so does the rest of the compensation's partition. Verdicts
+/// are data until the commit, so turning one into a wait discards nothing but its effects.
+pub(super) fn compensations_wait_for_held_steps(
+    service: &Service,
+    items: &[Item<'_>],
+    verdicts: &mut [Verdict],
+) {
+    let mut held_steps: HashMap<&str, Duration> = HashMap::new();
+    for (item, verdict) in items.iter().zip(verdicts.iter()) {
+        if let (Verdict::Held { attempt, retry_in }, Some(saga)) = (verdict, item.saga()) {
+            if *attempt > 0 {
+                held_steps.insert(saga, *retry_in);
+            }
+        }
+    }
+    if held_steps.is_empty() {
+        return;
+    }
+    let mut waiting: HashSet<(&str, i32)> = HashSet::new();
+    for (item, verdict) in items.iter().zip(verdicts.iter_mut()) {
+        let lane = (item.record.topic.as_str(), item.record.partition);
+        if waiting.contains(&lane) {
+            *verdict = Verdict::Behind;
+            continue;
+        }
+        let compensation = item
+            .event
+            .as_ref()
+            .is_ok_and(|e| service.step(&e.topic, &e.type_) == Step::Compensation);
+        let step_held = item.saga().and_then(|saga| held_steps.get(saga));
+        let applies = matches!(verdict, Verdict::Apply(_));
+        if let (true, Some(retry_in), true) = (compensation, step_held, applies) {
+            *verdict = Verdict::Held {
+                attempt: 0,
+                retry_in: *retry_in,
+            };
+        }
+        if verdict.waits() {
+            waiting.insert(lane);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn record(partition: i32, offset: i64) -> Record {
         Record {
@@ -183,6 +252,9 @@ mod tests {
         );
         assert_eq!(holds.first_attempt(&record(1, 7)), 1, "another partition");
         assert_eq!(holds.first_attempt(&record(0, 8)), 1, "another offset");
+        assert_eq!(holds.ahead_of_released(&record(0, 9)), Some(7));
+        assert_eq!(holds.ahead_of_released(&record(0, 7)), None);
+        assert_eq!(holds.ahead_of_released(&record(1, 9)), None);
         assert_eq!(holds.first_attempt(&record(0, 7)), 4);
         holds.handled(&record(0, 8));
         assert!(holds.step_pending("s1", later).is_some(), "another record");

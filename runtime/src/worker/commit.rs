@@ -1,0 +1,235 @@
+//! The commit half of the event path: a batch's verdicts in one database transaction, each
+//! event in its own savepoint (inbox record, the expiry and ledger fences, effects or a dead
+//! letter), and the consumer positions advanced with them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::{closed_reason, Item, Verdict, Worker};
+use crate::effects;
+use crate::kafka::dead_letter::{self, headers as dlt_headers};
+use crate::registry::{Service, Step};
+use crate::stats::Stats;
+use crate::storage::{self, inbox, ledger, outbox};
+use crate::wasm::bindings::Event;
+
+impl Worker {
+    /// Commit a batch's verdicts in one transaction. Returns the indices deferred by a conflict.
+    pub(super) async fn commit(
+        &self,
+        service: &Arc<Service>,
+        items: &[Item<'_>],
+        verdicts: &[Verdict],
+    ) -> Result<Vec<usize>, storage::Error> {
+        let mut tx = self.shared.db.begin().await?;
+        let mut blocked: HashSet<(&str, i32)> = HashSet::new();
+        let mut deferred = Vec::new();
+        // Positions move with the effects: per partition, past every event handled here (a
+        // deferred event blocks the rest of its partition, so those form a prefix).
+        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+        let (mut applied, mut duplicates, mut dead, mut expired, mut ignored) = (0, 0, 0, 0, 0);
+        for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
+            let lane = (item.record.topic.as_str(), item.record.partition);
+            if blocked.contains(&lane) {
+                deferred.push(i);
+                continue;
+            }
+            if verdict.waits() {
+                continue; // its partition is held: neither it nor what follows commits
+            }
+            let outcome = self.commit_one(&mut tx, service, item, verdict).await;
+            if outcome.is_ok() {
+                next.insert(lane, item.record.offset + 1);
+            }
+            match outcome {
+                Ok(Some(inbox::Outcome::Applied | inbox::Outcome::Compensated)) => applied += 1,
+                Ok(Some(inbox::Outcome::DeadLettered)) => dead += 1,
+                Ok(Some(inbox::Outcome::Expired)) => expired += 1,
+                Ok(Some(inbox::Outcome::Ignored)) => ignored += 1,
+                Ok(None) => duplicates += 1,
+                Err(storage::Error::Conflict { .. }) => {
+                    Stats::add(&self.shared.stats.conflicts, 1);
+                    blocked.insert(lane);
+                    deferred.push(i);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for ((topic, partition), offset) in next {
+            storage::offsets::advance(&mut tx, &self.service, topic, partition, offset).await?;
+        }
+        tx.commit().await?;
+        let stats = &self.shared.stats;
+        Stats::add(&stats.applied, applied);
+        Stats::add(&stats.duplicates, duplicates);
+        Stats::add(&stats.dead_lettered, dead);
+        Stats::add(&stats.expired, expired);
+        Stats::add(&stats.ignored, ignored);
+        if applied + dead > 0 {
+            self.shared.relay_wake.notify_one();
+        }
+        let sets_deadlines = verdicts
+            .iter()
+            .any(|v| matches!(v, Verdict::Apply(c) if !c.output.set_deadlines.is_empty()));
+        if sets_deadlines {
+            self.shared.deadline_wake.notify_one();
+        }
+        Ok(deferred)
+    }
+
+    /// One event inside its own savepoint. `Ok(None)`: it was a duplicate.
+    async fn commit_one(
+        &self,
+        tx: &mut storage::Tx,
+        service: &Service,
+        item: &Item<'_>,
+        verdict: &Verdict,
+    ) -> Result<Option<inbox::Outcome>, storage::Error> {
+        use sqlx::Connection as _;
+        if matches!(verdict, Verdict::Duplicate) {
+            return Ok(None);
+        }
+        let now_ms = self.shared.clock.now_ms();
+        let id = item.inbox_id();
+        let (saga, event_type, topic) = match &item.event {
+            Ok(e) => (e.subject.as_str(), e.type_.as_str(), e.topic.as_str()),
+            Err(_) => ("", "", self.shared.config.kafka.logical(&item.record.topic)),
+        };
+        let mut sp = tx.begin().await?;
+        let (outcome, detail) = match (verdict, &item.event) {
+            (Verdict::Apply(_), Ok(event)) => {
+                self.fence(&mut sp, service, item.saga(), event, &id, now_ms)
+                    .await?
+            }
+            (Verdict::DeadLetter { reason, .. }, _) => {
+                (inbox::Outcome::DeadLettered, Some(reason.clone()))
+            }
+            (Verdict::Expired { reason }, _) => (inbox::Outcome::Expired, Some(reason.clone())),
+            (Verdict::Ignored { reason }, _) => (inbox::Outcome::Ignored, Some(reason.clone())),
+            _ => (inbox::Outcome::Applied, None),
+        };
+        let entry = inbox::Entry {
+            service: service.name(),
+            event_id: &id,
+            saga,
+            event_type,
+            topic,
+            outcome,
+            detail: detail.as_deref(),
+            version: service.version(),
+            handled_ms: now_ms,
+        };
+        if !inbox::record(&mut sp, &entry, item.redrive).await? {
+            sp.rollback().await?;
+            return Ok(None);
+        }
+        let result = match (verdict, outcome) {
+            (Verdict::Apply(called), inbox::Outcome::Applied | inbox::Outcome::Compensated) => {
+                let ctx = effects::Context {
+                    kafka: &self.shared.config.kafka,
+                    now_ms,
+                    cause_deadline_ms: item.event.as_ref().ok().and_then(|e| e.deadline_ms),
+                    saga_deadline_ms: self.shared.saga_deadline_ms(service),
+                    cause_id: &id,
+                };
+                effects::apply(&mut sp, &ctx, service, &called.reads, &called.output).await
+            }
+            (Verdict::DeadLetter { reason, attempts }, _) => {
+                let message = self.dead_letter(service, item, &id, reason, *attempts);
+                outbox::insert(&mut sp, &message, now_ms).await
+            }
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                sp.commit().await?;
+                Ok(Some(outcome))
+            }
+            Err(e) => {
+                sp.rollback().await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The in-commit half of the expiry and ledger checks for an event the guest handled, as
+    /// row writes that the deadline firing (`storage::sagas`) and the saga's other steps at this
+    /// service (`storage::ledger`) also write, so whichever commits second sees the first.
+    async fn fence(
+        &self,
+        conn: &mut storage::Conn,
+        service: &Service,
+        saga: Option<&str>,
+        event: &Event,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<(inbox::Outcome, Option<String>), storage::Error> {
+        let step = service.step(&event.topic, &event.type_);
+        let Some(saga) = saga.filter(|_| step != Step::Deadline) else {
+            return Ok((inbox::Outcome::Applied, None));
+        };
+        if step == Step::Forward && event.deadline_ms.is_some() {
+            if let Some(at) = storage::sagas::step(conn, saga).await? {
+                let reason = format!(
+                    "its saga expired {} ms before this step committed",
+                    now_ms - at
+                );
+                return Ok((inbox::Outcome::Expired, Some(reason)));
+            }
+        }
+        if !service.compensates() {
+            return Ok((inbox::Outcome::Applied, None)); // nothing can ever close its sagas
+        }
+        let name = service.name();
+        let verdict = match step {
+            Step::Compensation => ledger::compensate(conn, name, saga, id, now_ms).await?,
+            _ => ledger::forward(conn, name, saga).await?,
+        };
+        Ok(match verdict {
+            ledger::Verdict::Closed { by } => {
+                (inbox::Outcome::Ignored, Some(closed_reason(step, &by)))
+            }
+            ledger::Verdict::Apply { tombstone } if step == Step::Compensation => (
+                inbox::Outcome::Compensated,
+                tombstone.then(|| "tombstone: no forward step of this saga before it".to_string()),
+            ),
+            ledger::Verdict::Apply { .. } => (inbox::Outcome::Applied, None),
+        })
+    }
+
+    /// The record as it arrived, to `<topic>.dlt`, with why and where from in headers.
+    fn dead_letter(
+        &self,
+        service: &Service,
+        item: &Item<'_>,
+        id: &str,
+        reason: &str,
+        attempts: u32,
+    ) -> outbox::Message {
+        let kafka = &self.shared.config.kafka;
+        let r = &item.record;
+        let mut headers: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        headers.extend([
+            (dlt_headers::REASON.to_string(), reason.to_string()),
+            (dlt_headers::ATTEMPTS.to_string(), attempts.to_string()),
+            (dlt_headers::SERVICE.to_string(), service.name().to_string()),
+            (
+                dlt_headers::TOPIC.to_string(),
+                kafka.logical(&r.topic).to_string(),
+            ),
+            (dlt_headers::PARTITION.to_string(), r.partition.to_string()),
+            (dlt_headers::OFFSET.to_string(), r.offset.to_string()),
+        ]);
+        outbox::Message {
+            event_id: id.to_string(),
+            topic: kafka.topic(&dead_letter::topic(kafka.logical(&r.topic))),
+            key: String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned(),
+            headers,
+            payload: r.payload.clone(),
+        }
+    }
+}
