@@ -564,8 +564,13 @@ async fn trace(runtime: &str, saga: &str) -> anyhow::Result<()> {
             .as_str()
             .map(|d| format!("  ({d})"))
             .unwrap_or_default();
+        // Failed attempts and duplicates are counted: the time is the last one.
+        let times = match e["times"].as_i64() {
+            Some(n) if n > 1 => format!("  ×{n}, last"),
+            _ => String::new(),
+        };
         println!(
-            "  {}  {:<10} {:<8} {:<22} {:<14} {}{detail}",
+            "  {}  {:<10} {:<8} {:<22} {:<14} {}{detail}{times}",
             time(&e["handledMs"]),
             e["service"].as_str().unwrap_or(""),
             e["version"].as_str().unwrap_or(""),

@@ -142,13 +142,20 @@ async fn slow_step_scenario(backend: Backend, currency: i64, user: &str) {
     let path = timeline(&rt, &id).await;
     let created = path
         .iter()
-        .find(|h| h.service == "exchange" && h.event_type == "OrderCreated")
+        .find(|h| h.service == "exchange" && h.event_type == "OrderCreated" && !h.is_attempt())
         .map(|h| h.outcome.clone())
         .unwrap();
     if created == "applied" {
         timeline_has(&rt, &id, &[("point", "ExchangeCancelled", "compensated")]).await;
     }
     eprintln!("exchange's late step was {created}: {path:?}");
+    // B9: the retries of the slow step are on the timeline, counted.
+    assert!(
+        path.iter().any(|h| h.service == "exchange"
+            && h.event_type == "OrderCreated"
+            && h.outcome == "failed"),
+        "{path:?}"
+    );
     assert_rejected_by_deadline_and_untouched(&rt, &id, user).await;
     rt.stop().await;
 }
@@ -225,7 +232,7 @@ async fn each_deadline_fires_once_across_two_instances(backend: Backend) {
         let expiries = timeline(&rt, id)
             .await
             .into_iter()
-            .filter(|h| h.event_type == "DeadlineExpired")
+            .filter(|h| h.event_type == "DeadlineExpired" && !h.is_attempt())
             .count();
         assert_eq!(expiries, 1, "saga {id}");
     }

@@ -58,6 +58,19 @@ async fn a_redelivered_event_is_applied_once(backend: Backend) {
         .unwrap()
         .unwrap();
     assert_eq!(outcome, "applied");
+    // B9: the timeline shows the second delivery as a duplicate of the applied one.
+    let t = common::timeline(&rt, "o-1").await;
+    let mut seen: Vec<(&str, &str)> = t
+        .iter()
+        .filter(|h| h.event_type == "ExchangeSucceeded")
+        .map(|h| (h.outcome.as_str(), h.service.as_str()))
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        [("applied", "point"), ("duplicate", "point")],
+        "{t:?}"
+    );
     rt.stop().await;
 }
 

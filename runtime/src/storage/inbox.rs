@@ -116,6 +116,43 @@ pub async fn outcome(
         .transpose()
 }
 
+/// What the timeline shows besides final outcomes (migration 0008): a handler attempt that
+/// failed, or a delivery found to be a duplicate. Counted per service, event and kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Failed,
+    Duplicate,
+}
+
+impl Attempt {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attempt::Failed => "failed",
+            Attempt::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Count one more `kind` for `entry`'s event (its outcome field is ignored); `detail` is the
+/// last reason.
+pub async fn note(conn: &mut Conn, entry: &Entry<'_>, kind: Attempt) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO saga_attempts (service, event_id, outcome, saga, event_type, topic, version,          times, last_ms, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9)          ON CONFLICT (service, event_id, outcome) DO UPDATE SET times = saga_attempts.times + 1,          last_ms = excluded.last_ms, version = excluded.version, detail = excluded.detail",
+    )
+    .bind(entry.service)
+    .bind(entry.event_id)
+    .bind(kind.as_str())
+    .bind(entry.saga)
+    .bind(entry.event_type)
+    .bind(entry.topic)
+    .bind(entry.version)
+    .bind(entry.handled_ms)
+    .bind(entry.detail)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// One handled event of a saga, for its timeline.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -128,20 +165,29 @@ pub struct Handled {
     pub topic: String,
     pub outcome: String,
     pub detail: Option<String>,
+    /// For `failed` and `duplicate`: how often (the time is the last one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub times: Option<i64>,
 }
 
-/// Every event of `saga` any service handled, in the order they were handled.
+/// Every event of `saga` any service handled, in the order they were handled, with the failed
+/// attempts and duplicate deliveries.
 pub async fn for_saga(db: &Db, saga: &str) -> Result<Vec<Handled>, Error> {
     let rows = sqlx::query(
-        "SELECT handled_ms, service, version, event_id, event_type, topic, outcome, detail \
-         FROM inbox WHERE saga = $1 ORDER BY handled_ms, service, event_id",
+        "SELECT handled_ms, service, version, event_id, event_type, topic, outcome, detail, \
+         NULL AS times FROM inbox WHERE saga = $1 \
+         UNION ALL SELECT last_ms, service, version, event_id, event_type, topic, outcome, \
+         detail, times FROM saga_attempts WHERE saga = $2 \
+         ORDER BY 1, 2, 4",
     )
+    .bind(saga)
     .bind(saga)
     .fetch_all(db.pool())
     .await?;
     rows.into_iter()
         .map(|row| {
             Ok(Handled {
+                times: row.try_get("times")?,
                 handled_ms: row.try_get("handled_ms")?,
                 service: row.try_get("service")?,
                 version: row.try_get("version")?,

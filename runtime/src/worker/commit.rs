@@ -86,15 +86,29 @@ impl Worker {
         verdict: &Verdict,
     ) -> Result<Option<inbox::Outcome>, storage::Error> {
         use sqlx::Connection as _;
-        if matches!(verdict, Verdict::Duplicate) {
-            return Ok(None);
-        }
         let now_ms = self.shared.clock.now_ms();
         let id = item.inbox_id();
         let (saga, event_type, topic) = match &item.event {
             Ok(e) => (e.subject.as_str(), e.type_.as_str(), e.topic.as_str()),
             Err(_) => ("", "", self.shared.config.kafka.logical(&item.record.topic)),
         };
+        let duplicate = inbox::Entry {
+            service: service.name(),
+            event_id: &id,
+            saga,
+            event_type,
+            topic,
+            outcome: inbox::Outcome::Applied,
+            detail: None,
+            version: service.version(),
+            handled_ms: now_ms,
+        };
+        if matches!(verdict, Verdict::Duplicate) {
+            if !saga.is_empty() {
+                inbox::note(tx, &duplicate, inbox::Attempt::Duplicate).await?;
+            }
+            return Ok(None);
+        }
         let mut sp = tx.begin().await?;
         let (outcome, detail) = match (verdict, &item.event) {
             (Verdict::Apply(_), Ok(event)) => {
@@ -121,6 +135,9 @@ impl Worker {
         };
         if !inbox::record(&mut sp, &entry, item.redrive).await? {
             sp.rollback().await?;
+            if !saga.is_empty() {
+                inbox::note(tx, &duplicate, inbox::Attempt::Duplicate).await?;
+            }
             return Ok(None);
         }
         let result = match (verdict, outcome) {

@@ -392,6 +392,8 @@ impl Worker {
             tracing::warn!(
                 service = %self.service, event = %event.id, attempt, "handler failed: {failure}"
             );
+            self.note_failure(service, item, event, attempt, &failure)
+                .await;
             let exhausted = match policy {
                 FailurePolicy::DeadLetter(max) => attempt >= max.max(1),
                 FailurePolicy::Blocking => false,
@@ -449,6 +451,39 @@ impl Worker {
         })
         .await
         .unwrap_or_else(|e| Err(Failure::Trap(format!("handler thread failed: {e}"))))
+    }
+
+    /// Put a failed attempt on the saga's timeline. Best effort: the timeline is for people,
+    /// and a database that is down now fails the commit, which is retried anyway.
+    async fn note_failure(
+        &self,
+        service: &Service,
+        item: &Item<'_>,
+        event: &Event,
+        attempt: u32,
+        failure: &Failure,
+    ) {
+        let Some(saga) = item.saga() else { return };
+        let detail = format!("attempt {attempt}: {failure}");
+        let id = item.inbox_id();
+        let entry = inbox::Entry {
+            service: service.name(),
+            event_id: &id,
+            saga,
+            event_type: &event.type_,
+            topic: &event.topic,
+            outcome: inbox::Outcome::DeadLettered,
+            detail: Some(&detail),
+            version: service.version(),
+            handled_ms: self.shared.clock.now_ms(),
+        };
+        let noted = async {
+            let mut conn = self.shared.db.pool().acquire().await?;
+            inbox::note(&mut conn, &entry, inbox::Attempt::Failed).await
+        };
+        if let Err(e) = noted.await {
+            tracing::debug!(service = %self.service, "failed attempt not on the timeline: {e}");
+        }
     }
 
     fn backoff(&self, attempt: u32) -> Duration {

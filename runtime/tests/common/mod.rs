@@ -309,6 +309,13 @@ pub struct Handled {
     pub handled_ms: i64,
 }
 
+impl Handled {
+    /// A failed attempt or a duplicate delivery, not how the service finished with the event.
+    pub fn is_attempt(&self) -> bool {
+        self.outcome == "failed" || self.outcome == "duplicate"
+    }
+}
+
 /// Every event of a saga any service handled, in the order handled.
 pub async fn timeline(rt: &TestRuntime, saga: &str) -> Vec<Handled> {
     let t = rt.get(&format!("/sagas/{saga}")).await;
@@ -330,7 +337,8 @@ pub async fn timeline(rt: &TestRuntime, saga: &str) -> Vec<Handled> {
 }
 
 /// Wait until the saga's timeline has every one of `want` (service, event type, outcome); an
-/// outcome of `"*"` matches any. Returns the timeline.
+/// outcome of `"*"` matches any final one (not a failed attempt or a duplicate). Returns the
+/// timeline.
 pub async fn timeline_has(
     rt: &TestRuntime,
     saga: &str,
@@ -339,8 +347,11 @@ pub async fn timeline_has(
     eventually("the saga's timeline", || async {
         let t = timeline(rt, saga).await;
         let has = |(s, ty, o): &(&str, &str, &str)| {
-            t.iter()
-                .any(|h| h.service == *s && h.event_type == *ty && (*o == "*" || h.outcome == *o))
+            t.iter().any(|h| {
+                h.service == *s
+                    && h.event_type == *ty
+                    && (h.outcome == *o || (*o == "*" && !h.is_attempt()))
+            })
         };
         if want.iter().all(has) {
             Ok(t)
