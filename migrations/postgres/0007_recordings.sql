@@ -1,6 +1,6 @@
 -- What `runtime deploy --verify` replays: recent handler calls per service (the event, its
 -- context, the state values the handler read and the effects it produced, as JSON), written
--- by every instance a few times a second, off the event path, and pruned to the newest
+-- by every instance every few seconds, off the event path, and pruned to the newest
 -- `worker.verify_recent` per service. An event re-run after a conflict replaces its row.
 CREATE TABLE recordings (
     service      TEXT    NOT NULL,

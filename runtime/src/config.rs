@@ -89,7 +89,7 @@ pub struct Worker {
     pub partition_lease_ms: u64,
     /// How many recent events per service are kept with their inputs (the state the handler
     /// read) and effects, in the database, for `runtime deploy --verify` to replay; 0 records
-    /// nothing. Default 200.
+    /// nothing. Default 50.
     pub verify_recent: usize,
 }
 
@@ -143,7 +143,7 @@ impl Default for Worker {
             max_backoff_ms: 10_000,
             default_saga_deadline_ms: 10_000,
             partition_lease_ms: 10_000,
-            verify_recent: 200,
+            verify_recent: 50,
         }
     }
 }

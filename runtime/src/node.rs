@@ -60,7 +60,7 @@ pub struct Shared {
     pub stats: Stats,
     /// Recent events with their inputs and effects, per service, for `deploy --verify`,
     /// until `verify::flush` writes them to the database.
-    pub recordings: crate::verify::Recordings,
+    pub recordings: Arc<crate::verify::Recordings>,
     /// Notified after every commit that wrote outbox rows.
     pub relay_wake: Notify,
     /// Notified after every commit that set a deadline.
@@ -115,7 +115,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     let sandbox = Sandbox::new(config.limits(), config.cache_dir.clone())?;
     let reader = BlockingReader::new(db.clone(), tokio::runtime::Handle::current());
     let listen = config.http_listen;
-    let recordings = crate::verify::Recordings::new(config.worker.verify_recent);
+    let recordings = Arc::new(crate::verify::Recordings::new(config.worker.verify_recent));
     let shared = Arc::new(Shared {
         config,
         db,
