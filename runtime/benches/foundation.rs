@@ -148,6 +148,24 @@ async fn start(
     node::start(Options::new(config)).await.unwrap()
 }
 
+/// `GET /orders` once no order is PENDING any more (polled every 50 ms).
+async fn settled_orders(http: &reqwest::Client, base: &str) -> Vec<serde_json::Value> {
+    loop {
+        let orders: Vec<serde_json::Value> = http
+            .get(format!("{base}/orders"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if orders.iter().all(|o| o["status"] != "PENDING") {
+            return orders;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn bench_saga() {
     let dir = tempfile::tempdir().unwrap();
     let rt = start(dir.path(), &["order", "point", "exchange"], |_| {}).await;
@@ -223,24 +241,7 @@ async fn bench_deadline_lag() {
     };
     // Warm up the consumer group: one order through its deadline first.
     place(http.clone(), base.clone(), 1).await;
-    let rejected = |http: reqwest::Client, base: String| async move {
-        let orders: Vec<serde_json::Value> = http
-            .get(format!("{base}/orders"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        orders
-    };
-    while rejected(http.clone(), base.clone())
-        .await
-        .iter()
-        .any(|o| o["status"] == "PENDING")
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    settled_orders(&http, &base).await;
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| tokio::spawn(place(http.clone(), base.clone(), ORDERS / CLIENTS)))
@@ -249,13 +250,8 @@ async fn bench_deadline_lag() {
         c.await.unwrap();
     }
     let placing = started.elapsed();
-    let orders = loop {
-        let orders = rejected(http.clone(), base.clone()).await;
-        if orders.iter().all(|o| o["status"] == "REJECTED") {
-            break orders;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let orders = settled_orders(&http, &base).await;
+    assert!(orders.iter().all(|o| o["status"] == "REJECTED"));
     let due: HashMap<String, i64> = deadlines::list(rt.db(), 100_000)
         .await
         .unwrap()
@@ -360,20 +356,7 @@ async fn bench_hot_swap() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     placer.await.unwrap();
-    let orders = loop {
-        let orders: Vec<serde_json::Value> = http
-            .get(format!("{base}/orders"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if orders.iter().all(|o| o["status"] != "PENDING") {
-            break orders;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let orders = settled_orders(&http, &base).await;
     let approved = orders.iter().filter(|o| o["status"] == "APPROVED").count();
     assert_eq!(
         approved,

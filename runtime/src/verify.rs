@@ -158,16 +158,16 @@ impl Recordings {
         self.keep > 0
     }
 
-    pub fn keep(&self) -> usize {
-        self.keep
-    }
-
     pub fn add(&self, service: &str, recording: Recording) {
         if self.keep == 0 {
             return;
         }
         let mut all = self.pending.lock().expect("recordings lock");
-        let recent = all.entry(service.to_string()).or_default();
+        // Called per event: the service's key is allocated once, not on every call.
+        if !all.contains_key(service) {
+            all.insert(service.to_string(), VecDeque::new());
+        }
+        let recent = all.get_mut(service).expect("inserted above");
         recent.retain(|r| r.event.id != recording.event.id);
         if recent.len() >= self.keep {
             recent.pop_front();

@@ -133,20 +133,14 @@ impl Consumer {
     /// subscription's event that must be retried later); [`Consumer::release`] resumes it
     /// there. Records of it fetched before the hold may still arrive: the caller drops them.
     pub fn hold(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
-        let mut list = rdkafka::TopicPartitionList::new();
-        list.add_partition(topic, partition);
-        self.inner.pause(&list)?;
-        drop(list);
+        self.inner.pause(&one(topic, partition))?;
         self.rewind(topic, partition, offset);
         Ok(())
     }
 
     /// Fetch a held partition again, from `offset`.
     pub fn release(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
-        let mut list = rdkafka::TopicPartitionList::new();
-        list.add_partition(topic, partition);
-        self.inner.resume(&list)?;
-        drop(list);
+        self.inner.resume(&one(topic, partition))?;
         self.rewind(topic, partition, offset);
         Ok(())
     }
@@ -198,6 +192,14 @@ impl Consumer {
             .flat_map(|t| t.partitions().iter().map(|p| p.id()))
             .collect())
     }
+}
+
+/// A list of one partition, for a call and dropped right after it (field notes: lists must not
+/// outlive the consumer).
+fn one(topic: &str, partition: i32) -> rdkafka::TopicPartitionList {
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    list
 }
 
 fn detach(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {

@@ -88,24 +88,11 @@ impl Worker {
         use sqlx::Connection as _;
         let now_ms = self.shared.clock.now_ms();
         let id = item.inbox_id();
-        let (saga, event_type, topic) = match &item.event {
-            Ok(e) => (e.subject.as_str(), e.type_.as_str(), e.topic.as_str()),
-            Err(_) => ("", "", self.shared.config.kafka.logical(&item.record.topic)),
-        };
-        let duplicate = inbox::Entry {
-            service: service.name(),
-            event_id: &id,
-            saga,
-            event_type,
-            topic,
-            outcome: inbox::Outcome::Applied,
-            detail: None,
-            version: service.version(),
-            handled_ms: now_ms,
-        };
+        let handled = self.entry(service, item, &id, now_ms);
+        let saga = handled.saga;
         if matches!(verdict, Verdict::Duplicate) {
             if !saga.is_empty() {
-                inbox::note(tx, &duplicate, inbox::Attempt::Duplicate).await?;
+                inbox::note(tx, &handled, inbox::Attempt::Duplicate).await?;
             }
             return Ok(None);
         }
@@ -123,20 +110,14 @@ impl Worker {
             _ => (inbox::Outcome::Applied, None),
         };
         let entry = inbox::Entry {
-            service: service.name(),
-            event_id: &id,
-            saga,
-            event_type,
-            topic,
             outcome,
             detail: detail.as_deref(),
-            version: service.version(),
-            handled_ms: now_ms,
+            ..handled.clone()
         };
         if !inbox::record(&mut sp, &entry, item.redrive).await? {
             sp.rollback().await?;
             if !saga.is_empty() {
-                inbox::note(tx, &duplicate, inbox::Attempt::Duplicate).await?;
+                inbox::note(tx, &handled, inbox::Attempt::Duplicate).await?;
             }
             return Ok(None);
         }

@@ -64,7 +64,7 @@ impl Holds {
     }
 
     pub fn is_held(&self, topic: &str, partition: i32) -> bool {
-        self.held.contains_key(&(topic.to_string(), partition))
+        lane(&self.held, topic, partition).is_some()
     }
 
     /// The holds whose time has come, removed; their partitions are to be released.
@@ -121,8 +121,7 @@ impl Holds {
     /// The attempt a record's handling starts at: the one after the attempt that failed if
     /// it is an event released from a hold, else 1.
     pub fn first_attempt(&self, record: &Record) -> u32 {
-        let lane = (record.topic.clone(), record.partition);
-        match self.released.get(&lane) {
+        match self.released_at(record) {
             Some(r) if r.offset == record.offset => r.attempt.saturating_add(1),
             _ => 1,
         }
@@ -132,9 +131,7 @@ impl Holds {
     /// come back yet: that event's offset. The record must not be handled before it (the
     /// stored position would pass the event); the partition is to be rewound to it.
     pub fn ahead_of_released(&self, record: &Record) -> Option<i64> {
-        let lane = (record.topic.clone(), record.partition);
-        self.released
-            .get(&lane)
+        self.released_at(record)
             .filter(|r| record.offset > r.offset)
             .map(|r| r.offset)
     }
@@ -142,15 +139,26 @@ impl Holds {
     /// A record was handled to the end (committed, not held again): if it was released from
     /// a hold, its saga's compensations no longer wait for it.
     pub fn handled(&mut self, record: &Record) {
-        let lane = (record.topic.clone(), record.partition);
         if self
-            .released
-            .get(&lane)
+            .released_at(record)
             .is_some_and(|r| r.offset == record.offset)
         {
-            self.released.remove(&lane);
+            self.released
+                .remove(&(record.topic.clone(), record.partition));
         }
     }
+
+    fn released_at(&self, record: &Record) -> Option<&Released> {
+        lane(&self.released, &record.topic, record.partition)
+    }
+}
+
+/// The entry of a partition. These maps hold the few partitions held or just released, and
+/// are asked about every event: a scan, with no key to allocate (usually of an empty map).
+fn lane<'a, V>(map: &'a HashMap<(String, i32), V>, topic: &str, partition: i32) -> Option<&'a V> {
+    map.iter()
+        .find(|((t, p), _)| t == topic && *p == partition)
+        .map(|(_, v)| v)
 }
 
 /// A hold of `item`'s partition at it, after its `attempt` failed.
@@ -195,13 +203,14 @@ pub(super) fn compensations_wait_for_held_steps(
             .event
             .as_ref()
             .is_ok_and(|e| service.step(&e.topic, &e.type_) == Step::Compensation);
-        let step_held = item.saga().and_then(|saga| held_steps.get(saga));
-        let applies = matches!(verdict, Verdict::Apply(_));
-        if let (true, Some(retry_in), true) = (compensation, step_held, applies) {
-            *verdict = Verdict::Held {
-                attempt: 0,
-                retry_in: *retry_in,
-            };
+        let step_held = item.saga().and_then(|saga| held_steps.get(saga)).copied();
+        if let Some(retry_in) = step_held.filter(|_| compensation) {
+            if matches!(verdict, Verdict::Apply(_)) {
+                *verdict = Verdict::Held {
+                    attempt: 0,
+                    retry_in,
+                };
+            }
         }
         if verdict.waits() {
             waiting.insert(lane);

@@ -392,8 +392,7 @@ impl Worker {
             tracing::warn!(
                 service = %self.service, event = %event.id, attempt, "handler failed: {failure}"
             );
-            self.note_failure(service, item, event, attempt, &failure)
-                .await;
+            self.note_failure(service, item, attempt, &failure).await;
             let exhausted = match policy {
                 FailurePolicy::DeadLetter(max) => attempt >= max.max(1),
                 FailurePolicy::Blocking => false,
@@ -459,23 +458,17 @@ impl Worker {
         &self,
         service: &Service,
         item: &Item<'_>,
-        event: &Event,
         attempt: u32,
         failure: &Failure,
     ) {
-        let Some(saga) = item.saga() else { return };
+        if item.saga().is_none() {
+            return;
+        }
         let detail = format!("attempt {attempt}: {failure}");
         let id = item.inbox_id();
         let entry = inbox::Entry {
-            service: service.name(),
-            event_id: &id,
-            saga,
-            event_type: &event.type_,
-            topic: &event.topic,
-            outcome: inbox::Outcome::DeadLettered,
             detail: Some(&detail),
-            version: service.version(),
-            handled_ms: self.shared.clock.now_ms(),
+            ..self.entry(service, item, &id, self.shared.clock.now_ms())
         };
         let noted = async {
             let mut conn = self.shared.db.pool().acquire().await?;
@@ -483,6 +476,32 @@ impl Worker {
         };
         if let Err(e) = noted.await {
             tracing::debug!(service = %self.service, "failed attempt not on the timeline: {e}");
+        }
+    }
+
+    /// The inbox entry of `item` as handled by `service` now: outcome `applied`, no detail;
+    /// callers set what differs. (A malformed event has no saga or type.)
+    fn entry<'a>(
+        &'a self,
+        service: &'a Service,
+        item: &'a Item<'_>,
+        id: &'a str,
+        now_ms: i64,
+    ) -> inbox::Entry<'a> {
+        let (saga, event_type, topic) = match &item.event {
+            Ok(e) => (e.subject.as_str(), e.type_.as_str(), e.topic.as_str()),
+            Err(_) => ("", "", self.shared.config.kafka.logical(&item.record.topic)),
+        };
+        inbox::Entry {
+            service: service.name(),
+            event_id: id,
+            saga,
+            event_type,
+            topic,
+            outcome: inbox::Outcome::Applied,
+            detail: None,
+            version: service.version(),
+            handled_ms: now_ms,
         }
     }
 
