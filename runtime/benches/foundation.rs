@@ -108,9 +108,10 @@ fn bench_guest_call() {
         new_id: "n".into(),
     };
     let mut samples = Vec::with_capacity(20_000);
+    let slot = guest.slots().admit_blocking().unwrap();
     for i in 0..22_000 {
         let t = Instant::now();
-        let called = guest.on_event(state.clone(), &ctx, &event).unwrap();
+        let called = guest.on_event(&slot, state.clone(), &ctx, &event).unwrap();
         let took = t.elapsed();
         assert_eq!(called.output.emits.len(), 1);
         if i >= 2_000 {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -50,6 +50,35 @@ fn describe(s: &Service) -> serde_json::Value {
         "digest": s.guest.digest,
         "subscriptions": s.guest.manifest.subscriptions.iter().map(|x| &x.topic).collect::<Vec<_>>(),
         "routes": s.guest.manifest.routes.iter().map(|r| format!("{} {}", r.method, r.path)).collect::<Vec<_>>(),
+    })
+}
+
+/// The body of an admin call, read only once the token was checked (so nobody without it can
+/// make the runtime read 64 MB), within `limits.admin_body_bytes`.
+async fn authorised_body(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, Response> {
+    if let Some(refused) = refuse(shared, headers) {
+        return Err(refused);
+    }
+    let limit = shared.config.limits.admin_body_bytes;
+    crate::ingress::read_body(headers, body, limit, "admin_body_bytes").await
+}
+
+/// An admin call's JSON body, after the token (see [`authorised_body`]).
+async fn authorised_json<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, Response> {
+    let bytes = authorised_body(shared, headers, body).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("invalid request: {e}"),
+        )
     })
 }
 
@@ -103,14 +132,11 @@ async fn activate(
 }
 
 /// `POST /_saga/admin/deploy`: validate and run a component; 422 with the reason if refused.
-pub async fn deploy(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Some(refused) = refuse(&shared, &headers) {
-        return refused;
-    }
+pub async fn deploy(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match authorised_body(&shared, &headers, body).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
     let _changing = shared.lifecycle.lock().await;
     activate(&shared, &headers, body.to_vec(), Action::Deploy, true).await
 }
@@ -118,14 +144,11 @@ pub async fn deploy(
 /// `POST /_saga/admin/verify` with a component's bytes: validate it (as deploy would) and
 /// replay the recent events recorded for its service (by every instance on the database)
 /// through it in the sandbox (see `crate::verify`). Activates nothing, writes nothing.
-pub async fn verify(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Some(refused) = refuse(&shared, &headers) {
-        return refused;
-    }
+pub async fn verify(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match authorised_body(&shared, &headers, body).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
     let service = match node::validate(&shared, body.to_vec()).await {
         Ok(service) => Arc::new(service),
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("refused: {e}")),
@@ -176,11 +199,12 @@ pub struct Target {
 pub async fn rollback(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    axum::Json(target): axum::Json<Target>,
+    body: Body,
 ) -> Response {
-    if let Some(refused) = refuse(&shared, &headers) {
-        return refused;
-    }
+    let target: Target = match authorised_json(&shared, &headers, body).await {
+        Ok(target) => target,
+        Err(refused) => return refused,
+    };
     let _changing = shared.lifecycle.lock().await;
     let found =
         deployments::rollback_target(&shared.db, &target.service, target.version.as_deref()).await;
@@ -216,11 +240,12 @@ pub async fn rollback(
 pub async fn undeploy(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    axum::Json(target): axum::Json<Target>,
+    body: Body,
 ) -> Response {
-    if let Some(refused) = refuse(&shared, &headers) {
-        return refused;
-    }
+    let target: Target = match authorised_json(&shared, &headers, body).await {
+        Ok(target) => target,
+        Err(refused) => return refused,
+    };
     let _changing = shared.lifecycle.lock().await;
     let latest = match deployments::history(&shared.db, &target.service).await {
         Ok(h) => h.into_iter().next(),
@@ -256,6 +281,65 @@ pub async fn undeploy(
         "service": target.service, "action": "undeploy", "version": version, "digest": digest,
     }))
     .into_response()
+}
+
+/// Which parked outbox rows to list: a page of `limit` after the id `after`.
+#[derive(serde::Deserialize)]
+pub struct Page {
+    #[serde(default)]
+    after: i64,
+    limit: Option<u32>,
+}
+
+/// `GET /_saga/outbox/parked?after=&limit=`: outbox rows the broker refused for good, with the
+/// reason (no payloads: this view is open). Pages of at most 1000; `next` is the cursor.
+pub async fn parked(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
+) -> Response {
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    match crate::storage::outbox::parked(&shared.db, page.after, limit).await {
+        Ok(rows) => {
+            let next = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.id));
+            axum::Json(serde_json::json!({ "parked": rows, "next": next.flatten() }))
+                .into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// What `outbox redrive` names: some parked rows, or all.
+#[derive(serde::Deserialize)]
+pub struct Redrive {
+    #[serde(default)]
+    ids: Vec<i64>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// `POST /_saga/admin/outbox/redrive` `{"ids": [...]}` or `{"all": true}`: put parked rows
+/// back at the end of the outbox for the relay to try again.
+pub async fn redrive_parked(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let which: Redrive = match authorised_json(&shared, &headers, body).await {
+        Ok(which) => which,
+        Err(refused) => return refused,
+    };
+    if which.ids.is_empty() && !which.all {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "name ids, or all: true");
+    }
+    let ids = (!which.all).then_some(&which.ids[..]);
+    let now = shared.clock.now_ms();
+    match crate::storage::outbox::unpark(&shared.db, ids, now).await {
+        Ok(moved) => {
+            shared.relay_wake.notify_one();
+            axum::Json(serde_json::json!({ "redriven": moved })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 /// `GET /_saga/services`: what this instance runs.

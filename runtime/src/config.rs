@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::kafka;
+use crate::limits;
 use crate::wasm::Limits;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,8 @@ pub struct Config {
     /// it is never open without a token. Default none; env `SAGA_ADMIN_TOKEN`.
     pub admin_token: Option<String>,
     pub kafka: kafka::Settings,
+    /// Limits on requests, events and effects (`[limits]`, see `crate::limits`).
+    pub limits: limits::Settings,
     pub sandbox: Sandbox,
     pub worker: Worker,
     pub relay: Relay,
@@ -70,6 +73,10 @@ pub struct Sandbox {
     pub call_timeout_ms: u64,
     /// Guest instances alive at once. Default 64.
     pub max_instances: u32,
+    /// How long a call waits for a free guest instance when all are in use, ms. Past it the
+    /// call fails as a host fault: an event is retried without counting an attempt, a request
+    /// gets `503` with `Retry-After`. Default 5000.
+    pub instance_wait_ms: u64,
 }
 
 /// Event processing (`[worker]`).
@@ -118,6 +125,7 @@ impl Default for Config {
             saga_deadlines: Default::default(),
             admin_token: None,
             kafka: kafka::Settings::default(),
+            limits: limits::Settings::default(),
             sandbox: Sandbox::default(),
             worker: Worker::default(),
             relay: Relay::default(),
@@ -131,6 +139,7 @@ impl Default for Sandbox {
             memory_mib: 64,
             call_timeout_ms: 2000,
             max_instances: 64,
+            instance_wait_ms: 5000,
         }
     }
 }
@@ -226,11 +235,12 @@ impl Config {
         Ok(())
     }
 
-    pub fn limits(&self) -> Limits {
+    pub fn sandbox_limits(&self) -> Limits {
         Limits {
             memory_bytes: self.sandbox.memory_mib << 20,
             call_timeout: Duration::from_millis(self.sandbox.call_timeout_ms),
             max_instances: self.sandbox.max_instances,
+            instance_wait: Duration::from_millis(self.sandbox.instance_wait_ms),
         }
     }
 }

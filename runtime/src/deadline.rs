@@ -30,6 +30,11 @@ pub fn topic(service: &str) -> String {
     format!("{service}.deadline")
 }
 
+/// Whether a logical topic is some service's deadline topic.
+pub fn is_deadline_topic(logical: &str) -> bool {
+    logical.ends_with(".deadline")
+}
+
 pub struct Scheduler {
     shared: Arc<Shared>,
 }

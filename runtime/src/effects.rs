@@ -3,14 +3,43 @@
 //! on the caller's transaction. Used for events (worker) and commands (ingress) alike.
 
 use crate::kafka::{cloudevents, Settings};
-use crate::registry::Service;
+use crate::limits;
+use crate::registry::{self, Service};
 use crate::storage::{self, deadlines, outbox, Conn};
 use crate::wasm::bindings::Effects;
 use crate::wasm::ReadSet;
 
-/// Refuse effects the host cannot carry out, before anything is written. The reason is
+/// What a handler call may touch besides its own state: the saga of the event it handles (none
+/// for a request) and the saga it may start (its `context.new-id`).
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    pub saga: Option<&'a str>,
+    pub new_id: &'a str,
+}
+
+impl Scope<'_> {
+    fn owns(&self, saga: &str) -> bool {
+        saga == self.new_id || self.saga == Some(saga)
+    }
+}
+
+/// Refuse effects the host cannot or must not carry out, before anything is written: over a
+/// limit (`crate::limits`), to a topic the service does not declare or that belongs to the host
+/// (`*.deadline`, `*.dlt`), or deadlines on a saga outside the call's [`Scope`]. The reason is
 /// permanent: re-running the same handler on the same input gives the same effects.
-pub fn validate(service: &Service, fx: &Effects) -> Result<(), String> {
+pub fn validate(
+    limits: &limits::Settings,
+    service: &Service,
+    scope: Scope<'_>,
+    fx: &Effects,
+) -> Result<(), String> {
+    limits.effects(fx).map_err(|e| e.to_string())?;
+    if let Some(emit) = fx.emits.iter().find(|e| registry::is_host_topic(&e.topic)) {
+        return Err(format!(
+            "handler emitted {} to {:?}, a topic only the host writes (deadlines and dead letters)",
+            emit.type_, emit.topic
+        ));
+    }
     if let Some(emit) = fx.emits.iter().find(|e| !service.publishes(&e.topic)) {
         return Err(format!(
             "handler emitted {} to topic {:?}, which service {} does not declare in `publishes`",
@@ -19,10 +48,15 @@ pub fn validate(service: &Service, fx: &Effects) -> Result<(), String> {
             service.name()
         ));
     }
-    if let Some(emit) = fx.emits.iter().find(|e| e.subject.is_empty()) {
+    let subjects = fx
+        .set_deadlines
+        .iter()
+        .map(|d| &d.subject)
+        .chain(fx.cancel_deadlines.iter().map(|d| &d.subject));
+    if let Some(other) = subjects.into_iter().find(|s| !scope.owns(s)) {
         return Err(format!(
-            "handler emitted {} without a subject (saga id)",
-            emit.type_
+            "handler set or cancelled a deadline of saga {other:?}: a handler may only touch \
+             the deadlines of the saga it handles or of the one it starts (context.new-id)"
         ));
     }
     Ok(())
@@ -48,7 +82,11 @@ pub async fn apply(
     fx: &Effects,
 ) -> Result<(), storage::Error> {
     storage::state::apply(conn, service.name(), reads, &fx.writes).await?;
-    let due = |after: Option<u64>| ctx.now_ms + after.unwrap_or(ctx.saga_deadline_ms) as i64;
+    // Delays are bounded by `validate` (and the config); saturate anyway, never overflow.
+    let due = |after: Option<u64>| {
+        let after = after.unwrap_or(ctx.saga_deadline_ms).min(i64::MAX as u64) as i64;
+        ctx.now_ms.saturating_add(after)
+    };
     for d in &fx.cancel_deadlines {
         deadlines::cancel(conn, service.name(), &d.subject, &d.name).await?;
     }

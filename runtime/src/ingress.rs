@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -31,13 +31,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route(
             "/_saga/admin/deploy",
-            axum::routing::post(crate::admin::deploy)
-                .layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+            axum::routing::post(crate::admin::deploy),
         )
         .route(
             "/_saga/admin/verify",
-            axum::routing::post(crate::admin::verify)
-                .layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+            axum::routing::post(crate::admin::verify),
         )
         .route(
             "/_saga/admin/rollback",
@@ -46,6 +44,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/_saga/admin/undeploy",
             axum::routing::post(crate::admin::undeploy),
+        )
+        .route(
+            "/_saga/outbox/parked",
+            axum::routing::get(crate::admin::parked),
+        )
+        .route(
+            "/_saga/admin/outbox/redrive",
+            axum::routing::post(crate::admin::redrive_parked),
         )
         .route(
             "/_saga/services",
@@ -61,9 +67,44 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = serde_json::json!({ "error": message.into() });
     (status, axum::Json(body)).into_response()
+}
+
+/// `503` with `Retry-After`: the host is busy or a dependency is down; the client may retry.
+fn unavailable(message: impl Into<String>) -> Response {
+    let mut response = json_error(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    response
+}
+
+/// Read a request body of at most `limit` bytes (`limits.<key>`): a declared length over it is
+/// refused before anything is read, a body that turns out longer as soon as it passes it.
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    key: &str,
+) -> Result<Bytes, Response> {
+    let too_large = |size: String| {
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is {size} bytes, over the limit of {limit} (limits.{key})"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > limit as u64) {
+        return Err(too_large(n.to_string()));
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large("more than".to_string() + &format!(" {limit}")))
 }
 
 async fn handle(
@@ -71,7 +112,7 @@ async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let path = uri.path();
     let Some((service, params)) = shared.registry.route(method.as_str(), path) else {
@@ -79,6 +120,18 @@ async fn handle(
             StatusCode::NOT_FOUND,
             format!("no service serves {method} {path}"),
         );
+    };
+    let limits = &shared.config.limits;
+    let body = match read_body(
+        &headers,
+        body,
+        limits.request_body_bytes,
+        "request_body_bytes",
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(refused) => return refused,
     };
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -104,10 +157,7 @@ async fn handle(
             }
         }
     }
-    json_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the state this request reads kept changing; try again",
-    )
+    unavailable("the state this request reads kept changing; try again")
 }
 
 enum Outcome {
@@ -129,16 +179,21 @@ async fn run(
         new_id: new_id.to_string(),
     };
     let (svc, req, reader) = (service.clone(), request.clone(), shared.reader.clone());
-    let called = tokio::task::spawn_blocking(move || svc.guest.on_request(reader, &ctx, &req))
-        .await
-        .unwrap_or_else(|e| Err(Failure::Trap(format!("handler thread failed: {e}"))));
+    let called = match service.guest.slots().admit().await {
+        Ok(slot) => {
+            tokio::task::spawn_blocking(move || svc.guest.on_request(&slot, reader, &ctx, &req))
+                .await
+                .unwrap_or_else(|e| Err(Failure::Host(format!("handler thread failed: {e}"))))
+        }
+        Err(busy) => Err(busy),
+    };
     let called = match called {
         Ok(called) => called,
         Err(Failure::Reject(msg)) => {
             return Outcome::Error(json_error(StatusCode::UNPROCESSABLE_ENTITY, msg))
         }
-        Err(f @ Failure::Retry(_)) => {
-            return Outcome::Error(json_error(StatusCode::SERVICE_UNAVAILABLE, f.to_string()))
+        Err(f @ (Failure::Retry(_) | Failure::Host(_))) => {
+            return Outcome::Error(unavailable(f.to_string()))
         }
         Err(f) => {
             tracing::warn!(service = service.name(), "request handler failed: {f}");
@@ -159,8 +214,13 @@ async fn run(
             ),
         ));
     }
-    if let Err(reason) = effects::validate(service, &response.effects) {
-        return Outcome::Error(json_error(StatusCode::INTERNAL_SERVER_ERROR, reason));
+    let scope = effects::Scope { saga: None, new_id };
+    if let Err(reason) = effects::validate(&shared.config.limits, service, scope, &response.effects)
+    {
+        return Outcome::Error(json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the handler's effects were refused: {reason}"),
+        ));
     }
     let fx_ctx = effects::Context {
         kafka: &shared.config.kafka,
@@ -187,10 +247,7 @@ async fn run(
             Outcome::Reply(response.reply)
         }
         Err(crate::storage::Error::Conflict { .. }) => Outcome::Conflict,
-        Err(e) => Outcome::Error(json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("could not commit: {e}"),
-        )),
+        Err(e) => Outcome::Error(unavailable(format!("could not commit: {e}"))),
     }
 }
 

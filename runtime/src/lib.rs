@@ -11,6 +11,7 @@ pub mod effects;
 pub mod follow;
 pub mod ingress;
 pub mod kafka;
+pub mod limits;
 pub mod node;
 pub mod ownership;
 pub mod registry;

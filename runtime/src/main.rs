@@ -96,6 +96,10 @@ enum Command {
     /// Dead-lettered events: list them, or send them back to the topic they failed on.
     #[command(subcommand)]
     Dlt(DltCommand),
+    /// Outbox rows the broker refused for good (parked by the relay so the rest flows): list
+    /// them, or put them back for the relay to try again.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Print the timeline of one saga: every event each service handled, and its deadlines.
     Trace {
         saga: String,
@@ -106,6 +110,30 @@ enum Command {
             env = "SAGA_RUNTIME_URL"
         )]
         runtime: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Print the parked rows: id, event, topic, size and the broker's reason.
+    Parked {
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:8088",
+            env = "SAGA_RUNTIME_URL"
+        )]
+        runtime: String,
+    },
+    /// Put parked rows back at the end of the outbox.
+    Redrive {
+        /// The parked row with this id (repeatable).
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<i64>,
+        /// Every parked row.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -263,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Trace { saga, runtime } => trace(&runtime, &saga).await,
         Command::Dlt(command) => dlt(command).await,
+        Command::Outbox(command) => outbox(command).await,
         Command::Services { runtime } => {
             let list =
                 get_json(&format!("{}/_saga/services", runtime.trim_end_matches('/'))).await?;
@@ -351,11 +380,53 @@ async fn main() -> anyhow::Result<()> {
             let bytes =
                 std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
             let config = Config::default();
-            let sandbox = saga_runtime::wasm::Sandbox::new(config.limits(), None)?;
+            let sandbox = saga_runtime::wasm::Sandbox::new(config.sandbox_limits(), None)?;
             // Off the async runtime: WASI calls of the guest block.
             let guest = tokio::task::spawn_blocking(move || sandbox.load(&bytes)).await??;
             println!("{}", serde_json::to_string_pretty(&guest.manifest)?);
             println!("sha256: {}", guest.digest);
+            Ok(())
+        }
+    }
+}
+
+async fn outbox(command: OutboxCommand) -> anyhow::Result<()> {
+    match command {
+        OutboxCommand::Parked { runtime } => {
+            let base = runtime.trim_end_matches('/');
+            let mut after = 0;
+            loop {
+                let url = format!("{base}/_saga/outbox/parked?after={after}&limit=1000");
+                let page = get_json(&url).await?;
+                for p in page["parked"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<8} {:<38} {:<24} {:>9} B  {}",
+                        p["id"],
+                        p["eventId"].as_str().unwrap_or(""),
+                        p["topic"].as_str().unwrap_or(""),
+                        p["size"],
+                        p["reason"].as_str().unwrap_or("")
+                    );
+                }
+                match page["next"].as_i64() {
+                    Some(next) => after = next,
+                    None => return Ok(()),
+                }
+            }
+        }
+        OutboxCommand::Redrive { ids, all, admin } => {
+            if ids.is_empty() && !all {
+                anyhow::bail!("name rows with --id, or --all");
+            }
+            let body = serde_json::json!({ "ids": ids, "all": all });
+            let reply = admin
+                .post(
+                    "outbox/redrive",
+                    body.to_string().into(),
+                    "application/json",
+                )
+                .await?;
+            println!("{} row(s) back in the outbox", reply["redriven"]);
             Ok(())
         }
     }

@@ -42,6 +42,8 @@ pub enum Error {
     Registry(#[from] registry::Error),
     #[error(transparent)]
     Kafka(#[from] kafka::Error),
+    #[error(transparent)]
+    Limits(#[from] crate::limits::Error),
     #[error("could not listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -90,11 +92,16 @@ impl Shared {
     }
 }
 
+/// Wraps the state reader guests read through (a test's fault seam).
+pub type WrapReader = Box<dyn FnOnce(Arc<dyn StateReader>) -> Arc<dyn StateReader> + Send>;
+
 /// What to start: the config plus the seams tests replace.
 pub struct Options {
     pub config: Config,
     pub clock: Arc<dyn Clock>,
     pub relay_faults: Arc<dyn relay::Faults>,
+    /// Applied to the database's state reader; production leaves it as it is.
+    pub wrap_reader: WrapReader,
 }
 
 impl Options {
@@ -103,6 +110,7 @@ impl Options {
             config,
             clock: Arc::new(SystemClock),
             relay_faults: Arc::new(relay::NoFaults),
+            wrap_reader: Box::new(|reader| reader),
         }
     }
 }
@@ -111,9 +119,13 @@ impl Options {
 /// serving HTTP.
 pub async fn start(options: Options) -> Result<Handle, Error> {
     let config = options.config;
+    config.limits.check()?;
     let db = Db::connect(&config.database_url, config.database_connections).await?;
-    let sandbox = Sandbox::new(config.limits(), config.cache_dir.clone())?;
-    let reader = BlockingReader::new(db.clone(), tokio::runtime::Handle::current());
+    let sandbox = Sandbox::new(config.sandbox_limits(), config.cache_dir.clone())?;
+    let reader = (options.wrap_reader)(BlockingReader::new(
+        db.clone(),
+        tokio::runtime::Handle::current(),
+    ));
     let listen = config.http_listen;
     let recordings = Arc::new(crate::verify::Recordings::new(config.worker.verify_recent));
     let shared = Arc::new(Shared {

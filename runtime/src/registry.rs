@@ -19,6 +19,16 @@ pub enum Error {
     },
     #[error("route {0:?} must start with '/'")]
     BadRoute(String),
+    #[error("service {service} declares it publishes to {topic:?}, a topic only the host writes (deadlines and dead letters)")]
+    HostTopic { service: String, topic: String },
+}
+
+/// Topics the host writes and guests never may: fired deadlines (`<service>.deadline`) and
+/// dead letters (`<topic>.dlt`). A guest that could emit there could forge a deadline or a
+/// failure of another service.
+pub fn is_host_topic(topic: &str) -> bool {
+    crate::kafka::dead_letter::is_dead_letter_topic(topic)
+        || crate::deadline::is_deadline_topic(topic)
 }
 
 /// What part an event plays in its saga at the service that receives it.
@@ -46,6 +56,12 @@ pub struct Service {
 
 impl Service {
     pub fn new(guest: Guest) -> Result<Self, Error> {
+        if let Some(topic) = guest.manifest.publishes.iter().find(|t| is_host_topic(t)) {
+            return Err(Error::HostTopic {
+                service: guest.manifest.name.clone(),
+                topic: topic.clone(),
+            });
+        }
         let routes = guest
             .manifest
             .routes

@@ -45,6 +45,13 @@ impl Faults for NoFaults {}
 enum Error {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The broker (or the client, before sending) refused row `index` of the batch itself:
+    /// sending it again cannot succeed.
+    #[error("row {index} refused: {error}")]
+    Refused {
+        index: usize,
+        error: rdkafka::error::KafkaError,
+    },
     #[error("injected fault: {0}")]
     Injected(String),
     #[error("delivery was cancelled")]
@@ -92,6 +99,10 @@ impl Relay {
                 }
             }
             let rows = match outbox::fetch(db, cfg.batch_size).await {
+                Ok(rows) => self.park_oversized(rows).await,
+                Err(e) => Err(e),
+            };
+            let rows = match rows {
                 Ok(rows) if rows.is_empty() => {
                     self.idle(poll).await;
                     continue;
@@ -123,6 +134,12 @@ impl Relay {
                         tracing::warn!("relay could not delete published rows: {e}");
                     }
                 }
+                Err(Error::Refused { index, error }) => {
+                    // One bad row must not hold up the others: set it aside, go on at once.
+                    producer = None;
+                    let reason = format!("the broker refused it: {error}");
+                    self.park(&rows[index], &reason).await;
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(rows = rows.len(), "relay batch failed, will retry: {e}");
@@ -138,10 +155,47 @@ impl Relay {
         }
     }
 
+    /// Park the rows larger than the broker takes (`limits.broker_message_bytes`) before
+    /// they are sent: a refused send would abort the whole transaction. Nothing the runtime
+    /// lets in is that large; rows from before a limit was lowered can be.
+    async fn park_oversized(
+        &self,
+        rows: Vec<outbox::Row>,
+    ) -> Result<Vec<outbox::Row>, crate::storage::Error> {
+        let max = self.shared.config.limits.broker_message_bytes;
+        let (fit, over): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.message.size() <= max);
+        for row in &over {
+            let reason = format!(
+                "message of {} bytes is over the broker's limit of {max} (limits.broker_message_bytes)",
+                row.message.size()
+            );
+            self.park(row, &reason).await;
+        }
+        // Rows behind a parked one may go now; per-saga order among those sent holds.
+        Ok(fit)
+    }
+
+    /// Set a row aside with why (`runtime outbox parked`), so the rows behind it flow.
+    async fn park(&self, row: &outbox::Row, reason: &str) {
+        let m = &row.message;
+        tracing::error!(
+            id = row.id, event = %m.event_id, topic = %m.topic, size = m.size(),
+            "outbox row parked: {reason}"
+        );
+        let now = self.shared.clock.now_ms();
+        match outbox::park(&self.shared.db, row.id, reason, now).await {
+            Ok(()) => Stats::add(&self.shared.stats.parked, 1),
+            // It stays in the outbox and is tried (and parked) again.
+            Err(e) => tracing::warn!(id = row.id, "could not park an outbox row: {e}"),
+        }
+    }
+
     async fn producer(&self) -> Result<FutureProducer, Error> {
         let kafka = &self.shared.config.kafka;
+        let max = self.shared.config.limits.broker_message_bytes;
         let producer: FutureProducer = kafka
             .client()
+            .set("message.max.bytes", max.to_string())
             .set("transactional.id", kafka.topic("saga-relay-0"))
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
@@ -194,14 +248,16 @@ impl Relay {
                 .key(&m.key)
                 .payload(&m.payload)
                 .headers(headers);
-            let delivery = producer.send_result(record).map_err(|(e, _)| e)?;
+            let delivery = producer
+                .send_result(record)
+                .map_err(|(e, _)| refused(index, e))?;
             deliveries.push(delivery);
         }
-        for delivery in deliveries {
+        for (index, delivery) in deliveries.into_iter().enumerate() {
             delivery
                 .await
                 .map_err(|_| Error::Cancelled)?
-                .map_err(|(e, _)| e)?;
+                .map_err(|(e, _)| refused(index, e))?;
         }
         Ok(())
     }
@@ -212,6 +268,27 @@ impl Relay {
             _ = self.shared.relay_wake.notified() => {}
             _ = tokio::time::sleep(d) => {}
         }
+    }
+}
+
+/// A send error, as [`Error::Refused`] if it is about the row itself (retrying cannot help),
+/// else as a transient Kafka error.
+fn refused(index: usize, error: rdkafka::error::KafkaError) -> Error {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    let permanent = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::MessageSizeTooLarge
+                | Code::InvalidMessageSize
+                | Code::InvalidMessage
+                | Code::InvalidRecord
+                | Code::BadMessage
+        )
+    );
+    if permanent {
+        Error::Refused { index, error }
+    } else {
+        Error::Kafka(error)
     }
 }
 

@@ -19,6 +19,13 @@ pub struct Stats {
     pub conflicts: AtomicU64,
     /// Failed handler attempts (errors, traps, time and memory limits).
     pub failures: AtomicU64,
+    /// Handler calls that failed on the host's side (a state read the database refused, no
+    /// free guest instance) and were run again without counting an attempt.
+    pub host_faults: AtomicU64,
+    /// Events the database refused to store deterministically, set aside as dead letters.
+    pub refused: AtomicU64,
+    /// Outbox rows the broker refused for good, parked (`runtime outbox parked`).
+    pub parked: AtomicU64,
     /// Deadlines this instance claimed and fired (each deadline is claimed by one instance).
     pub deadlines_fired: AtomicU64,
     /// Outbox rows the relay published (a republish after a crash counts again).

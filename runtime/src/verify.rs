@@ -270,7 +270,10 @@ pub struct Replayed {
 /// Replay `recording` through `guest` (blocking: a guest call).
 pub fn replay(guest: &Guest, recording: &Recording) -> Replayed {
     let reader = Arc::new(Replay(recording.tape.clone()));
-    let called = guest.on_event(reader, &recording.ctx, &recording.event);
+    let called = guest
+        .slots()
+        .admit_blocking()
+        .and_then(|slot| guest.on_event(&slot, reader, &recording.ctx, &recording.event));
     let (result, detail) = match called {
         Ok(called) => {
             let diff = diff(&lines(&recording.effects), &lines(&called.output));

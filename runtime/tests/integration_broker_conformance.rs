@@ -206,3 +206,94 @@ async fn a_successor_with_the_same_transactional_id_fences_the_zombie() {
     assert_eq!(next_value(&c).await.as_deref(), Some("successor"));
     assert_eq!(next_value(&c).await, None);
 }
+
+/// One partition: commit `a`, abort `b`, commit `c d e`, commit `f`; offsets 0 a, 1 marker,
+/// 2 b, 3 abort marker, 4–6 c d e, 7 marker, 8 f. Returns the topic.
+async fn committed_around_an_abort(p: &str) -> String {
+    let s = make_topics(p, &["marker"]).await;
+    let topic = s.topic("marker");
+    let producer = transactional(&format!("{p}txn"));
+    for (values, commit) in [
+        (&["a"][..], true),
+        (&["b"], false),
+        (&["c", "d", "e"], true),
+        (&["f"], true),
+    ] {
+        producer.begin_transaction().unwrap();
+        for v in values {
+            send(&producer, &topic, v).await;
+        }
+        if commit {
+            producer.commit_transaction(T).unwrap();
+        } else {
+            producer.abort_transaction(T).unwrap();
+        }
+    }
+    topic
+}
+
+fn assigned_at(topic: &str, offset: i64) -> StreamConsumer {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, rdkafka::Offset::Offset(offset))
+        .unwrap();
+    c.assign(&list).unwrap();
+    c
+}
+
+/// Pins a defect of noida-db 0.2.3 that the runtime's consumer works around (its stall
+/// watchdog re-reads from further back, see `kafka::consumer`): a `read_committed` reader whose
+/// first fetch starts after an abort marker receives nothing, ever, while one starting before
+/// the marker sees everything. If this fails because the broker now delivers, the defect is
+/// fixed: drop the re-read from the watchdog and this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noida_delivers_nothing_to_a_reader_that_starts_past_an_abort_marker() {
+    let topic = committed_around_an_abort(&prefix()).await;
+    let before = assigned_at(&topic, 2);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(next_value(&before).await.unwrap_or_default());
+    }
+    assert_eq!(seen, ["c", "d", "e", "f"], "read from before the marker");
+    let past = assigned_at(&topic, 4);
+    assert_eq!(
+        next_value(&past).await,
+        None,
+        "the broker delivered past an abort marker: its defect is fixed, remove the workaround"
+    );
+}
+
+/// What matters to the runtime on any broker: its consumer, assigned at a stored position past
+/// an abort marker (a failover after a relay abort), gets every committed record from there
+/// on, and nothing from before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_consumer_starting_past_an_abort_marker_gets_what_follows() {
+    use saga_runtime::kafka::consumer::Consumer as RuntimeConsumer;
+    let p = prefix();
+    let topic = committed_around_an_abort(&p).await;
+    let mut s = make_topics(&p, &["marker"]).await;
+    s.stall_reseek_ms = 200;
+    let consumer = RuntimeConsumer::new(&s, "marker-reader").unwrap();
+    consumer.assign(&[(topic.clone(), 0, Some(4))]).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let batch = tokio::time::timeout(Duration::from_secs(20), consumer.next_batch(10))
+            .await
+            .unwrap_or_else(|_| panic!("stalled past the abort marker; got {seen:?}"))
+            .unwrap();
+        seen.extend(
+            batch
+                .into_iter()
+                .map(|r| (r.offset, String::from_utf8(r.payload).unwrap())),
+        );
+    }
+    let values: Vec<&str> = seen.iter().map(|(_, v)| v.as_str()).collect();
+    assert_eq!(values, ["c", "d", "e", "f"], "{seen:?}");
+    assert!(seen.iter().all(|(o, _)| *o >= 4), "{seen:?}");
+}

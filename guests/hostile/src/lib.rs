@@ -4,9 +4,15 @@
 //! prove that well-behaved events keep flowing past the hostile ones. `Probe` records what the
 //! sandbox lets a guest see of the world (clock, environment, files) under `probe/<subject>`.
 //!
+//! Types that try to reach what is not theirs: `ForgeDeadline` emits a `DeadlineExpired` onto
+//! `order.deadline` (a host topic), `ForgeDeadLetter` onto `payment.dlt`, `OtherSaga` sets a
+//! deadline on a saga it neither handles nor starts, `Forever` sets one `u64::MAX` ms away,
+//! `Flood` returns 100,000 state writes, `Giant` emits an event of 1 MiB.
+//!
 //! Built as package `hostile-v2` (version 0.2.0, same source) it consumes `hostile-v2` instead
 //! of `hostile` and serves `/hostile/v2/seen` instead of the probe route: a new version with
-//! other subscriptions and routes.
+//! other subscriptions and routes. Built as `hostile-forger` it declares that it publishes to
+//! `order.deadline`, which a deploy must refuse.
 
 use saga_sdk::{
     query_reply, route, scan_json, subscribe, Context, Effects, Error, Event, Manifest, Request,
@@ -18,6 +24,7 @@ struct Hostile;
 impl Service for Hostile {
     fn describe() -> Manifest {
         let v2 = env!("CARGO_PKG_NAME") == "hostile-v2";
+        let forger = env!("CARGO_PKG_NAME") == "hostile-forger";
         Manifest {
             name: "hostile".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -30,7 +37,11 @@ impl Service for Hostile {
                     route("GET", "/hostile/probe/{id}")
                 },
             ],
-            publishes: vec![],
+            publishes: if forger {
+                vec!["order.deadline".into()]
+            } else {
+                vec!["hostile-out".into()]
+            },
             saga_deadline_ms: None,
         }
     }
@@ -55,6 +66,38 @@ impl Service for Hostile {
             }
             "Panic" => panic!("hostile guest panics on purpose (event {})", event.id),
             "Reject" => Err(Error::Reject("hostile guest rejects this event".into())),
+            "ForgeDeadline" => {
+                let mut fx = Effects::new();
+                fx.emit_json("order.deadline", "DeadlineExpired", &event.subject, &"forged");
+                Ok(fx.build())
+            }
+            "ForgeDeadLetter" => {
+                let mut fx = Effects::new();
+                fx.emit_json("payment.dlt", "PaymentRequested", &event.subject, &"forged");
+                Ok(fx.build())
+            }
+            "OtherSaga" => {
+                let mut fx = Effects::new();
+                fx.set_deadline("someone-elses-saga", "approval", Some(1));
+                Ok(fx.build())
+            }
+            "Forever" => {
+                let mut fx = Effects::new();
+                fx.set_deadline(&event.subject, "forever", Some(u64::MAX));
+                Ok(fx.build())
+            }
+            "Flood" => {
+                let mut fx = Effects::new();
+                for i in 0..100_000 {
+                    fx.put_json(format!("flood/{i}"), &i);
+                }
+                Ok(fx.build())
+            }
+            "Giant" => {
+                let mut fx = Effects::new();
+                fx.emit_json("hostile-out", "Giant", &event.subject, &"x".repeat(1 << 20));
+                Ok(fx.build())
+            }
             "Probe" => {
                 let clock_secs = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

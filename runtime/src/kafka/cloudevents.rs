@@ -31,6 +31,8 @@ pub enum Malformed {
     BadTime { header: &'static str, value: String },
     #[error("unsupported CloudEvents specversion {0:?}")]
     SpecVersion(String),
+    #[error(transparent)]
+    Limit(#[from] crate::limits::Error),
 }
 
 /// The source attribute of events a service emits.

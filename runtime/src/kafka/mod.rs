@@ -30,9 +30,10 @@ pub struct Settings {
     pub partitions: i32,
     /// Replication factor of the topics the runtime creates. Default 1.
     pub replication: i32,
-    /// After this long without records a consumer re-seeks its partitions to their current
-    /// positions: works around brokers that stop fetching behind an aborted transaction
-    /// (noida-db does). 0 disables. Default 1000 ms.
+    /// A partition that delivered nothing for this long while the broker reports committed
+    /// data beyond it is re-sought, in place first, then further back (what is read again is
+    /// dropped): works around brokers that stall around aborted transactions (noida-db does,
+    /// see `kafka::consumer`). 0 disables. Default 1000 ms.
     pub stall_reseek_ms: u64,
 }
 

@@ -45,6 +45,35 @@ pub enum Error {
     Corrupt(String),
 }
 
+impl Error {
+    /// Whether the database refused the data itself (its encoding, its size, a constraint), so
+    /// that running the same statements again gives the same error; as opposed to a database
+    /// that is unreachable, busy, or in a conflict, where a retry can succeed.
+    pub fn refuses_data(&self) -> bool {
+        match self {
+            Error::Sql(sqlx::Error::Encode(_)) => true,
+            Error::Sql(sqlx::Error::Database(db)) => {
+                if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                    // SQLSTATE classes 22 data exception (e.g. a NUL byte), 23 integrity
+                    // violation, 54 program limit exceeded (e.g. an index row too large).
+                    let code = pg.code();
+                    return ["22", "23", "54"].iter().any(|c| code.starts_with(c));
+                }
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    // Primary result codes TOOBIG, CONSTRAINT, MISMATCH, RANGE.
+                    let primary = db
+                        .code()
+                        .and_then(|c| c.parse::<i32>().ok())
+                        .map(|c| c & 0xff);
+                    return matches!(primary, Some(18 | 19 | 20 | 25));
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     Sqlite,

@@ -39,6 +39,14 @@ pub async fn insert(conn: &mut Conn, message: &Message, created_ms: i64) -> Resu
     Ok(())
 }
 
+impl Message {
+    /// Its size on the wire as the broker counts it, near enough: key, value and headers.
+    pub fn size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.key.len() + self.payload.len() + headers
+    }
+}
+
 /// The oldest `limit` rows, in storage order.
 pub async fn fetch(db: &Db, limit: u32) -> Result<Vec<Row>, Error> {
     let rows = sqlx::query(
@@ -47,25 +55,127 @@ pub async fn fetch(db: &Db, limit: u32) -> Result<Vec<Row>, Error> {
     .bind(limit as i64)
     .fetch_all(db.pool())
     .await?;
-    rows.into_iter()
-        .map(|row| {
-            let headers: String = row.try_get("headers")?;
-            Ok(Row {
-                id: row.try_get("id")?,
-                message: Message {
-                    event_id: row.try_get("event_id")?,
-                    topic: row.try_get("topic")?,
-                    key: row.try_get("msg_key")?,
-                    headers: serde_json::from_str(&headers)
-                        .map_err(|e| Error::Sql(sqlx::Error::Decode(Box::new(e))))?,
-                    payload: row.try_get("payload")?,
-                },
+    rows.iter().map(decode).collect()
+}
+
+fn decode(row: &super::Row) -> Result<Row, Error> {
+    let headers: String = row.try_get("headers")?;
+    Ok(Row {
+        id: row.try_get("id")?,
+        message: Message {
+            event_id: row.try_get("event_id")?,
+            topic: row.try_get("topic")?,
+            key: row.try_get("msg_key")?,
+            headers: serde_json::from_str(&headers)
+                .map_err(|e| Error::Corrupt(format!("outbox headers: {e}")))?,
+            payload: row.try_get("payload")?,
+        },
+    })
+}
+
+/// An outbox row the broker refused for good, set aside with the reason.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Parked {
+    pub id: i64,
+    pub event_id: String,
+    pub topic: String,
+    pub key: String,
+    /// Key, value and headers, bytes.
+    pub size: usize,
+    pub parked_ms: i64,
+    pub reason: String,
+}
+
+/// Move a row out of the outbox into `outbox_parked` with `reason`, in one transaction.
+pub async fn park(db: &Db, id: i64, reason: &str, now_ms: i64) -> Result<(), Error> {
+    let mut tx = db.begin().await?;
+    sqlx::query(
+        "INSERT INTO outbox_parked \
+         (id, event_id, topic, msg_key, headers, payload, created_ms, parked_ms, reason) \
+         SELECT id, event_id, topic, msg_key, headers, payload, created_ms, $2, $3 \
+         FROM outbox WHERE id = $1",
+    )
+    .bind(id)
+    .bind(now_ms)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM outbox WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Parked rows in id order, `limit` at a time after `after` (a cursor: the last id seen).
+pub async fn parked(db: &Db, after: i64, limit: u32) -> Result<Vec<Parked>, Error> {
+    let rows = sqlx::query(
+        "SELECT id, event_id, topic, msg_key, headers, payload, parked_ms, reason \
+         FROM outbox_parked WHERE id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit as i64)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let row = decode(r)?;
+            Ok(Parked {
+                id: row.id,
+                size: row.message.size(),
+                event_id: row.message.event_id,
+                topic: row.message.topic,
+                key: row.message.key,
+                parked_ms: r.try_get("parked_ms")?,
+                reason: r.try_get("reason")?,
             })
         })
         .collect()
 }
 
-/// Remove published rows (ids up to and including `last` that were in the batch).
+/// Put parked rows back at the end of the outbox (all of them if `ids` is `None`), for the
+/// relay to try again, e.g. after the broker's limit was raised. Returns how many moved.
+pub async fn unpark(db: &Db, ids: Option<&[i64]>, now_ms: i64) -> Result<u64, Error> {
+    let ids = match ids {
+        Some([]) => return Ok(0),
+        Some(ids) => ids.to_vec(),
+        None => {
+            sqlx::query_scalar("SELECT id FROM outbox_parked ORDER BY id")
+                .fetch_all(db.pool())
+                .await?
+        }
+    };
+    let mut moved = 0;
+    for chunk in ids.chunks(500) {
+        let mut tx = db.begin().await?;
+        let insert = format!(
+            "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms) \
+             SELECT event_id, topic, msg_key, headers, payload, $1 FROM outbox_parked \
+             WHERE id IN ({}) ORDER BY id",
+            super::placeholders(2, chunk.len())
+        );
+        let mut query = sqlx::query(&insert).bind(now_ms);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        moved += query.execute(&mut *tx).await?.rows_affected();
+        let delete = format!(
+            "DELETE FROM outbox_parked WHERE id IN ({})",
+            super::placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(&delete);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        query.execute(&mut *tx).await?;
+        tx.commit().await?;
+    }
+    Ok(moved)
+}
+
+/// Remove published rows.
 pub async fn delete(db: &Db, ids: &[i64]) -> Result<(), Error> {
     for chunk in ids.chunks(500) {
         let sql = format!(

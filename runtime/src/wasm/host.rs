@@ -124,6 +124,9 @@ pub(crate) struct Host {
     pub(super) limiter: Limiter,
     pub(super) stderr: MemoryOutputPipe,
     pub(super) reads: ReadSet,
+    /// Set when a host import failed on the host's side (a state read the database refused):
+    /// the call then fails as a host fault, not as the guest's trap.
+    pub(super) host_fault: Option<String>,
     service: Arc<str>,
     reader: Arc<dyn StateReader>,
 }
@@ -151,6 +154,7 @@ impl Host {
             },
             stderr,
             reads: ReadSet::default(),
+            host_fault: None,
             service: service.into(),
             reader,
         }
@@ -166,21 +170,30 @@ impl WasiView for Host {
     }
 }
 
+impl Host {
+    /// Remember a host-side failure and end the call with it (a trap the guest cannot catch).
+    fn fault(&mut self, reason: String) -> wasmtime::Error {
+        let e = wasmtime::format_err!("{reason}");
+        self.host_fault = Some(reason);
+        e
+    }
+}
+
 impl state::Host for Host {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        let found = self
-            .reader
-            .get(&self.service, &key)
-            .map_err(|e| wasmtime::format_err!("state read of {key:?} failed: {e}"))?;
+        let found = match self.reader.get(&self.service, &key) {
+            Ok(found) => found,
+            Err(e) => return Err(self.fault(format!("state read of {key:?} failed: {e}"))),
+        };
         self.reads.0.insert(key, found.version);
         Ok(found.value)
     }
 
     fn scan(&mut self, prefix: String, limit: u32) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
-        let rows = self
-            .reader
-            .scan(&self.service, &prefix, limit)
-            .map_err(|e| wasmtime::format_err!("state scan of {prefix:?} failed: {e}"))?;
+        let rows = match self.reader.scan(&self.service, &prefix, limit) {
+            Ok(rows) => rows,
+            Err(e) => return Err(self.fault(format!("state scan of {prefix:?} failed: {e}"))),
+        };
         Ok(rows
             .into_iter()
             .filter_map(|(key, v)| {

@@ -37,6 +37,8 @@ pub struct Limits {
     pub call_timeout: Duration,
     /// How many instances may be alive at once (pooling allocator slots).
     pub max_instances: u32,
+    /// How long a call waits for a free instance before it fails as a host fault.
+    pub instance_wait: Duration,
 }
 
 impl Default for Limits {
@@ -45,6 +47,7 @@ impl Default for Limits {
             memory_bytes: 64 << 20,
             call_timeout: Duration::from_secs(2),
             max_instances: 64,
+            instance_wait: Duration::from_secs(5),
         }
     }
 }
@@ -81,12 +84,73 @@ pub enum Failure {
     MemoryLimit { limit: u64, asked: u64 },
     #[error("guest trapped: {0}")]
     Trap(String),
+    /// The host, not the handler, failed: a state read the database refused, no free guest
+    /// instance. Retried without counting an attempt; never dead-letters anything.
+    #[error("host fault (not the handler's): {0}")]
+    Host(String),
 }
 
 impl Failure {
     /// Permanent failures skip the retries and go to the dead-letter topic at once.
     pub fn is_permanent(&self) -> bool {
         matches!(self, Failure::Reject(_))
+    }
+
+    /// Whether the host failed rather than the handler (see [`Failure::Host`]).
+    pub fn is_host(&self) -> bool {
+        matches!(self, Failure::Host(_))
+    }
+}
+
+/// A free guest instance, held for one call: at most `max_instances` exist at once, so the
+/// pooling allocator is never asked for more than it has (it fails at once rather than wait).
+/// Waiting callers are served in arrival order (tokio's semaphore is fair).
+pub struct Slot(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+/// The instance slots of one sandbox; cheap to clone.
+#[derive(Clone)]
+pub struct Slots {
+    free: Arc<tokio::sync::Semaphore>,
+    wait: Duration,
+}
+
+impl Slots {
+    fn new(limits: &Limits) -> Self {
+        Slots {
+            free: Arc::new(tokio::sync::Semaphore::new(
+                limits.max_instances.max(1) as usize
+            )),
+            wait: limits.instance_wait,
+        }
+    }
+
+    /// Wait for a free instance, up to the configured wait; past it, a host fault.
+    pub async fn admit(&self) -> Result<Slot, Failure> {
+        match tokio::time::timeout(self.wait, self.free.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Slot(permit)),
+            _ => Err(self.busy()),
+        }
+    }
+
+    /// [`Slots::admit`] for code already on a blocking thread (loading, replaying).
+    pub fn admit_blocking(&self) -> Result<Slot, Failure> {
+        let until = std::time::Instant::now() + self.wait;
+        loop {
+            if let Ok(permit) = self.free.clone().try_acquire_owned() {
+                return Ok(Slot(permit));
+            }
+            if std::time::Instant::now() >= until {
+                return Err(self.busy());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn busy(&self) -> Failure {
+        Failure::Host(format!(
+            "no free guest instance within {:?} (sandbox.max_instances are all in use)",
+            self.wait
+        ))
     }
 }
 
@@ -158,6 +222,7 @@ pub struct Sandbox {
     engine: Engine,
     linker: Arc<Linker<Host>>,
     limits: Limits,
+    slots: Slots,
     cache_dir: Option<PathBuf>,
     compat: String,
 }
@@ -176,6 +241,7 @@ impl Sandbox {
         Ok(Sandbox {
             engine,
             linker: Arc::new(linker),
+            slots: Slots::new(&limits),
             limits,
             cache_dir,
             compat,
@@ -184,6 +250,10 @@ impl Sandbox {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    pub fn slots(&self) -> &Slots {
+        &self.slots
     }
 
     /// Compile (or load from the cache), check its imports and exports, link it, describe it
@@ -212,9 +282,14 @@ impl Sandbox {
             pre,
             engine: self.engine.clone(),
             limits: self.limits.clone(),
+            slots: self.slots.clone(),
         };
+        let slot = self
+            .slots
+            .admit_blocking()
+            .map_err(|e| LoadError::Describe(e.to_string()))?;
         let manifest = guest
-            .call(Arc::new(NoState), |svc, store| {
+            .call(&slot, Arc::new(NoState), |svc, store| {
                 svc.saga_runtime_handler().call_describe(store)
             })
             .map_err(|e| LoadError::Describe(e.to_string()))?
@@ -246,7 +321,7 @@ impl Sandbox {
             attempt: 1,
             new_id: "smoke".into(),
         };
-        match guest.on_request(Arc::new(EmptyState), &ctx, &smoke) {
+        match guest.on_request(&slot, Arc::new(EmptyState), &ctx, &smoke) {
             Ok(_) | Err(Failure::Retry(_) | Failure::Reject(_)) => Ok(guest),
             Err(e) => Err(LoadError::Smoke(e.to_string())),
         }
@@ -345,27 +420,35 @@ pub struct Guest {
     pre: ServicePre<Host>,
     engine: Engine,
     limits: Limits,
+    slots: Slots,
 }
 
 impl Guest {
+    /// The instance slots calls of this guest take (shared by every guest of the sandbox).
+    pub fn slots(&self) -> &Slots {
+        &self.slots
+    }
+
     pub fn on_event(
         &self,
+        slot: &Slot,
         reader: Arc<dyn StateReader>,
         ctx: &Context,
         event: &Event,
     ) -> Result<Called<Effects>, Failure> {
-        self.call_fallible(reader, |svc, store| {
+        self.call_fallible(slot, reader, |svc, store| {
             svc.saga_runtime_handler().call_on_event(store, ctx, event)
         })
     }
 
     pub fn on_request(
         &self,
+        slot: &Slot,
         reader: Arc<dyn StateReader>,
         ctx: &Context,
         request: &Request,
     ) -> Result<Called<Response>, Failure> {
-        self.call_fallible(reader, |svc, store| {
+        self.call_fallible(slot, reader, |svc, store| {
             svc.saga_runtime_handler()
                 .call_on_request(store, ctx, request)
         })
@@ -373,10 +456,11 @@ impl Guest {
 
     fn call_fallible<T>(
         &self,
+        slot: &Slot,
         reader: Arc<dyn StateReader>,
         f: impl FnOnce(&bindings::Service, &mut Store<Host>) -> wasmtime::Result<Result<T, GuestError>>,
     ) -> Result<Called<T>, Failure> {
-        let called = self.call(reader, f)?;
+        let called = self.call(slot, reader, f)?;
         match called.output {
             Ok(output) => Ok(Called {
                 output,
@@ -387,9 +471,11 @@ impl Guest {
         }
     }
 
-    /// Run `f` in a fresh instance under the time and memory limits.
+    /// Run `f` in a fresh instance under the time and memory limits. The slot proves an
+    /// instance is free; it is only borrowed, so the caller decides how long it is held.
     fn call<T>(
         &self,
+        _slot: &Slot,
         reader: Arc<dyn StateReader>,
         f: impl FnOnce(&bindings::Service, &mut Store<Host>) -> wasmtime::Result<T>,
     ) -> Result<Called<T>, Failure> {
@@ -400,11 +486,15 @@ impl Guest {
         let ticks = (self.limits.call_timeout.as_millis() / TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|svc| f(&svc, &mut store));
-        match result {
+        let svc = match self.pre.instantiate(&mut store) {
+            Ok(svc) => svc,
+            // The guest's code has not run yet: the host could not make an instance.
+            Err(e) if store.data().limiter.exceeded.is_none() => {
+                return Err(Failure::Host(format!("could not instantiate: {e:#}")))
+            }
+            Err(e) => return Err(self.classify(e, &store, &stderr)),
+        };
+        match f(&svc, &mut store) {
             Ok(output) => Ok(Called {
                 output,
                 reads: std::mem::take(&mut store.data_mut().reads),
@@ -419,6 +509,9 @@ impl Guest {
         store: &Store<Host>,
         stderr: &wasmtime_wasi::p2::pipe::MemoryOutputPipe,
     ) -> Failure {
+        if let Some(fault) = &store.data().host_fault {
+            return Failure::Host(fault.clone());
+        }
         if let Some(asked) = store.data().limiter.exceeded {
             return Failure::MemoryLimit {
                 limit: self.limits.memory_bytes,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::{closed_reason, Item, Verdict, Worker};
 use crate::effects;
 use crate::kafka::dead_letter::{self, headers as dlt_headers};
+use crate::limits;
 use crate::registry::{Service, Step};
 use crate::stats::Stats;
 use crate::storage::{self, inbox, ledger, outbox};
@@ -28,6 +29,7 @@ impl Worker {
         // deferred event blocks the rest of its partition, so those form a prefix).
         let mut next: HashMap<(&str, i32), i64> = HashMap::new();
         let (mut applied, mut duplicates, mut dead, mut expired, mut ignored) = (0, 0, 0, 0, 0);
+        let mut refused = 0;
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
@@ -52,6 +54,12 @@ impl Worker {
                     blocked.insert(lane);
                     deferred.push(i);
                 }
+                // Retrying cannot help this event, and must not stop the ones behind it.
+                Err(e) if e.refuses_data() => {
+                    self.refuse(&mut tx, service, item, &e).await?;
+                    next.insert(lane, item.record.offset + 1);
+                    refused += 1;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -65,7 +73,8 @@ impl Worker {
         Stats::add(&stats.dead_lettered, dead);
         Stats::add(&stats.expired, expired);
         Stats::add(&stats.ignored, ignored);
-        if applied + dead > 0 {
+        Stats::add(&stats.refused, refused);
+        if applied + dead + refused > 0 {
             self.shared.relay_wake.notify_one();
         }
         let sets_deadlines = verdicts
@@ -195,7 +204,51 @@ impl Worker {
         })
     }
 
-    /// The record as it arrived, to `<topic>.dlt`, with why and where from in headers.
+    /// Set aside an event whose statements the database refused (its own savepoint was rolled
+    /// back): dead-lettered under its record's coordinates, so nothing of its own data has to
+    /// be stored but the record itself, and with the database's reason.
+    async fn refuse(
+        &self,
+        tx: &mut storage::Tx,
+        service: &Service,
+        item: &Item<'_>,
+        error: &storage::Error,
+    ) -> Result<(), storage::Error> {
+        use sqlx::Connection as _;
+        let r = item.record;
+        tracing::warn!(
+            service = service.name(), topic = %r.topic, partition = r.partition, offset = r.offset,
+            "the database refused an event; dead-lettering it: {error}"
+        );
+        let now_ms = self.shared.clock.now_ms();
+        let id = format!("kafka:{}:{}:{}", r.topic, r.partition, r.offset);
+        let reason = limits::sanitize(
+            &format!("the database refused to store this event: {error}"),
+            limits::REASON_BYTES,
+        );
+        let entry = inbox::Entry {
+            service: service.name(),
+            event_id: &id,
+            saga: "",
+            event_type: "",
+            topic: self.shared.config.kafka.logical(&r.topic),
+            outcome: inbox::Outcome::DeadLettered,
+            detail: Some(&reason),
+            version: service.version(),
+            handled_ms: now_ms,
+        };
+        let mut sp = tx.begin().await?;
+        if inbox::record(&mut sp, &entry, false).await? {
+            let message = self.dead_letter(service, item, &id, &reason, 0);
+            outbox::insert(&mut sp, &message, now_ms).await?;
+        }
+        sp.commit().await?;
+        Ok(())
+    }
+
+    /// The record as it arrived, to `<topic>.dlt`, with why and where from in headers. What
+    /// came from outside is sanitised (`limits::sanitize`): a hostile record's headers must
+    /// not make its own dead letter unstorable or unpublishable.
     fn dead_letter(
         &self,
         service: &Service,
@@ -206,13 +259,22 @@ impl Worker {
     ) -> outbox::Message {
         let kafka = &self.shared.config.kafka;
         let r = &item.record;
-        let mut headers: Vec<(String, String)> = r
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
-            .collect();
+        let mut budget = self.shared.config.limits.event_headers_bytes;
+        let mut headers: Vec<(String, String)> = Vec::with_capacity(r.headers.len() + 6);
+        for (k, v) in &r.headers {
+            let k = limits::sanitize(k, budget);
+            let v = limits::sanitize(&String::from_utf8_lossy(v), budget - k.len());
+            if k.is_empty() || k.len() + v.len() >= budget {
+                break; // the rest would not fit: the payload and our headers matter more
+            }
+            budget -= k.len() + v.len();
+            headers.push((k, v));
+        }
         headers.extend([
-            (dlt_headers::REASON.to_string(), reason.to_string()),
+            (
+                dlt_headers::REASON.to_string(),
+                limits::sanitize(reason, limits::REASON_BYTES),
+            ),
             (dlt_headers::ATTEMPTS.to_string(), attempts.to_string()),
             (dlt_headers::SERVICE.to_string(), service.name().to_string()),
             (
@@ -225,7 +287,10 @@ impl Worker {
         outbox::Message {
             event_id: id.to_string(),
             topic: kafka.topic(&dead_letter::topic(kafka.logical(&r.topic))),
-            key: String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned(),
+            key: limits::sanitize(
+                &String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()),
+                self.shared.config.limits.id_bytes,
+            ),
             headers,
             payload: r.payload.clone(),
         }

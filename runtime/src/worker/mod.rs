@@ -223,15 +223,10 @@ impl Worker {
         batch: &[Record],
         holds: &mut Holds,
     ) -> Option<Vec<Hold>> {
-        let kafka = &self.shared.config.kafka;
         let items: Vec<Item<'_>> = batch
             .iter()
             .map(|record| Item {
-                event: cloudevents::decode(
-                    kafka.logical(&record.topic),
-                    &record.headers,
-                    &record.payload,
-                ),
+                event: self.decode(record),
                 redrive: record
                     .headers
                     .iter()
@@ -275,6 +270,19 @@ impl Worker {
             }
         }
         Some(held)
+    }
+
+    /// The event a record carries, within the limits (`crate::limits`), or why not.
+    fn decode(&self, record: &Record) -> Result<Event, Malformed> {
+        let config = &self.shared.config;
+        let event = cloudevents::decode(
+            config.kafka.logical(&record.topic),
+            &record.headers,
+            &record.payload,
+        )?;
+        let headers: usize = record.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        config.limits.event(&event, headers)?;
+        Ok(event)
     }
 
     async fn door(&self, service: &Service, items: &[Item<'_>]) -> Result<Door, storage::Error> {
@@ -380,14 +388,34 @@ impl Worker {
         }
         let policy = service.policy(&event.topic);
         let mut attempt = item.first_attempt;
+        let mut host_faults = 0;
+        let scope = effects::Scope {
+            saga: item.saga(),
+            new_id: &item.new_id,
+        };
         loop {
             let failure = match self.call(service, item, event, attempt).await {
-                Ok(called) => match effects::validate(service, &called.output) {
-                    Ok(()) => return Some(Verdict::Apply(called)),
-                    Err(reason) => Failure::Reject(reason),
-                },
+                Ok(called) => {
+                    let limits = &self.shared.config.limits;
+                    match effects::validate(limits, service, scope, &called.output) {
+                        Ok(()) => return Some(Verdict::Apply(called)),
+                        Err(reason) => Failure::Reject(reason),
+                    }
+                }
                 Err(failure) => failure,
             };
+            if failure.is_host() {
+                // Not the handler's attempt: wait and run it again, whatever the policy.
+                host_faults += 1;
+                Stats::add(&self.shared.stats.host_faults, 1);
+                tracing::warn!(
+                    service = %self.service, event = %event.id, attempt, "{failure}; retrying"
+                );
+                if !self.pause(self.backoff(host_faults)).await {
+                    return None;
+                }
+                continue;
+            }
             Stats::add(&self.shared.stats.failures, 1);
             tracing::warn!(
                 service = %self.service, event = %event.id, attempt, "handler failed: {failure}"
@@ -430,12 +458,15 @@ impl Worker {
         };
         let (svc, event) = (service.clone(), event.clone());
         let shared = self.shared.clone();
+        let slot = service.guest.slots().admit().await?;
         tokio::task::spawn_blocking(move || {
             if !shared.recordings.enabled() {
-                return svc.guest.on_event(shared.reader.clone(), &ctx, &event);
+                return svc
+                    .guest
+                    .on_event(&slot, shared.reader.clone(), &ctx, &event);
             }
             let recorder = Arc::new(Recorder::new(shared.reader.clone()));
-            let called = svc.guest.on_event(recorder.clone(), &ctx, &event);
+            let called = svc.guest.on_event(&slot, recorder.clone(), &ctx, &event);
             if let Ok(called) = &called {
                 let recording = Recording {
                     event,
@@ -449,7 +480,7 @@ impl Worker {
             called
         })
         .await
-        .unwrap_or_else(|e| Err(Failure::Trap(format!("handler thread failed: {e}"))))
+        .unwrap_or_else(|e| Err(Failure::Host(format!("handler thread failed: {e}"))))
     }
 
     /// Put a failed attempt on the saga's timeline. Best effort: the timeline is for people,

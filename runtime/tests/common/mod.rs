@@ -240,6 +240,18 @@ impl TestRuntime {
         get_json(&self.http, &self.base, path).await
     }
 
+    /// `GET` with the status: (status, JSON reply or `null`).
+    pub async fn get_status(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn stop(self) {
         self.handle.shutdown().await;
         self.db.drop_db().await;
