@@ -61,10 +61,29 @@ async fn authorised_body(
     body: Body,
 ) -> Result<Bytes, Response> {
     if let Some(refused) = refuse(shared, headers) {
+        discard(headers, body).await;
         return Err(refused);
     }
     let limit = shared.config.limits.admin_body_bytes;
     crate::ingress::read_body(headers, body, limit, "admin_body_bytes").await
+}
+
+/// Most of a refused call's body that is read (and thrown away) before the refusal is sent,
+/// so that a client still sending it gets the answer instead of a reset connection.
+const DISCARD_BYTES: usize = 1 << 20;
+
+/// Read and drop a refused call's body if it is small (at most [`DISCARD_BYTES`], for at most
+/// two seconds); a larger one is not read at all and its connection is closed.
+async fn discard(headers: &HeaderMap, body: Body) {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > DISCARD_BYTES) {
+        return;
+    }
+    let read = axum::body::to_bytes(body, DISCARD_BYTES);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
 }
 
 /// An admin call's JSON body, after the token (see [`authorised_body`]).

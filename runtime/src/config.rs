@@ -61,6 +61,8 @@ pub struct Config {
     pub sandbox: Sandbox,
     pub worker: Worker,
     pub relay: Relay,
+    /// How long what grows per request, event or saga is kept (`[retention]`).
+    pub retention: crate::retention::Settings,
 }
 
 /// Limits of guest calls (`[sandbox]`).
@@ -129,6 +131,7 @@ impl Default for Config {
             sandbox: Sandbox::default(),
             worker: Worker::default(),
             relay: Relay::default(),
+            retention: Default::default(),
         }
     }
 }

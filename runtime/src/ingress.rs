@@ -14,6 +14,7 @@ use axum::Router;
 use crate::effects;
 use crate::node::Shared;
 use crate::registry::{percent_decode, Service};
+use crate::storage::idempotency;
 use crate::wasm::bindings::{Context, Payload, Reply, Request};
 use crate::wasm::Failure;
 
@@ -133,6 +134,17 @@ async fn handle(
         Ok(body) => body,
         Err(refused) => return refused,
     };
+    let retry = match Retry::of(&shared, &method, &uri, &headers, &body) {
+        Ok(retry) => retry,
+        Err(refused) => return json_error(StatusCode::BAD_REQUEST, refused),
+    };
+    if let Some(retry) = &retry {
+        match retry.stored(&shared, service.name()).await {
+            Ok(Some(answer)) => return answer,
+            Ok(None) => {}
+            Err(e) => return unavailable(format!("could not read the Idempotency-Key: {e}")),
+        }
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -148,12 +160,27 @@ async fn handle(
         },
     };
     let new_id = uuid::Uuid::now_v7().to_string();
-    for _ in 0..MAX_CONFLICT_RERUNS {
-        match run(&shared, &service, &request, &new_id).await {
+    for rerun in 0..MAX_CONFLICT_RERUNS {
+        match run(&shared, &service, &request, &new_id, retry.as_ref()).await {
             Outcome::Reply(reply) => return to_response(reply),
             Outcome::Error(response) => return response,
             Outcome::Conflict => {
                 crate::stats::Stats::add(&shared.stats.conflicts, 1);
+                // Back off a little, growing: the writers it collides with get to finish.
+                let pause = std::time::Duration::from_millis(1u64 << rerun.min(6));
+                tokio::time::sleep(pause).await;
+            }
+            Outcome::Answered => {
+                let retry = retry
+                    .as_ref()
+                    .expect("only commands with a key are answered");
+                match retry.stored(&shared, service.name()).await {
+                    Ok(Some(answer)) => return answer,
+                    Ok(None) => {} // expired meanwhile: run it as new
+                    Err(e) => {
+                        return unavailable(format!("could not read the Idempotency-Key: {e}"))
+                    }
+                }
             }
         }
     }
@@ -164,6 +191,97 @@ enum Outcome {
     Reply(Reply),
     Error(Response),
     Conflict,
+    /// Another request with the same `Idempotency-Key` committed first: answer with its reply.
+    Answered,
+}
+
+/// A command sent with an `Idempotency-Key` (as in the IETF draft and Restate): its first reply
+/// is stored with its effects, in the same transaction, and replayed to a retry with the same
+/// key and request for `retention.idempotency_keys_ms`, on any instance; the same key with
+/// another request is refused with `422`.
+struct Retry {
+    key: String,
+    fingerprint: String,
+}
+
+/// The request header naming a command's idempotency key.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The response header marking a replayed reply.
+const REPLAYED: &str = "idempotent-replayed";
+
+impl Retry {
+    /// The key of a command (not of a `GET`), checked like an id; `None` without one.
+    fn of(
+        shared: &Shared,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Option<Retry>, String> {
+        let Some(value) = headers
+            .get(IDEMPOTENCY_KEY)
+            .filter(|_| method != Method::GET)
+        else {
+            return Ok(None);
+        };
+        let key = value
+            .to_str()
+            .map_err(|_| "Idempotency-Key must be visible ASCII".to_string())?;
+        shared
+            .config
+            .limits
+            .id("Idempotency-Key", key)
+            .map_err(|e| e.to_string())?;
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for part in [method.as_str(), uri.path(), uri.query().unwrap_or("")] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        hash.update(body);
+        let fingerprint = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Some(Retry {
+            key: key.to_string(),
+            fingerprint,
+        }))
+    }
+
+    /// The answer to this retry if a reply is stored for its key: the reply (marked replayed),
+    /// or `422` if the key was used for another request.
+    async fn stored(
+        &self,
+        shared: &Shared,
+        service: &str,
+    ) -> Result<Option<Response>, crate::storage::Error> {
+        let since = shared
+            .config
+            .retention
+            .idempotency_since(shared.clock.now_ms());
+        let Some(stored) = idempotency::lookup(&shared.db, service, &self.key, since).await? else {
+            return Ok(None);
+        };
+        if stored.fingerprint != self.fingerprint {
+            return Ok(Some(json_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "Idempotency-Key {:?} was used for a different request; use a new key",
+                    self.key
+                ),
+            )));
+        }
+        crate::stats::Stats::add(&shared.stats.replayed, 1);
+        let mut answer = to_response(Reply {
+            status: stored.status,
+            body: Payload {
+                content_type: stored.content_type,
+                data: stored.body,
+            },
+        });
+        answer
+            .headers_mut()
+            .insert(REPLAYED, header::HeaderValue::from_static("true"));
+        Ok(Some(answer))
+    }
 }
 
 async fn run(
@@ -171,6 +289,7 @@ async fn run(
     service: &Arc<Service>,
     request: &Request,
     new_id: &str,
+    retry: Option<&Retry>,
 ) -> Outcome {
     let now_ms = shared.clock.now_ms();
     let ctx = Context {
@@ -201,10 +320,10 @@ async fn run(
         }
     };
     let response = called.output;
-    if response.effects.is_empty() {
+    if response.effects.is_empty() && retry.is_none() {
         return Outcome::Reply(response.reply);
     }
-    if request.method == "GET" {
+    if request.method == "GET" && !response.effects.is_empty() {
         return Outcome::Error(json_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!(
@@ -231,13 +350,35 @@ async fn run(
     };
     let committed = async {
         let mut tx = shared.db.begin().await?;
+        if let Some(refusal) = fence(&mut tx, service, &response.effects, new_id, now_ms).await? {
+            tx.rollback().await?;
+            return Ok(Some(refusal));
+        }
         effects::apply(&mut tx, &fx_ctx, service, &called.reads, &response.effects).await?;
+        if let Some(retry) = retry {
+            let reply = idempotency::Stored {
+                fingerprint: retry.fingerprint.clone(),
+                status: response.reply.status,
+                content_type: response.reply.body.content_type.clone(),
+                body: response.reply.body.data.clone(),
+            };
+            let since = shared.config.retention.idempotency_since(now_ms);
+            let name = service.name();
+            if !idempotency::store(&mut tx, name, &retry.key, &reply, now_ms, since).await? {
+                tx.rollback().await?;
+                return Ok(Some(Fenced::Answered));
+            }
+        }
         tx.commit().await?;
-        Ok::<_, crate::storage::Error>(())
+        Ok::<_, crate::storage::Error>(None)
     }
     .await;
     match committed {
-        Ok(()) => {
+        Ok(Some(Fenced::Answered)) => Outcome::Answered,
+        Ok(Some(Fenced::Refused(reason))) => {
+            Outcome::Error(json_error(StatusCode::CONFLICT, reason))
+        }
+        Ok(None) => {
             if !response.effects.emits.is_empty() {
                 shared.relay_wake.notify_one();
             }
@@ -249,6 +390,59 @@ async fn run(
         Err(crate::storage::Error::Conflict { .. }) => Outcome::Conflict,
         Err(e) => Outcome::Error(unavailable(format!("could not commit: {e}"))),
     }
+}
+
+/// Why a command's effects were not committed.
+enum Fenced {
+    /// Another request with its `Idempotency-Key` committed first.
+    Answered,
+    /// It continues a saga that expired or was compensated here (`409`).
+    Refused(String),
+}
+
+/// The fences of events, for commands: a command that continues a saga (emits an event of a
+/// saga other than the one it starts) is refused if that saga expired — a firing marked it,
+/// or a deadline of it is due — or was compensated at this service. Checked inside the
+/// commit, as row writes the firing and the compensation also write, like an event's step.
+async fn fence(
+    conn: &mut crate::storage::Conn,
+    service: &Service,
+    fx: &crate::wasm::bindings::Effects,
+    new_id: &str,
+    now_ms: i64,
+) -> Result<Option<Fenced>, crate::storage::Error> {
+    use crate::storage::{ledger, sagas};
+    let mut continued: Vec<&str> = fx
+        .emits
+        .iter()
+        .map(|e| e.subject.as_str())
+        .filter(|s| *s != new_id)
+        .collect();
+    continued.sort_unstable();
+    continued.dedup();
+    for saga in continued {
+        let fired = sagas::step(conn, saga).await?;
+        let due = sagas::expiry(conn, &[saga], now_ms)
+            .await?
+            .remove(saga)
+            .flatten();
+        if let Some(at) = fired.or(due) {
+            return Ok(Some(Fenced::Refused(format!(
+                "saga {saga} expired {} ms ago; the command was not applied",
+                now_ms - at
+            ))));
+        }
+        if service.keeps_ledger() {
+            if let ledger::Verdict::Closed { by } =
+                ledger::forward(conn, service.name(), saga).await?
+            {
+                return Ok(Some(Fenced::Refused(format!(
+                    "saga {saga} was compensated here by event {by}; the command was not applied"
+                ))));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// `GET /deadlines` (SPEC B6): every deadline with its state.

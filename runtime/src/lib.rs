@@ -16,6 +16,7 @@ pub mod node;
 pub mod ownership;
 pub mod registry;
 pub mod relay;
+pub mod retention;
 pub mod stats;
 pub mod storage;
 pub mod verify;

@@ -51,6 +51,14 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether trying again later can succeed: the database or the broker failed, not the
+    /// component (which is refused the same way every time).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Storage(_) | Error::Kafka(_))
+    }
+}
+
 /// State shared by the tasks of one instance.
 pub struct Shared {
     pub config: Config,
@@ -148,6 +156,11 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         shared: shared.clone(),
         http_addr: listen,
     };
+    // The database is the authority for every service it has a history of: apply that
+    // history before anything consumes, then start the configured components of services it
+    // has never seen.
+    let mut memory = crate::follow::Memory::default();
+    crate::follow::apply(&shared, &mut memory).await?;
     for path in shared.config.services.clone() {
         let wasm = tokio::fs::read(&path)
             .await
@@ -155,10 +168,22 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
                 path: path.clone(),
                 source,
             })?;
-        let installed = install(&shared, wasm.clone()).await.map_err(|e| match e {
+        let service = validate(&shared, wasm.clone()).await.map_err(|e| match e {
             Error::Sandbox(source) => Error::Component { path, source },
             other => other,
         })?;
+        if !deployments::history(&shared.db, service.name())
+            .await?
+            .is_empty()
+        {
+            tracing::info!(
+                service = service.name(),
+                "the database has a deployment history for this service: it runs the active \
+                 version from there, not the configured component"
+            );
+            continue;
+        }
+        let installed = run(&shared, service).await?;
         record_first(&shared, &installed.service, &wasm).await?;
     }
     let listener = tokio::net::TcpListener::bind(listen)
@@ -174,8 +199,19 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     let mut tasks = shared.tasks.lock().await;
     tasks.spawn(Relay::new(shared.clone(), options.relay_faults).run());
     tasks.spawn(crate::deadline::Scheduler::new(shared.clone()).run());
-    tasks.spawn(crate::follow::run(shared.clone()));
+    tasks.spawn(crate::follow::run(shared.clone(), memory));
     tasks.spawn(crate::verify::flush(shared.clone()));
+    let cleaner = crate::retention::Cleaner {
+        db: shared.db.clone(),
+        clock: shared.clock.clone(),
+        settings: shared.config.retention.clone(),
+        stop: shared.shutdown.clone(),
+        deleted: {
+            let shared = shared.clone();
+            Box::new(move |n| Stats::add(&shared.stats.retention_deleted, n))
+        },
+    };
+    tasks.spawn(cleaner.run());
     let router = crate::ingress::router(shared.clone());
     let stop = shared.shutdown.clone();
     tasks.spawn(async move {
@@ -196,15 +232,9 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
 
 /// A service given at start-up that was never deployed enters the history as deployed by this
 /// instance's configuration, so it can be rolled back to and undeployed like any other. Once
-/// a service has a history, the database is its authority: `follow` runs its active version
-/// whatever the configuration gave.
+/// a service has a history, the database is its authority: start-up and `follow` run its
+/// active version whatever the configuration gave.
 async fn record_first(shared: &Shared, service: &Service, wasm: &[u8]) -> Result<(), Error> {
-    if !deployments::history(&shared.db, service.name())
-        .await?
-        .is_empty()
-    {
-        return Ok(());
-    }
     let d = deployments::Deployment {
         id: 0,
         service: service.name().to_string(),
@@ -311,6 +341,14 @@ pub async fn validate(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Service, Er
 ///   picked up there by any later version that consumes it again).
 pub async fn install(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Installed, Error> {
     let service = validate(shared, wasm).await?;
+    run(shared, service).await
+}
+
+/// [`install`] of a component already validated.
+async fn run(shared: &Arc<Shared>, mut service: Service) -> Result<Installed, Error> {
+    if !service.compensates() && storage::ledger::used(&shared.db, service.name()).await? {
+        service.inherit_ledger();
+    }
     let mut runs = shared.runs.lock().await;
     shared.registry.check(&service)?;
     let old = shared.registry.get(service.name());

@@ -52,6 +52,9 @@ pub struct Service {
     compensations: HashMap<String, Vec<String>>,
     /// `<name>.deadline`, where this service receives its fired deadlines.
     deadline_topic: String,
+    /// The compensation ledger stays on although this version declares no compensations:
+    /// an earlier one did, and its sagas are still guarded (see [`Service::keeps_ledger`]).
+    inherited_ledger: bool,
 }
 
 impl Service {
@@ -87,6 +90,7 @@ impl Service {
             policies,
             compensations,
             deadline_topic,
+            inherited_ledger: false,
         })
     }
 
@@ -122,9 +126,21 @@ impl Service {
     }
 
     /// Whether any subscription declares compensation types: only then can the ledger close a
-    /// saga at this service, and only then does it need the ledger at all.
+    /// saga at this service.
     pub fn compensates(&self) -> bool {
         self.compensations.values().any(|types| !types.is_empty())
+    }
+
+    /// Whether events of this service go through the compensation ledger: it compensates, or
+    /// an earlier version did (its ledger has rows), so that a hot swap to a version without
+    /// compensation types cannot let a late step into a saga compensated under the old one.
+    pub fn keeps_ledger(&self) -> bool {
+        self.inherited_ledger || self.compensates()
+    }
+
+    /// Keep the ledger on for this version (see [`Service::keeps_ledger`]).
+    pub fn inherit_ledger(&mut self) {
+        self.inherited_ledger = true;
     }
 
     /// Whether the service declared that it emits to `topic`.

@@ -26,6 +26,10 @@ pub struct Stats {
     pub refused: AtomicU64,
     /// Outbox rows the broker refused for good, parked (`runtime outbox parked`).
     pub parked: AtomicU64,
+    /// Commands answered from a stored reply (`Idempotency-Key`), without running the handler.
+    pub replayed: AtomicU64,
+    /// Rows the retention clean-up deleted.
+    pub retention_deleted: AtomicU64,
     /// Deadlines this instance claimed and fired (each deadline is claimed by one instance).
     pub deadlines_fired: AtomicU64,
     /// Outbox rows the relay published (a republish after a crash counts again).

@@ -264,7 +264,8 @@ async fn versions_change_subscriptions_and_routes_and_roll_back(backend: Backend
             && printed.contains("(replaced 0.1.0, sha256:")
             && printed.contains("  subscriptions: +hostile-v2, -hostile\n")
             && printed.contains(
-                "  routes: GET /hostile/seen, +GET /hostile/v2/seen, -GET /hostile/probe/{id}\n"
+                "  routes: GET /hostile/seen, POST /hostile/start, POST /hostile/continue/{id}, \
+                 +GET /hostile/v2/seen, -GET /hostile/probe/{id}\n"
             ),
         "{printed}"
     );
@@ -624,3 +625,22 @@ async fn deploy_verify_replays_recent_events_and_shows_what_differs() {
     assert_eq!(stamped, 1, "{transactions}");
     rt.stop().await;
 }
+
+/// Start-up applies the stored deployment history before anything consumes: an instance
+/// restarted with point 0.1.0 in its configuration, after 0.2.0 was deployed, runs 0.2.0
+/// from its first moment (it used to consume on 0.1.0 until `follow` caught up).
+async fn a_restart_runs_the_deployed_version_not_the_configured_one(backend: Backend) {
+    let rt = TestRuntime::start_with(backend, &["point"], |o| {
+        o.config.admin_token = Some(TOKEN.into());
+    })
+    .await;
+    let (status, reply) = post_wasm(&rt, Some(TOKEN), guest("point_v2")).await;
+    assert_eq!(status, 200, "{reply}");
+    let rt = rt.restart(|_| {}).await;
+    let services = rt.get("/_saga/services").await;
+    assert_eq!(services[0]["service"], "point", "{services}");
+    assert_eq!(services[0]["version"], "0.2.0", "{services}");
+    rt.stop().await;
+}
+
+on_both_backends!(a_restart_runs_the_deployed_version_not_the_configured_one);

@@ -1,5 +1,5 @@
 //! Storage semantics the event path relies on, on SQLite and PostgreSQL: optimistic
-//! concurrency (including delete-and-recreate), inbox dedup, outbox order, leases, saga expiry
+//! concurrency (including delete-and-recreate and write skew), inbox dedup, outbox order, leases, saga expiry
 //! and the compensation ledger.
 
 mod common;
@@ -413,7 +413,90 @@ async fn recordings_keep_the_newest_per_service_across_instances(backend: Backen
     t.drop_db().await;
 }
 
+/// Two handlers that each read keys `a` and `b` and write one of them must not both commit
+/// (write skew): the second sees the first's write as a conflict. `initial` is the version
+/// both read (0: neither key written yet). T1 applies and stays open; T2 runs until it waits
+/// for T1 (or finishes, which the old plain re-check under READ COMMITTED let it do); then T1
+/// commits.
+async fn write_skew(backend: Backend, initial: i64) {
+    let (t, db) = open(backend).await;
+    if initial > 0 {
+        write(&db, &[], &[put("a", "0"), put("b", "0")])
+            .await
+            .unwrap();
+    }
+    let both = [("a", initial), ("b", initial)];
+    let mut t1 = db.begin().await.unwrap();
+    let reads = read_set(both.iter().map(|(k, v)| (k.to_string(), *v)));
+    state::apply(&mut t1, "svc", &reads, &[put("a", "t1")])
+        .await
+        .unwrap();
+    let t2 = tokio::spawn({
+        let db = db.clone();
+        async move { write(&db, &both, &[put("b", "t2")]).await }
+    });
+    if backend == Backend::Postgres {
+        common::eventually("T2 to wait for T1's locks or to finish", || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            if waiting > 0 || t2.is_finished() {
+                Ok(())
+            } else {
+                Err("T2 neither waits nor finished".into())
+            }
+        })
+        .await;
+    }
+    t1.commit().await.unwrap();
+    let second = t2.await.unwrap();
+    assert!(
+        matches!(second, Err(Error::Conflict { .. })),
+        "both handlers committed: write skew ({second:?})"
+    );
+    t.drop_db().await;
+}
+
+async fn two_handlers_reading_what_the_other_writes_cannot_both_commit(backend: Backend) {
+    write_skew(backend, 1).await;
+}
+
+async fn two_handlers_reading_absent_keys_the_other_creates_cannot_both_commit(backend: Backend) {
+    write_skew(backend, 0).await;
+}
+
+/// What the WIT promises for scans: the keys a scan returned are checked like reads, but a key
+/// another commit adds under the prefix is not (no phantom protection). A handler that must
+/// see every key of a prefix keeps a key it reads and writes with them (a counter, an index).
+async fn a_scan_checks_the_keys_it_returned_but_not_keys_added_under_its_prefix(backend: Backend) {
+    let (t, db) = open(backend).await;
+    write(&db, &[], &[put("p/1", "x")]).await.unwrap();
+    let scanned = state::scan(&db, "svc", "p/", 10).await.unwrap();
+    let reads: Vec<(&str, i64)> = scanned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.version))
+        .collect();
+    write(&db, &[], &[put("p/2", "added")]).await.unwrap();
+    write(&db, &reads, &[put("count", "1")])
+        .await
+        .expect("a key added under the prefix is not a conflict");
+    write(&db, &[], &[put("p/1", "changed")]).await.unwrap();
+    let err = write(&db, &reads, &[put("count", "2")]).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Conflict { ref key, .. } if key == "p/1"),
+        "{err}"
+    );
+    t.drop_db().await;
+}
+
 on_both_backends!(
+    two_handlers_reading_what_the_other_writes_cannot_both_commit,
+    two_handlers_reading_absent_keys_the_other_creates_cannot_both_commit,
+    a_scan_checks_the_keys_it_returned_but_not_keys_added_under_its_prefix,
     recordings_keep_the_newest_per_service_across_instances,
     a_redrive_replaces_a_dead_letter_record_once,
     the_ledger_applies_one_compensation_and_no_step_after_it,

@@ -9,9 +9,14 @@
 //! deadline on a saga it neither handles nor starts, `Forever` sets one `u64::MAX` ms away,
 //! `Flood` returns 100,000 state writes, `Giant` emits an event of 1 MiB.
 //!
+//! Sagas with deadlines, for the fences: `POST /hostile/start?after=MS` starts a saga (its
+//! `new-id`) with deadline `d`; events `Cancel` and `Move` cancel it or move it an hour out;
+//! `Undo` is a declared compensation; `POST /hostile/continue/{id}` emits an event of saga `id`
+//! (a command continuing a saga).
+//!
 //! Built as package `hostile-v2` (version 0.2.0, same source) it consumes `hostile-v2` instead
-//! of `hostile` and serves `/hostile/v2/seen` instead of the probe route: a new version with
-//! other subscriptions and routes. Built as `hostile-forger` it declares that it publishes to
+//! of `hostile`, declares no compensations and serves `/hostile/v2/seen` instead of the probe
+//! route: a new version with other subscriptions and routes. Built as `hostile-forger` it declares that it publishes to
 //! `order.deadline`, which a deploy must refuse.
 
 use saga_sdk::{
@@ -28,9 +33,15 @@ impl Service for Hostile {
         Manifest {
             name: "hostile".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            subscriptions: vec![subscribe(if v2 { "hostile-v2" } else { "hostile" })],
+            subscriptions: vec![if v2 {
+                subscribe("hostile-v2")
+            } else {
+                saga_sdk::compensating(subscribe("hostile"), &["Undo"])
+            }],
             routes: vec![
                 route("GET", "/hostile/seen"),
+                route("POST", "/hostile/start"),
+                route("POST", "/hostile/continue/{id}"),
                 if v2 {
                     route("GET", "/hostile/v2/seen")
                 } else {
@@ -66,6 +77,18 @@ impl Service for Hostile {
             }
             "Panic" => panic!("hostile guest panics on purpose (event {})", event.id),
             "Reject" => Err(Error::Reject("hostile guest rejects this event".into())),
+            "Cancel" => {
+                let mut fx = Effects::new();
+                fx.cancel_deadline(&event.subject, "d")
+                    .put_json(format!("seen/{}", event.subject), &"Cancel");
+                Ok(fx.build())
+            }
+            "Move" => {
+                let mut fx = Effects::new();
+                fx.set_deadline(&event.subject, "d", Some(3_600_000))
+                    .put_json(format!("seen/{}", event.subject), &"Move");
+                Ok(fx.build())
+            }
             "ForgeDeadline" => {
                 let mut fx = Effects::new();
                 fx.emit_json("order.deadline", "DeadlineExpired", &event.subject, &"forged");
@@ -122,7 +145,24 @@ impl Service for Hostile {
         }
     }
 
-    fn on_request(_ctx: Context, request: Request) -> Result<Response, Error> {
+    fn on_request(ctx: Context, request: Request) -> Result<Response, Error> {
+        if request.method == "POST" && request.path == "/hostile/start" {
+            let after = request
+                .query
+                .iter()
+                .find(|(k, _)| k == "after")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(60_000);
+            let mut fx = Effects::new();
+            fx.set_deadline(&ctx.new_id, "d", Some(after));
+            return Ok(fx.reply(201, &serde_json::json!({ "id": ctx.new_id })));
+        }
+        if request.method == "POST" {
+            let id = saga_sdk::param(&request, "id").unwrap_or_default();
+            let mut fx = Effects::new();
+            fx.emit_json("hostile-out", "Continued", &id, &"continued");
+            return Ok(fx.reply(200, &serde_json::json!({ "continued": id })));
+        }
         if let Some(id) = saga_sdk::param(&request, "id") {
             let probe = saga_sdk::get_json::<serde_json::Value>(&format!("probe/{id}"))?;
             return Ok(query_reply(200, &probe));

@@ -77,6 +77,15 @@ pub async fn compensate(
     })
 }
 
+/// Whether `service` has ever used the ledger (a version of it declared compensations).
+pub async fn used(db: &Db, service: &str) -> Result<bool, Error> {
+    let row = sqlx::query("SELECT 1 FROM saga_ledger WHERE service = $1 LIMIT 1")
+        .bind(service)
+        .fetch_optional(db.pool())
+        .await?;
+    Ok(row.is_some())
+}
+
 /// Which of `sagas` are closed at `service`, and by which compensation: the door check.
 pub async fn closed(
     db: &Db,

@@ -5,6 +5,10 @@
 //! back. In PostgreSQL both are row writes, so they serialise on the row lock: whichever
 //! commits second sees the other. (SQLite serialises all writers.)
 
+use std::collections::HashMap;
+
+use sqlx::Row as _;
+
 use super::{Conn, Error};
 
 /// Make sure `saga` has a row (when a deadline is set for it).
@@ -38,4 +42,45 @@ pub async fn step(conn: &mut Conn, saga: &str) -> Result<Option<i64>, Error> {
     .fetch_optional(&mut *conn)
     .await?;
     Ok(expired.flatten())
+}
+
+/// The door half of the expiry check for a batch, from what the database knows: of `sagas`,
+/// `Some(at)` for those expired at `now_ms` (a firing marked them, or one of their pending
+/// deadlines is due, since `at`) and `None` for those whose deadlines are cancelled or moved
+/// later. A saga without a row (no deadline was ever set for it here) is absent: the caller
+/// falls back to the deadline its event carries.
+pub async fn expiry(
+    conn: &mut Conn,
+    sagas: &[&str],
+    now_ms: i64,
+) -> Result<HashMap<String, Option<i64>>, Error> {
+    let mut out = HashMap::new();
+    if sagas.is_empty() {
+        return Ok(out);
+    }
+    let list = super::placeholders(1, sagas.len());
+    let sql = format!("SELECT saga, expired_ms FROM sagas WHERE saga IN ({list})");
+    let mut query = sqlx::query(&sql);
+    for saga in sagas {
+        query = query.bind(*saga);
+    }
+    for row in query.fetch_all(&mut *conn).await? {
+        out.insert(row.try_get("saga")?, row.try_get("expired_ms")?);
+    }
+    let sql = format!(
+        "SELECT saga, MIN(due_ms) AS due FROM deadlines \
+         WHERE status = 'PENDING' AND due_ms <= ${} AND saga IN ({list}) GROUP BY saga",
+        sagas.len() + 1
+    );
+    let mut query = sqlx::query(&sql);
+    for saga in sagas {
+        query = query.bind(*saga);
+    }
+    for row in query.bind(now_ms).fetch_all(&mut *conn).await? {
+        let saga: String = row.try_get("saga")?;
+        let due: i64 = row.try_get("due")?;
+        let at = out.entry(saga).or_insert(None);
+        *at = Some(at.map_or(due, |fired: i64| fired.min(due)));
+    }
+    Ok(out)
 }

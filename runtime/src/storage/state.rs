@@ -71,12 +71,21 @@ fn prefix_end(prefix: &str) -> String {
 /// Apply a handler's writes, checking every key it read (or wrote after reading) still has
 /// the version it saw. Returns [`Error::Conflict`] otherwise; the caller rolls back to its
 /// savepoint and re-runs the handler. Several writes to one key collapse to the last.
+///
+/// Keys only read are validated so that write skew cannot commit. SQLite serialises writers,
+/// so a check inside the write transaction is enough. PostgreSQL runs writers side by side
+/// under READ COMMITTED: there a read-only key is locked `FOR SHARE` until the commit, so a
+/// concurrent writer of it waits and then fails its own check; a key read while absent first
+/// gets a placeholder row (no value, version 0, what "never written" reads as) to lock. Lock
+/// waits that end in a deadlock count as conflicts. Scans are checked for the keys they
+/// returned; a key a concurrent commit adds under the prefix is not detected (see the WIT).
 pub async fn apply(
     conn: &mut Conn,
     service: &str,
     reads: &ReadSet,
     writes: &[Write],
 ) -> Result<(), Error> {
+    let postgres = conn.backend_name() == "PostgreSQL";
     let last: BTreeMap<&str, Option<&[u8]>> = writes
         .iter()
         .map(|w| (w.key.as_str(), w.value.as_deref()))
@@ -85,16 +94,39 @@ pub async fn apply(
         service: service.to_string(),
         key: key.to_string(),
     };
+    let failed = |key: &str, e: sqlx::Error| {
+        if lock_conflict(&e) {
+            conflict(key)
+        } else {
+            Error::Sql(e)
+        }
+    };
     for (key, &seen) in &reads.0 {
         if last.contains_key(key.as_str()) {
             continue;
         }
-        let current: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM state WHERE service = $1 AND key = $2")
-                .bind(service)
-                .bind(key)
-                .fetch_optional(&mut *conn)
-                .await?;
+        if postgres && seen == 0 {
+            sqlx::query(
+                "INSERT INTO state (service, key, value, version) VALUES ($1, $2, NULL, 0) \
+                 ON CONFLICT (service, key) DO NOTHING",
+            )
+            .bind(service)
+            .bind(key)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| failed(key, e))?;
+        }
+        let check = if postgres {
+            "SELECT version FROM state WHERE service = $1 AND key = $2 FOR SHARE"
+        } else {
+            "SELECT version FROM state WHERE service = $1 AND key = $2"
+        };
+        let current: Option<i64> = sqlx::query_scalar(check)
+            .bind(service)
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| failed(key, e))?;
         if current.unwrap_or(0) != seen {
             return Err(conflict(key));
         }
@@ -102,15 +134,18 @@ pub async fn apply(
     for (key, value) in last {
         let value = value.map(<[u8]>::to_vec);
         let affected = match reads.0.get(key) {
+            // Read as never written: there may be no row, or a placeholder of version 0.
             Some(0) => sqlx::query(
                 "INSERT INTO state (service, key, value, version) VALUES ($1, $2, $3, 1) \
-                 ON CONFLICT (service, key) DO NOTHING",
+                 ON CONFLICT (service, key) DO UPDATE SET value = excluded.value, version = 1 \
+                 WHERE state.version = 0",
             )
             .bind(service)
             .bind(key)
             .bind(value)
             .execute(&mut *conn)
-            .await?
+            .await
+            .map_err(|e| failed(key, e))?
             .rows_affected(),
             Some(&seen) => sqlx::query(
                 "UPDATE state SET value = $3, version = version + 1 \
@@ -121,7 +156,8 @@ pub async fn apply(
             .bind(value)
             .bind(seen)
             .execute(&mut *conn)
-            .await?
+            .await
+            .map_err(|e| failed(key, e))?
             .rows_affected(),
             // A blind write (never read) cannot conflict; it just bumps the version.
             None => sqlx::query(
@@ -133,7 +169,8 @@ pub async fn apply(
             .bind(key)
             .bind(value)
             .execute(&mut *conn)
-            .await?
+            .await
+            .map_err(|e| failed(key, e))?
             .rows_affected(),
         };
         if affected != 1 {
@@ -141,6 +178,15 @@ pub async fn apply(
         }
     }
     Ok(())
+}
+
+/// Whether a statement failed because of a lock another transaction holds (PostgreSQL's
+/// deadlock detection or a serialisation failure): a conflict, re-run like any other.
+fn lock_conflict(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    matches!(db.code().as_deref(), Some("40P01" | "40001" | "55P03"))
 }
 
 /// Guests' reads, served from a blocking thread (guest calls run on `spawn_blocking`).

@@ -184,7 +184,7 @@ impl Worker {
                 return Ok((inbox::Outcome::Expired, Some(reason)));
             }
         }
-        if !service.compensates() {
+        if !service.keeps_ledger() {
             return Ok((inbox::Outcome::Applied, None)); // nothing can ever close its sagas
         }
         let name = service.name();

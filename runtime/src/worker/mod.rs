@@ -127,6 +127,8 @@ struct Door {
     /// Inbox outcomes of the batch's events that were handled before.
     seen: HashMap<String, String>,
     closed: HashMap<String, String>,
+    /// What the database says of the expiry of the batch's sagas (`storage::sagas::expiry`).
+    expiry: HashMap<String, Option<i64>>,
 }
 
 /// Why the ledger refuses an event of a saga compensated at this service by `by`.
@@ -292,12 +294,35 @@ impl Worker {
         let mut sagas: Vec<&str> = items.iter().filter_map(Item::saga).collect();
         sagas.sort_unstable();
         sagas.dedup();
-        let closed = if service.compensates() {
+        let closed = if service.keeps_ledger() {
             ledger::closed(&self.shared.db, &self.service, &sagas).await?
         } else {
             HashMap::new()
         };
-        Ok(Door { seen, closed })
+        // Sagas of forward events that carry a deadline: their expiry, as stored.
+        let mut timed: Vec<&str> = items
+            .iter()
+            .filter(|i| {
+                i.event.as_ref().is_ok_and(|e| {
+                    e.deadline_ms.is_some() && service.step(&e.topic, &e.type_) == Step::Forward
+                })
+            })
+            .filter_map(Item::saga)
+            .collect();
+        timed.sort_unstable();
+        timed.dedup();
+        let expiry = if timed.is_empty() {
+            HashMap::new()
+        } else {
+            let mut conn = self.shared.db.pool().acquire().await?;
+            let now = self.shared.clock.now_ms();
+            storage::sagas::expiry(&mut conn, &timed, now).await?
+        };
+        Ok(Door {
+            seen,
+            closed,
+            expiry,
+        })
     }
 
     /// Run the guests of a batch: partitions concurrently, each partition in order.
@@ -324,7 +349,7 @@ impl Worker {
                 } else if items[i].duplicate(door.seen.get(&items[i].inbox_id())) {
                     Some(Verdict::Duplicate)
                 } else {
-                    self.decide(service, &items[i], &door.closed, holds).await
+                    self.decide(service, &items[i], door, holds).await
                 };
                 let verdict = verdict?;
                 held = verdict.waits();
@@ -347,7 +372,7 @@ impl Worker {
         &self,
         service: &Arc<Service>,
         item: &Item<'_>,
-        closed: &HashMap<String, String>,
+        door: &Door,
         holds: &Holds,
     ) -> Option<Verdict> {
         let event = match &item.event {
@@ -362,17 +387,24 @@ impl Worker {
         // Expiry and the ledger, first half: at the door. (The second half is in `commit_one`.)
         let step = service.step(&event.topic, &event.type_);
         if step != Step::Deadline {
-            if let Some(by) = item.saga().and_then(|saga| closed.get(saga)) {
+            if let Some(by) = item.saga().and_then(|saga| door.closed.get(saga)) {
                 return Some(Verdict::Ignored {
                     reason: closed_reason(step, by),
                 });
             }
         }
-        if let Some(deadline) = event.deadline_ms.filter(|_| step == Step::Forward) {
+        if let Some(carried) = event.deadline_ms.filter(|_| step == Step::Forward) {
+            // The stored deadlines decide (one cancelled or moved since this event was emitted
+            // is honoured); only a saga the database knows none of goes by the carried one.
             let now = self.shared.clock.now_ms();
-            if deadline <= now {
+            let stored = item.saga().and_then(|saga| door.expiry.get(saga));
+            let expired_at = match stored {
+                Some(stored) => *stored,
+                None => Some(carried).filter(|&d| d <= now),
+            };
+            if let Some(at) = expired_at {
                 return Some(Verdict::Expired {
-                    reason: format!("arrived {} ms after its saga deadline", now - deadline),
+                    reason: format!("arrived {} ms after its saga deadline", now - at),
                 });
             }
         }
@@ -543,6 +575,7 @@ impl Worker {
     /// Re-run a deferred event on fresh state until it commits (or is found a duplicate), or
     /// its handler fails under a blocking policy and its partition is to be held.
     async fn rerun(&self, service: &Arc<Service>, item: &Item<'_>, holds: &Holds) -> Rerun {
+        let mut conflicts = 0;
         loop {
             let Some(door) = self
                 .retry_db(|| self.door(service, std::slice::from_ref(item)))
@@ -551,7 +584,7 @@ impl Worker {
                 return Rerun::Stopping;
             };
             let verdict = if !item.duplicate(door.seen.get(&item.inbox_id())) {
-                match self.decide(service, item, &door.closed, holds).await {
+                match self.decide(service, item, &door, holds).await {
                     Some(Verdict::Held { attempt, retry_in }) => {
                         return Rerun::Held(hold(item, attempt, retry_in))
                     }
@@ -575,6 +608,14 @@ impl Worker {
             };
             if deferred.is_empty() {
                 return Rerun::Done;
+            }
+            // Conflicted again: back off (1 ms doubling, up to the retry cap) so that writers
+            // contending for the same keys take turns instead of spinning.
+            conflicts += 1;
+            let cap = self.shared.config.worker.max_backoff_ms;
+            let pause = Duration::from_millis((1u64 << conflicts.min(20)).min(cap));
+            if !self.pause(pause).await {
+                return Rerun::Stopping;
             }
         }
     }
