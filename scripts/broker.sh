@@ -37,6 +37,10 @@ stop)
   # The launcher may leave the server as a child process: stop whatever serves this port.
   if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
   pkill -f "noida-db start --only kafka --kafka-port $port " 2>/dev/null || true
+  for _ in $(seq 1 100); do listening || exit 0; sleep 0.1; done
+  # A broker with a large state can take long to save it: its state is thrown away at the
+  # next start anyway.
+  pkill -9 -f "noida-db start --only kafka --kafka-port $port " 2>/dev/null || true
   for _ in $(seq 1 50); do listening || exit 0; sleep 0.1; done
   echo "broker on port $port did not stop" >&2; exit 1
   ;;

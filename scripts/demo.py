@@ -149,8 +149,8 @@ def runtime(*args):
 print("\n== C3/C4: deploy point 0.2.0 while the runtime runs, guarded by --verify ==")
 v2 = os.path.join(os.environ["SAGA_DEMO_GUESTS"], "point_v2.wasm")
 good &= check("--verify finds what 0.2.0 does differently and does not deploy",
-              runtime("deploy", "--verify", v2) != 0)
-good &= check("deployed", runtime("deploy", v2) == 0)
+              runtime("deploy", "--verify", "--replace", v2) != 0)
+good &= check("deployed", runtime("deploy", "--replace", v2) == 0)
 show("POST", "/orders", {"holderId": "alice", "currencyId": 1, "amount": 100})
 stamped = eventually(lambda: [t for t in call("GET", "/transactions")[1]
                               if t.get("handledBy") == "point 0.2.0"])

@@ -345,6 +345,7 @@ async fn bench_hot_swap() {
         let resp = http
             .post(format!("{base}/_saga/admin/deploy"))
             .bearer_auth("bench")
+            .header("x-saga-replace", "true")
             .body(wasm.clone())
             .send()
             .await

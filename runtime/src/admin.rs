@@ -101,6 +101,16 @@ async fn authorised_json<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Whether a deploy says it means to replace a running service of the same name (`runtime
+/// deploy --replace` sends `x-saga-replace: true`): without it, a component cannot take over a
+/// deployed service's name by accident.
+fn replacing(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-saga-replace")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "true")
+}
+
 /// Who is acting: what `runtime` sends in `x-saga-deployed-by`.
 fn actor(headers: &HeaderMap) -> String {
     headers
@@ -119,7 +129,28 @@ async fn activate(
     action: Action,
     store: bool,
 ) -> Response {
-    let installed = match node::install(shared, wasm.clone()).await {
+    let service = match node::validate(shared, wasm.clone()).await {
+        Ok(service) => service,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("refused: {e}")),
+    };
+    if action == Action::Deploy && !replacing(headers) {
+        match deployments::history(&shared.db, service.name()).await {
+            Ok(h) => {
+                if let Some(d) = h.first().filter(|d| d.action != Action::Undeploy) {
+                    return error(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "service {} is already deployed ({} sha256:{}); deploy with \
+                             --replace to replace it",
+                            d.service, d.version, d.digest
+                        ),
+                    );
+                }
+            }
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+    let installed = match node::install_validated(shared, service).await {
         Ok(installed) => installed,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("refused: {e}")),
     };

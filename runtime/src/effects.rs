@@ -91,7 +91,7 @@ pub async fn apply(
         deadlines::cancel(conn, service.name(), &d.subject, &d.name).await?;
     }
     for d in &fx.set_deadlines {
-        storage::sagas::open(conn, &d.subject).await?;
+        storage::sagas::open(conn, &d.subject, ctx.now_ms).await?;
         deadlines::set(
             conn,
             service.name(),

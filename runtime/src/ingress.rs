@@ -421,7 +421,7 @@ async fn fence(
     continued.sort_unstable();
     continued.dedup();
     for saga in continued {
-        let fired = sagas::step(conn, saga).await?;
+        let fired = sagas::step(conn, saga, now_ms).await?;
         let due = sagas::expiry(conn, &[saga], now_ms)
             .await?
             .remove(saga)
@@ -434,7 +434,7 @@ async fn fence(
         }
         if service.keeps_ledger() {
             if let ledger::Verdict::Closed { by } =
-                ledger::forward(conn, service.name(), saga).await?
+                ledger::forward(conn, service.name(), saga, now_ms).await?
             {
                 return Ok(Some(Fenced::Refused(format!(
                     "saga {saga} was compensated here by event {by}; the command was not applied"

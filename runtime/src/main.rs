@@ -58,6 +58,10 @@ enum Command {
         /// With --verify: deploy even if some replayed events differ or fail.
         #[arg(long, requires = "verify")]
         yes: bool,
+        /// Replace the deployed service of the same name (a new version). Without it, deploying
+        /// a component whose service is already deployed is refused.
+        #[arg(long)]
+        replace: bool,
     },
     /// Make an earlier version of a service active again on every instance (default: the one
     /// before the active version; after an undeploy, the version that was stopped).
@@ -191,9 +195,23 @@ impl AdminArgs {
         body: reqwest::Body,
         content_type: &str,
     ) -> anyhow::Result<serde_json::Value> {
+        self.post_with(path, body, content_type, &[]).await
+    }
+
+    /// [`AdminArgs::post`] with extra headers.
+    async fn post_with(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+        content_type: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<serde_json::Value> {
         let url = format!("{}/_saga/admin/{path}", self.runtime.trim_end_matches('/'));
-        let resp = http()?
-            .post(&url)
+        let mut request = http()?.post(&url);
+        for (k, v) in extra {
+            request = request.header(*k, *v);
+        }
+        let resp = request
             .bearer_auth(&self.token)
             .header("content-type", content_type)
             .header(
@@ -333,6 +351,7 @@ async fn main() -> anyhow::Result<()> {
             admin,
             verify,
             yes,
+            replace,
         } => {
             let bytes =
                 std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
@@ -349,7 +368,7 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
             }
-            deploy(&wasm, bytes, &admin).await
+            deploy(&wasm, bytes, &admin, replace).await
         }
         Command::Rollback {
             service,
@@ -532,7 +551,12 @@ fn print_verified(report: &serde_json::Value) -> usize {
     (n("differs") + n("failed")) as usize
 }
 
-async fn deploy(wasm: &std::path::Path, bytes: Vec<u8>, admin: &AdminArgs) -> anyhow::Result<()> {
+async fn deploy(
+    wasm: &std::path::Path,
+    bytes: Vec<u8>,
+    admin: &AdminArgs,
+    replace: bool,
+) -> anyhow::Result<()> {
     eprintln!(
         "deploying {} ({} bytes) to {}: uploading, then the runtime compiles, links, \
          describes and smoke-tests it before it runs …",
@@ -540,8 +564,13 @@ async fn deploy(wasm: &std::path::Path, bytes: Vec<u8>, admin: &AdminArgs) -> an
         bytes.len(),
         admin.runtime
     );
+    let extra: &[(&str, &str)] = if replace {
+        &[("x-saga-replace", "true")]
+    } else {
+        &[]
+    };
     let reply = admin
-        .post("deploy", bytes.into(), "application/wasm")
+        .post_with("deploy", bytes.into(), "application/wasm", extra)
         .await
         .context("deploy refused; the running version stays")?;
     print_activated(&reply);

@@ -345,6 +345,10 @@ pub async fn install(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Installed, E
 }
 
 /// [`install`] of a component already validated.
+pub async fn install_validated(shared: &Arc<Shared>, service: Service) -> Result<Installed, Error> {
+    run(shared, service).await
+}
+
 async fn run(shared: &Arc<Shared>, mut service: Service) -> Result<Installed, Error> {
     if !service.compensates() && storage::ledger::used(&shared.db, service.name()).await? {
         service.inherit_ledger();

@@ -9,6 +9,14 @@
 //!   `relay/0`. Its `transactional.id` belongs to the slot, not the instance, so a successor's
 //!   `init_transactions` fences the old producer and aborts whatever it left open; we never
 //!   depend on the broker expiring a transaction.
+//! - Generations: every new producer (a successor, or this relay after any failure) first
+//!   re-initialises the previous generation's id `saga-relay-0-g<N>` — fencing a zombie and
+//!   aborting what it left open — then records generation N+1 and produces under its own id.
+//!   So the producer id of an aborted transaction is never used again. noida-db (the test
+//!   broker) keeps reporting an aborted transaction to `read_committed` readers after its abort
+//!   marker, and librdkafka then drops every later record of that producer id as aborted:
+//!   committed events were silently skipped (the fault suite found sagas whose fired deadline
+//!   no consumer ever saw). With a new producer id after every abort nothing committed is hidden.
 //! - A crash after the Kafka commit but before the delete republishes the batch; consumers'
 //!   inboxes absorb the duplicates (the event ids are stored in the rows, so they are stable).
 //! - Latency: local commits wake the relay at once; `poll_interval_ms` only bounds how late it
@@ -22,7 +30,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
 use crate::node::Shared;
 use crate::stats::Stats;
-use crate::storage::{lease, outbox};
+use crate::storage::{generations, lease, outbox};
 
 /// Points where a test can make the relay fail as if it crashed there.
 pub trait Faults: Send + Sync {
@@ -56,6 +64,8 @@ enum Error {
     Injected(String),
     #[error("delivery was cancelled")]
     Cancelled,
+    #[error(transparent)]
+    Storage(#[from] crate::storage::Error),
 }
 
 const SLOT: &str = "relay/0";
@@ -190,20 +200,39 @@ impl Relay {
         }
     }
 
+    /// A transactional producer of a new generation (see the module docs): the previous
+    /// generation's id fenced and its open transaction aborted first.
     async fn producer(&self) -> Result<FutureProducer, Error> {
+        let db = &self.shared.db;
+        loop {
+            let previous = generations::current(db, SLOT).await?;
+            if previous > 0 {
+                let old = self.transactional(previous)?;
+                blocking(move || old.init_transactions(KAFKA_TIMEOUT)).await?;
+            }
+            if !generations::advance(db, SLOT, previous).await? {
+                continue; // another holder moved it meanwhile: fence that one too
+            }
+            let producer = self.transactional(previous + 1)?;
+            let p = producer.clone();
+            blocking(move || p.init_transactions(KAFKA_TIMEOUT)).await?;
+            tracing::info!(generation = previous + 1, "relay producer ready");
+            return Ok(producer);
+        }
+    }
+
+    fn transactional(&self, generation: i64) -> Result<FutureProducer, Error> {
         let kafka = &self.shared.config.kafka;
         let max = self.shared.config.limits.broker_message_bytes;
-        let producer: FutureProducer = kafka
+        let id = kafka.topic(&format!("saga-relay-0-g{generation}"));
+        Ok(kafka
             .client()
             .set("message.max.bytes", max.to_string())
-            .set("transactional.id", kafka.topic("saga-relay-0"))
+            .set("transactional.id", id)
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
             .set("transaction.timeout.ms", "60000")
-            .create()?;
-        let p = producer.clone();
-        blocking(move || p.init_transactions(KAFKA_TIMEOUT)).await?;
-        Ok(producer)
+            .create()?)
     }
 
     async fn publish(&self, producer: &FutureProducer, rows: &[outbox::Row]) -> Result<(), Error> {

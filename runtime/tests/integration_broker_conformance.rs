@@ -297,3 +297,28 @@ async fn a_runtime_consumer_starting_past_an_abort_marker_gets_what_follows() {
     assert_eq!(values, ["c", "d", "e", "f"], "{seen:?}");
     assert!(seen.iter().all(|(o, _)| *o >= 4), "{seen:?}");
 }
+
+/// Why the relay produces under a new transactional id after every abort (`relay`'s
+/// generations): what a *new* producer id commits after an abort marker reaches a reader that
+/// starts past the marker, even on noida-db, which hides everything the aborted producer id
+/// commits later from such a reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_past_an_abort_marker_sees_what_a_new_producer_id_commits() {
+    let p = prefix();
+    let s = make_topics(&p, &["generation"]).await;
+    let topic = s.topic("generation");
+    let old = transactional(&format!("{p}g1"));
+    old.begin_transaction().unwrap();
+    send(&old, &topic, "a").await;
+    old.commit_transaction(T).unwrap();
+    old.begin_transaction().unwrap();
+    send(&old, &topic, "b").await;
+    old.abort_transaction(T).unwrap();
+    // 0 a, 1 marker, 2 b, 3 abort marker; then the next generation commits c at 4.
+    let new = transactional(&format!("{p}g2"));
+    new.begin_transaction().unwrap();
+    send(&new, &topic, "c").await;
+    new.commit_transaction(T).unwrap();
+    let past = assigned_at(&topic, 4);
+    assert_eq!(next_value(&past).await.as_deref(), Some("c"));
+}

@@ -10,10 +10,12 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "t0k-for-tests";
 
+/// `POST /_saga/admin/deploy` meaning to replace a deployed service of the same name.
 async fn post_wasm(rt: &TestRuntime, token: Option<&str>, body: Vec<u8>) -> (u16, Value) {
     let mut req = rt
         .http
         .post(format!("{}/_saga/admin/deploy", rt.base))
+        .header("x-saga-replace", "true")
         .body(body);
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -258,7 +260,14 @@ async fn versions_change_subscriptions_and_routes_and_roll_back(backend: Backend
     hostile_saw(&rt, "a1").await;
 
     let v2 = guest_path("hostile_v2");
-    let printed = cli_ok(&["deploy", v2.to_str().unwrap(), "--runtime", &rt.base]).await;
+    let printed = cli_ok(&[
+        "deploy",
+        "--replace",
+        v2.to_str().unwrap(),
+        "--runtime",
+        &rt.base,
+    ])
+    .await;
     assert!(
         printed.contains("deployed hostile 0.2.0 sha256:")
             && printed.contains("(replaced 0.1.0, sha256:")
@@ -427,7 +436,14 @@ async fn a_hot_swap_under_load_loses_and_repeats_nothing() {
     .await;
     phase.store(1, Ordering::SeqCst);
     let v2 = guest_path("point_v2");
-    let printed = cli_ok(&["deploy", v2.to_str().unwrap(), "--runtime", &other_base]).await;
+    let printed = cli_ok(&[
+        "deploy",
+        "--replace",
+        v2.to_str().unwrap(),
+        "--runtime",
+        &other_base,
+    ])
+    .await;
     assert!(printed.contains("deployed point 0.2.0"), "{printed}");
     for base in [&rt.base, &other_base] {
         eventually("both instances to run point 0.2.0", || async {
@@ -601,6 +617,7 @@ async fn deploy_verify_replays_recent_events_and_shows_what_differs() {
         "deploy",
         "--verify",
         "--yes",
+        "--replace",
         v2.to_str().unwrap(),
         "--runtime",
         &rt.base,
@@ -643,4 +660,34 @@ async fn a_restart_runs_the_deployed_version_not_the_configured_one(backend: Bac
     rt.stop().await;
 }
 
-on_both_backends!(a_restart_runs_the_deployed_version_not_the_configured_one);
+/// A component cannot take over a deployed service's name by accident: without `--replace`
+/// the deploy is refused with the reason and the running version stays; with it, it swaps.
+async fn deploying_over_a_deployed_service_needs_replace(backend: Backend) {
+    let rt = TestRuntime::start_with(backend, &["point"], |o| {
+        o.config.admin_token = Some(TOKEN.into());
+    })
+    .await;
+    let v2 = guest_path("point_v2");
+    let (ok, printed, stderr) = cli(&["deploy", v2.to_str().unwrap(), "--runtime", &rt.base]).await;
+    assert!(!ok, "{printed}");
+    assert!(
+        stderr.contains("already deployed") && stderr.contains("--replace"),
+        "{stderr}"
+    );
+    assert_eq!(rt.get("/_saga/services").await[0]["version"], "0.1.0");
+    let printed = cli_ok(&[
+        "deploy",
+        "--replace",
+        v2.to_str().unwrap(),
+        "--runtime",
+        &rt.base,
+    ])
+    .await;
+    assert!(printed.contains("deployed point 0.2.0"), "{printed}");
+    rt.stop().await;
+}
+
+on_both_backends!(
+    a_restart_runs_the_deployed_version_not_the_configured_one,
+    deploying_over_a_deployed_service_needs_replace,
+);

@@ -10,83 +10,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
+use common::instances::{Instance, Rng};
 use common::shop::{Shop, SERVICES};
-use common::{brokers, eventually, guest_path, Backend, TestDb};
+use common::{eventually, guest_path, Backend, TestDb};
 use serde_json::Value;
 use sqlx::Connection;
-
-/// One `runtime run` process.
-struct Instance {
-    id: String,
-    child: Child,
-    base: String,
-}
-
-impl Instance {
-    fn start(id: &str, db: &TestDb, prefix: &str, config: &std::path::Path) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runtime"));
-        cmd.args(["run", "--config"])
-            .arg(config)
-            .args(["--http", "127.0.0.1:0"])
-            .env("SAGA_DATABASE_URL", &db.url)
-            .env("SAGA_KAFKA_BROKERS", brokers())
-            .env("SAGA_KAFKA_TOPIC_PREFIX", prefix)
-            .env("SAGA_INSTANCE_ID", id)
-            .env(
-                "SAGA_LOG",
-                std::env::var("SAGA_TEST_LOG").unwrap_or("warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for s in SERVICES {
-            cmd.arg("--service").arg(guest_path(s));
-        }
-        let mut child = cmd.spawn().expect("start the runtime binary");
-        // It prints `runtime listening on http://ADDR` once it serves.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("runtime listening on ")
-            .unwrap_or_else(|| panic!("instance {id} did not start: {line:?}"))
-            .to_string();
-        Instance {
-            id: id.into(),
-            child,
-            base,
-        }
-    }
-
-    fn kill(&mut self) {
-        // Child::kill sends SIGKILL: no shutdown, no lease release.
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A small deterministic generator (the load's amounts and quantities).
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
 
 async fn relay_holder(db: &TestDb) -> Option<String> {
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -103,16 +31,7 @@ async fn killing_an_instance_mid_load_loses_and_duplicates_nothing() {
     const CUSTOMERS: usize = 4;
     const BALANCE: i64 = 1_000_000;
     const AVAILABLE: i64 = 100_000;
-    let seed = std::env::var("TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("TEST_SEED={seed}");
+    let seed = common::instances::seed();
     let mut rng = Rng(seed);
 
     let db = TestDb::new(Backend::Postgres).await;
@@ -133,8 +52,8 @@ async fn killing_an_instance_mid_load_loses_and_duplicates_nothing() {
     )
     .unwrap();
     let prefix = format!("so{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let mut a = Instance::start("a", &db, &prefix, &config);
-    let mut b = Instance::start("b", &db, &prefix, &config);
+    let mut a = Instance::start("a", &db.url, &prefix, &config, SERVICES);
+    let mut b = Instance::start("b", &db.url, &prefix, &config, SERVICES);
     let http = common::http_client();
     let bases = [a.base.clone(), b.base.clone()];
     let shops = bases.each_ref().map(|base| Shop { base, http: &http });

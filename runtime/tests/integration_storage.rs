@@ -269,21 +269,21 @@ async fn a_saga_step_sees_the_expiry_of_its_saga(backend: Backend) {
     let (t, db) = open(backend).await;
     let mut tx = db.begin().await.unwrap();
     assert_eq!(
-        sagas::step(&mut tx, "s1").await.unwrap(),
+        sagas::step(&mut tx, "s1", 1).await.unwrap(),
         None,
         "no deadline, no row"
     );
-    sagas::open(&mut tx, "s1").await.unwrap();
+    sagas::open(&mut tx, "s1", 1).await.unwrap();
     assert_eq!(
-        sagas::step(&mut tx, "s1").await.unwrap(),
+        sagas::step(&mut tx, "s1", 1).await.unwrap(),
         None,
         "open, not expired"
     );
     sagas::expire(&mut tx, "s1", 500).await.unwrap();
     sagas::expire(&mut tx, "s1", 900).await.unwrap();
-    sagas::open(&mut tx, "s1").await.unwrap();
+    sagas::open(&mut tx, "s1", 1).await.unwrap();
     assert_eq!(
-        sagas::step(&mut tx, "s1").await.unwrap(),
+        sagas::step(&mut tx, "s1", 1).await.unwrap(),
         Some(500),
         "first expiry wins"
     );
@@ -298,11 +298,11 @@ async fn the_ledger_applies_one_compensation_and_no_step_after_it(backend: Backe
     let closed = |by: &str| Verdict::Closed { by: by.into() };
     // A saga with a forward step: its first compensation applies, a second one does not.
     assert_eq!(
-        ledger::forward(&mut tx, "point", "s1").await.unwrap(),
+        ledger::forward(&mut tx, "point", "s1", 1).await.unwrap(),
         applied
     );
     assert_eq!(
-        ledger::forward(&mut tx, "point", "s1").await.unwrap(),
+        ledger::forward(&mut tx, "point", "s1", 1).await.unwrap(),
         applied
     );
     assert_eq!(
@@ -318,7 +318,7 @@ async fn the_ledger_applies_one_compensation_and_no_step_after_it(backend: Backe
         closed("undo-1")
     );
     assert_eq!(
-        ledger::forward(&mut tx, "point", "s1").await.unwrap(),
+        ledger::forward(&mut tx, "point", "s1", 1).await.unwrap(),
         closed("undo-1")
     );
     // A compensation before any forward step leaves a tombstone that refuses the step.
@@ -329,12 +329,12 @@ async fn the_ledger_applies_one_compensation_and_no_step_after_it(backend: Backe
         Verdict::Apply { tombstone: true }
     );
     assert_eq!(
-        ledger::forward(&mut tx, "point", "s2").await.unwrap(),
+        ledger::forward(&mut tx, "point", "s2", 1).await.unwrap(),
         closed("undo-3")
     );
     // Ledgers are per service: another service's step of the same saga is unaffected.
     assert_eq!(
-        ledger::forward(&mut tx, "order", "s2").await.unwrap(),
+        ledger::forward(&mut tx, "order", "s2", 1).await.unwrap(),
         applied
     );
     tx.commit().await.unwrap();
@@ -364,7 +364,7 @@ async fn a_step_racing_its_compensation_serialises_on_the_ledger_row(backend: Ba
     let other = db.clone();
     let mut step = tokio::spawn(async move {
         let mut tx = other.begin().await?;
-        let verdict = ledger::forward(&mut tx, "stock", "s1").await?;
+        let verdict = ledger::forward(&mut tx, "stock", "s1", 1).await?;
         tx.commit().await?;
         Ok::<_, Error>(verdict)
     });

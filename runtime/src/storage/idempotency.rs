@@ -77,16 +77,3 @@ pub async fn store(
     .await?;
     Ok(done.rows_affected() == 1)
 }
-
-/// Delete up to `limit` replies written before `before_ms`; how many went.
-pub async fn expire(db: &Db, before_ms: i64, limit: u32) -> Result<u64, Error> {
-    let done = sqlx::query(
-        "DELETE FROM idempotency_keys WHERE (service, key) IN \
-         (SELECT service, key FROM idempotency_keys WHERE created_ms < $1 LIMIT $2)",
-    )
-    .bind(before_ms)
-    .bind(limit as i64)
-    .execute(db.pool())
-    .await?;
-    Ok(done.rows_affected())
-}

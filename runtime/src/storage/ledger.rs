@@ -29,14 +29,20 @@ pub enum Verdict {
 }
 
 /// Record a forward step of `saga` at `service`, unless the saga is closed there.
-pub async fn forward(conn: &mut Conn, service: &str, saga: &str) -> Result<Verdict, Error> {
+pub async fn forward(
+    conn: &mut Conn,
+    service: &str,
+    saga: &str,
+    now_ms: i64,
+) -> Result<Verdict, Error> {
     let row = sqlx::query(
-        "INSERT INTO saga_ledger (service, saga, forward_steps) VALUES ($1, $2, 1) \
-         ON CONFLICT (service, saga) DO UPDATE SET forward_steps = saga_ledger.forward_steps + 1 \
-         RETURNING compensated_by",
+        "INSERT INTO saga_ledger (service, saga, forward_steps, touched_ms) VALUES ($1, $2, 1, $3) \
+         ON CONFLICT (service, saga) DO UPDATE SET forward_steps = saga_ledger.forward_steps + 1, \
+         touched_ms = $3 RETURNING compensated_by",
     )
     .bind(service)
     .bind(saga)
+    .bind(now_ms)
     .fetch_one(&mut *conn)
     .await?;
     Ok(match row.try_get::<Option<String>, _>("compensated_by")? {
@@ -54,11 +60,13 @@ pub async fn compensate(
     now_ms: i64,
 ) -> Result<Verdict, Error> {
     let row = sqlx::query(
-        "INSERT INTO saga_ledger (service, saga, forward_steps, compensated_by, compensated_ms) \
-         VALUES ($1, $2, 0, $3, $4) \
+        "INSERT INTO saga_ledger \
+         (service, saga, forward_steps, compensated_by, compensated_ms, touched_ms) \
+         VALUES ($1, $2, 0, $3, $4, $4) \
          ON CONFLICT (service, saga) DO UPDATE SET \
            compensated_by = COALESCE(saga_ledger.compensated_by, excluded.compensated_by), \
-           compensated_ms = COALESCE(saga_ledger.compensated_ms, excluded.compensated_ms) \
+           compensated_ms = COALESCE(saga_ledger.compensated_ms, excluded.compensated_ms), \
+           touched_ms = excluded.touched_ms \
          RETURNING compensated_by, forward_steps",
     )
     .bind(service)

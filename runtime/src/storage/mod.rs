@@ -8,6 +8,7 @@
 
 pub mod deadlines;
 pub mod deployments;
+pub mod generations;
 pub mod idempotency;
 pub mod inbox;
 pub mod lease;

@@ -12,19 +12,24 @@ use sqlx::Row as _;
 use super::{Conn, Error};
 
 /// Make sure `saga` has a row (when a deadline is set for it).
-pub async fn open(conn: &mut Conn, saga: &str) -> Result<(), Error> {
-    sqlx::query("INSERT INTO sagas (saga, expired_ms, steps) VALUES ($1, NULL, 0) ON CONFLICT (saga) DO NOTHING")
-        .bind(saga)
-        .execute(&mut *conn)
-        .await?;
+pub async fn open(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO sagas (saga, expired_ms, steps, touched_ms) VALUES ($1, NULL, 0, $2) \
+         ON CONFLICT (saga) DO UPDATE SET touched_ms = excluded.touched_ms",
+    )
+    .bind(saga)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
 /// Mark `saga` expired at `now_ms` (the first expiry wins).
 pub async fn expire(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<(), Error> {
     sqlx::query(
-        "INSERT INTO sagas (saga, expired_ms, steps) VALUES ($1, $2, 0) \
-         ON CONFLICT (saga) DO UPDATE SET expired_ms = COALESCE(sagas.expired_ms, excluded.expired_ms)",
+        "INSERT INTO sagas (saga, expired_ms, steps, touched_ms) VALUES ($1, $2, 0, $2) \
+         ON CONFLICT (saga) DO UPDATE SET \
+         expired_ms = COALESCE(sagas.expired_ms, excluded.expired_ms), touched_ms = $2",
     )
     .bind(saga)
     .bind(now_ms)
@@ -34,11 +39,12 @@ pub async fn expire(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<(), Erro
 }
 
 /// Record a forward step of `saga` and return when it expired, if it has.
-pub async fn step(conn: &mut Conn, saga: &str) -> Result<Option<i64>, Error> {
+pub async fn step(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<Option<i64>, Error> {
     let expired: Option<Option<i64>> = sqlx::query_scalar(
-        "UPDATE sagas SET steps = steps + 1 WHERE saga = $1 RETURNING expired_ms",
+        "UPDATE sagas SET steps = steps + 1, touched_ms = $2 WHERE saga = $1 RETURNING expired_ms",
     )
     .bind(saga)
+    .bind(now_ms)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(expired.flatten())

@@ -176,7 +176,7 @@ impl Worker {
             return Ok((inbox::Outcome::Applied, None));
         };
         if step == Step::Forward && event.deadline_ms.is_some() {
-            if let Some(at) = storage::sagas::step(conn, saga).await? {
+            if let Some(at) = storage::sagas::step(conn, saga, now_ms).await? {
                 let reason = format!(
                     "its saga expired {} ms before this step committed",
                     now_ms - at
@@ -190,7 +190,7 @@ impl Worker {
         let name = service.name();
         let verdict = match step {
             Step::Compensation => ledger::compensate(conn, name, saga, id, now_ms).await?,
-            _ => ledger::forward(conn, name, saga).await?,
+            _ => ledger::forward(conn, name, saga, now_ms).await?,
         };
         Ok(match verdict {
             ledger::Verdict::Closed { by } => {

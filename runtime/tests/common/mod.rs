@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod instances;
 pub mod shop;
 
 use std::future::Future;
