@@ -432,3 +432,52 @@ on_both_backends!(
     a_fan_out_is_all_or_nothing_across_topics,
     a_dead_lettered_payment_can_be_listed_and_redriven_once,
 );
+
+/// A9's "payment compensates itself when it finishes late", with the payment step and its
+/// compensation on different instances: payment's `payment/1` stays with the first instance,
+/// `payment.compensation/1` moves to the second. The compensation waits for the step held on
+/// the other instance (shared in `held_steps`), so the late charge is applied and then
+/// refunded; it used to run first there and turn the step into an ignored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_waits_for_its_step_held_on_another_instance() {
+    let rt = TestRuntime::start(Backend::Postgres, SERVICES).await;
+    let sibling = rt.sibling(|_| {}).await;
+    let other = sibling.config().instance_id.clone();
+    let lease = format!("partition/payment/{}payment.compensation/1", rt.prefix());
+    eventually(
+        "payment.compensation/1 to move to the second instance",
+        || async {
+            let holder: Option<String> =
+                sqlx::query_scalar("SELECT holder FROM leases WHERE name = $1")
+                    .bind(&lease)
+                    .fetch_optional(rt.handle.db().pool())
+                    .await
+                    .unwrap();
+            match holder {
+                Some(h) if h == other => Ok(()),
+                h => Err(format!("{h:?}")),
+            }
+        },
+    )
+    .await;
+    let shop = Shop::of(&rt);
+    shop.fund("slow-split", 100 * AMOUNT).await;
+    shop.stock("scarce", 0).await;
+    let ids: Vec<String> = futures::future::join_all(
+        (0..6).map(|_| shop.order("slow-split", "scarce", QUANTITY, AMOUNT)),
+    )
+    .await;
+    for id in &ids {
+        let want = [
+            ("payment", "PaymentRequested", "applied"),
+            ("payment", "PaymentCompensationRequested", "compensated"),
+        ];
+        let t = timeline_has(&rt, id, &want).await;
+        let charged = find(&t, "payment", "PaymentRequested").handled_ms;
+        let refunded = find(&t, "payment", "PaymentCompensationRequested").handled_ms;
+        assert!(charged <= refunded, "{id}: {t:?}");
+    }
+    assert_eq!(shop.balance("slow-split").await, 100 * AMOUNT);
+    sibling.shutdown().await;
+    rt.stop().await;
+}

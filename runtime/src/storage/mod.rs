@@ -9,6 +9,7 @@
 pub mod deadlines;
 pub mod deployments;
 pub mod generations;
+pub mod held;
 pub mod idempotency;
 pub mod inbox;
 pub mod lease;

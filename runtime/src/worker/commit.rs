@@ -42,6 +42,10 @@ impl Worker {
             let outcome = self.commit_one(&mut tx, service, item, verdict).await;
             if outcome.is_ok() {
                 next.insert(lane, item.record.offset + 1);
+                // A step released from a hold is handled: its compensations need not wait.
+                if let Some(saga) = item.saga().filter(|_| item.first_attempt > 1) {
+                    storage::held::release(&mut tx, &self.service, saga).await?;
+                }
             }
             match outcome {
                 Ok(Some(inbox::Outcome::Applied | inbox::Outcome::Compensated)) => applied += 1,

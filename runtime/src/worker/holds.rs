@@ -46,7 +46,7 @@ struct Released {
 
 /// How long a released event may take to come back before it no longer makes its saga's
 /// compensations wait (its partition may have moved to another instance).
-const RELEASED_FOR: Duration = Duration::from_secs(10);
+pub(super) const RELEASED_FOR: Duration = Duration::from_secs(10);
 
 /// The held partitions of one worker, and the attempts of events released from a hold.
 #[derive(Debug, Default)]

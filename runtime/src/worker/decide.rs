@@ -1,0 +1,233 @@
+//! Deciding an event: the guest's call under the subscription's failure policy, after the
+//! door checks (expiry, the ledger, held steps of the saga). Host faults are retried here
+//! without counting an attempt; the handler's own failures count and end in a dead letter or a
+//! hold.
+
+use super::*;
+
+impl Worker {
+    /// Run the guests of a batch: partitions concurrently, each partition in order.
+    pub(super) async fn decide_all(
+        &self,
+        service: &Arc<Service>,
+        items: &[Item<'_>],
+        door: &Door,
+        holds: &Holds,
+    ) -> Option<Vec<Verdict>> {
+        let mut by_partition: HashMap<(&str, i32), Vec<usize>> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            by_partition
+                .entry((&item.record.topic, item.record.partition))
+                .or_default()
+                .push(i);
+        }
+        let lanes = by_partition.into_values().map(|indices| async move {
+            let mut out = Vec::with_capacity(indices.len());
+            let mut held = false;
+            for i in indices {
+                let verdict = if held {
+                    Some(Verdict::Behind)
+                } else if items[i].duplicate(door.seen.get(&items[i].inbox_id())) {
+                    Some(Verdict::Duplicate)
+                } else {
+                    self.decide(service, &items[i], door, holds).await
+                };
+                let verdict = verdict?;
+                held = verdict.waits();
+                out.push((i, verdict));
+            }
+            Some(out)
+        });
+        let mut verdicts: Vec<Option<Verdict>> = (0..items.len()).map(|_| None).collect();
+        for lane in futures::future::join_all(lanes).await {
+            for (i, verdict) in lane? {
+                verdicts[i] = Some(verdict);
+            }
+        }
+        verdicts.into_iter().collect()
+    }
+
+    /// Run the handler for one event under the subscription's failure policy.
+    /// `None` if stopping interrupted the retries.
+    pub(super) async fn decide(
+        &self,
+        service: &Arc<Service>,
+        item: &Item<'_>,
+        door: &Door,
+        holds: &Holds,
+    ) -> Option<Verdict> {
+        let event = match &item.event {
+            Ok(event) => event,
+            Err(malformed) => {
+                return Some(Verdict::DeadLetter {
+                    reason: format!("malformed event: {malformed}"),
+                    attempts: 0,
+                })
+            }
+        };
+        // Expiry and the ledger, first half: at the door. (The second half is in `commit_one`.)
+        let step = service.step(&event.topic, &event.type_);
+        if step != Step::Deadline {
+            if let Some(by) = item.saga().and_then(|saga| door.closed.get(saga)) {
+                return Some(Verdict::Ignored {
+                    reason: closed_reason(step, by),
+                });
+            }
+        }
+        if let Some(carried) = event.deadline_ms.filter(|_| step == Step::Forward) {
+            // The stored deadlines decide (one cancelled or moved since this event was emitted
+            // is honoured); only a saga the database knows none of goes by the carried one.
+            let now = self.shared.clock.now_ms();
+            let stored = item.saga().and_then(|saga| door.expiry.get(saga));
+            let expired_at = match stored {
+                Some(stored) => *stored,
+                None => Some(carried).filter(|&d| d <= now),
+            };
+            if let Some(at) = expired_at {
+                return Some(Verdict::Expired {
+                    reason: format!("arrived {} ms after its saga deadline", now - at),
+                });
+            }
+        }
+        if step == Step::Compensation {
+            let now = tokio::time::Instant::now();
+            let at_least = Duration::from_millis(self.shared.config.worker.retry_backoff_ms);
+            if let Some(until) = item.saga().and_then(|saga| holds.step_pending(saga, now)) {
+                return Some(Verdict::Held {
+                    attempt: 0,
+                    retry_in: until.duration_since(now).max(at_least),
+                });
+            }
+            // Held on another instance (or here, before a restart).
+            if let Some(&until) = item.saga().and_then(|saga| door.held.get(saga)) {
+                let left = (until - self.shared.clock.now_ms()).max(0) as u64;
+                return Some(Verdict::Held {
+                    attempt: 0,
+                    retry_in: Duration::from_millis(left).max(at_least),
+                });
+            }
+        }
+        let policy = service.policy(&event.topic);
+        let mut attempt = item.first_attempt;
+        let mut host_faults = 0;
+        let scope = effects::Scope {
+            saga: item.saga(),
+            new_id: &item.new_id,
+        };
+        loop {
+            let failure = match self.call(service, item, event, attempt).await {
+                Ok(called) => {
+                    let limits = &self.shared.config.limits;
+                    match effects::validate(limits, service, scope, &called.output) {
+                        Ok(()) => return Some(Verdict::Apply(called)),
+                        Err(reason) => Failure::Reject(reason),
+                    }
+                }
+                Err(failure) => failure,
+            };
+            if failure.is_host() {
+                // Not the handler's attempt: wait and run it again, whatever the policy.
+                host_faults += 1;
+                Stats::add(&self.shared.stats.host_faults, 1);
+                tracing::warn!(
+                    service = %self.service, event = %event.id, attempt, "{failure}; retrying"
+                );
+                if !self.pause(self.backoff(host_faults)).await {
+                    return None;
+                }
+                continue;
+            }
+            Stats::add(&self.shared.stats.failures, 1);
+            tracing::warn!(
+                service = %self.service, event = %event.id, attempt, "handler failed: {failure}"
+            );
+            self.note_failure(service, item, attempt, &failure).await;
+            let exhausted = match policy {
+                FailurePolicy::DeadLetter(max) => attempt >= max.max(1),
+                FailurePolicy::Blocking => false,
+            };
+            if failure.is_permanent() || exhausted {
+                return Some(Verdict::DeadLetter {
+                    reason: failure.to_string(),
+                    attempts: attempt,
+                });
+            }
+            if policy == FailurePolicy::Blocking {
+                return Some(Verdict::Held {
+                    attempt,
+                    retry_in: self.backoff(attempt),
+                });
+            }
+            if !self.pause(self.backoff(attempt)).await {
+                return None;
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn call(
+        &self,
+        service: &Arc<Service>,
+        item: &Item<'_>,
+        event: &Event,
+        attempt: u32,
+    ) -> Result<Called<Effects>, Failure> {
+        let ctx = Context {
+            now_ms: self.shared.clock.now_ms(),
+            attempt,
+            new_id: item.new_id.clone(),
+        };
+        let (svc, event) = (service.clone(), event.clone());
+        let shared = self.shared.clone();
+        let slot = service.guest.slots().admit().await?;
+        tokio::task::spawn_blocking(move || {
+            if !shared.recordings.enabled() {
+                return svc
+                    .guest
+                    .on_event(&slot, shared.reader.clone(), &ctx, &event);
+            }
+            let recorder = Arc::new(Recorder::new(shared.reader.clone()));
+            let called = svc.guest.on_event(&slot, recorder.clone(), &ctx, &event);
+            if let Ok(called) = &called {
+                let recording = Recording {
+                    event,
+                    ctx,
+                    tape: recorder.take(),
+                    effects: called.output.clone(),
+                    version: svc.version().to_string(),
+                };
+                shared.recordings.add(svc.name(), recording);
+            }
+            called
+        })
+        .await
+        .unwrap_or_else(|e| Err(Failure::Host(format!("handler thread failed: {e}"))))
+    }
+
+    /// Put a failed attempt on the saga's timeline. Best effort: the timeline is for people,
+    /// and a database that is down now fails the commit, which is retried anyway.
+    async fn note_failure(
+        &self,
+        service: &Service,
+        item: &Item<'_>,
+        attempt: u32,
+        failure: &Failure,
+    ) {
+        if item.saga().is_none() {
+            return;
+        }
+        let detail = format!("attempt {attempt}: {failure}");
+        let id = item.inbox_id();
+        let entry = inbox::Entry {
+            detail: Some(&detail),
+            ..self.entry(service, item, &id, self.shared.clock.now_ms())
+        };
+        let noted = async {
+            let mut conn = self.shared.db.pool().acquire().await?;
+            inbox::note(&mut conn, &entry, inbox::Attempt::Failed).await
+        };
+        if let Err(e) = noted.await {
+            tracing::debug!(service = %self.service, "failed attempt not on the timeline: {e}");
+        }
+    }
+}
