@@ -445,12 +445,69 @@ async fn fence(
     Ok(None)
 }
 
-/// `GET /deadlines` (SPEC B6): every deadline with its state.
-async fn list_deadlines(State(shared): State<Arc<Shared>>) -> Response {
-    match crate::storage::deadlines::list(&shared.db, 10_000).await {
-        Ok(list) => axum::Json(list).into_response(),
+/// Which deadlines `GET /deadlines` lists.
+#[derive(serde::Deserialize)]
+struct DeadlinePage {
+    /// `PENDING`, `CANCELLED` or `FIRED`; all if absent.
+    status: Option<String>,
+    /// The cursor of the page before (from the `Link` header).
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /deadlines[?status=&limit=&after=]` (SPEC B6): deadlines with their state, earliest
+/// first, a page at a time (default 1000, at most 10000). The body stays a JSON array; a full
+/// page carries `Link: </deadlines?…&after=CURSOR>; rel="next"` (RFC 8288) to the next one.
+async fn list_deadlines(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Query(page): axum::extract::Query<DeadlinePage>,
+) -> Response {
+    use crate::storage::deadlines;
+    let limit = page.limit.unwrap_or(1000).clamp(1, 10_000);
+    let after: Option<deadlines::Cursor> = match page.after.as_deref().map(decode_cursor) {
+        None => None,
+        Some(Some(cursor)) => Some(cursor),
+        Some(None) => return json_error(StatusCode::BAD_REQUEST, "invalid cursor in `after`"),
+    };
+    let status = page.status.as_deref();
+    match deadlines::page(&shared.db, status, after.as_ref(), limit).await {
+        Ok(list) => {
+            let next = (list.len() == limit as usize)
+                .then(|| list.last())
+                .flatten()
+                .map(|d| {
+                    encode_cursor(&(d.due_ms, d.service.clone(), d.saga.clone(), d.name.clone()))
+                });
+            let mut response = axum::Json(list).into_response();
+            if let Some(cursor) = next {
+                let status = status.map(|s| format!("status={s}&")).unwrap_or_default();
+                let link =
+                    format!("</deadlines?{status}limit={limit}&after={cursor}>; rel=\"next\"");
+                if let Ok(value) = header::HeaderValue::from_str(&link) {
+                    response.headers_mut().insert(header::LINK, value);
+                }
+            }
+            response
+        }
         Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// A page cursor as URL-safe text: the hex of its JSON.
+fn encode_cursor(cursor: &crate::storage::deadlines::Cursor) -> String {
+    let json = serde_json::to_vec(cursor).expect("a tuple of strings and a number");
+    json.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_cursor(text: &str) -> Option<crate::storage::deadlines::Cursor> {
+    if !text.len().is_multiple_of(2) || text.len() > 8192 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect();
+    serde_json::from_slice(&bytes?).ok()
 }
 
 /// `GET /sagas/{id}` (SPEC B9): every event of the saga each service handled — when, by which

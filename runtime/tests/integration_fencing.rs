@@ -151,3 +151,46 @@ on_both_backends!(
     a_command_continuing_an_expired_or_compensated_saga_is_refused,
     a_hot_swap_keeps_the_ledger_for_sagas_compensated_before,
 );
+
+/// `GET /deadlines` pages instead of truncating: a full page links to the next (RFC 8288
+/// `Link`), following the links lists every deadline once, and `status=` filters (pending ones
+/// used to disappear behind the 10,000 oldest).
+async fn deadlines_are_listed_in_pages(backend: Backend) {
+    let rt = TestRuntime::start(backend, &["hostile"]).await;
+    let mut started = Vec::new();
+    for _ in 0..5 {
+        started.push(start_saga(&rt, 3_600_000).await);
+    }
+    let mut seen = Vec::new();
+    let mut next = Some(format!("{}/deadlines?limit=2", rt.base));
+    let mut pages = 0;
+    while let Some(url) = next.take() {
+        let resp = rt.http.get(&url).send().await.unwrap();
+        next = resp
+            .headers()
+            .get("link")
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| l.strip_prefix('<'))
+            .and_then(|l| l.split_once('>'))
+            .map(|(path, _)| format!("{}{path}", rt.base));
+        let page: Value = resp.json().await.unwrap();
+        seen.extend(
+            page.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["saga"].as_str().unwrap().to_string()),
+        );
+        pages += 1;
+        assert!(pages <= 4, "the links do not end");
+    }
+    assert_eq!(pages, 3, "5 deadlines in pages of 2");
+    seen.sort();
+    started.sort();
+    assert_eq!(seen, started);
+    let pending = rt.get("/deadlines?status=PENDING&limit=10").await;
+    assert_eq!(pending.as_array().unwrap().len(), 5);
+    assert_eq!(rt.get("/deadlines?status=FIRED").await, json!([]));
+    rt.stop().await;
+}
+
+on_both_backends!(deadlines_are_listed_in_pages);

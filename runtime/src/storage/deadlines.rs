@@ -107,14 +107,55 @@ pub async fn claim(conn: &mut Conn, d: &Deadline) -> Result<bool, Error> {
     Ok(affected == 1)
 }
 
-/// Every deadline, earliest first (for `GET /deadlines`).
+/// The first `limit` deadlines, earliest first.
 pub async fn list(db: &super::Db, limit: u32) -> Result<Vec<Deadline>, Error> {
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM deadlines ORDER BY due_ms LIMIT $1"
-    ))
-    .bind(limit as i64)
-    .fetch_all(db.pool())
-    .await?;
+    page(db, None, None, limit).await
+}
+
+/// Where a page of deadlines starts: after this one, in (due, service, saga, name) order.
+pub type Cursor = (i64, String, String, String);
+
+/// A page of deadlines in (due, service, saga, name) order, after `after`, at most `limit`,
+/// only those with `status` if given (for `GET /deadlines`).
+pub async fn page(
+    db: &super::Db,
+    status: Option<&str>,
+    after: Option<&Cursor>,
+    limit: u32,
+) -> Result<Vec<Deadline>, Error> {
+    let mut conditions = Vec::new();
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        format!("${n}")
+    };
+    if status.is_some() {
+        conditions.push(format!("status = {}", next()));
+    }
+    if after.is_some() {
+        let (a, b, c, d) = (next(), next(), next(), next());
+        conditions.push(format!(
+            "(due_ms, service, saga, name) > ({a}, {b}, {c}, {d})"
+        ));
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM deadlines {filter} \
+         ORDER BY due_ms, service, saga, name LIMIT {}",
+        next()
+    );
+    let mut query = sqlx::query(&sql);
+    if let Some(status) = status {
+        query = query.bind(status);
+    }
+    if let Some((due, service, saga, name)) = after {
+        query = query.bind(*due).bind(service).bind(saga).bind(name);
+    }
+    let rows = query.bind(limit as i64).fetch_all(db.pool()).await?;
     rows.iter().map(from_row).collect()
 }
 
