@@ -433,16 +433,18 @@ on_both_backends!(
     a_dead_lettered_payment_can_be_listed_and_redriven_once,
 );
 
-/// A9's "payment compensates itself when it finishes late", with the payment step and its
-/// compensation on different instances: payment's `payment/1` stays with the first instance,
-/// `payment.compensation/1` moves to the second. The compensation waits for the step held on
-/// the other instance (shared in `held_steps`), so the late charge is applied and then
-/// refunded; it used to run first there and turn the step into an ignored one.
+/// A compensation waits for its saga's step held on another instance. payment's `payment/1`
+/// stays with the first instance and `payment.compensation/1` moves to the second, so about
+/// half of the orders have their step and its compensation on different instances. Each
+/// order's payment is slow (held for a retry); once the hold is recorded, a compensation is
+/// sent: it must wait, so the late charge is applied and then refunded. It used to run first
+/// on the other instance and turn the step into an ignored one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compensation_waits_for_its_step_held_on_another_instance() {
     let rt = TestRuntime::start(Backend::Postgres, SERVICES).await;
     let sibling = rt.sibling(|_| {}).await;
     let other = sibling.config().instance_id.clone();
+    let db = rt.handle.db().clone();
     let lease = format!("partition/payment/{}payment.compensation/1", rt.prefix());
     eventually(
         "payment.compensation/1 to move to the second instance",
@@ -450,7 +452,7 @@ async fn a_compensation_waits_for_its_step_held_on_another_instance() {
             let holder: Option<String> =
                 sqlx::query_scalar("SELECT holder FROM leases WHERE name = $1")
                     .bind(&lease)
-                    .fetch_optional(rt.handle.db().pool())
+                    .fetch_optional(db.pool())
                     .await
                     .unwrap();
             match holder {
@@ -462,17 +464,36 @@ async fn a_compensation_waits_for_its_step_held_on_another_instance() {
     .await;
     let shop = Shop::of(&rt);
     shop.fund("slow-split", 100 * AMOUNT).await;
-    shop.stock("scarce", 0).await;
-    let ids: Vec<String> = futures::future::join_all(
-        (0..6).map(|_| shop.order("slow-split", "scarce", QUANTITY, AMOUNT)),
-    )
-    .await;
-    for id in &ids {
+    shop.stock("plenty", 1000).await;
+    for n in 0..6 {
+        let id = shop.order("slow-split", "plenty", 1, AMOUNT).await;
+        eventually("the payment step to be held", || async {
+            let held: Option<i64> = sqlx::query_scalar(
+                "SELECT until_ms FROM held_steps WHERE service = 'payment' AND saga = $1",
+            )
+            .bind(&id)
+            .fetch_optional(db.pool())
+            .await
+            .unwrap();
+            held.map(|_| ()).ok_or_else(|| "not held yet".to_string())
+        })
+        .await;
+        let data = serde_json::json!({ "orderId": id });
+        let undo = format!("undo-{n}-{id}");
+        produce_event(
+            rt.prefix(),
+            "payment.compensation",
+            &undo,
+            "PaymentCompensationRequested",
+            &id,
+            &data,
+        )
+        .await;
         let want = [
             ("payment", "PaymentRequested", "applied"),
             ("payment", "PaymentCompensationRequested", "compensated"),
         ];
-        let t = timeline_has(&rt, id, &want).await;
+        let t = timeline_has(&rt, &id, &want).await;
         let charged = find(&t, "payment", "PaymentRequested").handled_ms;
         let refunded = find(&t, "payment", "PaymentCompensationRequested").handled_ms;
         assert!(charged <= refunded, "{id}: {t:?}");

@@ -100,10 +100,12 @@ impl Worker {
             }
             // Held on another instance (or here, before a restart).
             if let Some(&until) = item.saga().and_then(|saga| door.held.get(saga)) {
+                // Look again soon: the row goes as soon as the step is handled over there.
                 let left = (until - self.shared.clock.now_ms()).max(0) as u64;
+                let cap = self.shared.config.worker.max_backoff_ms;
                 return Some(Verdict::Held {
                     attempt: 0,
-                    retry_in: Duration::from_millis(left).max(at_least),
+                    retry_in: Duration::from_millis(left.min(cap)).max(at_least),
                 });
             }
         }
