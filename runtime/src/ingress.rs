@@ -90,7 +90,7 @@ pub(crate) async fn read_body(
     limit: usize,
     key: &str,
 ) -> Result<Bytes, Response> {
-    let too_large = |size: String| {
+    let too_large = |size: &str| {
         json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body is {size} bytes, over the limit of {limit} (limits.{key})"),
@@ -101,11 +101,11 @@ pub(crate) async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = declared.filter(|&n| n > limit as u64) {
-        return Err(too_large(n.to_string()));
+        return Err(too_large(&n.to_string()));
     }
     axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| too_large("more than".to_string() + &format!(" {limit}")))
+        .map_err(|_| too_large(&format!("more than {limit}")))
 }
 
 async fn handle(
@@ -239,7 +239,7 @@ impl Retry {
             hash.update([0]);
         }
         hash.update(body);
-        let fingerprint = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let fingerprint = crate::wasm::hex(&hash.finalize());
         Ok(Some(Retry {
             key: key.to_string(),
             fingerprint,
@@ -496,7 +496,7 @@ async fn list_deadlines(
 /// A page cursor as URL-safe text: the hex of its JSON.
 fn encode_cursor(cursor: &crate::storage::deadlines::Cursor) -> String {
     let json = serde_json::to_vec(cursor).expect("a tuple of strings and a number");
-    json.iter().map(|b| format!("{b:02x}")).collect()
+    crate::wasm::hex(&json)
 }
 
 fn decode_cursor(text: &str) -> Option<crate::storage::deadlines::Cursor> {

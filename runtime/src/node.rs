@@ -183,7 +183,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
             );
             continue;
         }
-        let installed = run(&shared, service).await?;
+        let installed = install_validated(&shared, service).await?;
         record_first(&shared, &installed.service, &wasm).await?;
     }
     let listener = tokio::net::TcpListener::bind(listen)
@@ -341,15 +341,14 @@ pub async fn validate(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Service, Er
 ///   picked up there by any later version that consumes it again).
 pub async fn install(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Installed, Error> {
     let service = validate(shared, wasm).await?;
-    run(shared, service).await
+    install_validated(shared, service).await
 }
 
 /// [`install`] of a component already validated.
-pub async fn install_validated(shared: &Arc<Shared>, service: Service) -> Result<Installed, Error> {
-    run(shared, service).await
-}
-
-async fn run(shared: &Arc<Shared>, mut service: Service) -> Result<Installed, Error> {
+pub async fn install_validated(
+    shared: &Arc<Shared>,
+    mut service: Service,
+) -> Result<Installed, Error> {
     if !service.compensates() && storage::ledger::used(&shared.db, service.name()).await? {
         service.inherit_ledger();
     }

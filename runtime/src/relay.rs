@@ -109,7 +109,7 @@ impl Relay {
                 }
             }
             let rows = match outbox::fetch(db, cfg.batch_size).await {
-                Ok(rows) => self.park_oversized(rows).await,
+                Ok(rows) => Ok(self.park_oversized(rows).await),
                 Err(e) => Err(e),
             };
             let rows = match rows {
@@ -168,10 +168,7 @@ impl Relay {
     /// Park the rows larger than the broker takes (`limits.broker_message_bytes`) before
     /// they are sent: a refused send would abort the whole transaction. Nothing the runtime
     /// lets in is that large; rows from before a limit was lowered can be.
-    async fn park_oversized(
-        &self,
-        rows: Vec<outbox::Row>,
-    ) -> Result<Vec<outbox::Row>, crate::storage::Error> {
+    async fn park_oversized(&self, rows: Vec<outbox::Row>) -> Vec<outbox::Row> {
         let max = self.shared.config.limits.broker_message_bytes;
         let (fit, over): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.message.size() <= max);
         for row in &over {
@@ -182,7 +179,7 @@ impl Relay {
             self.park(row, &reason).await;
         }
         // Rows behind a parked one may go now; per-saga order among those sent holds.
-        Ok(fit)
+        fit
     }
 
     /// Set a row aside with why (`runtime outbox parked`), so the rows behind it flow.

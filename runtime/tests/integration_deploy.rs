@@ -30,6 +30,18 @@ async fn cli(args: &[&str]) -> (bool, String, String) {
     common::run_cli(args, &[("SAGA_ADMIN_TOKEN", TOKEN)]).await
 }
 
+/// `runtime deploy --replace WASM --runtime BASE`, which must succeed; its stdout.
+async fn deploy_replacing(wasm: &std::path::Path, base: &str) -> String {
+    cli_ok(&[
+        "deploy",
+        "--replace",
+        wasm.to_str().unwrap(),
+        "--runtime",
+        base,
+    ])
+    .await
+}
+
 /// Run the `runtime` CLI, which must succeed; its stdout.
 async fn cli_ok(args: &[&str]) -> String {
     let (ok, stdout, stderr) = cli(args).await;
@@ -260,14 +272,7 @@ async fn versions_change_subscriptions_and_routes_and_roll_back(backend: Backend
     hostile_saw(&rt, "a1").await;
 
     let v2 = guest_path("hostile_v2");
-    let printed = cli_ok(&[
-        "deploy",
-        "--replace",
-        v2.to_str().unwrap(),
-        "--runtime",
-        &rt.base,
-    ])
-    .await;
+    let printed = deploy_replacing(&v2, &rt.base).await;
     assert!(
         printed.contains("deployed hostile 0.2.0 sha256:")
             && printed.contains("(replaced 0.1.0, sha256:")
@@ -436,14 +441,7 @@ async fn a_hot_swap_under_load_loses_and_repeats_nothing() {
     .await;
     phase.store(1, Ordering::SeqCst);
     let v2 = guest_path("point_v2");
-    let printed = cli_ok(&[
-        "deploy",
-        "--replace",
-        v2.to_str().unwrap(),
-        "--runtime",
-        &other_base,
-    ])
-    .await;
+    let printed = deploy_replacing(&v2, &other_base).await;
     assert!(printed.contains("deployed point 0.2.0"), "{printed}");
     for base in [&rt.base, &other_base] {
         eventually("both instances to run point 0.2.0", || async {
@@ -675,14 +673,7 @@ async fn deploying_over_a_deployed_service_needs_replace(backend: Backend) {
         "{stderr}"
     );
     assert_eq!(rt.get("/_saga/services").await[0]["version"], "0.1.0");
-    let printed = cli_ok(&[
-        "deploy",
-        "--replace",
-        v2.to_str().unwrap(),
-        "--runtime",
-        &rt.base,
-    ])
-    .await;
+    let printed = deploy_replacing(&v2, &rt.base).await;
     assert!(printed.contains("deployed point 0.2.0"), "{printed}");
     rt.stop().await;
 }

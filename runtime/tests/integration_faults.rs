@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::instances::{seed, Instance, Rng};
-use common::{brokers, guest_path, Backend, TestDb};
+use common::{brokers, Backend, TestDb};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -247,21 +247,14 @@ async fn a_kill_storm_with_duplicates_and_hostile_input_ends_every_saga_consiste
     let mut rng = Rng(seed);
     let db = TestDb::new(Backend::Postgres).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("runtime.toml");
-    let cache = guest_path("order")
-        .parent()
-        .unwrap()
-        .join("../../cwasm-cache");
-    std::fs::write(
-        &config,
-        format!(
-            "cache_dir = {cache:?}\n\
-             [kafka]\npartitions = 4\nstall_reseek_ms = 500\n\
+    let config = common::instances::config_file(
+        dir.path(),
+        &format!(
+            "[kafka]\npartitions = 4\nstall_reseek_ms = 500\n\
              [worker]\nretry_backoff_ms = 20\nmax_backoff_ms = 200\npartition_lease_ms = {LEASE_MS}\n\
              [relay]\nlease_ttl_ms = {LEASE_MS}\npoll_interval_ms = 50\n"
         ),
-    )
-    .unwrap();
+    );
     let prefix = format!("fault{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let cluster = Arc::new(Cluster {
         slots: Mutex::new(Vec::new()),

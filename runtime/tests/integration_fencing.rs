@@ -6,18 +6,11 @@
 mod common;
 
 use common::{eventually, guest, produce_event, produce_raw, Backend, TestRuntime};
-use saga_runtime::storage::inbox;
 use serde_json::{json, Value};
 
 /// The inbox outcome of hostile event `id`.
 async fn outcome(rt: &TestRuntime, id: &str) -> String {
-    eventually(&format!("an outcome for {id}"), || async {
-        match inbox::outcome(rt.handle.db(), "hostile", id).await.unwrap() {
-            Some((outcome, _)) => Ok(outcome),
-            None => Err("not handled yet".into()),
-        }
-    })
-    .await
+    common::hostile_outcome(rt, id).await.0
 }
 
 /// Start a hostile saga whose deadline `d` falls due after `after_ms`; its id.

@@ -4,25 +4,17 @@
 
 mod common;
 
-use common::{consume_n, eventually, header, produce_event, produce_raw, Backend, TestRuntime};
+use common::{
+    consume_n, eventually, header, hostile_outcome, produce_event, produce_raw, Backend,
+    TestRuntime,
+};
 use saga_runtime::kafka::dead_letter::headers as dlt_headers;
-use saga_runtime::storage::inbox;
 use serde_json::{json, Value};
 
 async fn start(backend: Backend) -> TestRuntime {
     TestRuntime::start_with(backend, &["hostile"], |o| {
         o.config.sandbox.call_timeout_ms = 1_000;
         o.config.sandbox.memory_mib = 32;
-    })
-    .await
-}
-
-async fn outcome(rt: &TestRuntime, id: &str) -> (String, String) {
-    eventually(&format!("an outcome for {id}"), || async {
-        match inbox::outcome(rt.handle.db(), "hostile", id).await.unwrap() {
-            Some((outcome, detail)) => Ok((outcome, detail.unwrap_or_default())),
-            None => Err("not handled yet".into()),
-        }
     })
     .await
 }
@@ -59,7 +51,7 @@ async fn hostile_guests_are_stopped_and_dead_lettered_while_others_flow(backend:
     .await;
     assert_eq!(seen, json!(["s0", "s1", "s2", "s3"]));
     for (id, _, reason) in cases {
-        let (outcome, detail) = outcome(&rt, id).await;
+        let (outcome, detail) = hostile_outcome(&rt, id).await;
         assert_eq!(outcome, "dead-lettered", "{id}: {detail}");
         assert!(
             detail.contains(reason),

@@ -9,9 +9,11 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use common::{consume_n, eventually, guest, header, produce_event, Backend, TestRuntime};
+use common::{
+    consume_n, eventually, guest, header, hostile_outcome, produce_event, Backend, TestRuntime,
+};
 use saga_runtime::kafka::dead_letter::headers as dlt_headers;
-use saga_runtime::storage::{inbox, outbox};
+use saga_runtime::storage::outbox;
 use saga_runtime::wasm::{StateReader, Versioned};
 use serde_json::json;
 
@@ -126,17 +128,6 @@ async fn more_concurrent_calls_than_instances_wait_instead_of_failing(backend: B
     rt.stop().await;
 }
 
-/// What became of hostile event `id`: its inbox outcome and detail.
-async fn outcome(rt: &TestRuntime, id: &str) -> (String, String) {
-    eventually(&format!("an outcome for {id}"), || async {
-        match inbox::outcome(rt.handle.db(), "hostile", id).await.unwrap() {
-            Some((outcome, detail)) => Ok((outcome, detail.unwrap_or_default())),
-            None => Err("not handled yet".into()),
-        }
-    })
-    .await
-}
-
 /// Each forgery is rejected with the reason (dead-lettered at once, nothing of it in the
 /// outbox or the deadline table), and a well-behaved event behind them is applied.
 async fn a_guest_cannot_forge_host_topics_other_sagas_or_huge_effects(backend: Backend) {
@@ -155,11 +146,11 @@ async fn a_guest_cannot_forge_host_topics_other_sagas_or_huge_effects(backend: B
     }
     produce_event(&p, "hostile", "fine", "Fine", "saga-fine", &json!({})).await;
     for (id, _, why) in cases {
-        let (outcome, detail) = outcome(&rt, id).await;
+        let (outcome, detail) = hostile_outcome(&rt, id).await;
         assert_eq!(outcome, "dead-lettered", "{id}: {detail}");
         assert!(detail.contains(why), "{id}: {detail}");
     }
-    assert_eq!(outcome(&rt, "fine").await.0, "applied");
+    assert_eq!(hostile_outcome(&rt, "fine").await.0, "applied");
     let dead = consume_n(&p, "hostile.dlt", cases.len()).await;
     assert!(dead
         .iter()

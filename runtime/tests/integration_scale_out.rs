@@ -12,7 +12,7 @@ mod common;
 
 use common::instances::{Instance, Rng};
 use common::shop::{Shop, SERVICES};
-use common::{eventually, guest_path, Backend, TestDb};
+use common::{eventually, Backend, TestDb};
 use serde_json::Value;
 use sqlx::Connection;
 
@@ -36,21 +36,12 @@ async fn killing_an_instance_mid_load_loses_and_duplicates_nothing() {
 
     let db = TestDb::new(Backend::Postgres).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("runtime.toml");
-    let cache = guest_path("shop")
-        .parent()
-        .unwrap()
-        .join("../../cwasm-cache");
-    std::fs::write(
-        &config,
-        format!(
-            "cache_dir = {cache:?}\n\
-             [kafka]\npartitions = 4\n\
-             [worker]\nretry_backoff_ms = 10\nmax_backoff_ms = 100\npartition_lease_ms = 2000\n\
-             [relay]\nlease_ttl_ms = 2000\npoll_interval_ms = 50\n"
-        ),
-    )
-    .unwrap();
+    let config = common::instances::config_file(
+        dir.path(),
+        "[kafka]\npartitions = 4\n\
+         [worker]\nretry_backoff_ms = 10\nmax_backoff_ms = 100\npartition_lease_ms = 2000\n\
+         [relay]\nlease_ttl_ms = 2000\npoll_interval_ms = 50\n",
+    );
     let prefix = format!("so{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let mut a = Instance::start("a", &db.url, &prefix, &config, SERVICES);
     let mut b = Instance::start("b", &db.url, &prefix, &config, SERVICES);

@@ -205,9 +205,6 @@ impl Consumer {
         }
         let mut lanes = self.lanes.lock().expect("lanes lock");
         for ((topic, partition), lane) in lanes.iter_mut() {
-            if lane.paused || now.duration_since(lane.progress) < quiet {
-                continue;
-            }
             let end = end_offset(&self.inner, topic, *partition);
             if let Some(to) = lane.reseek(end, quiet, now) {
                 tracing::debug!(%topic, partition, next = lane.next, to, step = lane.step, ?end, "partition quiet with data beyond it: re-seeking");

@@ -350,7 +350,6 @@ impl Worker {
             HashMap::new()
         } else {
             let mut conn = self.shared.db.pool().acquire().await?;
-            let now = self.shared.clock.now_ms();
             storage::sagas::expiry(&mut conn, &timed, now).await?
         };
         Ok(Door {

@@ -85,6 +85,17 @@ impl Drop for Instance {
     }
 }
 
+/// Write a `runtime.toml` into `dir`: the tests' cache of precompiled components, then `rest`.
+pub fn config_file(dir: &Path, rest: &str) -> std::path::PathBuf {
+    let cache = guest_path("order")
+        .parent()
+        .unwrap()
+        .join("../../cwasm-cache");
+    let path = dir.join("runtime.toml");
+    std::fs::write(&path, format!("cache_dir = {cache:?}\n{rest}")).unwrap();
+    path
+}
+
 /// A small deterministic generator: the same seed gives the same load.
 pub struct Rng(pub u64);
 

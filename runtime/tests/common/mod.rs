@@ -375,6 +375,20 @@ pub async fn timeline_has(
     .await
 }
 
+/// Wait until the hostile fixture has handled event `id`: its inbox outcome and detail.
+pub async fn hostile_outcome(rt: &TestRuntime, id: &str) -> (String, String) {
+    eventually(&format!("an outcome for {id}"), || async {
+        let found = saga_runtime::storage::inbox::outcome(rt.handle.db(), "hostile", id)
+            .await
+            .unwrap();
+        match found {
+            Some((outcome, detail)) => Ok((outcome, detail.unwrap_or_default())),
+            None => Err("not handled yet".into()),
+        }
+    })
+    .await
+}
+
 /// Wait until the deadline saga's order `id` has status `want`; returns it.
 pub async fn order_status(rt: &TestRuntime, id: &str, want: &str) -> Value {
     eventually(&format!("order {id} to be {want}"), || async {
