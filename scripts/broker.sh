@@ -2,7 +2,8 @@
 # Install (once) and start the Kafka-protocol test broker, noida-db 0.2.3, pinned.
 #   scripts/broker.sh start   start it in the background (no-op if already listening)
 #   scripts/broker.sh stop    stop it
-# Environment: SAGA_BROKER_PORT (default 19092), SAGA_CACHE (default ~/.cache/saga-runtime).
+# Environment: SAGA_BROKER_PORT (default 19092), SAGA_CACHE (default ~/.cache/saga-runtime),
+# SAGA_BROKER_KEEP=1 to start on the data a stop saved (a broker restart) instead of afresh.
 # Any Kafka works instead: point SAGA_KAFKA_BROKERS at it and skip this script.
 set -euo pipefail
 port="${SAGA_BROKER_PORT:-19092}"
@@ -23,7 +24,8 @@ start)
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check noida-db==0.2.3
   fi
-  rm -rf "$data"; mkdir -p "$data"
+  if [ "${SAGA_BROKER_KEEP:-0}" != 1 ]; then rm -rf "$data"; fi
+  mkdir -p "$data"
   # The binary prints a harmless "GLIBC_2.39 not found" warning on Debian 12.
   nohup "$venv/bin/noida-db" start --only kafka --kafka-port "$port" --data-dir "$data" >"$log" 2>&1 &
   echo $! >"$pidfile"

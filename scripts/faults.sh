@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fault suite, long form (release build): the deadline saga on several runtime processes
-# on PostgreSQL under a SIGKILL storm, a ×3 duplicate storm, hostile records on every topic
-# and a hostile guest; then every saga must be terminal, points conserved, exchanges exactly
+# on PostgreSQL under a SIGKILL storm, a broker restart and a PostgreSQL restart mid-load, a ×3
+# duplicate storm, hostile records on every topic and a hostile guest; then every saga must be terminal, points conserved, exchanges exactly
 # for approved orders, the outbox drained. Prints FAULT_RESULT {…} (figures and violations).
 #   scripts/faults.sh                       4000 sagas at 50/s, kills every 2–6 s
 #   FAULT_SAGAS=… FAULT_RATE=… FAULT_INSTANCES=… FAULT_KILL_MS=min,max TEST_SEED=… scripts/faults.sh

@@ -41,7 +41,13 @@ impl StateReader for MemoryState {
             },
         })
     }
-    fn scan(&self, _: &str, _: &str, _: u32) -> Result<Vec<(String, Versioned)>, String> {
+    fn scan(
+        &self,
+        _: &str,
+        _: &str,
+        _: Option<&str>,
+        _: u32,
+    ) -> Result<Vec<(String, Versioned)>, String> {
         Ok(Vec::new())
     }
 }

@@ -244,6 +244,7 @@ impl Config {
             call_timeout: Duration::from_millis(self.sandbox.call_timeout_ms),
             max_instances: self.sandbox.max_instances,
             instance_wait: Duration::from_millis(self.sandbox.instance_wait_ms),
+            scan_rows: self.limits.scan_rows.max(1),
         }
     }
 }

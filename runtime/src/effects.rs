@@ -81,7 +81,7 @@ pub async fn apply(
     reads: &ReadSet,
     fx: &Effects,
 ) -> Result<(), storage::Error> {
-    storage::state::apply(conn, service.name(), reads, &fx.writes).await?;
+    storage::state::apply(conn, service.name(), reads, &fx.writes, ctx.now_ms).await?;
     // Delays are bounded by `validate` (and the config); saturate anyway, never overflow.
     let due = |after: Option<u64>| {
         let after = after.unwrap_or(ctx.saga_deadline_ms).min(i64::MAX as u64) as i64;

@@ -17,10 +17,6 @@ use crate::registry::{percent_decode, Service};
 use crate::storage::idempotency;
 use crate::wasm::bindings::{Context, Payload, Reply, Request};
 use crate::wasm::Failure;
-
-/// How often a command is re-run when state it read keeps changing under it.
-const MAX_CONFLICT_RERUNS: u32 = 16;
-
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/_saga/health", axum::routing::get(|| async { "ok" }))
@@ -160,15 +156,15 @@ async fn handle(
         },
     };
     let new_id = uuid::Uuid::now_v7().to_string();
-    for rerun in 0..MAX_CONFLICT_RERUNS {
+    for rerun in 1..=crate::backoff::CONFLICT_RERUNS {
         match run(&shared, &service, &request, &new_id, retry.as_ref()).await {
             Outcome::Reply(reply) => return to_response(reply),
             Outcome::Error(response) => return response,
             Outcome::Conflict => {
                 crate::stats::Stats::add(&shared.stats.conflicts, 1);
-                // Back off a little, growing: the writers it collides with get to finish.
-                let pause = std::time::Duration::from_millis(1u64 << rerun.min(6));
-                tokio::time::sleep(pause).await;
+                // Back off a little, growing and jittered: the writers it collides with
+                // get to finish.
+                tokio::time::sleep(crate::backoff::conflict(rerun.min(6), 64)).await;
             }
             Outcome::Answered => {
                 let retry = retry

@@ -40,6 +40,9 @@ pub struct Settings {
     pub deadlines_per_effect: usize,
     /// Longest delay of a deadline a handler sets, ms. Default 2678400000 (31 days).
     pub deadline_after_ms: u64,
+    /// Most rows one `state.scan-after` returns (a guest asking for more gets this many and
+    /// pages on). Default 1000.
+    pub scan_rows: u32,
     /// Largest Kafka message the broker accepts (its `message.max.bytes`), bytes; also the
     /// relay producer's limit. An emitted event (data, key and headers) must fit in it, and
     /// start-up refuses limits that would not. Default 1000000 (librdkafka's default).
@@ -60,6 +63,7 @@ impl Default for Settings {
             emits_per_effect: 100,
             deadlines_per_effect: 100,
             deadline_after_ms: 31 * 24 * 3600 * 1000,
+            scan_rows: 1000,
             broker_message_bytes: 1_000_000,
         }
     }

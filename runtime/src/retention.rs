@@ -14,9 +14,14 @@
 //! - `idempotency_keys_ms` (24 h): replies of commands sent with an `Idempotency-Key` (a retry
 //!   within the age is answered from the store; after it, the key starts a new command).
 //! - `leases_ms` (1 day): member leases of instances that stopped (every start has its own id).
+//! - `tombstones_ms` (1 h): state rows without a value — tombstones of deleted keys, and
+//!   placeholders of keys read while absent (PostgreSQL locks them). A tombstone's growing
+//!   version lets a handler that read the key before a delete-and-recreate see the change; that
+//!   window is one call (at most `sandbox.call_timeout_ms`) plus its commit, far below an hour.
+//!   Once the tombstone is gone the key reads as never written, and a handler holding its old
+//!   version conflicts (no row has it).
 //!
-//! Not cleaned (yet): state tombstones of deleted keys and placeholder rows of keys read while
-//! absent, stored components and the deployment history (small, and what rollback needs),
+//! Not cleaned: stored components and the deployment history (small, and what rollback needs),
 //! parked outbox rows (kept until re-driven). Recordings for `deploy --verify` are bounded by
 //! count (`worker.verify_recent`).
 
@@ -49,6 +54,10 @@ pub struct Settings {
     pub idempotency_keys_ms: u64,
     /// How long the expired member lease of a stopped instance is kept, ms. Default 86400000.
     pub leases_ms: u64,
+    /// How long a state row without a value (a deleted key's tombstone, a placeholder of a key
+    /// read while absent) is kept after its last write, ms. Keep it far above
+    /// `sandbox.call_timeout_ms`. Default 3600000 (1 h).
+    pub tombstones_ms: u64,
     /// How often the cleaner runs, ms. Default 60000.
     pub interval_ms: u64,
     /// Rows deleted per statement. Default 1000.
@@ -65,6 +74,7 @@ impl Default for Settings {
             attempts_ms: 8 * DAY,
             leases_ms: DAY,
             idempotency_keys_ms: DAY,
+            tombstones_ms: 3600 * 1000,
             interval_ms: 60_000,
             batch: 1000,
         }
@@ -78,7 +88,7 @@ impl Settings {
     }
 
     /// Each kept kind of row with the time before which it goes, at `now_ms`.
-    fn cutoffs(&self, now_ms: i64) -> [(Kept, i64); 7] {
+    fn cutoffs(&self, now_ms: i64) -> [(Kept, i64); 8] {
         [
             (Kept::Inbox, before(now_ms, self.inbox_ms)),
             (Kept::Sagas, before(now_ms, self.sagas_ms)),
@@ -87,6 +97,7 @@ impl Settings {
             (Kept::Attempts, before(now_ms, self.attempts_ms)),
             (Kept::IdempotencyKeys, self.idempotency_since(now_ms)),
             (Kept::MemberLeases, before(now_ms, self.leases_ms)),
+            (Kept::Tombstones, before(now_ms, self.tombstones_ms)),
         ]
     }
 }
@@ -148,6 +159,7 @@ enum Kept {
     Attempts,
     IdempotencyKeys,
     MemberLeases,
+    Tombstones,
 }
 
 impl Kept {
@@ -169,6 +181,7 @@ impl Kept {
             ),
             Kept::IdempotencyKeys => ("idempotency_keys", "service, key", "created_ms < $1"),
             Kept::MemberLeases => ("leases", "name", "name LIKE 'member/%' AND expires_ms < $1"),
+            Kept::Tombstones => ("state", "service, key", "value IS NULL AND touched_ms < $1"),
         }
     }
 }

@@ -35,26 +35,41 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Tape {
     gets: BTreeMap<String, Versioned>,
-    /// Keyed by (prefix, limit): a scan with another limit is another read.
+    /// Keyed by (prefix, cursor, limit): a scan from elsewhere or with another limit is
+    /// another read.
     #[serde(with = "scans_as_list")]
-    scans: BTreeMap<(String, u32), Vec<(String, Versioned)>>,
+    scans: BTreeMap<ScanKey, Vec<(String, Versioned)>>,
 }
 
-/// JSON objects need string keys: scans are stored as `[prefix, limit, rows]` triples.
+/// What a scan asked for: prefix, the key it continued after, limit.
+type ScanKey = (String, Option<String>, u32);
+
+/// JSON objects need string keys: scans are stored as `[prefix, limit, rows, after]` lists
+/// (`after` is absent in recordings made before scans had a cursor).
 mod scans_as_list {
     use super::*;
     type Rows = Vec<(String, Versioned)>;
-    type Scans = BTreeMap<(String, u32), Rows>;
+    type Scans = BTreeMap<ScanKey, Rows>;
+
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Entry {
+        Paged(String, u32, Rows, Option<String>),
+        Whole(String, u32, Rows),
+    }
 
     pub fn serialize<S: serde::Serializer>(scans: &Scans, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(scans.iter().map(|((p, l), rows)| (p, l, rows)))
+        s.collect_seq(scans.iter().map(|((p, a, l), rows)| (p, l, rows, a)))
     }
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Scans, D::Error> {
-        let list: Vec<(String, u32, Rows)> = serde::Deserialize::deserialize(d)?;
+        let list: Vec<Entry> = serde::Deserialize::deserialize(d)?;
         Ok(list
             .into_iter()
-            .map(|(p, l, rows)| ((p, l), rows))
+            .map(|entry| match entry {
+                Entry::Paged(p, l, rows, a) => ((p, a, l), rows),
+                Entry::Whole(p, l, rows) => ((p, None, l), rows),
+            })
             .collect())
     }
 }
@@ -90,11 +105,13 @@ impl StateReader for Recorder {
         &self,
         service: &str,
         prefix: &str,
+        after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, Versioned)>, String> {
-        let rows = self.inner.scan(service, prefix, limit)?;
+        let rows = self.inner.scan(service, prefix, after, limit)?;
         let mut tape = self.tape.lock().expect("tape lock");
-        tape.scans.insert((prefix.to_string(), limit), rows.clone());
+        let key = (prefix.to_string(), after.map(str::to_string), limit);
+        tape.scans.insert(key, rows.clone());
         Ok(rows)
     }
 }
@@ -116,17 +133,20 @@ impl StateReader for Replay {
         }
     }
 
-    fn scan(&self, _: &str, prefix: &str, limit: u32) -> Result<Vec<(String, Versioned)>, String> {
-        self.0
-            .scans
-            .get(&(prefix.to_string(), limit))
-            .cloned()
-            .ok_or_else(|| {
-                format!(
-                    "the active version did not scan {prefix:?} (limit {limit}) for this event, \
-                     so the result is not recorded"
-                )
-            })
+    fn scan(
+        &self,
+        _: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, Versioned)>, String> {
+        let key = (prefix.to_string(), after.map(str::to_string), limit);
+        self.0.scans.get(&key).cloned().ok_or_else(|| {
+            format!(
+                "the active version did not scan {prefix:?} (after {after:?}, limit {limit}) \
+                 for this event, so the result is not recorded"
+            )
+        })
     }
 }
 
@@ -369,11 +389,20 @@ mod tests {
             version: 2,
         };
         tape.gets.insert("a".into(), v.clone());
-        tape.scans.insert(("p/".into(), 5), vec![("p/x".into(), v)]);
-        tape.scans.insert(("p/".into(), 9), vec![]);
+        tape.scans
+            .insert(("p/".into(), None, 5), vec![("p/x".into(), v.clone())]);
+        tape.scans
+            .insert(("p/".into(), Some("p/x".into()), 9), vec![]);
         let json = serde_json::to_string(&tape).unwrap();
         let back: Tape = serde_json::from_str(&json).unwrap();
         assert_eq!((back.gets, back.scans), (tape.gets, tape.scans), "{json}");
+        // A recording made before scans had a cursor: `[prefix, limit, rows]`.
+        let old = r#"{"gets":{},"scans":[["p/",5,[["p/x",{"value":[123,125],"version":2}]]]]}"#;
+        let back: Tape = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            back.scans[&("p/".to_string(), None, 5)],
+            [("p/x".to_string(), v)]
+        );
     }
 
     #[test]
@@ -385,7 +414,7 @@ mod tests {
         };
         tape.gets.insert("a".into(), v(b"1"));
         tape.scans
-            .insert(("p/".into(), 10), vec![("p/x".into(), v(b"2"))]);
+            .insert(("p/".into(), None, 10), vec![("p/x".into(), v(b"2"))]);
         let r = Replay(tape);
         assert_eq!(r.get("s", "a").unwrap(), v(b"1"));
         assert_eq!(
@@ -394,10 +423,14 @@ mod tests {
             "a key a recorded scan returned"
         );
         assert!(r.get("s", "b").unwrap_err().contains("did not read \"b\""));
-        assert_eq!(r.scan("s", "p/", 10).unwrap().len(), 1);
+        assert_eq!(r.scan("s", "p/", None, 10).unwrap().len(), 1);
         assert!(
-            r.scan("s", "p/", 5).is_err(),
+            r.scan("s", "p/", None, 5).is_err(),
             "another limit is another read"
+        );
+        assert!(
+            r.scan("s", "p/", Some("p/x"), 10).is_err(),
+            "another cursor is another read"
         );
     }
 }

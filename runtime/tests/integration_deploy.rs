@@ -181,7 +181,7 @@ async fn every_kind_of_bad_component_is_refused_with_its_reason() {
         (
             "wrong world",
             guest("fixture_wrong_world"),
-            "must export saga:runtime/handler@0.1.0 (the saga:runtime/service world) but exports run",
+            "must export saga:runtime/handler@0.1.x (the saga:runtime/service world) but exports run",
         ),
         (
             "missing export",

@@ -45,12 +45,13 @@ impl StateReader for Blinking {
         &self,
         service: &str,
         prefix: &str,
+        after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, Versioned)>, String> {
         if self.fail(service) {
             return Err("connection reset by peer (injected)".into());
         }
-        self.inner.scan(service, prefix, limit)
+        self.inner.scan(service, prefix, after, limit)
     }
 }
 

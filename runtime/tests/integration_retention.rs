@@ -1,7 +1,8 @@
 //! Retention (issue 11, item 7): what grows per event or saga is deleted by the background
 //! clean-up once older than its `[retention]` age — inbox entries, saga expiry and ledger rows,
 //! fired and cancelled deadlines, attempts on timelines, idempotency replies, the leases of
-//! stopped instances — while recent rows and the services' own state stay. Manual clock.
+//! stopped instances, state tombstones — while recent rows and the services' own state stay.
+//! Manual clock.
 
 mod common;
 
@@ -57,6 +58,18 @@ async fn old_rows_are_cleaned_up_and_recent_ones_kept(backend: Backend) {
         .execute(db.pool())
         .await
         .unwrap();
+    // A deleted key's tombstone written now, and one written just before the clock's new time.
+    for (key, touched) in [("user/deleted", 0), ("user/deleted-late", 9 * DAY - 1000)] {
+        sqlx::query(
+            "INSERT INTO state (service, key, value, version, touched_ms) \
+             VALUES ('point', $1, NULL, 4, $2)",
+        )
+        .bind(key)
+        .bind(1_800_000_000_000 + touched)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    }
 
     clock.advance(9 * DAY);
     eventually("the old rows to be deleted", || async {
@@ -75,6 +88,14 @@ async fn old_rows_are_cleaned_up_and_recent_ones_kept(backend: Backend) {
         if gone > 0 {
             left.push("the stopped instance's lease".into());
         }
+        let tombstone: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM state WHERE key = 'user/deleted'")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        if tombstone > 0 {
+            left.push("the old tombstone".into());
+        }
         if left.is_empty() {
             Ok(())
         } else {
@@ -83,6 +104,12 @@ async fn old_rows_are_cleaned_up_and_recent_ones_kept(backend: Backend) {
     })
     .await;
     assert_eq!(rt.get("/points/old").await["point"], 9500, "state is kept");
+    let late: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM state WHERE key = 'user/deleted-late'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(late, 1, "a recent tombstone is kept");
     assert!(
         count(&db, "leases").await > 0,
         "live leases are kept (this instance's)"

@@ -38,7 +38,7 @@ fn delete(key: &str) -> Write {
 async fn write(db: &Db, reads: &[(&str, i64)], writes: &[Write]) -> Result<(), Error> {
     let reads = read_set(reads.iter().map(|(k, v)| (k.to_string(), *v)));
     let mut tx = db.begin().await?;
-    state::apply(&mut tx, "svc", &reads, writes).await?;
+    state::apply(&mut tx, "svc", &reads, writes, 0).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -96,8 +96,28 @@ async fn a_deleted_and_recreated_key_still_conflicts(backend: Backend) {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Conflict { .. }));
-    let listed = state::scan(&db, "svc", "k", 10).await.unwrap();
+    let listed = state::scan(&db, "svc", "k", None, 10).await.unwrap();
     assert_eq!(listed.len(), 1);
+    t.drop_db().await;
+}
+
+/// Retention deletes a tombstone (`retention.tombstones_ms`); a handler that read the deleted
+/// key before that still conflicts, and the key reads as never written.
+async fn a_handler_that_read_a_cleaned_tombstone_conflicts(backend: Backend) {
+    let (t, db) = open(backend).await;
+    write(&db, &[], &[put("k", "v")]).await.unwrap();
+    write(&db, &[("k", 1)], &[delete("k")]).await.unwrap();
+    sqlx::query("DELETE FROM state WHERE key = 'k' AND value IS NULL")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let err = write(&db, &[("k", 2)], &[put("k", "stale")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    let fresh = state::get(&db, "svc", "k").await.unwrap();
+    assert_eq!((fresh.value, fresh.version), (None, 0));
+    write(&db, &[("k", 0)], &[put("k", "new")]).await.unwrap();
     t.drop_db().await;
 }
 
@@ -112,7 +132,7 @@ async fn scan_lists_live_keys_of_a_prefix_in_order(backend: Backend) {
     ];
     write(&db, &[], &writes).await.unwrap();
     write(&db, &[], &[delete("o/10")]).await.unwrap();
-    let keys: Vec<String> = state::scan(&db, "svc", "o/", 10)
+    let keys: Vec<String> = state::scan(&db, "svc", "o/", None, 10)
         .await
         .unwrap()
         .into_iter()
@@ -120,10 +140,51 @@ async fn scan_lists_live_keys_of_a_prefix_in_order(backend: Backend) {
         .collect();
     assert_eq!(keys, ["o/1", "o/2"]);
     assert_eq!(
-        state::scan(&db, "other", "o/", 10).await.unwrap().len(),
+        state::scan(&db, "other", "o/", None, 10)
+            .await
+            .unwrap()
+            .len(),
         0,
         "services are apart"
     );
+    t.drop_db().await;
+}
+
+/// A listing pages with the last key of one page as the cursor of the next: every live key
+/// once, in order, however the pages fall (a deleted key and keys around the prefix included).
+async fn a_scan_pages_from_a_cursor(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let mut writes: Vec<_> = (0..25).map(|i| put(&format!("o/{i:02}"), "v")).collect();
+    writes.extend([put("o", "before"), put("o0", "after"), put("n/9", "x")]);
+    write(&db, &[], &writes).await.unwrap();
+    write(&db, &[], &[delete("o/13")]).await.unwrap();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = state::scan(&db, "svc", "o/", after.as_deref(), 4)
+            .await
+            .unwrap();
+        assert!(page.len() <= 4);
+        seen.extend(page.iter().map(|(k, _)| k.clone()));
+        match page.last() {
+            Some((last, _)) if page.len() == 4 => after = Some(last.clone()),
+            _ => break,
+        }
+    }
+    let expected: Vec<String> = (0..25)
+        .filter(|i| *i != 13)
+        .map(|i| format!("o/{i:02}"))
+        .collect();
+    assert_eq!(seen, expected);
+    assert_eq!(
+        state::scan(&db, "svc", "o/", Some("a"), 2).await.unwrap()[0].0,
+        "o/00",
+        "a cursor before the prefix starts at the prefix"
+    );
+    assert!(state::scan(&db, "svc", "o/", Some("o/24"), 10)
+        .await
+        .unwrap()
+        .is_empty());
     t.drop_db().await;
 }
 
@@ -428,7 +489,7 @@ async fn write_skew(backend: Backend, initial: i64) {
     let both = [("a", initial), ("b", initial)];
     let mut t1 = db.begin().await.unwrap();
     let reads = read_set(both.iter().map(|(k, v)| (k.to_string(), *v)));
-    state::apply(&mut t1, "svc", &reads, &[put("a", "t1")])
+    state::apply(&mut t1, "svc", &reads, &[put("a", "t1")], 0)
         .await
         .unwrap();
     let t2 = tokio::spawn({
@@ -475,7 +536,7 @@ async fn two_handlers_reading_absent_keys_the_other_creates_cannot_both_commit(b
 async fn a_scan_checks_the_keys_it_returned_but_not_keys_added_under_its_prefix(backend: Backend) {
     let (t, db) = open(backend).await;
     write(&db, &[], &[put("p/1", "x")]).await.unwrap();
-    let scanned = state::scan(&db, "svc", "p/", 10).await.unwrap();
+    let scanned = state::scan(&db, "svc", "p/", None, 10).await.unwrap();
     let reads: Vec<(&str, i64)> = scanned
         .iter()
         .map(|(k, v)| (k.as_str(), v.version))
@@ -506,6 +567,8 @@ on_both_backends!(
     a_changed_key_that_was_only_read_is_a_conflict_too,
     a_deleted_and_recreated_key_still_conflicts,
     scan_lists_live_keys_of_a_prefix_in_order,
+    a_handler_that_read_a_cleaned_tombstone_conflicts,
+    a_scan_pages_from_a_cursor,
     the_inbox_records_an_event_once,
     the_outbox_returns_rows_in_storage_order,
     a_lease_has_one_holder_until_it_expires,

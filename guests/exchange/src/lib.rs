@@ -10,7 +10,7 @@
 //!   deadline, so only the host's in-commit check can stop it.
 
 use saga_sdk::{
-    get_json, parse_json, query_reply, route, scan_json, subscribe, Context, Effects, Error, Event,
+    get_json, parse_json, query_reply, route, list_json, subscribe, Context, Effects, Error, Event,
     Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};
@@ -130,11 +130,8 @@ impl Service for ExchangeService {
         Ok(fx.build())
     }
 
-    fn on_request(_ctx: Context, _request: Request) -> Result<Response, Error> {
-        let exchanges: Vec<Exchange> = scan_json("exchange/", 10_000)?
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect();
+    fn on_request(_ctx: Context, request: Request) -> Result<Response, Error> {
+        let exchanges: Vec<Exchange> = list_json(&request, "exchange/")?;
         Ok(query_reply(200, &exchanges))
     }
 }

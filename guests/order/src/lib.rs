@@ -5,7 +5,7 @@
 //! outcome for an order that is no longer pending is ignored.
 
 use saga_sdk::{
-    get_json, param, parse_json, query_reply, route, scan_json, subscribe, Context, Effects, Error,
+    get_json, param, parse_json, query_reply, route, list_json, subscribe, Context, Effects, Error,
     Event, Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};
@@ -145,10 +145,7 @@ impl Service for OrderService {
         match (request.method.as_str(), request.path.as_str()) {
             ("POST", "/orders") => Self::place(&ctx, &request),
             ("GET", "/orders") => {
-                let orders: Vec<Order> = scan_json("order/", 10_000)?
-                    .into_iter()
-                    .map(|(_, o)| o)
-                    .collect();
+                let orders: Vec<Order> = list_json(&request, "order/")?;
                 Ok(query_reply(200, &orders))
             }
             ("GET", _) => {

@@ -12,7 +12,7 @@
 //! it asks the host to retry (the subscription is blocking) until the host's time is past that.
 
 use saga_sdk::{
-    blocking, compensating, get_json, param, parse_json, query_reply, route, scan_json, subscribe,
+    blocking, compensating, get_json, param, parse_json, query_reply, route, list_json, subscribe,
     Context, Effects, Error, Event, Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};
@@ -179,10 +179,7 @@ impl Service for PaymentService {
         match (request.method.as_str(), request.path.as_str()) {
             ("POST", _) => Self::open_account(&request),
             ("GET", "/payments") => {
-                let payments: Vec<Payment> = scan_json("payment/", 10_000)?
-                    .into_iter()
-                    .map(|(_, p)| p)
-                    .collect();
+                let payments: Vec<Payment> = list_json(&request, "payment/")?;
                 Ok(query_reply(200, &payments))
             }
             _ => {

@@ -7,7 +7,7 @@
 //! arrives after it. The refund below therefore needs no "already refunded?" check of its own.
 
 use saga_sdk::{
-    get_json, param, parse_json, query_reply, route, scan_json, subscribe, Context, Effects, Error,
+    get_json, param, parse_json, query_reply, route, list_json, subscribe, Context, Effects, Error,
     Event, Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};
@@ -167,10 +167,7 @@ impl Service for PointService {
         match (request.method.as_str(), request.path.as_str()) {
             ("POST", "/points") => Self::set_points(&request),
             ("GET", "/transactions") => {
-                let txs: Vec<Transaction> = scan_json("tx/", 10_000)?
-                    .into_iter()
-                    .map(|(_, t)| t)
-                    .collect();
+                let txs: Vec<Transaction> = list_json(&request, "tx/")?;
                 Ok(query_reply(200, &txs))
             }
             _ => {

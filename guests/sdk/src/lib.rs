@@ -10,7 +10,7 @@
 pub mod bindings {
     wit_bindgen::generate!({
         world: "service",
-        path: "../../wit/saga-runtime@0.1.0",
+        path: "../../wit/saga-runtime@0.1.1",
         pub_export_macro: true,
         export_macro_name: "export_service",
         default_bindings_module: "saga_sdk::bindings",
@@ -172,6 +172,41 @@ pub fn scan_json<T: DeserializeOwned>(prefix: &str, limit: u32) -> Result<Vec<(S
                 .map_err(|e| Error::Retry(format!("state value {key} is not valid JSON: {e}")))
         })
         .collect()
+}
+
+/// The page size of [`list_json`] when a request names none, and the most it returns (the
+/// host's default `limits.scan_rows`).
+pub const PAGE: u32 = 1000;
+
+/// One page of a listing route: the JSON values under `prefix`, in key order, for
+/// `GET /things?limit=N&after=ID`. `after` is the id (the key without `prefix`) of the last item
+/// of the previous page; `limit` defaults to and is capped at [`PAGE`]. A page shorter than
+/// `limit` is the last.
+pub fn list_json<T: DeserializeOwned>(request: &Request, prefix: &str) -> Result<Vec<T>, Error> {
+    let limit = match query(request, "limit") {
+        None => PAGE,
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if n >= 1 => n.min(PAGE),
+            _ => return Err(Error::Reject(format!("limit must be a number from 1 to {PAGE}, not {v:?}"))),
+        },
+    };
+    let after = query(request, "after").map(|id| format!("{prefix}{id}"));
+    bindings::saga::runtime::state::scan_after(prefix, after.as_deref(), limit)
+        .into_iter()
+        .map(|(key, bytes)| {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Retry(format!("state value {key} is not valid JSON: {e}")))
+        })
+        .collect()
+}
+
+/// The value of query parameter `name`, if given.
+pub fn query<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
+    request
+        .query
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 pub fn log(level: Level, message: &str) {

@@ -11,7 +11,7 @@
 //! ledger settles it (A9): compensate now, refuse the late step, or nothing to undo.
 
 use saga_sdk::{
-    get_json, param, parse_json, query_reply, route, scan_json, subscribe, Context, Effects, Error,
+    get_json, param, parse_json, query_reply, route, list_json, subscribe, Context, Effects, Error,
     Event, Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};
@@ -230,10 +230,7 @@ impl Service for ShopService {
         match (request.method.as_str(), request.path.as_str()) {
             ("POST", _) => Self::place(&ctx, &request),
             ("GET", "/shop/orders") => {
-                let orders: Vec<Order> = scan_json("order/", 10_000)?
-                    .into_iter()
-                    .map(|(_, o)| o)
-                    .collect();
+                let orders: Vec<Order> = list_json(&request, "order/")?;
                 Ok(query_reply(200, &orders))
             }
             _ => {

@@ -10,7 +10,7 @@
 //! after the request was emitted (the guest asks the host to retry until then).
 
 use saga_sdk::{
-    blocking, compensating, get_json, param, parse_json, query_reply, route, scan_json, subscribe,
+    blocking, compensating, get_json, param, parse_json, query_reply, route, list_json, subscribe,
     Context, Effects, Error, Event, Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};
@@ -179,10 +179,7 @@ impl Service for StockService {
         match (request.method.as_str(), request.path.as_str()) {
             ("POST", _) => Self::restock(&request),
             ("GET", "/reservations") => {
-                let all: Vec<Reservation> = scan_json("reservation/", 10_000)?
-                    .into_iter()
-                    .map(|(_, r)| r)
-                    .collect();
+                let all: Vec<Reservation> = list_json(&request, "reservation/")?;
                 Ok(query_reply(200, &all))
             }
             _ => {

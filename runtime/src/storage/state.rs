@@ -29,25 +29,36 @@ pub async fn get(db: &Db, service: &str, key: &str) -> Result<Versioned, Error> 
     })
 }
 
-/// Live keys with `prefix`, in key order.
+/// Live keys with `prefix` (and after `after`, exclusive, if given), in key order.
 pub async fn scan(
     db: &Db,
     service: &str,
     prefix: &str,
+    after: Option<&str>,
     limit: u32,
 ) -> Result<Vec<(String, Versioned)>, Error> {
     // A range instead of LIKE: no escaping of '%' and '_' in keys, and it uses the primary key.
-    let rows = sqlx::query(
+    // A cursor before the prefix starts at the prefix.
+    let (from, inclusive) = match after {
+        Some(after) if after >= prefix => (after, false),
+        _ => (prefix, true),
+    };
+    let sql = if inclusive {
         "SELECT key, value, version FROM state \
          WHERE service = $1 AND key >= $2 AND key < $3 AND value IS NOT NULL \
-         ORDER BY key LIMIT $4",
-    )
-    .bind(service)
-    .bind(prefix)
-    .bind(prefix_end(prefix))
-    .bind(limit as i64)
-    .fetch_all(db.pool())
-    .await?;
+         ORDER BY key LIMIT $4"
+    } else {
+        "SELECT key, value, version FROM state \
+         WHERE service = $1 AND key > $2 AND key < $3 AND value IS NOT NULL \
+         ORDER BY key LIMIT $4"
+    };
+    let rows = sqlx::query(sql)
+        .bind(service)
+        .bind(from)
+        .bind(prefix_end(prefix))
+        .bind(limit as i64)
+        .fetch_all(db.pool())
+        .await?;
     rows.into_iter()
         .map(|row| {
             Ok((
@@ -84,6 +95,7 @@ pub async fn apply(
     service: &str,
     reads: &ReadSet,
     writes: &[Write],
+    now_ms: i64,
 ) -> Result<(), Error> {
     let postgres = conn.backend_name() == "PostgreSQL";
     let last: BTreeMap<&str, Option<&[u8]>> = writes
@@ -107,11 +119,12 @@ pub async fn apply(
         }
         if postgres && seen == 0 {
             sqlx::query(
-                "INSERT INTO state (service, key, value, version) VALUES ($1, $2, NULL, 0) \
-                 ON CONFLICT (service, key) DO NOTHING",
+                "INSERT INTO state (service, key, value, version, touched_ms) \
+                 VALUES ($1, $2, NULL, 0, $3) ON CONFLICT (service, key) DO NOTHING",
             )
             .bind(service)
             .bind(key)
+            .bind(now_ms)
             .execute(&mut *conn)
             .await
             .map_err(|e| failed(key, e))?;
@@ -136,38 +149,43 @@ pub async fn apply(
         let affected = match reads.0.get(key) {
             // Read as never written: there may be no row, or a placeholder of version 0.
             Some(0) => sqlx::query(
-                "INSERT INTO state (service, key, value, version) VALUES ($1, $2, $3, 1) \
-                 ON CONFLICT (service, key) DO UPDATE SET value = excluded.value, version = 1 \
+                "INSERT INTO state (service, key, value, version, touched_ms) \
+                 VALUES ($1, $2, $3, 1, $4) ON CONFLICT (service, key) DO UPDATE \
+                 SET value = excluded.value, version = 1, touched_ms = excluded.touched_ms \
                  WHERE state.version = 0",
             )
             .bind(service)
             .bind(key)
             .bind(value)
+            .bind(now_ms)
             .execute(&mut *conn)
             .await
             .map_err(|e| failed(key, e))?
             .rows_affected(),
             Some(&seen) => sqlx::query(
-                "UPDATE state SET value = $3, version = version + 1 \
+                "UPDATE state SET value = $3, version = version + 1, touched_ms = $5 \
                  WHERE service = $1 AND key = $2 AND version = $4",
             )
             .bind(service)
             .bind(key)
             .bind(value)
             .bind(seen)
+            .bind(now_ms)
             .execute(&mut *conn)
             .await
             .map_err(|e| failed(key, e))?
             .rows_affected(),
             // A blind write (never read) cannot conflict; it just bumps the version.
             None => sqlx::query(
-                "INSERT INTO state (service, key, value, version) VALUES ($1, $2, $3, 1) \
-                 ON CONFLICT (service, key) DO UPDATE SET value = excluded.value, \
-                 version = state.version + 1",
+                "INSERT INTO state (service, key, value, version, touched_ms) \
+                 VALUES ($1, $2, $3, 1, $4) ON CONFLICT (service, key) DO UPDATE \
+                 SET value = excluded.value, version = state.version + 1, \
+                 touched_ms = excluded.touched_ms",
             )
             .bind(service)
             .bind(key)
             .bind(value)
+            .bind(now_ms)
             .execute(&mut *conn)
             .await
             .map_err(|e| failed(key, e))?
@@ -212,10 +230,11 @@ impl StateReader for BlockingReader {
         &self,
         service: &str,
         prefix: &str,
+        after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, Versioned)>, String> {
         self.handle
-            .block_on(scan(&self.db, service, prefix, limit))
+            .block_on(scan(&self.db, service, prefix, after, limit))
             .map_err(|e| e.to_string())
     }
 }

@@ -1,10 +1,11 @@
-//! Host bindings of our WIT world (`wit/saga-runtime@0.1.0`). Every import is trappable: a
+//! Host bindings of our WIT world (`wit/saga-runtime@0.1.1`, which also serves components built
+//! against 0.1.0: wasmtime links semver-compatible names). Every import is trappable: a
 //! failure of the host (e.g. the database is down during a state read) traps the call, and the
 //! caller treats it as a retryable failure, never as an answer the guest can misread.
 
 wasmtime::component::bindgen!({
     world: "service",
-    path: "../wit/saga-runtime@0.1.0",
+    path: "../wit/saga-runtime@0.1.1",
     imports: { default: trappable },
     additional_derives: [PartialEq, serde::Serialize, serde::Deserialize],
 });

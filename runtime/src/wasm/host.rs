@@ -23,11 +23,13 @@ pub struct Versioned {
 /// The seam between guests and storage: reads of one service's committed state.
 pub trait StateReader: Send + Sync {
     fn get(&self, service: &str, key: &str) -> Result<Versioned, String>;
-    /// Live (non-deleted) keys with `prefix`, in key order, at most `limit`.
+    /// Live (non-deleted) keys with `prefix` and after `after` (exclusive) if given, in key
+    /// order, at most `limit`.
     fn scan(
         &self,
         service: &str,
         prefix: &str,
+        after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, Versioned)>, String>;
 }
@@ -43,7 +45,13 @@ impl StateReader for NoState {
     fn get(&self, _: &str, _: &str) -> Result<Versioned, String> {
         Err("state is not available in describe()".into())
     }
-    fn scan(&self, _: &str, _: &str, _: u32) -> Result<Vec<(String, Versioned)>, String> {
+    fn scan(
+        &self,
+        _: &str,
+        _: &str,
+        _: Option<&str>,
+        _: u32,
+    ) -> Result<Vec<(String, Versioned)>, String> {
         Err("state is not available in describe()".into())
     }
 }
@@ -58,7 +66,13 @@ impl StateReader for EmptyState {
             version: 0,
         })
     }
-    fn scan(&self, _: &str, _: &str, _: u32) -> Result<Vec<(String, Versioned)>, String> {
+    fn scan(
+        &self,
+        _: &str,
+        _: &str,
+        _: Option<&str>,
+        _: u32,
+    ) -> Result<Vec<(String, Versioned)>, String> {
         Ok(Vec::new())
     }
 }
@@ -129,12 +143,13 @@ pub(crate) struct Host {
     pub(super) host_fault: Option<String>,
     service: Arc<str>,
     reader: Arc<dyn StateReader>,
+    scan_rows: u32,
 }
 
 const STDERR_CAPACITY: usize = 16 * 1024;
 
 impl Host {
-    pub(super) fn new(service: &str, reader: Arc<dyn StateReader>, max_memory: u64) -> Self {
+    pub(super) fn new(service: &str, reader: Arc<dyn StateReader>, limits: &super::Limits) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let wasi = WasiCtx::builder()
             .stdout(SinkOutputStream)
@@ -149,7 +164,7 @@ impl Host {
             wasi,
             table: ResourceTable::new(),
             limiter: Limiter {
-                max_memory,
+                max_memory: limits.memory_bytes,
                 exceeded: None,
             },
             stderr,
@@ -157,6 +172,7 @@ impl Host {
             host_fault: None,
             service: service.into(),
             reader,
+            scan_rows: limits.scan_rows,
         }
     }
 }
@@ -189,8 +205,33 @@ impl state::Host for Host {
         Ok(found.value)
     }
 
+    /// The 0.1.0 scan: as many rows as asked for (its contract has no cap).
     fn scan(&mut self, prefix: String, limit: u32) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
-        let rows = match self.reader.scan(&self.service, &prefix, limit) {
+        self.scan_from(prefix, None, limit)
+    }
+
+    fn scan_after(
+        &mut self,
+        prefix: String,
+        after: Option<String>,
+        limit: u32,
+    ) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
+        let limit = limit.min(self.scan_rows);
+        self.scan_from(prefix, after, limit)
+    }
+}
+
+impl Host {
+    fn scan_from(
+        &mut self,
+        prefix: String,
+        after: Option<String>,
+        limit: u32,
+    ) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
+        let rows = match self
+            .reader
+            .scan(&self.service, &prefix, after.as_deref(), limit)
+        {
             Ok(rows) => rows,
             Err(e) => return Err(self.fault(format!("state scan of {prefix:?} failed: {e}"))),
         };

@@ -39,6 +39,8 @@ pub struct Limits {
     pub max_instances: u32,
     /// How long a call waits for a free instance before it fails as a host fault.
     pub instance_wait: Duration,
+    /// Most rows one `state.scan-after` returns (`limits.scan_rows`).
+    pub scan_rows: u32,
 }
 
 impl Default for Limits {
@@ -48,6 +50,7 @@ impl Default for Limits {
             call_timeout: Duration::from_secs(2),
             max_instances: 64,
             instance_wait: Duration::from_secs(5),
+            scan_rows: 1000,
         }
     }
 }
@@ -162,8 +165,9 @@ pub struct Called<T> {
     pub reads: ReadSet,
 }
 
-/// The export a service must have.
-pub const HANDLER_EXPORT: &str = "saga:runtime/handler@0.1.0";
+/// The export a service must have: the handler of any 0.1.x version of the contract (the
+/// host implements the newest, 0.1.1, which serves components built against 0.1.0 as well).
+pub const HANDLER_EXPORT: &str = "saga:runtime/handler@0.1";
 
 /// What the smoke call at load asks for: a path no service routes, so any reply will do.
 pub const SMOKE_PATH: &str = "/_saga/smoke";
@@ -203,14 +207,18 @@ fn check_shape(engine: &Engine, component: &Component) -> Result<(), LoadError> 
         }
     }
     let exports: Vec<&str> = ty.exports(engine).map(|(name, _)| name).collect();
-    if !exports.contains(&HANDLER_EXPORT) {
+    let handler = |name: &&str| {
+        name.strip_prefix(HANDLER_EXPORT)
+            .is_some_and(|patch| patch.starts_with('.'))
+    };
+    if !exports.iter().any(handler) {
         let has = if exports.is_empty() {
             "nothing".to_string()
         } else {
             exports.join(", ")
         };
         return Err(LoadError::World(format!(
-            "it must export {HANDLER_EXPORT} (the saga:runtime/service world) but exports {has}"
+            "it must export {HANDLER_EXPORT}.x (the saga:runtime/service world) but exports {has}"
         )));
     }
     Ok(())
@@ -479,7 +487,7 @@ impl Guest {
         reader: Arc<dyn StateReader>,
         f: impl FnOnce(&bindings::Service, &mut Store<Host>) -> wasmtime::Result<T>,
     ) -> Result<Called<T>, Failure> {
-        let host = Host::new(&self.manifest.name, reader, self.limits.memory_bytes);
+        let host = Host::new(&self.manifest.name, reader, &self.limits);
         let stderr = host.stderr.clone();
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limiter);

@@ -427,11 +427,16 @@ impl Worker {
             if deferred.is_empty() {
                 return Rerun::Done;
             }
-            // Conflicted again: back off (1 ms doubling, up to the retry cap) so that writers
-            // contending for the same keys take turns instead of spinning.
+            // Conflicted again: back off (jittered, growing for CONFLICT_RERUNS re-runs, then
+            // at the retry cap) so that writers contending for the same keys take turns
+            // instead of spinning. An event cannot be given up, so it is never dropped here.
             conflicts += 1;
+            if conflicts == crate::backoff::CONFLICT_RERUNS {
+                tracing::warn!(service = %self.service, topic = %item.record.topic, partition = item.record.partition, offset = item.record.offset, "event keeps conflicting; re-running it at the capped pause");
+            }
             let cap = self.shared.config.worker.max_backoff_ms;
-            let pause = Duration::from_millis((1u64 << conflicts.min(20)).min(cap));
+            let grown = conflicts.min(crate::backoff::CONFLICT_RERUNS + 4);
+            let pause = crate::backoff::conflict(grown, cap);
             if !self.pause(pause).await {
                 return Rerun::Stopping;
             }
@@ -471,32 +476,5 @@ impl Worker {
 /// The pause before retry `attempt + 1`: `retry_backoff_ms` doubling per attempt, capped at
 /// `max_backoff_ms`.
 fn backoff(cfg: &crate::config::Worker, attempt: u32) -> Duration {
-    let ms = cfg
-        .retry_backoff_ms
-        .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
-        .min(cfg.max_backoff_ms);
-    Duration::from_millis(ms)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retries_back_off_exponentially_up_to_the_cap() {
-        let cfg = crate::config::Worker {
-            retry_backoff_ms: 100,
-            max_backoff_ms: 1_000,
-            ..Default::default()
-        };
-        let pauses: Vec<u64> = (1..=6)
-            .map(|a| backoff(&cfg, a).as_millis() as u64)
-            .collect();
-        assert_eq!(pauses, [100, 200, 400, 800, 1_000, 1_000]);
-        assert_eq!(
-            backoff(&cfg, u32::MAX),
-            Duration::from_millis(1_000),
-            "no overflow"
-        );
-    }
+    crate::backoff::exponential(cfg.retry_backoff_ms, attempt, cfg.max_backoff_ms)
 }

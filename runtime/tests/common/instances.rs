@@ -1,5 +1,6 @@
-//! `runtime run` processes for tests that kill them (SIGKILL) and start them again, and a small
-//! seeded generator for randomised loads.
+//! `runtime run` processes for tests that kill them (SIGKILL) and start them again, a broker
+//! and a PostgreSQL server a test may stop and start again, and a small seeded generator for
+//! randomised loads.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -123,4 +124,96 @@ pub fn seed() -> u64 {
         });
     eprintln!("TEST_SEED={seed}");
     seed
+}
+
+/// A noida-db broker of one test's own (`scripts/broker.sh` on a free port), which the test may
+/// stop and start again on the data it saved, as a broker restart does. Stopped when dropped.
+pub struct Broker {
+    pub port: u16,
+}
+
+impl Broker {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let broker = Broker { port };
+        broker.script("start", false);
+        broker
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stop it (its state is saved in its data directory).
+    pub fn stop(&self) {
+        self.script("stop", false);
+    }
+
+    /// Start it again on the state the stop saved.
+    pub fn resume(&self) {
+        self.script("start", true);
+    }
+
+    fn script(&self, action: &str, keep: bool) {
+        let out = Command::new(super::root().join("scripts/broker.sh"))
+            .arg(action)
+            .env("SAGA_BROKER_PORT", self.port.to_string())
+            .env("SAGA_BROKER_KEEP", if keep { "1" } else { "0" })
+            .output()
+            .expect("run scripts/broker.sh");
+        assert!(
+            out.status.success(),
+            "scripts/broker.sh {action} on port {} failed: {}",
+            self.port,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.script("stop", false);
+    }
+}
+
+/// Stop the machine's PostgreSQL cluster (the one the tests use), wait `down`, start it again
+/// and wait until it accepts connections: what a database restart looks like to the runtime.
+/// Needs Debian's `pg_ctlcluster` (as on these machines); a test that asks for it fails
+/// without it rather than skipping.
+pub fn restart_postgres(down: std::time::Duration) {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("restarting PostgreSQL needs Debian's /etc/postgresql (or FAULT_PG_RESTART=0)")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .expect("a PostgreSQL cluster under /etc/postgresql");
+    let ctl = |action: &str| {
+        let out = Command::new("pg_ctlcluster")
+            .args(["--skip-systemctl-redirect", &version, "main", action])
+            .output()
+            .expect("run pg_ctlcluster");
+        assert!(
+            out.status.success(),
+            "pg_ctlcluster {action} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ctl("stop");
+    std::thread::sleep(down);
+    ctl("start");
+    for _ in 0..100 {
+        let ready = Command::new("pg_isready")
+            .args(["-q", "-h", "127.0.0.1", "-p", "5432"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ready {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("PostgreSQL did not come back within 10 s of its start");
 }

@@ -47,7 +47,21 @@ macro_rules! on_both_backends {
     };
 }
 
+/// The broker a test binary talks to instead of `SAGA_TEST_BROKERS`, set once (a test that
+/// stops and restarts a broker of its own: `instances::Broker`).
+static BROKERS: OnceLock<String> = OnceLock::new();
+
+/// Point every helper of this test binary at `brokers` (before anything uses [`brokers`]).
+pub fn use_brokers(brokers: &str) {
+    BROKERS
+        .set(brokers.to_string())
+        .expect("use_brokers is called once per test binary");
+}
+
 pub fn brokers() -> String {
+    if let Some(own) = BROKERS.get() {
+        return own.clone();
+    }
     std::env::var("SAGA_TEST_BROKERS").expect(
         "SAGA_TEST_BROKERS must name a Kafka-protocol broker (run the tests with scripts/test.sh, \
          which starts one)",
@@ -309,6 +323,27 @@ pub async fn post_json(
 pub async fn get_json(http: &reqwest::Client, base: &str, path: &str) -> Value {
     let resp = http.get(format!("{base}{path}")).send().await.unwrap();
     resp.json().await.unwrap_or(Value::Null)
+}
+
+/// Every item of a listing route, page by page (`?after=` the value of `cursor` in the last
+/// item of the previous page).
+pub async fn get_all(http: &reqwest::Client, base: &str, path: &str, cursor: &str) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let page_path = match all.last() {
+            None => path.to_string(),
+            Some(last) => format!("{path}?after={}", last[cursor].as_str().unwrap()),
+        };
+        let page = get_json(http, base, &page_path).await;
+        let items = page
+            .as_array()
+            .unwrap_or_else(|| panic!("GET {page_path}: {page}"))
+            .clone();
+        if items.is_empty() {
+            return all;
+        }
+        all.extend(items);
+    }
 }
 
 /// One handled event of a saga's timeline (`GET /sagas/{id}`).
