@@ -2,6 +2,7 @@
 # Install (once) and start the Kafka-protocol test broker, noida-db 0.2.3, pinned.
 #   scripts/broker.sh start   start it in the background (no-op if already listening)
 #   scripts/broker.sh stop    stop it
+#   scripts/broker.sh clean   stop it and delete its data and log
 # Environment: SAGA_BROKER_PORT (default 19092), SAGA_CACHE (default ~/.cache/saga-runtime),
 # SAGA_BROKER_KEEP=1 to start on the data a stop saved (a broker restart) instead of afresh.
 # Any Kafka works instead: point SAGA_KAFKA_BROKERS at it and skip this script.
@@ -46,5 +47,9 @@ stop)
   for _ in $(seq 1 50); do listening || exit 0; sleep 0.1; done
   echo "broker on port $port did not stop" >&2; exit 1
   ;;
-*) echo "usage: $0 start|stop" >&2; exit 2 ;;
+clean)
+  "$0" stop
+  rm -rf "$data" "$log" "$pidfile"
+  ;;
+*) echo "usage: $0 start|stop|clean" >&2; exit 2 ;;
 esac

@@ -232,21 +232,6 @@ async fn committed_around_an_abort(p: &str) -> String {
     topic
 }
 
-fn assigned_at(topic: &str, offset: i64) -> StreamConsumer {
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut list = rdkafka::TopicPartitionList::new();
-    list.add_partition_offset(topic, 0, rdkafka::Offset::Offset(offset))
-        .unwrap();
-    c.assign(&list).unwrap();
-    c
-}
-
 /// Pins a defect of noida-db 0.2.3 that the runtime's consumer works around (its stall
 /// watchdog re-reads from further back, see `kafka::consumer`): a `read_committed` reader whose
 /// first fetch starts after an abort marker receives nothing, ever, while one starting before
@@ -255,13 +240,13 @@ fn assigned_at(topic: &str, offset: i64) -> StreamConsumer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noida_delivers_nothing_to_a_reader_that_starts_past_an_abort_marker() {
     let topic = committed_around_an_abort(&prefix()).await;
-    let before = assigned_at(&topic, 2);
+    let before = common::committed_reader_at(&topic, 2);
     let mut seen = Vec::new();
     for _ in 0..4 {
         seen.push(next_value(&before).await.unwrap_or_default());
     }
     assert_eq!(seen, ["c", "d", "e", "f"], "read from before the marker");
-    let past = assigned_at(&topic, 4);
+    let past = common::committed_reader_at(&topic, 4);
     assert_eq!(
         next_value(&past).await,
         None,
@@ -319,6 +304,6 @@ async fn a_reader_past_an_abort_marker_sees_what_a_new_producer_id_commits() {
     new.begin_transaction().unwrap();
     send(&new, &topic, "c").await;
     new.commit_transaction(T).unwrap();
-    let past = assigned_at(&topic, 4);
+    let past = common::committed_reader_at(&topic, 4);
     assert_eq!(next_value(&past).await.as_deref(), Some("c"));
 }

@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::instances::Broker;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Message};
 use saga_runtime::kafka::{topics, Settings};
@@ -24,18 +23,8 @@ fn transactional(brokers: &str, id: &str) -> FutureProducer {
 }
 
 /// (offset, value) of every record a read_committed reader gets from offset 0.
-async fn read_all(brokers: &str, topic: &str) -> Vec<(i64, String)> {
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut list = rdkafka::TopicPartitionList::new();
-    list.add_partition_offset(topic, 0, rdkafka::Offset::Offset(0))
-        .unwrap();
-    c.assign(&list).unwrap();
+async fn read_all(topic: &str) -> Vec<(i64, String)> {
+    let c = common::committed_reader_at(topic, 0);
     let mut seen = Vec::new();
     while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(3), c.recv()).await {
         let value = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
@@ -48,6 +37,7 @@ async fn read_all(brokers: &str, topic: &str) -> Vec<(i64, String)> {
 async fn a_restarted_broker_keeps_committed_records_at_their_offsets() {
     let broker = Broker::start();
     let brokers = broker.address();
+    common::use_brokers(&brokers);
     let settings = Settings {
         brokers: brokers.clone(),
         topic_prefix: "restart.".into(),
@@ -75,12 +65,12 @@ async fn a_restarted_broker_keeps_committed_records_at_their_offsets() {
         }
     }
     drop(producer);
-    let before = read_all(&brokers, &topic).await;
+    let before = read_all(&topic).await;
     let values: Vec<&str> = before.iter().map(|(_, v)| v.as_str()).collect();
     assert_eq!(values, ["a", "b", "c"], "{before:?}");
     broker.stop();
     broker.resume();
-    let after = read_all(&brokers, &topic).await;
+    let after = read_all(&topic).await;
     assert_eq!(
         after, before,
         "records moved or went missing across the restart"

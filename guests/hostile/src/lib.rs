@@ -147,11 +147,8 @@ impl Service for Hostile {
 
     fn on_request(ctx: Context, request: Request) -> Result<Response, Error> {
         if request.method == "POST" && request.path == "/hostile/start" {
-            let after = request
-                .query
-                .iter()
-                .find(|(k, _)| k == "after")
-                .and_then(|(_, v)| v.parse().ok())
+            let after = saga_sdk::query(&request, "after")
+                .and_then(|v| v.parse().ok())
                 .unwrap_or(60_000);
             let mut fx = Effects::new();
             fx.set_deadline(&ctx.new_id, "d", Some(after));

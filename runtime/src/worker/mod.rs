@@ -435,8 +435,7 @@ impl Worker {
                 tracing::warn!(service = %self.service, topic = %item.record.topic, partition = item.record.partition, offset = item.record.offset, "event keeps conflicting; re-running it at the capped pause");
             }
             let cap = self.shared.config.worker.max_backoff_ms;
-            let grown = conflicts.min(crate::backoff::CONFLICT_RERUNS + 4);
-            let pause = crate::backoff::conflict(grown, cap);
+            let pause = crate::backoff::conflict(conflicts, cap);
             if !self.pause(pause).await {
                 return Rerun::Stopping;
             }

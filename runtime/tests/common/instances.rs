@@ -127,7 +127,8 @@ pub fn seed() -> u64 {
 }
 
 /// A noida-db broker of one test's own (`scripts/broker.sh` on a free port), which the test may
-/// stop and start again on the data it saved, as a broker restart does. Stopped when dropped.
+/// stop and start again on the data it saved, as a broker restart does. Stopped, and its data
+/// deleted, when dropped.
 pub struct Broker {
     pub port: u16,
 }
@@ -176,7 +177,7 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        self.script("stop", false);
+        self.script("clean", false);
     }
 }
 

@@ -543,6 +543,23 @@ pub async fn consume_n(prefix: &str, topic: &str, n: usize) -> Vec<rdkafka::mess
     out
 }
 
+/// A `read_committed` reader of partition 0 of `topic` from `offset`, without a group.
+pub fn committed_reader_at(topic: &str, offset: i64) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let c: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, rdkafka::Offset::Offset(offset))
+        .unwrap();
+    c.assign(&list).unwrap();
+    c
+}
+
 pub fn header(m: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
     use rdkafka::message::{Headers, Message};
     m.headers()?
