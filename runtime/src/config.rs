@@ -113,6 +113,13 @@ pub struct Relay {
     pub poll_interval_ms: u64,
     /// How long the relay lease lasts without renewal, ms. Default 10000.
     pub lease_ttl_ms: u64,
+    /// What the relay published in this long before its broker connections dropped is
+    /// published again once they are back (a restarting broker may lose a transaction it had
+    /// just acknowledged; duplicates are absorbed by the consumers' inboxes). 0 turns it off.
+    /// Default 5000.
+    pub republish_window_ms: u64,
+    /// At most this many bytes of published rows are kept for that. Default 64 MiB.
+    pub republish_window_bytes: usize,
 }
 
 impl Default for Config {
@@ -166,6 +173,8 @@ impl Default for Relay {
             batch_size: 500,
             poll_interval_ms: 100,
             lease_ttl_ms: 10_000,
+            republish_window_ms: 5_000,
+            republish_window_bytes: 64 << 20,
         }
     }
 }

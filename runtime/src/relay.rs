@@ -21,12 +21,21 @@
 //!   inboxes absorb the duplicates (the event ids are stored in the rows, so they are stable).
 //! - Latency: local commits wake the relay at once; `poll_interval_ms` only bounds how late it
 //!   sees rows committed by other instances.
+//! - A broker that drops its connections (a restart) may lose a transaction it acknowledged just
+//!   before: noida-db 0.2.3 does, it saves its state while still acknowledging commits (see
+//!   `integration_broker_restart`). The relay keeps what it published in the last
+//!   `relay.republish_window_ms` (at most `relay.republish_window_bytes`) in memory and, once its
+//!   producer saw every broker connection go down, publishes that again before anything new.
+//!   Consumers' inboxes absorb the copies of what was not lost.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::client::ClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureRecord, Producer as _};
 
 use crate::node::Shared;
 use crate::stats::Stats;
@@ -71,14 +80,105 @@ enum Error {
 const SLOT: &str = "relay/0";
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
+type FutureProducer = rdkafka::producer::FutureProducer<Links>;
+
+/// The producers' view of their broker connections: when one last saw them go down
+/// (librdkafka's `__ALL_BROKERS_DOWN`, or a transport failure), in ms since the relay started
+/// (a monotonic clock of the relay's own: this is about the broker, not about saga time).
+#[derive(Clone)]
+struct Links {
+    started: std::time::Instant,
+    /// 0: never.
+    lost_ms: Arc<AtomicI64>,
+}
+
+impl Links {
+    fn new() -> Self {
+        Links {
+            started: std::time::Instant::now(),
+            lost_ms: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.started.elapsed().as_millis() as i64 + 1
+    }
+}
+
+impl ClientContext for Links {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(Code::AllBrokersDown | Code::BrokerTransportFailure)
+        ) {
+            self.lost_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        tracing::debug!("relay producer: {error}: {reason}");
+    }
+}
+
+/// What the relay published lately, to publish again after the broker dropped its
+/// connections (see the module docs). Bounded by age and bytes.
+struct Recent {
+    rows: VecDeque<(i64, outbox::Row)>,
+    bytes: usize,
+    window_ms: i64,
+    max_bytes: usize,
+    /// The connection loss last handled.
+    handled: i64,
+}
+
+impl Recent {
+    fn keep(&mut self, rows: &[outbox::Row], now: i64) {
+        if self.window_ms <= 0 {
+            return;
+        }
+        for row in rows {
+            self.bytes += row.message.size();
+            self.rows.push_back((now, row.clone()));
+        }
+        while let Some((at, row)) = self.rows.front() {
+            if *at >= now - self.window_ms && self.bytes <= self.max_bytes {
+                break;
+            }
+            self.bytes -= row.message.size();
+            self.rows.pop_front();
+        }
+    }
+
+    /// If the broker dropped every connection since the last look: the rows published from
+    /// `window_ms` before that moment on, oldest first.
+    fn after_loss(&mut self, links: &Links) -> Option<VecDeque<outbox::Row>> {
+        let lost = links.lost_ms.load(Ordering::Relaxed);
+        if lost == self.handled {
+            return None;
+        }
+        self.handled = lost;
+        let since = lost - self.window_ms;
+        let rows: VecDeque<outbox::Row> = self
+            .rows
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, r)| r.clone())
+            .collect();
+        (!rows.is_empty()).then_some(rows)
+    }
+}
+
 pub struct Relay {
     shared: Arc<Shared>,
     faults: Arc<dyn Faults>,
+    links: Links,
 }
 
 impl Relay {
     pub fn new(shared: Arc<Shared>, faults: Arc<dyn Faults>) -> Self {
-        Relay { shared, faults }
+        Relay {
+            shared,
+            faults,
+            links: Links::new(),
+        }
     }
 
     pub async fn run(self) {
@@ -90,6 +190,15 @@ impl Relay {
         let mut producer: Option<FutureProducer> = None;
         let mut renew_at = i64::MIN;
         let mut failures = 0u32;
+        let mut recent = Recent {
+            rows: VecDeque::new(),
+            bytes: 0,
+            window_ms: cfg.republish_window_ms as i64,
+            max_bytes: cfg.republish_window_bytes,
+            handled: 0,
+        };
+        // Rows published before the broker dropped its connections, to publish again first.
+        let mut again: VecDeque<outbox::Row> = VecDeque::new();
         while !self.shared.shutdown.is_cancelled() {
             let now = self.shared.clock.now_ms();
             if now >= renew_at {
@@ -108,9 +217,22 @@ impl Relay {
                     }
                 }
             }
-            let rows = match outbox::fetch(db, cfg.batch_size).await {
-                Ok(rows) => Ok(self.park_oversized(rows).await),
-                Err(e) => Err(e),
+            if let Some(rows) = recent.after_loss(&self.links) {
+                tracing::warn!(
+                    rows = rows.len(),
+                    "the broker dropped its connections: publishing the last rows again"
+                );
+                again = rows;
+            }
+            let republishing = !again.is_empty();
+            let rows = if republishing {
+                let n = again.len().min(cfg.batch_size.max(1) as usize);
+                Ok(again.drain(..n).collect())
+            } else {
+                match outbox::fetch(db, cfg.batch_size).await {
+                    Ok(rows) => Ok(self.park_oversized(rows).await),
+                    Err(e) => Err(e),
+                }
             };
             let rows = match rows {
                 Ok(rows) if rows.is_empty() => {
@@ -138,10 +260,24 @@ impl Relay {
             match result {
                 Ok(()) => {
                     failures = 0;
+                    recent.keep(&rows, self.links.now_ms());
                     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                    if let Err(e) = outbox::delete(db, &ids).await {
+                    if republishing {
+                        // Deleted when first published.
+                    } else if let Err(e) = outbox::delete(db, &ids).await {
                         // They will be published again; consumers' inboxes absorb that.
                         tracing::warn!("relay could not delete published rows: {e}");
+                    }
+                }
+                Err(Error::Refused { index, error }) if republishing => {
+                    // It went out once already; the broker will not take it now.
+                    producer = None;
+                    let mut rows = rows;
+                    let refused = rows.remove(index);
+                    let event = &refused.message.event_id;
+                    tracing::error!(%event, "a row published again was refused: {error}");
+                    for row in rows.into_iter().rev() {
+                        again.push_front(row);
                     }
                 }
                 Err(Error::Refused { index, error }) => {
@@ -153,6 +289,11 @@ impl Relay {
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(rows = rows.len(), "relay batch failed, will retry: {e}");
+                    if republishing {
+                        for row in rows.into_iter().rev() {
+                            again.push_front(row);
+                        }
+                    }
                     // A fresh producer re-runs init_transactions, which aborts anything open.
                     producer = None;
                     let backoff = Duration::from_millis((50u64 << failures.min(6)).min(5_000));
@@ -229,7 +370,7 @@ impl Relay {
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
             .set("transaction.timeout.ms", "60000")
-            .create()?)
+            .create_with_context(self.links.clone())?)
     }
 
     async fn publish(&self, producer: &FutureProducer, rows: &[outbox::Row]) -> Result<(), Error> {
@@ -326,4 +467,76 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|_| Error::Cancelled)?
         .map_err(Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::outbox::Message;
+
+    fn row(id: i64, bytes: usize) -> outbox::Row {
+        outbox::Row {
+            id,
+            message: Message {
+                event_id: format!("e{id}"),
+                topic: "t".into(),
+                key: String::new(),
+                headers: Vec::new(),
+                payload: vec![0; bytes],
+            },
+        }
+    }
+
+    fn recent(window_ms: i64, max_bytes: usize) -> Recent {
+        Recent {
+            rows: VecDeque::new(),
+            bytes: 0,
+            window_ms,
+            max_bytes,
+            handled: 0,
+        }
+    }
+
+    fn ids(rows: Option<VecDeque<outbox::Row>>) -> Vec<i64> {
+        rows.map(|r| r.iter().map(|r| r.id).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn after_a_connection_loss_the_rows_published_just_before_it_go_out_again_once() {
+        let links = Links::new();
+        let mut r = recent(1000, 1 << 20);
+        r.keep(&[row(1, 10)], 100);
+        r.keep(&[row(2, 10), row(3, 10)], 1500);
+        assert_eq!(
+            ids(r.after_loss(&links)),
+            Vec::<i64>::new(),
+            "no loss yet"
+        );
+        links.lost_ms.store(2000, Ordering::Relaxed);
+        // Row 1 went out 1.9 s before the loss, outside the 1 s window.
+        assert_eq!(ids(r.after_loss(&links)), [2, 3]);
+        assert_eq!(ids(r.after_loss(&links)), Vec::<i64>::new(), "handled");
+    }
+
+    #[test]
+    fn what_is_kept_is_bounded_by_age_and_bytes() {
+        let links = Links::new();
+        let mut r = recent(1000, 25);
+        r.keep(&[row(1, 10)], 0);
+        r.keep(&[row(2, 10), row(3, 10)], 10);
+        assert_eq!(r.bytes, 20, "row 1 dropped to stay under 25 bytes");
+        r.keep(&[row(4, 1)], 1500);
+        assert_eq!(r.rows.len(), 1, "rows 2 and 3 aged out");
+        links.lost_ms.store(1600, Ordering::Relaxed);
+        assert_eq!(ids(r.after_loss(&links)), [4]);
+        let mut off = recent(0, 1 << 20);
+        off.keep(&[row(5, 1)], 0);
+        links.lost_ms.store(1700, Ordering::Relaxed);
+        assert_eq!(
+            ids(off.after_loss(&links)),
+            Vec::<i64>::new(),
+            "window 0 is off"
+        );
+    }
 }

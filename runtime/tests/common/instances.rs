@@ -72,6 +72,11 @@ impl Instance {
         }
     }
 
+    /// The process id (for its CPU time in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown, no lease released, a batch and a Kafka transaction maybe half done.
     pub fn kill(&mut self) {
         self.child.kill().unwrap();

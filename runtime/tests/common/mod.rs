@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod instances;
+pub mod orders;
 pub mod shop;
 
 use std::future::Future;

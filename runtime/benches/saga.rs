@@ -1,0 +1,511 @@
+//! The saga benchmark: the deadline saga (order → exchange → point, SPEC B) driven over HTTP as
+//! a web front end drives it, against one `runtime run` process (release build) on SQLite or
+//! PostgreSQL and the test broker. Run with `scripts/bench.sh saga [options]`; prints numbers
+//! and one `RESULT_JSON` line, asserts nothing about speed; exits non-zero only if an
+//! invariant broke (points not conserved, an exchange for an order that was not approved…).
+//!
+//! Each saga: `POST /orders` (a random one of 100 users, each seeded with 10000 points; 1 in 20
+//! orders is over the limit and is rejected by the point step), then `GET /orders/{id}` until it
+//! leaves `PENDING` (2 ms back-off doubling to 16 ms).
+//! - closed loop (`--clients 8,128`): that many clients, each one saga after the other, until
+//!   `--sagas` (3000) ended;
+//! - open loop (`--rate R`): sagas started at R per second for `--seconds` (10), whatever
+//!   is still running; `--find-rate` raises R by a quarter from `--rate` until p99 passes 1 s
+//!   or a request fails, and reports the highest rate that stayed under.
+//!
+//! Reported per run: sagas/s; client-side latency (POST → seen settled) and host-side latency
+//! (the order guest's `createdMs` → `updatedMs`, host clock) p50/p95/p99; HTTP errors by
+//! status; CPU of the runtime and of the broker per saga (/proc, user + system); Kafka
+//! transactions and events handled per saga (the runtime's `/_saga/stats`); on PostgreSQL the
+//! database transactions per event (`pg_stat_database`). `--backend sqlite,postgres` (both by
+//! default), `--short` for CI's quick form.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::instances::{config_file, Instance, Rng};
+use common::orders::{self, Placed};
+use common::{Backend, TestDb};
+use serde_json::{json, Value};
+use sqlx::Connection;
+
+const USERS: usize = 100;
+const POINTS: i64 = 10_000;
+const SERVICES: &[&str] = &["order", "point", "exchange"];
+/// The open-loop pass mark.
+const P99_LIMIT_MS: f64 = 1000.0;
+
+#[derive(Debug, Clone)]
+enum Load {
+    Closed { clients: usize, sagas: usize },
+    Open { rate: f64, seconds: f64 },
+}
+
+impl Load {
+    fn name(&self) -> String {
+        match self {
+            Load::Closed { clients, sagas } => format!("closed {clients} clients, {sagas} sagas"),
+            Load::Open { rate, seconds } => format!("open {rate:.0}/s for {seconds:.0} s"),
+        }
+    }
+}
+
+struct Args {
+    backends: Vec<Backend>,
+    clients: Vec<usize>,
+    sagas: usize,
+    rate: Option<f64>,
+    find_rate: bool,
+    seconds: f64,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        backends: vec![Backend::Sqlite, Backend::Postgres],
+        clients: vec![8, 128],
+        sagas: 3000,
+        rate: None,
+        find_rate: false,
+        seconds: 10.0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--bench" => {}
+            "--backend" => {
+                a.backends = value()
+                    .split(',')
+                    .map(|b| match b {
+                        "sqlite" => Backend::Sqlite,
+                        "postgres" => Backend::Postgres,
+                        other => panic!("unknown backend {other} (sqlite, postgres)"),
+                    })
+                    .collect()
+            }
+            "--clients" => {
+                a.clients = value()
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|c| c.parse().expect("--clients N[,N…]"))
+                    .collect()
+            }
+            "--sagas" => a.sagas = value().parse().expect("--sagas N"),
+            "--rate" => a.rate = Some(value().parse().expect("--rate R")),
+            "--seconds" => a.seconds = value().parse().expect("--seconds S"),
+            "--find-rate" => a.find_rate = true,
+            "--short" => {
+                a.backends = vec![Backend::Sqlite];
+                a.clients = vec![8];
+                a.sagas = 200;
+                a.rate = Some(50.0);
+                a.seconds = 2.0;
+            }
+            other => panic!(
+                "unknown option {other}; options: --backend sqlite,postgres --clients 8,128 \
+                 --sagas N --rate R --seconds S --find-rate --short"
+            ),
+        }
+    }
+    a
+}
+
+/// What one saga looked like from the client.
+struct Sample {
+    client_ms: f64,
+    host_ms: f64,
+}
+
+#[derive(Default)]
+struct Tally {
+    samples: Vec<Sample>,
+    placed: Vec<Placed>,
+    /// HTTP status (0: no answer) → how many requests got it.
+    errors: HashMap<u16, usize>,
+}
+
+/// A running runtime with the saga's services on a fresh database, its users seeded.
+struct Target {
+    instance: Instance,
+    db: TestDb,
+    http: reqwest::Client,
+    /// Every order placed over all runs, for the invariants at the end.
+    placed: Mutex<Vec<Placed>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Target {
+    async fn start(backend: Backend) -> Self {
+        let db = TestDb::new(backend).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_file(dir.path(), "");
+        let prefix = format!("bench{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let (url, p, c) = (db.url.clone(), prefix.clone(), config.clone());
+        let instance =
+            tokio::task::spawn_blocking(move || Instance::start("bench", &url, &p, &c, SERVICES))
+                .await
+                .unwrap();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(512)
+            .build()
+            .unwrap();
+        let target = Target {
+            instance,
+            db,
+            http,
+            placed: Mutex::new(Vec::new()),
+            _dir: dir,
+        };
+        for u in 0..USERS {
+            let (status, reply) = common::post_json(
+                &target.http,
+                &target.instance.base,
+                "/points",
+                json!({"userId": format!("u{u}"), "point": POINTS}),
+            )
+            .await;
+            assert_eq!(status, 200, "seeding points: {reply}");
+        }
+        // One saga through every service before measuring: consumers assigned, topics there.
+        let mut warm = Tally::default();
+        saga(&target, &mut Rng(1), &mut warm).await;
+        assert!(
+            warm.errors.is_empty(),
+            "the warm-up saga failed: {:?}",
+            warm.errors
+        );
+        target
+    }
+
+    async fn stats(&self) -> Value {
+        common::get_json(&self.http, &self.instance.base, "/_saga/stats").await
+    }
+}
+
+/// One saga: place an order, then look until it settled.
+async fn saga(target: &Target, rng: &mut Rng, tally: &mut Tally) {
+    let base = &target.instance.base;
+    let user = format!("u{}", rng.below(USERS as u64));
+    let amount = if rng.below(20) == 0 {
+        20_000
+    } else {
+        1 + rng.below(1500) as i64
+    };
+    let started = Instant::now();
+    let sent = target
+        .http
+        .post(format!("{base}/orders"))
+        .json(&json!({"holderId": user, "currencyId": 1, "amount": amount}))
+        .send()
+        .await;
+    let order: Value = match sent {
+        Ok(r) if r.status().as_u16() == 201 => r.json().await.unwrap_or(Value::Null),
+        Ok(r) => {
+            *tally.errors.entry(r.status().as_u16()).or_default() += 1;
+            return;
+        }
+        Err(_) => {
+            *tally.errors.entry(0).or_default() += 1;
+            return;
+        }
+    };
+    let id = order["id"].as_str().unwrap_or_default().to_string();
+    let mut pause = Duration::from_millis(2);
+    let settled = loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(16));
+        match target.http.get(format!("{base}/orders/{id}")).send().await {
+            Ok(r) if r.status().is_success() => {
+                let o: Value = r.json().await.unwrap_or(Value::Null);
+                if o["status"] != "PENDING" {
+                    break o;
+                }
+            }
+            Ok(r) => *tally.errors.entry(r.status().as_u16()).or_default() += 1,
+            Err(_) => *tally.errors.entry(0).or_default() += 1,
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            *tally.errors.entry(0).or_default() += 1;
+            return;
+        }
+    };
+    let host =
+        settled["updatedMs"].as_i64().unwrap_or(0) - settled["createdMs"].as_i64().unwrap_or(0);
+    tally.samples.push(Sample {
+        client_ms: started.elapsed().as_secs_f64() * 1000.0,
+        host_ms: host as f64,
+    });
+    tally.placed.push(Placed { id, user, amount });
+}
+
+/// user + system CPU seconds of the processes whose command line matches `pattern`, or of `pid`.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    let ticks = 100.0; // USER_HZ on Linux
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            // The fields after the command (which may hold spaces) in parentheses.
+            let rest = &stat[stat.rfind(')').unwrap_or(0) + 2..];
+            let f: Vec<&str> = rest.split(' ').collect();
+            (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / ticks
+        })
+        .sum()
+}
+
+/// The broker's processes (the launcher and its server), by the port in their command line.
+fn broker_pids() -> Vec<u32> {
+    let port = common::brokers()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let out = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("noida-db start --only kafka --kafka-port {port} "),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+async fn pg_transactions(db: &TestDb) -> Option<i64> {
+    if !db.url.starts_with("postgres") {
+        return None;
+    }
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.ok()?;
+    // Counters of this database only; flushed by the backends at least every second or so.
+    sqlx::query_scalar(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .ok()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Run one load against `target` and report it.
+async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
+    let stats_before = target.stats().await;
+    let pg_before = pg_transactions(&target.db).await;
+    let brokers = broker_pids();
+    let cpu_before = (cpu_seconds(&[target.instance.pid()]), cpu_seconds(&brokers));
+    let started = Instant::now();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let mut tasks = Vec::new();
+    match load {
+        Load::Closed { clients, sagas } => {
+            let next = Arc::new(AtomicUsize::new(0));
+            for c in 0..*clients {
+                let (target, tally, next, sagas) =
+                    (target.clone(), tally.clone(), next.clone(), *sagas);
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = Rng(seed ^ (c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    let mut mine = Tally::default();
+                    while next.fetch_add(1, Ordering::Relaxed) < sagas {
+                        saga(&target, &mut rng, &mut mine).await;
+                    }
+                    merge(&tally, mine);
+                }));
+            }
+        }
+        Load::Open { rate, seconds } => {
+            let n = (rate * seconds).round() as u64;
+            let every = Duration::from_secs_f64(1.0 / rate);
+            for i in 0..n {
+                tokio::time::sleep_until((started + every.mul_f64(i as f64)).into()).await;
+                let (target, tally) = (target.clone(), tally.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = Rng(seed ^ (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    let mut mine = Tally::default();
+                    saga(&target, &mut rng, &mut mine).await;
+                    merge(&tally, mine);
+                }));
+            }
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu_runtime = cpu_seconds(&[target.instance.pid()]) - cpu_before.0;
+    let cpu_broker = cpu_seconds(&brokers) - cpu_before.1;
+    let stats_after = target.stats().await;
+    let pg_after = pg_transactions(&target.db).await;
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
+    let done = tally.samples.len();
+    let mut client: Vec<f64> = tally.samples.iter().map(|s| s.client_ms).collect();
+    let mut host: Vec<f64> = tally.samples.iter().map(|s| s.host_ms).collect();
+    client.sort_by(f64::total_cmp);
+    host.sort_by(f64::total_cmp);
+    let delta =
+        |k: &str| stats_after[k].as_f64().unwrap_or(0.0) - stats_before[k].as_f64().unwrap_or(0.0);
+    let per_saga = |x: f64| if done > 0 { x / done as f64 } else { f64::NAN };
+    let events = delta("applied");
+    let latency = |v: &[f64]| {
+        json!({
+            "p50": round1(percentile(v, 0.50)),
+            "p95": round1(percentile(v, 0.95)),
+            "p99": round1(percentile(v, 0.99)),
+        })
+    };
+    let report = json!({
+        "load": load.name(),
+        "sagas": done,
+        "seconds": round1(secs),
+        "sagasPerSecond": round1(done as f64 / secs),
+        "clientMs": latency(&client),
+        "hostMs": latency(&host),
+        "errors": tally.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect::<HashMap<_, _>>(),
+        "runtimeCpuMsPerSaga": round1(per_saga(cpu_runtime * 1000.0) * 10.0) / 10.0,
+        "brokerCpuMsPerSaga": round1(per_saga(cpu_broker * 1000.0) * 10.0) / 10.0,
+        "kafkaTransactionsPerSaga": round1(per_saga(delta("relay_batches")) * 100.0) / 100.0,
+        "eventsPerSaga": round1(per_saga(events) * 10.0) / 10.0,
+        "dbTransactionsPerEvent": match (pg_before, pg_after) {
+            (Some(a), Some(b)) if events > 0.0 => json!(round1((b - a) as f64 / events * 10.0) / 10.0),
+            _ => Value::Null,
+        },
+    });
+    target.placed.lock().unwrap().extend(tally.placed);
+    report
+}
+
+fn merge(into: &Mutex<Tally>, mine: Tally) {
+    let mut t = into.lock().unwrap();
+    t.samples.extend(mine.samples);
+    t.placed.extend(mine.placed);
+    for (k, v) in mine.errors {
+        *t.errors.entry(k).or_default() += v;
+    }
+}
+
+fn print(backend: Backend, r: &Value) {
+    println!(
+        "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
+         errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db txn/event {}",
+        format!("{backend:?}"),
+        r["load"].as_str().unwrap_or(""),
+        r["sagas"],
+        r["sagasPerSecond"].as_f64().unwrap_or(0.0),
+        r["clientMs"]["p50"], r["clientMs"]["p95"], r["clientMs"]["p99"],
+        r["hostMs"]["p50"], r["hostMs"]["p95"], r["hostMs"]["p99"],
+        r["errors"],
+        r["runtimeCpuMsPerSaga"], r["brokerCpuMsPerSaga"],
+        r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbTransactionsPerEvent"],
+    );
+}
+
+/// The invariants once every saga's compensations ran (a few seconds of grace for the last).
+async fn check(target: &Target) -> Vec<String> {
+    let placed = target.placed.lock().unwrap().clone();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let by_id = orders::stored(&target.http, &target.instance.base).await;
+        let v = orders::verdict(
+            &target.http,
+            &target.instance.base,
+            &placed,
+            &by_id,
+            USERS,
+            POINTS,
+        )
+        .await;
+        // The warm-up saga is stored but not among the placed.
+        let v: Vec<String> = v
+            .violations
+            .into_iter()
+            .filter(|m| !m.contains("orders stored for"))
+            .collect();
+        if v.is_empty() || Instant::now() > until {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = args();
+    let seed = common::instances::seed();
+    let mut results = Vec::new();
+    let mut broken = Vec::new();
+    for &backend in &args.backends {
+        let target = Arc::new(Target::start(backend).await);
+        let mut loads: Vec<Load> = args
+            .clients
+            .iter()
+            .map(|&clients| Load::Closed {
+                clients,
+                sagas: args.sagas,
+            })
+            .collect();
+        if let Some(rate) = args.rate.filter(|_| !args.find_rate) {
+            loads.push(Load::Open {
+                rate,
+                seconds: args.seconds,
+            });
+        }
+        for load in &loads {
+            let r = run(&target, load, seed).await;
+            print(backend, &r);
+            results.push(json!({"backend": format!("{backend:?}").to_lowercase(), "run": r}));
+        }
+        if args.find_rate {
+            let mut rate = args.rate.unwrap_or(250.0);
+            let mut best = Value::Null;
+            loop {
+                let load = Load::Open {
+                    rate,
+                    seconds: args.seconds,
+                };
+                let r = run(&target, &load, seed).await;
+                print(backend, &r);
+                let p99 = r["clientMs"]["p99"].as_f64().unwrap_or(f64::INFINITY);
+                let failed = r["errors"].as_object().is_some_and(|e| !e.is_empty());
+                results.push(json!({"backend": format!("{backend:?}").to_lowercase(), "run": r}));
+                if failed || p99 > P99_LIMIT_MS {
+                    break;
+                }
+                best = json!(rate);
+                rate = (rate * 1.25).round();
+            }
+            println!("{backend:?}: highest offered rate with client p99 under {P99_LIMIT_MS} ms: {best} sagas/s");
+            results.push(
+                json!({"backend": format!("{backend:?}").to_lowercase(), "openLoopCapacity": best}),
+            );
+        }
+        let violations = check(&target).await;
+        if !violations.is_empty() {
+            println!("{backend:?}: INVARIANTS BROKEN: {violations:#?}");
+        } else {
+            println!("{backend:?}: invariants hold (points conserved, exchanges exactly for approved orders)");
+        }
+        broken.extend(violations);
+        target.db.drop_db().await;
+    }
+    println!(
+        "RESULT_JSON {}",
+        json!({"bench": "saga", "seed": seed, "results": results, "violations": broken.len()})
+    );
+    if !broken.is_empty() {
+        std::process::exit(1);
+    }
+}
