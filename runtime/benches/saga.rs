@@ -298,8 +298,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
+/// `x` rounded to `digits` decimals.
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
 fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
+    round(x, 1)
 }
 
 /// Run one load against `target` and report it.
@@ -375,12 +381,12 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         "clientMs": latency(&client),
         "hostMs": latency(&host),
         "errors": tally.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect::<HashMap<_, _>>(),
-        "runtimeCpuMsPerSaga": round1(per_saga(cpu_runtime * 1000.0) * 10.0) / 10.0,
-        "brokerCpuMsPerSaga": round1(per_saga(cpu_broker * 1000.0) * 10.0) / 10.0,
-        "kafkaTransactionsPerSaga": round1(per_saga(delta("relay_batches")) * 100.0) / 100.0,
-        "eventsPerSaga": round1(per_saga(events) * 10.0) / 10.0,
+        "runtimeCpuMsPerSaga": round(per_saga(cpu_runtime * 1000.0), 2),
+        "brokerCpuMsPerSaga": round(per_saga(cpu_broker * 1000.0), 2),
+        "kafkaTransactionsPerSaga": round(per_saga(delta("relay_batches")), 2),
+        "eventsPerSaga": round(per_saga(events), 2),
         "dbTransactionsPerEvent": match (pg_before, pg_after) {
-            (Some(a), Some(b)) if events > 0.0 => json!(round1((b - a) as f64 / events * 10.0) / 10.0),
+            (Some(a), Some(b)) if events > 0.0 => json!(round((b - a) as f64 / events, 2)),
             _ => Value::Null,
         },
     });

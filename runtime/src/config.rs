@@ -61,6 +61,8 @@ pub struct Config {
     pub sandbox: Sandbox,
     pub worker: Worker,
     pub relay: Relay,
+    /// Flow control of the HTTP ingress (`[ingress]`, see `crate::admission`).
+    pub ingress: crate::admission::Settings,
     /// How long what grows per request, event or saga is kept (`[retention]`).
     pub retention: crate::retention::Settings,
 }
@@ -120,6 +122,10 @@ pub struct Relay {
     pub republish_window_ms: u64,
     /// At most this many bytes of published rows are kept for that. Default 64 MiB.
     pub republish_window_bytes: usize,
+    /// A record the broker has not acknowledged within this long fails its batch, which is
+    /// then tried again (the rows stay): a broker that is down shows as relay retries instead
+    /// of a relay that waits in silence. Default 10000.
+    pub send_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -138,6 +144,7 @@ impl Default for Config {
             sandbox: Sandbox::default(),
             worker: Worker::default(),
             relay: Relay::default(),
+            ingress: Default::default(),
             retention: Default::default(),
         }
     }
@@ -175,6 +182,7 @@ impl Default for Relay {
             lease_ttl_ms: 10_000,
             republish_window_ms: 5_000,
             republish_window_bytes: 64 << 20,
+            send_timeout_ms: 10_000,
         }
     }
 }

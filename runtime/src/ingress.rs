@@ -118,6 +118,15 @@ async fn handle(
             format!("no service serves {method} {path}"),
         );
     };
+    // Flow control before anything is read or run (`crate::admission`).
+    let command = method != Method::GET && method != Method::HEAD;
+    let _turn = match shared.door.enter(command).await {
+        Ok(turn) => turn,
+        Err(refused) => {
+            crate::stats::Stats::add(&shared.stats.shed, 1);
+            return unavailable(refused.to_string());
+        }
+    };
     let limits = &shared.config.limits;
     let body = match read_body(
         &headers,

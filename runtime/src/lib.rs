@@ -3,6 +3,7 @@
 //! `storage::{state, outbox, deadlines}`) → `relay` → Kafka; HTTP enters at `ingress`.
 
 pub mod admin;
+pub mod admission;
 pub mod backoff;
 pub mod clock;
 pub mod config;

@@ -68,6 +68,8 @@ pub struct Shared {
     pub reader: Arc<dyn StateReader>,
     pub clock: Arc<dyn Clock>,
     pub stats: Stats,
+    /// The HTTP ingress's flow control; workers report their lag to it.
+    pub door: crate::admission::Door,
     /// Recent events with their inputs and effects, per service, for `deploy --verify`,
     /// until `verify::flush` writes them to the database.
     pub recordings: Arc<crate::verify::Recordings>,
@@ -136,7 +138,13 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     ));
     let listen = config.http_listen;
     let recordings = Arc::new(crate::verify::Recordings::new(config.worker.verify_recent));
+    let door = crate::admission::Door::new(
+        &config.ingress,
+        config.sandbox.max_instances,
+        options.clock.clone(),
+    );
     let shared = Arc::new(Shared {
+        door,
         config,
         db,
         sandbox,

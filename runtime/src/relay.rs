@@ -230,7 +230,12 @@ impl Relay {
                 Ok(again.drain(..n).collect())
             } else {
                 match outbox::fetch(db, cfg.batch_size).await {
-                    Ok(rows) => Ok(self.park_oversized(rows).await),
+                    Ok(rows) => {
+                        if let Some(oldest) = rows.iter().map(|r| r.created_ms).min() {
+                            self.shared.door.report("relay", oldest);
+                        }
+                        Ok(self.park_oversized(rows).await)
+                    }
                     Err(e) => Err(e),
                 }
             };
@@ -288,6 +293,7 @@ impl Relay {
                 }
                 Err(e) => {
                     failures += 1;
+                    Stats::add(&self.shared.stats.relay_retries, 1);
                     tracing::warn!(rows = rows.len(), "relay batch failed, will retry: {e}");
                     if republishing {
                         for row in rows.into_iter().rev() {
@@ -362,6 +368,7 @@ impl Relay {
     fn transactional(&self, generation: i64) -> Result<FutureProducer, Error> {
         let kafka = &self.shared.config.kafka;
         let max = self.shared.config.limits.broker_message_bytes;
+        let send_timeout = self.shared.config.relay.send_timeout_ms.clamp(1, 60_000);
         let id = kafka.topic(&format!("saga-relay-0-g{generation}"));
         Ok(kafka
             .client()
@@ -370,6 +377,7 @@ impl Relay {
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
             .set("transaction.timeout.ms", "60000")
+            .set("message.timeout.ms", send_timeout.to_string())
             .create_with_context(self.links.clone())?)
     }
 
@@ -382,7 +390,10 @@ impl Relay {
             }
             Err(e) => {
                 let p = producer.clone();
-                if let Err(abort) = blocking(move || p.abort_transaction(KAFKA_TIMEOUT)).await {
+                // Briefly: if the broker is away the next producer generation aborts it anyway.
+                let wait = Duration::from_millis(self.shared.config.relay.send_timeout_ms.max(100));
+                let wait = wait.min(KAFKA_TIMEOUT);
+                if let Err(abort) = blocking(move || p.abort_transaction(wait)).await {
                     tracing::warn!("relay could not abort its transaction: {abort}");
                 }
                 return Err(e);
@@ -484,6 +495,7 @@ mod tests {
                 headers: Vec::new(),
                 payload: vec![0; bytes],
             },
+            created_ms: 0,
         }
     }
 
@@ -508,11 +520,7 @@ mod tests {
         let mut r = recent(1000, 1 << 20);
         r.keep(&[row(1, 10)], 100);
         r.keep(&[row(2, 10), row(3, 10)], 1500);
-        assert_eq!(
-            ids(r.after_loss(&links)),
-            Vec::<i64>::new(),
-            "no loss yet"
-        );
+        assert_eq!(ids(r.after_loss(&links)), Vec::<i64>::new(), "no loss yet");
         links.lost_ms.store(2000, Ordering::Relaxed);
         // Row 1 went out 1.9 s before the loss, outside the 1 s window.
         assert_eq!(ids(r.after_loss(&links)), [2, 3]);

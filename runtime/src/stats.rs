@@ -26,6 +26,9 @@ pub struct Stats {
     pub refused: AtomicU64,
     /// Outbox rows the broker refused for good, parked (`runtime outbox parked`).
     pub parked: AtomicU64,
+    /// HTTP requests refused at the door with `503` (queue full, waited too long, or a
+    /// command while the event path is behind: `crate::admission`).
+    pub shed: AtomicU64,
     /// Commands answered from a stored reply (`Idempotency-Key`), without running the handler.
     pub replayed: AtomicU64,
     /// Rows the retention clean-up deleted.
@@ -36,6 +39,9 @@ pub struct Stats {
     pub published: AtomicU64,
     /// Kafka transactions the relay committed.
     pub relay_batches: AtomicU64,
+    /// Relay batches that failed for a transient reason (broker down, a timeout) and were
+    /// tried again, their rows kept.
+    pub relay_retries: AtomicU64,
 }
 
 impl Stats {

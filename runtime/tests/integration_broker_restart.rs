@@ -1,12 +1,14 @@
-//! What a broker restart keeps: every committed record at its offset, for `read_committed`
-//! readers. Runs against a broker of its own (`scripts/broker.sh` on a free port), stopped and
-//! started again on the state it saved.
+//! A broker restart: what it keeps (every committed record at its offset, for
+//! `read_committed` readers), and the relay riding it out (rows kept and retried while the
+//! broker is down, nothing parked). Each test runs against a broker of its own
+//! (`scripts/broker.sh` on a free port), stopped and started again on the state it saved.
 
 mod common;
 
 use std::time::Duration;
 
 use common::instances::Broker;
+use common::{Backend, TestRuntime};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Message};
 use saga_runtime::kafka::{topics, Settings};
@@ -75,4 +77,48 @@ async fn a_restarted_broker_keeps_committed_records_at_their_offsets() {
         after, before,
         "records moved or went missing across the restart"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_broker_is_down_the_relay_keeps_its_rows_and_parks_none() {
+    let broker = Broker::start();
+    let brokers = broker.address();
+    let rt = TestRuntime::start_with(Backend::Sqlite, &["order", "point", "exchange"], |o| {
+        o.config.kafka.brokers = brokers.clone();
+        o.config.relay.send_timeout_ms = 500;
+    })
+    .await;
+    let (status, _) = rt
+        .post("/points", serde_json::json!({"userId": "u", "point": 1000}))
+        .await;
+    assert_eq!(status, 200);
+    let order =
+        |amount: i64| serde_json::json!({"holderId": "u", "currencyId": 1, "amount": amount});
+    let (_, first) = rt.post("/orders", order(100)).await;
+    common::order_status(&rt, first["id"].as_str().unwrap(), "APPROVED").await;
+
+    broker.stop();
+    // Commands need only the database: the order is stored, its events wait in the outbox.
+    let (status, second) = rt.post("/orders", order(200)).await;
+    assert_eq!(status, 201, "{second}");
+    common::eventually(
+        "a relay batch to fail against the stopped broker",
+        || async {
+            let stats = rt.get("/_saga/stats").await;
+            if stats["relay_retries"].as_u64() >= Some(1) {
+                Ok(())
+            } else {
+                Err(stats.to_string())
+            }
+        },
+    )
+    .await;
+    broker.resume();
+    common::order_status(&rt, second["id"].as_str().unwrap(), "APPROVED").await;
+    let stats = rt.get("/_saga/stats").await;
+    assert_eq!(
+        stats["parked"], 0,
+        "a transient broker error parked a row: {stats}"
+    );
+    assert_eq!(rt.get("/points/u").await["point"], 700);
 }

@@ -20,6 +20,8 @@ pub struct Message {
 pub struct Row {
     pub id: i64,
     pub message: Message,
+    /// When the transaction that wrote it committed (host clock).
+    pub created_ms: i64,
 }
 
 pub async fn insert(conn: &mut Conn, message: &Message, created_ms: i64) -> Result<(), Error> {
@@ -50,7 +52,8 @@ impl Message {
 /// The oldest `limit` rows, in storage order.
 pub async fn fetch(db: &Db, limit: u32) -> Result<Vec<Row>, Error> {
     let rows = sqlx::query(
-        "SELECT id, event_id, topic, msg_key, headers, payload FROM outbox ORDER BY id LIMIT $1",
+        "SELECT id, event_id, topic, msg_key, headers, payload, created_ms FROM outbox \
+         ORDER BY id LIMIT $1",
     )
     .bind(limit as i64)
     .fetch_all(db.pool())
@@ -70,6 +73,7 @@ fn decode(row: &super::Row) -> Result<Row, Error> {
                 .map_err(|e| Error::Corrupt(format!("outbox headers: {e}")))?,
             payload: row.try_get("payload")?,
         },
+        created_ms: row.try_get("created_ms")?,
     })
 }
 
@@ -112,7 +116,7 @@ pub async fn park(db: &Db, id: i64, reason: &str, now_ms: i64) -> Result<(), Err
 /// Parked rows in id order, `limit` at a time after `after` (a cursor: the last id seen).
 pub async fn parked(db: &Db, after: i64, limit: u32) -> Result<Vec<Parked>, Error> {
     let rows = sqlx::query(
-        "SELECT id, event_id, topic, msg_key, headers, payload, parked_ms, reason \
+        "SELECT id, event_id, topic, msg_key, headers, payload, created_ms, parked_ms, reason \
          FROM outbox_parked WHERE id > $1 ORDER BY id LIMIT $2",
     )
     .bind(after)

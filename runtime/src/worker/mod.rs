@@ -243,6 +243,17 @@ impl Worker {
             })
             .collect();
         let door = self.retry_db(|| self.door(service, &items)).await?;
+        // How late this service takes its events, for the ingress's shedding: duplicates and
+        // re-drives are old by nature and say nothing about the backlog.
+        let oldest = items
+            .iter()
+            .filter(|i| !i.redrive && !door.seen.contains_key(&i.inbox_id()))
+            .filter_map(|i| i.event.as_ref().ok().map(|e| e.time_ms))
+            .filter(|&t| t > 0) // no `time` attribute
+            .min();
+        if let Some(oldest) = oldest {
+            self.shared.door.report(&self.service, oldest);
+        }
         let mut verdicts = self.decide_all(service, &items, &door, holds).await?;
         compensations_wait_for_held_steps(service, &items, &mut verdicts);
         let deferred = self
