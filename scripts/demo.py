@@ -38,7 +38,8 @@ def wait_ready():
         except OSError:
             sys.exit("the runtime exited during start-up; see its log")
         try:
-            with urllib.request.urlopen(base + "/_saga/health", timeout=1):
+            # Ready: database answering, partitions assigned, relay slot known.
+            with urllib.request.urlopen(base + "/readyz", timeout=1):
                 return
         except OSError:
             time.sleep(0.1)

@@ -5,8 +5,10 @@
 //! invariant broke (points not conserved, an exchange for an order that was not approved…).
 //!
 //! Each saga: `POST /orders` (a random one of 100 users, each seeded with 10000 points; 1 in 20
-//! orders is over the limit and is rejected by the point step), then `GET /orders/{id}` until it
-//! leaves `PENDING` (2 ms back-off doubling to 16 ms).
+//! orders is over the limit and is rejected by the point step; a `503` is waited out as its
+//! `Retry-After` says and counted as shed), then `GET /orders/{id}` until it leaves `PENDING`:
+//! held with `If-None-Match` and `Prefer: wait=30`, or with `--poll` polled with a 2 ms back-off
+//! doubling to 16 ms (how the issue's figures were taken).
 //! - closed loop (`--clients 8,128`): that many clients, each one saga after the other, until
 //!   `--sagas` (3000) ended;
 //! - open loop (`--rate R`): sagas started at R per second for `--seconds` (10), whatever
@@ -39,6 +41,8 @@ const POINTS: i64 = 10_000;
 const SERVICES: &[&str] = &["order", "point", "exchange"];
 /// The open-loop pass mark.
 const P99_LIMIT_MS: f64 = 1000.0;
+/// `--poll`: clients poll for the outcome instead of holding a GET.
+static POLL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Debug, Clone)]
 enum Load {
@@ -99,6 +103,7 @@ fn args() -> Args {
             "--rate" => a.rate = Some(value().parse().expect("--rate R")),
             "--seconds" => a.seconds = value().parse().expect("--seconds S"),
             "--find-rate" => a.find_rate = true,
+            "--poll" => POLL.store(true, Ordering::Relaxed),
             "--short" => {
                 a.backends = vec![Backend::Sqlite];
                 a.clients = vec![8];
@@ -108,7 +113,7 @@ fn args() -> Args {
             }
             other => panic!(
                 "unknown option {other}; options: --backend sqlite,postgres --clients 8,128 \
-                 --sagas N --rate R --seconds S --find-rate --short"
+                 --sagas N --rate R --seconds S --find-rate --poll --short"
             ),
         }
     }
@@ -127,6 +132,8 @@ struct Tally {
     placed: Vec<Placed>,
     /// HTTP status (0: no answer) → how many requests got it.
     errors: HashMap<u16, usize>,
+    /// `503`s (shed at the door) waited out and retried.
+    shed: usize,
 }
 
 /// A running runtime with the saga's services on a fresh database, its users seeded.
@@ -180,6 +187,7 @@ impl Target {
             "the warm-up saga failed: {:?}",
             warm.errors
         );
+        target.placed.lock().unwrap().extend(warm.placed);
         target
     }
 
@@ -198,30 +206,66 @@ async fn saga(target: &Target, rng: &mut Rng, tally: &mut Tally) {
         1 + rng.below(1500) as i64
     };
     let started = Instant::now();
-    let sent = target
-        .http
-        .post(format!("{base}/orders"))
-        .json(&json!({"holderId": user, "currencyId": 1, "amount": amount}))
-        .send()
-        .await;
-    let order: Value = match sent {
-        Ok(r) if r.status().as_u16() == 201 => r.json().await.unwrap_or(Value::Null),
-        Ok(r) => {
-            *tally.errors.entry(r.status().as_u16()).or_default() += 1;
-            return;
-        }
-        Err(_) => {
-            *tally.errors.entry(0).or_default() += 1;
-            return;
+    let body = json!({"holderId": user, "currencyId": 1, "amount": amount});
+    // A `503` is the runtime shedding load: wait as its `Retry-After` says, then try again,
+    // as a well-behaved client does (the wait counts in the client-side latency).
+    let mut shed = 0;
+    let order: Value = loop {
+        let sent = target
+            .http
+            .post(format!("{base}/orders"))
+            .json(&body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().as_u16() == 201 => break r.json().await.unwrap_or(Value::Null),
+            Ok(r) if r.status().as_u16() == 503 && shed < 30 => {
+                shed += 1;
+                tally.shed += 1;
+                let wait = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            Ok(r) => {
+                *tally.errors.entry(r.status().as_u16()).or_default() += 1;
+                return;
+            }
+            Err(_) => {
+                *tally.errors.entry(0).or_default() += 1;
+                return;
+            }
         }
     };
     let id = order["id"].as_str().unwrap_or_default().to_string();
+    // Wait for the outcome with a held GET (If-None-Match + Prefer: wait), or poll it with
+    // --poll (2 ms back-off doubling to 16 ms).
+    let poll = POLL.load(Ordering::Relaxed);
     let mut pause = Duration::from_millis(2);
+    let mut etag: Option<String> = None;
     let settled = loop {
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(16));
-        match target.http.get(format!("{base}/orders/{id}")).send().await {
+        let mut get = target.http.get(format!("{base}/orders/{id}"));
+        match (&etag, poll) {
+            (Some(tag), false) => {
+                get = get.header("if-none-match", tag).header("prefer", "wait=30")
+            }
+            (None, false) => {}
+            (_, true) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(16));
+            }
+        }
+        match get.send().await {
+            Ok(r) if r.status().as_u16() == 304 => {}
             Ok(r) if r.status().is_success() => {
+                etag = r
+                    .headers()
+                    .get("etag")
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from);
                 let o: Value = r.json().await.unwrap_or(Value::Null);
                 if o["status"] != "PENDING" {
                     break o;
@@ -380,6 +424,7 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         "sagasPerSecond": round1(done as f64 / secs),
         "clientMs": latency(&client),
         "hostMs": latency(&host),
+        "shedAndRetried": tally.shed,
         "errors": tally.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect::<HashMap<_, _>>(),
         "runtimeCpuMsPerSaga": round(per_saga(cpu_runtime * 1000.0), 2),
         "brokerCpuMsPerSaga": round(per_saga(cpu_broker * 1000.0), 2),
@@ -398,6 +443,7 @@ fn merge(into: &Mutex<Tally>, mine: Tally) {
     let mut t = into.lock().unwrap();
     t.samples.extend(mine.samples);
     t.placed.extend(mine.placed);
+    t.shed += mine.shed;
     for (k, v) in mine.errors {
         *t.errors.entry(k).or_default() += v;
     }
@@ -406,13 +452,14 @@ fn merge(into: &Mutex<Tally>, mine: Tally) {
 fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
-         errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db txn/event {}",
+         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db txn/event {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
         r["sagas"],
         r["sagasPerSecond"].as_f64().unwrap_or(0.0),
         r["clientMs"]["p50"], r["clientMs"]["p95"], r["clientMs"]["p99"],
         r["hostMs"]["p50"], r["hostMs"]["p95"], r["hostMs"]["p99"],
+        r["shedAndRetried"],
         r["errors"],
         r["runtimeCpuMsPerSaga"], r["brokerCpuMsPerSaga"],
         r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbTransactionsPerEvent"],
@@ -433,13 +480,8 @@ async fn check(target: &Target) -> Vec<String> {
             USERS,
             POINTS,
         )
-        .await;
-        // The warm-up saga is stored but not among the placed.
-        let v: Vec<String> = v
-            .violations
-            .into_iter()
-            .filter(|m| !m.contains("orders stored for"))
-            .collect();
+        .await
+        .violations;
         if v.is_empty() || Instant::now() > until {
             return v;
         }

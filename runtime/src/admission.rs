@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -36,6 +36,23 @@ pub struct Settings {
     /// Commands are refused while a service handles its events later than this, ms; 0 never
     /// sheds. Default 2000.
     pub shed_lag_ms: u64,
+    /// The longest `Prefer: wait` honoured, seconds (`crate::watch`). Default 60.
+    pub max_wait_s: u64,
+    /// A held query runs again at least this often (commits of other instances), ms.
+    /// Default 1000.
+    pub wait_recheck_ms: u64,
+    /// Queries held at once; beyond, one is answered at once. Default 4096.
+    pub max_held: usize,
+}
+
+impl Settings {
+    pub fn holding(&self) -> crate::watch::Holding {
+        crate::watch::Holding {
+            max_wait: Duration::from_secs(self.max_wait_s),
+            recheck: Duration::from_millis(self.wait_recheck_ms.max(10)),
+            max_held: self.max_held,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -45,6 +62,9 @@ impl Default for Settings {
             max_queued: 1024,
             queue_wait_ms: 2000,
             shed_lag_ms: 2000,
+            max_wait_s: 60,
+            wait_recheck_ms: 1000,
+            max_held: 4096,
         }
     }
 }
@@ -65,20 +85,23 @@ pub enum Refused {
 
 /// How late each service handles its events; written by the workers (and the relay, for the
 /// outbox), read by the door. Lags are in host-clock ms (event time → handled); whether a
-/// report is fresh is judged on the monotonic clock, so a test's pinned clock cannot make one
-/// last for ever.
-#[derive(Default)]
+/// report is fresh is judged on a monotonic clock of its own, so a test's pinned host clock
+/// cannot make one last for ever.
 struct Lag {
     /// service → (lag ms, when reported).
-    by_service: Mutex<HashMap<String, (i64, tokio::time::Instant)>>,
+    by_service: Mutex<HashMap<String, (i64, Instant)>>,
+    monotonic: Monotonic,
 }
 
 /// A report older than this says nothing about now.
 const FRESH: Duration = Duration::from_secs(1);
 
+/// The monotonic clock the door judges freshness by (a seam for tests).
+pub type Monotonic = Arc<dyn Fn() -> Instant + Send + Sync>;
+
 impl Lag {
     fn report(&self, service: &str, lag_ms: i64) {
-        let now = tokio::time::Instant::now();
+        let now = (self.monotonic)();
         let mut map = self.by_service.lock().expect("lag lock");
         match map.get_mut(service) {
             Some(entry) => *entry = (lag_ms, now),
@@ -90,7 +113,7 @@ impl Lag {
 
     /// The latest service, if one is later than `limit_ms` by a fresh report.
     fn behind(&self, limit_ms: i64) -> Option<(String, i64)> {
-        let now = tokio::time::Instant::now();
+        let now = (self.monotonic)();
         let map = self.by_service.lock().expect("lag lock");
         map.iter()
             .filter(|(_, (lag, at))| *lag > limit_ms && now.duration_since(*at) <= FRESH)
@@ -115,6 +138,15 @@ pub struct Turn(#[allow(dead_code)] OwnedSemaphorePermit);
 
 impl Door {
     pub fn new(settings: &Settings, max_instances: u32, clock: Arc<dyn Clock>) -> Self {
+        Self::with_monotonic(settings, max_instances, clock, Arc::new(Instant::now))
+    }
+
+    pub fn with_monotonic(
+        settings: &Settings,
+        max_instances: u32,
+        clock: Arc<dyn Clock>,
+        monotonic: Monotonic,
+    ) -> Self {
         let in_flight = match settings.max_in_flight {
             0 => (max_instances as usize / 2).max(1),
             n => n,
@@ -125,7 +157,10 @@ impl Door {
             max_queued: settings.max_queued,
             wait: Duration::from_millis(settings.queue_wait_ms),
             shed_lag_ms: settings.shed_lag_ms as i64,
-            lag: Lag::default(),
+            lag: Lag {
+                by_service: Mutex::new(HashMap::new()),
+                monotonic,
+            },
             clock,
         }
     }
@@ -178,16 +213,22 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
 
-    fn door(in_flight: usize, queued: usize, wait_ms: u64) -> (Door, Arc<ManualClock>) {
-        // The host clock stands at 10 s.
+    /// A door whose host clock stands at 10 s, and a monotonic clock moved by the test.
+    fn door(in_flight: usize, queued: usize, wait_ms: u64) -> (Door, Arc<Mutex<Instant>>) {
         let clock = ManualClock::starting_at(10_000);
+        let now = Arc::new(Mutex::new(Instant::now()));
+        let monotonic = {
+            let now = now.clone();
+            Arc::new(move || *now.lock().unwrap())
+        };
         let settings = Settings {
             max_in_flight: in_flight,
             max_queued: queued,
             queue_wait_ms: wait_ms,
             shed_lag_ms: 500,
+            ..Settings::default()
         };
-        (Door::new(&settings, 64, clock.clone()), clock)
+        (Door::with_monotonic(&settings, 64, clock, monotonic), now)
     }
 
     #[tokio::test]
@@ -209,7 +250,7 @@ mod tests {
         assert_eq!(door.queued(), 0);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_request_that_waits_too_long_is_refused() {
         let (door, _) = door(1, 10, 50);
         let _held = door.enter(false).await.unwrap();
@@ -217,9 +258,9 @@ mod tests {
         assert_eq!(door.queued(), 0);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn commands_are_shed_while_a_service_is_behind_and_queries_are_not() {
-        let (door, _) = door(4, 4, 1000);
+        let (door, now) = door(4, 4, 1000);
         door.report("order", 10_000 - 800);
         let refused = door.enter(true).await.err().unwrap();
         assert_eq!(
@@ -235,7 +276,7 @@ mod tests {
         assert!(door.enter(true).await.is_ok());
         door.report("order", 10_000 - 800);
         assert!(door.enter(true).await.is_err());
-        tokio::time::advance(Duration::from_millis(1001)).await;
+        *now.lock().unwrap() += Duration::from_millis(1001);
         assert!(door.enter(true).await.is_ok());
     }
 }

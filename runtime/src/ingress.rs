@@ -1,7 +1,8 @@
 //! HTTP ingress: the routes services declare, served by the host. A request becomes a call of
 //! the owning guest's `on-request`; its effects commit in one transaction (state and outbox),
 //! and the guest's reply is sent only after that commit. `GET` routes are queries: they read
-//! state and must return no effects.
+//! state and must return no effects; their replies carry an `ETag`, and a client may wait for
+//! a change with `If-None-Match` and `Prefer: wait` (`crate::watch`).
 
 use std::sync::Arc;
 
@@ -15,15 +16,25 @@ use crate::effects;
 use crate::node::Shared;
 use crate::registry::{percent_decode, Service};
 use crate::storage::idempotency;
-use crate::wasm::bindings::{Context, Payload, Reply, Request};
-use crate::wasm::Failure;
+use crate::wasm::bindings::{self, Context, Payload, Reply, Request};
+use crate::wasm::{Called, Failure};
+use crate::watch;
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/_saga/health", axum::routing::get(|| async { "ok" }))
         .route(
+            "/healthz",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/readyz", axum::routing::get(readyz))
+        .route(
             "/_saga/stats",
             axum::routing::get(|State(shared): State<Arc<Shared>>| async move {
-                axum::Json(serde_json::to_value(&shared.stats).unwrap_or_default())
+                let mut stats = serde_json::to_value(&shared.stats).unwrap_or_default();
+                // Gauges of now, beside the counters.
+                stats["held_queries"] = shared.changes.held().into();
+                stats["queued_requests"] = shared.door.queued().into();
+                axum::Json(stats)
             }),
         )
         .route(
@@ -62,6 +73,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/sagas/{id}", axum::routing::get(saga_timeline))
         .fallback(handle)
         .with_state(shared)
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let (database, took) = crate::health::ping(&shared.db).await;
+    let installed: Vec<String> = shared.registry.snapshot().keys().cloned().collect();
+    let (ready, detail) = shared.health.ready(&installed, database, took);
+    let status = match ready {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, axum::Json(detail)).into_response()
 }
 
 pub(crate) fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -118,14 +140,18 @@ async fn handle(
             format!("no service serves {method} {path}"),
         );
     };
-    // Flow control before anything is read or run (`crate::admission`).
+    // Flow control before anything is read or run (`crate::admission`); a query takes its
+    // turn for each run of it (`query`).
     let command = method != Method::GET && method != Method::HEAD;
-    let _turn = match shared.door.enter(command).await {
-        Ok(turn) => turn,
-        Err(refused) => {
-            crate::stats::Stats::add(&shared.stats.shed, 1);
-            return unavailable(refused.to_string());
-        }
+    let _turn = match command {
+        false => None,
+        true => match shared.door.enter(true).await {
+            Ok(turn) => Some(turn),
+            Err(refused) => {
+                crate::stats::Stats::add(&shared.stats.shed, 1);
+                return unavailable(refused.to_string());
+            }
+        },
     };
     let limits = &shared.config.limits;
     let body = match read_body(
@@ -164,6 +190,14 @@ async fn handle(
             data: body.to_vec(),
         },
     };
+    if !command {
+        let holding = shared.config.ingress.holding();
+        let name = service.name();
+        return watch::answer(&shared.changes, holding, name, &headers, || {
+            query(&shared, &service, &request)
+        })
+        .await;
+    }
     let new_id = uuid::Uuid::now_v7().to_string();
     for rerun in 1..=crate::backoff::CONFLICT_RERUNS {
         match run(&shared, &service, &request, &new_id, retry.as_ref()).await {
@@ -289,6 +323,74 @@ impl Retry {
     }
 }
 
+/// Call the service's request handler on a free instance; a failure as the response it gets.
+async fn call_guest(
+    shared: &Arc<Shared>,
+    service: &Arc<Service>,
+    request: &Request,
+    ctx: Context,
+) -> Result<Called<bindings::Response>, Response> {
+    let (svc, req, reader) = (service.clone(), request.clone(), shared.reader.clone());
+    let called = match service.guest.slots().admit().await {
+        Ok(slot) => {
+            tokio::task::spawn_blocking(move || svc.guest.on_request(&slot, reader, &ctx, &req))
+                .await
+                .unwrap_or_else(|e| Err(Failure::Host(format!("handler thread failed: {e}"))))
+        }
+        Err(busy) => Err(busy),
+    };
+    match called {
+        Ok(called) => Ok(called),
+        Err(Failure::Reject(msg)) => Err(json_error(StatusCode::UNPROCESSABLE_ENTITY, msg)),
+        Err(f @ (Failure::Retry(_) | Failure::Host(_))) => Err(unavailable(f.to_string())),
+        Err(f) => {
+            tracing::warn!(service = service.name(), "request handler failed: {f}");
+            Err(json_error(StatusCode::INTERNAL_SERVER_ERROR, f.to_string()))
+        }
+    }
+}
+
+/// Run a query (`GET`): its answer and what it read, for `crate::watch`. It takes a turn at
+/// the door for the call only, so a held query does not hold one while it waits.
+async fn query(
+    shared: &Arc<Shared>,
+    service: &Arc<Service>,
+    request: &Request,
+) -> Result<(watch::Answer, watch::Reads), Response> {
+    let _turn = shared.door.enter(false).await.map_err(|refused| {
+        crate::stats::Stats::add(&shared.stats.shed, 1);
+        unavailable(refused.to_string())
+    })?;
+    let ctx = Context {
+        now_ms: shared.clock.now_ms(),
+        attempt: 1,
+        new_id: uuid::Uuid::now_v7().to_string(),
+    };
+    let called = call_guest(shared, service, request, ctx).await?;
+    let response = called.output;
+    if !response.effects.is_empty() {
+        return Err(json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "GET {} of service {} returned effects; queries must not change anything",
+                request.path,
+                service.name()
+            ),
+        ));
+    }
+    let reply = response.reply;
+    let answer = watch::Answer {
+        status: reply.status,
+        content_type: reply.body.content_type,
+        body: reply.body.data,
+    };
+    let reads = watch::Reads {
+        keys: called.reads.0.into_keys().collect(),
+        prefixes: called.scanned,
+    };
+    Ok((answer, reads))
+}
+
 async fn run(
     shared: &Arc<Shared>,
     service: &Arc<Service>,
@@ -302,41 +404,13 @@ async fn run(
         attempt: 1,
         new_id: new_id.to_string(),
     };
-    let (svc, req, reader) = (service.clone(), request.clone(), shared.reader.clone());
-    let called = match service.guest.slots().admit().await {
-        Ok(slot) => {
-            tokio::task::spawn_blocking(move || svc.guest.on_request(&slot, reader, &ctx, &req))
-                .await
-                .unwrap_or_else(|e| Err(Failure::Host(format!("handler thread failed: {e}"))))
-        }
-        Err(busy) => Err(busy),
-    };
-    let called = match called {
+    let called = match call_guest(shared, service, request, ctx).await {
         Ok(called) => called,
-        Err(Failure::Reject(msg)) => {
-            return Outcome::Error(json_error(StatusCode::UNPROCESSABLE_ENTITY, msg))
-        }
-        Err(f @ (Failure::Retry(_) | Failure::Host(_))) => {
-            return Outcome::Error(unavailable(f.to_string()))
-        }
-        Err(f) => {
-            tracing::warn!(service = service.name(), "request handler failed: {f}");
-            return Outcome::Error(json_error(StatusCode::INTERNAL_SERVER_ERROR, f.to_string()));
-        }
+        Err(response) => return Outcome::Error(response),
     };
     let response = called.output;
     if response.effects.is_empty() && retry.is_none() {
         return Outcome::Reply(response.reply);
-    }
-    if request.method == "GET" && !response.effects.is_empty() {
-        return Outcome::Error(json_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "GET {} of service {} returned effects; queries must not change anything",
-                request.path,
-                service.name()
-            ),
-        ));
     }
     let scope = effects::Scope { saga: None, new_id };
     if let Err(reason) = effects::validate(&shared.config.limits, service, scope, &response.effects)
@@ -375,6 +449,8 @@ async fn run(
             }
         }
         tx.commit().await?;
+        let written = response.effects.writes.iter().map(|w| w.key.as_str());
+        shared.changes.committed(service.name(), written);
         Ok::<_, crate::storage::Error>(None)
     }
     .await;

@@ -70,6 +70,10 @@ pub struct Shared {
     pub stats: Stats,
     /// The HTTP ingress's flow control; workers report their lag to it.
     pub door: crate::admission::Door,
+    /// Held queries (`Prefer: wait`), woken by the commits that change what they read.
+    pub changes: crate::watch::Changes,
+    /// What `GET /readyz` reports; ownership and the relay write their lines.
+    pub health: crate::health::Board,
     /// Recent events with their inputs and effects, per service, for `deploy --verify`,
     /// until `verify::flush` writes them to the database.
     pub recordings: Arc<crate::verify::Recordings>,
@@ -145,6 +149,8 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     );
     let shared = Arc::new(Shared {
         door,
+        changes: crate::watch::Changes::default(),
+        health: crate::health::Board::default(),
         config,
         db,
         sandbox,

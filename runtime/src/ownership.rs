@@ -116,6 +116,8 @@ impl Ownership {
                 }
             }
         }
+        let health = &self.shared.health;
+        health.assigned(&self.service, self.held.len(), self.partitions.len());
         Ok(())
     }
 
@@ -133,6 +135,7 @@ impl Ownership {
                 tracing::warn!(service = %self.service, "partition ownership: {e}");
             }
         }
+        self.shared.health.stopped(&self.service);
         let me = &self.shared.config.instance_id;
         for p in &self.held {
             let _ = lease::release(&self.shared.db, &self.lease_name(p), me).await;

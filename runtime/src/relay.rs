@@ -202,7 +202,11 @@ impl Relay {
         while !self.shared.shutdown.is_cancelled() {
             let now = self.shared.clock.now_ms();
             if now >= renew_at {
-                match lease::acquire(db, SLOT, me, now, ttl).await {
+                let acquired = lease::acquire(db, SLOT, me, now, ttl).await;
+                if let Ok(holding) = acquired {
+                    self.shared.health.relay(holding);
+                }
+                match acquired {
                     Ok(true) => renew_at = now + ttl / 3,
                     Ok(false) => {
                         producer = None;

@@ -113,3 +113,119 @@ async fn while_a_service_is_behind_commands_are_shed_and_queries_served() {
     .await;
     rt.stop().await;
 }
+
+/// `GET` with `If-None-Match` and `Prefer: wait=N`.
+async fn held_get(
+    rt: &TestRuntime,
+    path: &str,
+    etag: &str,
+    wait_s: u64,
+) -> (u16, reqwest::header::HeaderMap, String, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let resp = rt
+        .http
+        .get(format!("{}{path}", rt.base))
+        .header("if-none-match", etag)
+        .header("prefer", format!("wait={wait_s}"))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (
+        status,
+        headers,
+        resp.text().await.unwrap(),
+        started.elapsed(),
+    )
+}
+
+/// Until a query is held.
+async fn held_now(rt: &TestRuntime) {
+    common::eventually("a query to be held", || async {
+        let stats = rt.get("/_saga/stats").await;
+        if stats["held_queries"].as_u64() >= Some(1) {
+            Ok(())
+        } else {
+            Err(stats.to_string())
+        }
+    })
+    .await;
+}
+
+async fn etag_of(rt: &TestRuntime, path: &str) -> String {
+    let resp = rt
+        .http
+        .get(format!("{}{path}", rt.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let etag = resp
+        .headers()
+        .get("etag")
+        .expect("a GET reply carries an ETag");
+    etag.to_str().unwrap().to_string()
+}
+
+/// A client waits for its order to leave `PENDING` without polling: the held `GET` is answered
+/// as soon as the commit that approves it lands, and an unchanged answer is `304` after the
+/// wait, with `Preference-Applied`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_get_answers_when_a_commit_changes_what_it_read() {
+    let rt = TestRuntime::start(Backend::Sqlite, &["order"]).await;
+    let order = json!({"holderId": "u", "currencyId": 1, "amount": 5});
+    let (_, placed) = rt.post("/orders", order.clone()).await;
+    let id = placed["id"].as_str().unwrap().to_string();
+    let path = format!("/orders/{id}");
+    let pending = etag_of(&rt, &path).await;
+    // Unchanged: 304 at once without Prefer, after the wait with it.
+    let resp = rt
+        .http
+        .get(format!("{}{path}", rt.base))
+        .header("if-none-match", &pending)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 304);
+    let (status, headers, _, took) = held_get(&rt, &path, &pending, 1).await;
+    assert_eq!(status, 304);
+    assert!(took >= std::time::Duration::from_secs(1), "{took:?}");
+    assert_eq!(headers["preference-applied"], "wait=1");
+    assert_eq!(headers["etag"].to_str().unwrap(), pending);
+
+    // Changed while held: answered with the new state long before the wait is over.
+    let held = {
+        let (rt, path, pending) = (&rt, path.clone(), pending.clone());
+        async move { held_get(rt, &path, &pending, 30).await }
+    };
+    let approve = async {
+        held_now(&rt).await;
+        let data = json!({"orderId": id});
+        common::produce_event(rt.prefix(), "point", "used-1", "PointUsed", &id, &data).await;
+    };
+    let ((status, headers, body, took), ()) = tokio::join!(held, approve);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("APPROVED"), "{body}");
+    assert_ne!(headers["etag"].to_str().unwrap(), pending);
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+
+    // A listing is held on the prefix it scanned: a new order wakes it.
+    let listing = etag_of(&rt, "/orders").await;
+    let held = async { held_get(&rt, "/orders", &listing, 30).await };
+    let place = async {
+        held_now(&rt).await;
+        rt.post("/orders", order.clone()).await
+    };
+    let ((status, _, body, took), (placed, _)) = tokio::join!(held, place);
+    assert_eq!(placed, 201);
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Vec<serde_json::Value>>(&body)
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    rt.stop().await;
+}

@@ -138,6 +138,8 @@ pub(crate) struct Host {
     pub(super) limiter: Limiter,
     pub(super) stderr: MemoryOutputPipe,
     pub(super) reads: ReadSet,
+    /// Prefixes the call scanned (what a held query waits on, `crate::watch`).
+    pub(super) scanned: Vec<String>,
     /// Set when a host import failed on the host's side (a state read the database refused):
     /// the call then fails as a host fault, not as the guest's trap.
     pub(super) host_fault: Option<String>,
@@ -169,6 +171,7 @@ impl Host {
             },
             stderr,
             reads: ReadSet::default(),
+            scanned: Vec::new(),
             host_fault: None,
             service: service.into(),
             reader,
@@ -235,6 +238,9 @@ impl Host {
             Ok(rows) => rows,
             Err(e) => return Err(self.fault(format!("state scan of {prefix:?} failed: {e}"))),
         };
+        if !self.scanned.contains(&prefix) {
+            self.scanned.push(prefix);
+        }
         Ok(rows
             .into_iter()
             .filter_map(|(key, v)| {

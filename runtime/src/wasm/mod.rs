@@ -163,6 +163,8 @@ impl Slots {
 pub struct Called<T> {
     pub output: T,
     pub reads: ReadSet,
+    /// Prefixes the call scanned.
+    pub scanned: Vec<String>,
 }
 
 /// The export a service must have: the handler of any 0.1.x version of the contract (the
@@ -473,6 +475,7 @@ impl Guest {
             Ok(output) => Ok(Called {
                 output,
                 reads: called.reads,
+                scanned: called.scanned,
             }),
             Err(GuestError::Retry(msg)) => Err(Failure::Retry(msg)),
             Err(GuestError::Reject(msg)) => Err(Failure::Reject(msg)),
@@ -506,6 +509,7 @@ impl Guest {
             Ok(output) => Ok(Called {
                 output,
                 reads: std::mem::take(&mut store.data_mut().reads),
+                scanned: std::mem::take(&mut store.data_mut().scanned),
             }),
             Err(e) => Err(self.classify(e, &store, &stderr)),
         }

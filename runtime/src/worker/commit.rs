@@ -30,6 +30,8 @@ impl Worker {
         let mut next: HashMap<(&str, i32), i64> = HashMap::new();
         let (mut applied, mut duplicates, mut dead, mut expired, mut ignored) = (0, 0, 0, 0, 0);
         let mut refused = 0;
+        // State keys the batch wrote, for the held queries that read them (`crate::watch`).
+        let mut written: Vec<&str> = Vec::new();
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
@@ -46,6 +48,13 @@ impl Worker {
                 if let Some(saga) = item.saga().filter(|_| item.first_attempt > 1) {
                     storage::held::release(&mut tx, &self.service, saga).await?;
                 }
+            }
+            if let (
+                Ok(Some(inbox::Outcome::Applied | inbox::Outcome::Compensated)),
+                Verdict::Apply(c),
+            ) = (&outcome, verdict)
+            {
+                written.extend(c.output.writes.iter().map(|w| w.key.as_str()));
             }
             match outcome {
                 Ok(Some(inbox::Outcome::Applied | inbox::Outcome::Compensated)) => applied += 1,
@@ -71,6 +80,7 @@ impl Worker {
             storage::offsets::advance(&mut tx, &self.service, topic, partition, offset).await?;
         }
         tx.commit().await?;
+        self.shared.changes.committed(&self.service, written);
         let stats = &self.shared.stats;
         Stats::add(&stats.applied, applied);
         Stats::add(&stats.duplicates, duplicates);

@@ -191,26 +191,32 @@ impl Drop for Broker {
 /// Needs Debian's `pg_ctlcluster` (as on these machines); a test that asks for it fails
 /// without it rather than skipping.
 pub fn restart_postgres(down: std::time::Duration) {
+    postgres("stop");
+    std::thread::sleep(down);
+    postgres("start");
+}
+
+/// `pg_ctlcluster … main <action>` of the machine's cluster; after `start`, wait until it
+/// accepts connections.
+pub fn postgres(action: &str) {
     let version = std::fs::read_dir("/etc/postgresql")
         .expect("restarting PostgreSQL needs Debian's /etc/postgresql (or FAULT_PG_RESTART=0)")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .next()
         .expect("a PostgreSQL cluster under /etc/postgresql");
-    let ctl = |action: &str| {
-        let out = Command::new("pg_ctlcluster")
-            .args(["--skip-systemctl-redirect", &version, "main", action])
-            .output()
-            .expect("run pg_ctlcluster");
-        assert!(
-            out.status.success(),
-            "pg_ctlcluster {action} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    ctl("stop");
-    std::thread::sleep(down);
-    ctl("start");
+    let out = Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", action])
+        .output()
+        .expect("run pg_ctlcluster");
+    assert!(
+        out.status.success(),
+        "pg_ctlcluster {action} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if action != "start" {
+        return;
+    }
     for _ in 0..100 {
         let ready = Command::new("pg_isready")
             .args(["-q", "-h", "127.0.0.1", "-p", "5432"])

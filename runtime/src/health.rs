@@ -1,0 +1,124 @@
+//! `GET /healthz` (the process serves) and `GET /readyz` (it can do its job): the database
+//! answers (migrations run at connect, before anything serves), every installed service has
+//! its partition ownership settled at least once, and the relay knows whether it holds its
+//! slot. `503` with the same JSON detail while not ready. Open without the admin token, like
+//! the other read-only views.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+/// What the moving parts last said about themselves; each writes its own line.
+#[derive(Default)]
+pub struct Board {
+    /// service → (partitions held here, partitions in all).
+    services: Mutex<BTreeMap<String, (usize, usize)>>,
+    /// Whether this instance holds the relay slot; `None` until the relay first looked.
+    relay: Mutex<Option<bool>>,
+}
+
+impl Board {
+    /// `service`'s ownership settled: it reads `held` of `of` partitions here.
+    pub fn assigned(&self, service: &str, held: usize, of: usize) {
+        self.services
+            .lock()
+            .expect("board lock")
+            .insert(service.to_string(), (held, of));
+    }
+
+    /// `service` stopped consuming here.
+    pub fn stopped(&self, service: &str) {
+        self.services.lock().expect("board lock").remove(service);
+    }
+
+    /// The relay checked its lease: whether it holds the slot.
+    pub fn relay(&self, holding: bool) {
+        *self.relay.lock().expect("board lock") = Some(holding);
+    }
+
+    /// Readiness with its detail, given the installed services and a database check (its
+    /// error, if any, and how long it took).
+    pub fn ready(
+        &self,
+        installed: &[String],
+        database: Result<(), String>,
+        took: std::time::Duration,
+    ) -> (bool, Value) {
+        let mut waiting: Vec<String> = Vec::new();
+        let db = match &database {
+            Ok(()) => json!({"ok": true, "ms": took.as_secs_f64() * 1000.0}),
+            Err(e) => {
+                waiting.push(format!("the database does not answer: {e}"));
+                json!({"ok": false, "error": e})
+            }
+        };
+        let assigned = self.services.lock().expect("board lock").clone();
+        let mut services = serde_json::Map::new();
+        for name in installed {
+            match assigned.get(name) {
+                Some((held, of)) => {
+                    services.insert(name.clone(), json!({"partitions": held, "of": of}));
+                }
+                None => {
+                    waiting.push(format!("service {name} has no partition ownership yet"));
+                    services.insert(name.clone(), json!({"partitions": null}));
+                }
+            }
+        }
+        let relay = *self.relay.lock().expect("board lock");
+        if relay.is_none() {
+            waiting.push("the relay has not checked its slot yet".into());
+        }
+        let ready = waiting.is_empty();
+        let detail = json!({
+            "ready": ready,
+            "database": db,
+            "migrations": if database.is_ok() { "applied" } else { "unknown" },
+            "services": services,
+            "relay": {"slot": "relay/0", "held": relay},
+            "waiting": waiting,
+        });
+        (ready, detail)
+    }
+}
+
+/// Time a database round trip.
+pub async fn ping(db: &crate::storage::Db) -> (Result<(), String>, std::time::Duration) {
+    let started = Instant::now();
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(db.pool()),
+    )
+    .await;
+    let result = match result {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 2 s".into()),
+    };
+    (result, started.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_every_part_has_reported_and_the_database_answers() {
+        let board = Board::default();
+        let services = vec!["order".to_string()];
+        let took = std::time::Duration::from_millis(1);
+        let (ready, detail) = board.ready(&services, Ok(()), took);
+        assert!(!ready);
+        assert_eq!(detail["waiting"].as_array().unwrap().len(), 2, "{detail}");
+        board.assigned("order", 2, 4);
+        board.relay(false);
+        let (ready, detail) = board.ready(&services, Ok(()), took);
+        assert!(ready, "{detail}");
+        assert_eq!(detail["services"]["order"]["partitions"], 2);
+        let (ready, detail) = board.ready(&services, Err("refused".into()), took);
+        assert!(!ready);
+        assert_eq!(detail["database"]["ok"], false);
+    }
+}

@@ -1,0 +1,56 @@
+//! `GET /healthz` and `GET /readyz` (issue 13, item 3): ready once the database answers, every
+//! service's partitions are settled and the relay knows its slot; not ready, with the reason,
+//! while the database is down, and ready again when it is back.
+
+mod common;
+
+use common::instances::postgres;
+use common::{eventually, Backend, TestRuntime};
+
+async fn readyz(rt: &TestRuntime) -> (u16, serde_json::Value) {
+    rt.get_status("/readyz").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_with_detail_not_ready_while_the_database_is_down() {
+    let rt = TestRuntime::start(Backend::Postgres, &["order", "point"]).await;
+    let (status, health) = rt.get_status("/healthz").await;
+    assert_eq!((status, &health["status"]), (200, &"ok".into()));
+    let detail = eventually("the instance to be ready", || async {
+        match readyz(&rt).await {
+            (200, detail) => Ok(detail),
+            (_, detail) => Err(detail.to_string()),
+        }
+    })
+    .await;
+    assert_eq!(detail["database"]["ok"], true);
+    assert_eq!(detail["migrations"], "applied");
+    // Alone, the instance reads every partition of what each service consumes (its topics
+    // and its deadline topic, two partitions each in tests).
+    for service in ["order", "point"] {
+        let s = &detail["services"][service];
+        assert_eq!(s["partitions"], s["of"], "{detail}");
+        assert!(s["of"].as_u64() >= Some(2), "{detail}");
+    }
+    assert!(detail["relay"]["held"].is_boolean(), "{detail}");
+
+    tokio::task::spawn_blocking(|| postgres("stop"))
+        .await
+        .unwrap();
+    let (status, detail) = readyz(&rt).await;
+    tokio::task::spawn_blocking(|| postgres("start"))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{detail}");
+    assert_eq!(detail["database"]["ok"], false, "{detail}");
+    let (status, _) = rt.get_status("/healthz").await;
+    assert_eq!(status, 200, "alive, only not ready");
+    eventually("the instance to be ready again", || async {
+        match readyz(&rt).await {
+            (200, _) => Ok(()),
+            (_, detail) => Err(detail.to_string()),
+        }
+    })
+    .await;
+    rt.stop().await;
+}
