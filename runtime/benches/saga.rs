@@ -41,6 +41,8 @@ const POINTS: i64 = 10_000;
 const SERVICES: &[&str] = &["order", "point", "exchange"];
 /// The open-loop pass mark.
 const P99_LIMIT_MS: f64 = 1000.0;
+/// `--config TOML`: more of the runtime's configuration (e.g. "[kafka]\nfetch_pause_ms = 5").
+static EXTRA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// `--poll`: clients poll for the outcome instead of holding a GET.
 static POLL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -104,6 +106,9 @@ fn args() -> Args {
             "--seconds" => a.seconds = value().parse().expect("--seconds S"),
             "--find-rate" => a.find_rate = true,
             "--poll" => POLL.store(true, Ordering::Relaxed),
+            "--config" => {
+                let _ = EXTRA.set(value().replace("\\n", "\n"));
+            }
             "--short" => {
                 a.backends = vec![Backend::Sqlite];
                 a.clients = vec![8];
@@ -113,7 +118,7 @@ fn args() -> Args {
             }
             other => panic!(
                 "unknown option {other}; options: --backend sqlite,postgres --clients 8,128 \
-                 --sagas N --rate R --seconds S --find-rate --poll --short"
+                 --sagas N --rate R --seconds S --find-rate --poll --config TOML --short"
             ),
         }
     }
@@ -150,7 +155,7 @@ impl Target {
     async fn start(backend: Backend) -> Self {
         let db = TestDb::new(backend).await;
         let dir = tempfile::tempdir().unwrap();
-        let config = config_file(dir.path(), "");
+        let config = config_file(dir.path(), &EXTRA.get().cloned().unwrap_or_default());
         let prefix = format!("bench{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let (url, p, c) = (db.url.clone(), prefix.clone(), config.clone());
         let instance =

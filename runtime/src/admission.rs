@@ -6,9 +6,11 @@
 //! - Queue: up to `ingress.max_queued` more wait, each at most `ingress.queue_wait_ms`; a
 //!   request beyond the queue, or one that waited too long, gets `503` with `Retry-After`.
 //!   Waiters are served in arrival order (tokio's semaphore is fair).
-//! - Shedding: each worker reports how late it takes its events (their CloudEvents time →
-//!   the batch starts; duplicates and re-drives left out), and the relay how old the oldest
-//!   outbox row it publishes is. While one of them is later than `ingress.shed_lag_ms`,
+//! - Shedding: a worker that takes a full batch (it has a backlog) reports how late it takes
+//!   its events (their CloudEvents time → the batch starts; duplicates and re-drives left
+//!   out), and the relay, on a full batch, how old the oldest outbox row it publishes is; a
+//!   smaller batch means it drained what there was, and it reports itself caught up. So a
+//!   partition released from a hold, late by design, sheds nothing. While one of them is later than `ingress.shed_lag_ms`,
 //!   commands (anything but `GET`) are refused with `503` instead of being admitted, so the
 //!   sagas already running finish within their deadlines; queries are still served. A
 //!   report older than a second is ignored (an idle part is not behind).
@@ -172,6 +174,11 @@ impl Door {
             .report(part, (self.clock.now_ms() - oldest_ms).max(0));
     }
 
+    /// `part` took all there was to take: it is not behind, whatever it last reported.
+    pub fn caught_up(&self, part: &str) {
+        self.lag.report(part, 0);
+    }
+
     /// Let a request in (a `command` is anything but a query), or say why not.
     pub async fn enter(&self, command: bool) -> Result<Turn, Refused> {
         if command && self.shed_lag_ms > 0 {
@@ -278,5 +285,11 @@ mod tests {
         assert!(door.enter(true).await.is_err());
         *now.lock().unwrap() += Duration::from_millis(1001);
         assert!(door.enter(true).await.is_ok());
+        door.report("order", 10_000 - 800);
+        door.caught_up("order");
+        assert!(
+            door.enter(true).await.is_ok(),
+            "it drained what it was behind on"
+        );
     }
 }

@@ -235,8 +235,12 @@ impl Relay {
             } else {
                 match outbox::fetch(db, cfg.batch_size).await {
                     Ok(rows) => {
+                        // Behind only with a backlog: a full batch.
+                        let full = rows.len() >= cfg.batch_size as usize;
                         if let Some(oldest) = rows.iter().map(|r| r.created_ms).min() {
-                            self.shared.door.report("relay", oldest);
+                            if full {
+                                self.shared.door.report("relay", oldest);
+                            }
                         }
                         Ok(self.park_oversized(rows).await)
                     }
@@ -269,6 +273,9 @@ impl Relay {
             match result {
                 Ok(()) => {
                     failures = 0;
+                    if !republishing && rows.len() < cfg.batch_size as usize {
+                        self.shared.door.caught_up("relay");
+                    }
                     recent.keep(&rows, self.links.now_ms());
                     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
                     if republishing {

@@ -27,6 +27,7 @@ async fn make_topics(prefix: &str, names: &[&str]) -> Settings {
         partitions: 1,
         replication: 1,
         stall_reseek_ms: 1000,
+        ..Settings::default()
     };
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     topics::ensure(&settings, &names)

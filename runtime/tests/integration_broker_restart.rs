@@ -46,6 +46,7 @@ async fn a_restarted_broker_keeps_committed_records_at_their_offsets() {
         partitions: 1,
         replication: 1,
         stall_reseek_ms: 1000,
+        ..Settings::default()
     };
     topics::ensure(&settings, &["t".to_string()]).await.unwrap();
     let topic = settings.topic("t");

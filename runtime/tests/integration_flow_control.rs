@@ -50,11 +50,15 @@ async fn past_capacity_requests_get_503_with_retry_after_never_500() {
     rt.stop().await;
 }
 
-/// An event an hour late reaches the order service: until it has caught up (a second without
-/// a late report), `POST /orders` is refused with the reason and `GET` is served.
+/// An event an hour late reaches the order service, which takes one event at a time (so a
+/// batch never shows it drained its queue): until it has caught up (a second without a late
+/// report), `POST /orders` is refused with the reason and `GET` is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_a_service_is_behind_commands_are_shed_and_queries_served() {
-    let rt = TestRuntime::start(Backend::Sqlite, &["order"]).await;
+    let rt = TestRuntime::start_with(Backend::Sqlite, &["order"], |o| {
+        o.config.worker.max_batch = 1;
+    })
+    .await;
     let order = json!({"holderId": "u", "currencyId": 1, "amount": 5});
     let (status, _) = rt.post("/orders", order.clone()).await;
     assert_eq!(status, 201, "admitted before anything is late");

@@ -210,6 +210,10 @@ impl Worker {
             let Some(held) = self.process(&service, &batch, &mut holds).await else {
                 break; // stopping; nothing was stored, the records will be redelivered
             };
+            if batch.len() < max {
+                // It took all there was: however late that was, nothing waits behind it.
+                self.shared.door.caught_up(&self.service);
+            }
             for h in held {
                 tracing::info!(service = %self.service, topic = %h.topic, partition = h.partition, offset = h.offset, attempt = h.attempt, "partition held for a retry");
                 if let Err(e) = consumer.hold(&h.topic, h.partition, h.offset) {
@@ -243,15 +247,18 @@ impl Worker {
             })
             .collect();
         let door = self.retry_db(|| self.door(service, &items)).await?;
-        // How late this service takes its events, for the ingress's shedding: duplicates and
-        // re-drives are old by nature and say nothing about the backlog.
+        // How late this service takes its events, for the ingress's shedding, when it has a
+        // backlog (a full batch; a smaller one is reported caught up after it): duplicates and
+        // re-drives are old by nature, and a partition released from a hold is late by design,
+        // in a batch of its own size.
+        let full = items.len() >= self.shared.config.worker.max_batch.max(1);
         let oldest = items
             .iter()
             .filter(|i| !i.redrive && !door.seen.contains_key(&i.inbox_id()))
             .filter_map(|i| i.event.as_ref().ok().map(|e| e.time_ms))
             .filter(|&t| t > 0) // no `time` attribute
             .min();
-        if let Some(oldest) = oldest {
+        if let Some(oldest) = oldest.filter(|_| full) {
             self.shared.door.report(&self.service, oldest);
         }
         let mut verdicts = self.decide_all(service, &items, &door, holds).await?;
