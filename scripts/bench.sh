@@ -4,7 +4,7 @@
 #   scripts/bench.sh saga [options]        the deadline saga over HTTP (runtime/benches/saga.rs):
 #       --backend sqlite,postgres  --clients 8,128  --sagas 3000  --rate R  --seconds 10
 #       --find-rate  --poll (poll instead of a held GET)  --config TOML (more runtime config,
-#       e.g. '[kafka]\nfetch_pause_ms = 5')  --short (CI's quick form);
+#       e.g. '[kafka]\nfetch_wait_ms = 100')  --short (CI's quick form);
 #       ends with one RESULT_JSON line
 #   scripts/bench.sh foundation [filter]   guest call, one saga, deadline lag, hot swap
 #                                          (runtime/benches/foundation.rs)

@@ -41,7 +41,7 @@ const POINTS: i64 = 10_000;
 const SERVICES: &[&str] = &["order", "point", "exchange"];
 /// The open-loop pass mark.
 const P99_LIMIT_MS: f64 = 1000.0;
-/// `--config TOML`: more of the runtime's configuration (e.g. "[kafka]\nfetch_pause_ms = 5").
+/// `--config TOML`: more of the runtime's configuration (e.g. "[kafka]\nfetch_wait_ms = 100").
 static EXTRA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// `--poll`: clients poll for the outcome instead of holding a GET.
 static POLL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

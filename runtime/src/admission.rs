@@ -189,8 +189,7 @@ impl Door {
         if let Ok(permit) = self.turns.clone().try_acquire_owned() {
             return Ok(Turn(permit));
         }
-        let waiting = self.waiting.fetch_add(1, Ordering::AcqRel);
-        let _leave = Leave(&self.waiting);
+        let (waiting, _leave) = Occupant::enter(&self.waiting);
         if waiting >= self.max_queued {
             return Err(Refused::QueueFull(waiting));
         }
@@ -206,10 +205,18 @@ impl Door {
     }
 }
 
-/// Leaves the queue when the wait ends, however it ends.
-struct Leave<'a>(&'a AtomicUsize);
+/// One of those counted in a gauge (waiting requests, held queries) for as long as it lives,
+/// however its wait ends.
+pub(crate) struct Occupant<'a>(&'a AtomicUsize);
 
-impl Drop for Leave<'_> {
+impl<'a> Occupant<'a> {
+    /// Count one more in `gauge`: how many there were before, and the occupant.
+    pub(crate) fn enter(gauge: &'a AtomicUsize) -> (usize, Self) {
+        (gauge.fetch_add(1, Ordering::AcqRel), Occupant(gauge))
+    }
+}
+
+impl Drop for Occupant<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }

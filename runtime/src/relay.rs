@@ -130,13 +130,13 @@ struct Recent {
 }
 
 impl Recent {
-    fn keep(&mut self, rows: &[outbox::Row], now: i64) {
+    fn keep(&mut self, rows: Vec<outbox::Row>, now: i64) {
         if self.window_ms <= 0 {
             return;
         }
         for row in rows {
             self.bytes += row.message.size();
-            self.rows.push_back((now, row.clone()));
+            self.rows.push_back((now, row));
         }
         while let Some((at, row)) = self.rows.front() {
             if *at >= now - self.window_ms && self.bytes <= self.max_bytes {
@@ -236,11 +236,11 @@ impl Relay {
                 match outbox::fetch(db, cfg.batch_size).await {
                     Ok(rows) => {
                         // Behind only with a backlog: a full batch.
-                        let full = rows.len() >= cfg.batch_size as usize;
-                        if let Some(oldest) = rows.iter().map(|r| r.created_ms).min() {
-                            if full {
-                                self.shared.door.report("relay", oldest);
-                            }
+                        let oldest = rows.iter().map(|r| r.created_ms).min();
+                        if let Some(oldest) =
+                            oldest.filter(|_| rows.len() >= cfg.batch_size as usize)
+                        {
+                            self.shared.door.report("relay", oldest);
                         }
                         Ok(self.park_oversized(rows).await)
                     }
@@ -276,8 +276,8 @@ impl Relay {
                     if !republishing && rows.len() < cfg.batch_size as usize {
                         self.shared.door.caught_up("relay");
                     }
-                    recent.keep(&rows, self.links.now_ms());
                     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                    recent.keep(rows, self.links.now_ms());
                     if republishing {
                         // Deleted when first published.
                     } else if let Err(e) = outbox::delete(db, &ids).await {
@@ -529,8 +529,8 @@ mod tests {
     fn after_a_connection_loss_the_rows_published_just_before_it_go_out_again_once() {
         let links = Links::new();
         let mut r = recent(1000, 1 << 20);
-        r.keep(&[row(1, 10)], 100);
-        r.keep(&[row(2, 10), row(3, 10)], 1500);
+        r.keep(vec![row(1, 10)], 100);
+        r.keep(vec![row(2, 10), row(3, 10)], 1500);
         assert_eq!(ids(r.after_loss(&links)), Vec::<i64>::new(), "no loss yet");
         links.lost_ms.store(2000, Ordering::Relaxed);
         // Row 1 went out 1.9 s before the loss, outside the 1 s window.
@@ -542,15 +542,15 @@ mod tests {
     fn what_is_kept_is_bounded_by_age_and_bytes() {
         let links = Links::new();
         let mut r = recent(1000, 25);
-        r.keep(&[row(1, 10)], 0);
-        r.keep(&[row(2, 10), row(3, 10)], 10);
+        r.keep(vec![row(1, 10)], 0);
+        r.keep(vec![row(2, 10), row(3, 10)], 10);
         assert_eq!(r.bytes, 20, "row 1 dropped to stay under 25 bytes");
-        r.keep(&[row(4, 1)], 1500);
+        r.keep(vec![row(4, 1)], 1500);
         assert_eq!(r.rows.len(), 1, "rows 2 and 3 aged out");
         links.lost_ms.store(1600, Ordering::Relaxed);
         assert_eq!(ids(r.after_loss(&links)), [4]);
         let mut off = recent(0, 1 << 20);
-        off.keep(&[row(5, 1)], 0);
+        off.keep(vec![row(5, 1)], 0);
         links.lost_ms.store(1700, Ordering::Relaxed);
         assert_eq!(
             ids(off.after_loss(&links)),

@@ -220,8 +220,7 @@ where
         return not_modified(&etag, None);
     };
     let wait = Duration::from_secs(asked).min(holding.max_wait);
-    let held = changes.held.fetch_add(1, Ordering::AcqRel);
-    let _release = Release(&changes.held);
+    let (held, _held) = crate::admission::Occupant::enter(&changes.held);
     if held >= holding.max_held {
         // Too many held already: answer now rather than hold without bound.
         return not_modified(&etag, None);
@@ -245,14 +244,6 @@ where
             return now.into_response(&tag);
         }
         reads = read;
-    }
-}
-
-struct Release<'a>(&'a AtomicUsize);
-
-impl Drop for Release<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

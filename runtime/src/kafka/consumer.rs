@@ -18,14 +18,6 @@
 //!   nothing on that partition, ever (every failover or restart at a stored position past a
 //!   relay abort); one starting at or before the marker sees everything.
 //!
-//! Fetch pacing (experimental, off by default): noida-db answers an empty fetch at once instead
-//! of holding it for `fetch.wait.max.ms` (nor does it honour `fetch.min.bytes`), so librdkafka,
-//! which relies on the broker's wait, asks again at once: ~6000 fetch requests a second from
-//! one idle consumer, 0.5–1 core of the runtime (and of the broker) for three idle services.
-//! With `kafka.fetch_pause_ms` set, a consumer that received nothing for [`PACE_WINDOW`]
-//! pauses its partitions for that long, then fetches again. Open defect: with it on, the
-//! partitions next to one held for a blocking retry stall.
-//!
 //! So each partition that has delivered nothing for `stall_reseek` while the broker reports
 //! committed data beyond its position is re-sought, first in place, then further and further
 //! back (256, 512, … records); what is read again below its position was handled already and
@@ -55,14 +47,9 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
-/// How long a consumer waits for a record before it pauses fetching (fetch pacing).
-const PACE_WINDOW: Duration = Duration::from_millis(2);
-
 pub struct Consumer {
     inner: StreamConsumer,
     stall_reseek: Option<Duration>,
-    /// Fetch pacing (module docs): how long an idle consumer stops fetching.
-    pace: Option<Duration>,
     /// Per assigned (physical topic, partition): where it is and what the watchdog knows.
     lanes: Mutex<HashMap<(String, i32), Lane>>,
     /// When the watchdog last looked at the lanes.
@@ -143,8 +130,6 @@ impl Consumer {
             watched: Mutex::new(Instant::now()),
             stall_reseek: (settings.stall_reseek_ms > 0)
                 .then(|| Duration::from_millis(settings.stall_reseek_ms)),
-            pace: (settings.fetch_pause_ms > 0)
-                .then(|| Duration::from_millis(settings.fetch_pause_ms)),
         })
     }
 
@@ -152,18 +137,11 @@ impl Consumer {
     /// With nothing assigned it waits (the stall watchdog keeps it cheap).
     pub async fn next_batch(&self, max: usize) -> Result<Vec<Record>, Error> {
         loop {
-            let wait = match (self.pace, self.stall_reseek) {
-                (Some(_), _) => Some(PACE_WINDOW),
-                (None, quiet) => quiet,
-            };
-            let first = match wait {
+            let first = match self.stall_reseek {
                 None => self.inner.recv().await?,
-                Some(wait) => match tokio::time::timeout(wait, self.inner.recv()).await {
+                Some(quiet) => match tokio::time::timeout(quiet, self.inner.recv()).await {
                     Ok(message) => message?,
                     Err(_) => {
-                        if let Some(pace) = self.pace {
-                            self.rest(pace).await;
-                        }
                         self.watch();
                         continue;
                     }
@@ -187,29 +165,6 @@ impl Consumer {
                 return Ok(batch);
             }
         }
-    }
-
-    /// Fetch pacing: stop fetching the partitions not held for `pace`, then fetch again. The
-    /// caller may drop this future mid-way (a hold falls due): the partitions are resumed then
-    /// too.
-    async fn rest(&self, pace: Duration) {
-        let mut list = rdkafka::TopicPartitionList::new();
-        for ((topic, partition), lane) in self.lanes.lock().expect("lanes lock").iter() {
-            if !lane.paused {
-                list.add_partition(topic, *partition);
-            }
-        }
-        if list.count() > 0 {
-            if let Err(e) = self.inner.pause(&list) {
-                tracing::debug!("fetch pacing: pause failed: {e}");
-                return;
-            }
-        }
-        let _resume = Resting {
-            consumer: self,
-            list,
-        };
-        tokio::time::sleep(pace).await;
     }
 
     /// Account for records that arrived, dropping those a re-read delivered again.
@@ -336,34 +291,6 @@ impl Consumer {
             .filter(|t| t.name() == topic)
             .flat_map(|t| t.partitions().iter().map(|p| p.id()))
             .collect())
-    }
-}
-
-/// Partitions paused by fetch pacing: resumed when dropped (however the rest ends), except
-/// those held meanwhile.
-struct Resting<'a> {
-    consumer: &'a Consumer,
-    list: rdkafka::TopicPartitionList,
-}
-
-impl Drop for Resting<'_> {
-    fn drop(&mut self) {
-        if self.list.count() == 0 {
-            return;
-        }
-        let mut resume = rdkafka::TopicPartitionList::new();
-        {
-            let lanes = self.consumer.lanes.lock().expect("lanes lock");
-            for e in self.list.elements() {
-                let key = (e.topic().to_string(), e.partition());
-                if lanes.get(&key).is_some_and(|l| !l.paused) {
-                    resume.add_partition(e.topic(), e.partition());
-                }
-            }
-        }
-        if let Err(e) = self.consumer.inner.resume(&resume) {
-            tracing::warn!("fetch pacing: resume failed: {e}");
-        }
     }
 }
 

@@ -38,14 +38,6 @@ pub struct Settings {
     /// How long the broker may hold a consumer's fetch when it has nothing new
     /// (`fetch.wait.max.ms`): the idle hop latency against the fetch rate. Default 10.
     pub fetch_wait_ms: u64,
-    /// Experimental, off by default: a consumer that received nothing for a moment stops
-    /// fetching for this long before it looks again (works around brokers that answer an empty
-    /// fetch at once instead of holding it for `fetch_wait_ms`: noida-db does, and an idle
-    /// consumer then asks ~6000 times a second, see `kafka::consumer`). Known defect: with it
-    /// on, a blocking subscription's held partition stalls its neighbours
-    /// (`integration_deadlines::a_blocked_step_holds_its_partition_not_its_service` fails).
-    /// 0 disables. Default 0.
-    pub fetch_pause_ms: u64,
 }
 
 impl Default for Settings {
@@ -57,7 +49,6 @@ impl Default for Settings {
             replication: 1,
             stall_reseek_ms: 1000,
             fetch_wait_ms: 10,
-            fetch_pause_ms: 0,
         }
     }
 }

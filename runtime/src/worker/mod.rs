@@ -251,15 +251,16 @@ impl Worker {
         // backlog (a full batch; a smaller one is reported caught up after it): duplicates and
         // re-drives are old by nature, and a partition released from a hold is late by design,
         // in a batch of its own size.
-        let full = items.len() >= self.shared.config.worker.max_batch.max(1);
-        let oldest = items
-            .iter()
-            .filter(|i| !i.redrive && !door.seen.contains_key(&i.inbox_id()))
-            .filter_map(|i| i.event.as_ref().ok().map(|e| e.time_ms))
-            .filter(|&t| t > 0) // no `time` attribute
-            .min();
-        if let Some(oldest) = oldest.filter(|_| full) {
-            self.shared.door.report(&self.service, oldest);
+        if items.len() >= self.shared.config.worker.max_batch.max(1) {
+            let oldest = items
+                .iter()
+                .filter(|i| !i.redrive && !door.seen.contains_key(&i.inbox_id()))
+                .filter_map(|i| i.event.as_ref().ok().map(|e| e.time_ms))
+                .filter(|&t| t > 0) // no `time` attribute
+                .min();
+            if let Some(oldest) = oldest {
+                self.shared.door.report(&self.service, oldest);
+            }
         }
         let mut verdicts = self.decide_all(service, &items, &door, holds).await?;
         compensations_wait_for_held_steps(service, &items, &mut verdicts);
