@@ -385,7 +385,7 @@ pub async fn redrive_parked(
     let now = shared.clock.now_ms();
     match crate::storage::outbox::unpark(&shared.db, ids, now).await {
         Ok(moved) => {
-            shared.relay_wake.notify_one();
+            shared.relay.wake();
             axum::Json(serde_json::json!({ "redriven": moved })).into_response()
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),

@@ -110,6 +110,12 @@ pub struct Worker {
 pub struct Relay {
     /// Most outbox rows per Kafka transaction. Default 500.
     pub batch_size: u32,
+    /// Relay slots: the outbox is divided among this many publishing loops by message key
+    /// (so one saga's events go out through one slot, in order), each leased like a
+    /// partition, so relaying spreads over the instances. The same on every instance; at most
+    /// 1024. Default 1: on one instance more slots mean more, smaller Kafka transactions
+    /// (measured: 2.6 instead of 1.1 per saga with 4), which the test broker pays for.
+    pub slots: u32,
     /// How often the relay looks for rows committed by other instances, ms. Commits of this
     /// instance wake it at once. Default 100.
     pub poll_interval_ms: u64,
@@ -118,7 +124,7 @@ pub struct Relay {
     /// What the relay published in this long before its broker connections dropped is
     /// published again once they are back (a restarting broker may lose a transaction it had
     /// just acknowledged; duplicates are absorbed by the consumers' inboxes). 0 turns it off.
-    /// Default 5000.
+    /// Default 30000.
     pub republish_window_ms: u64,
     /// At most this many bytes of published rows are kept for that. Default 64 MiB.
     pub republish_window_bytes: usize,
@@ -178,9 +184,10 @@ impl Default for Relay {
     fn default() -> Self {
         Relay {
             batch_size: 500,
+            slots: 1,
             poll_interval_ms: 100,
             lease_ttl_ms: 10_000,
-            republish_window_ms: 5_000,
+            republish_window_ms: 30_000,
             republish_window_bytes: 64 << 20,
             send_timeout_ms: 10_000,
         }
@@ -251,6 +258,13 @@ impl Config {
         }
         if let Some(v) = env("SAGA_ADMIN_TOKEN") {
             self.admin_token = Some(v).filter(|t| !t.is_empty());
+        }
+        if let Some(v) = env("SAGA_RELAY_SLOTS") {
+            self.relay.slots = v.parse().map_err(|e: std::num::ParseIntError| Error::Env {
+                var: "SAGA_RELAY_SLOTS",
+                value: v.clone(),
+                reason: e.to_string(),
+            })?;
         }
         Ok(())
     }

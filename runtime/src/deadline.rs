@@ -90,7 +90,7 @@ impl Scheduler {
                 Stats::add(&self.shared.stats.deadlines_fired, 1);
                 tracing::info!(service = %d.service, saga = %d.saga, name = %d.name, lag_ms = now - d.due_ms, "deadline fired");
             }
-            self.shared.relay_wake.notify_one();
+            self.shared.relay.wake();
         }
     }
 

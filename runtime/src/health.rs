@@ -1,7 +1,7 @@
 //! `GET /healthz` (the process serves) and `GET /readyz` (it can do its job): the database
 //! answers (migrations run at connect, before anything serves), every installed service has
-//! its partition ownership settled at least once, and the relay knows whether it holds its
-//! slot. `503` with the same JSON detail while not ready. Open without the admin token, like
+//! its partition ownership settled at least once, and the relay knows which of its slots it
+//! holds. `503` with the same JSON detail while not ready. Open without the admin token, like
 //! the other read-only views.
 
 use std::collections::BTreeMap;
@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 pub struct Board {
     /// service → (partitions held here, partitions in all).
     services: Mutex<BTreeMap<String, (usize, usize)>>,
-    /// Whether this instance holds the relay slot; `None` until the relay first looked.
-    relay: Mutex<Option<bool>>,
+    /// The relay slots held here and how many there are; `None` until the relay first looked.
+    relay: Mutex<Option<(Vec<u32>, u32)>>,
 }
 
 impl Board {
@@ -33,9 +33,9 @@ impl Board {
         self.services.lock().expect("board lock").remove(service);
     }
 
-    /// The relay checked its lease: whether it holds the slot.
-    pub fn relay(&self, holding: bool) {
-        *self.relay.lock().expect("board lock") = Some(holding);
+    /// The relay checked its slot leases: it holds `held` of `of` slots.
+    pub fn relay(&self, held: Vec<u32>, of: u32) {
+        *self.relay.lock().expect("board lock") = Some((held, of));
     }
 
     /// Readiness with its detail, given the installed services and a database check (its
@@ -67,17 +67,21 @@ impl Board {
                 }
             }
         }
-        let relay = *self.relay.lock().expect("board lock");
-        if relay.is_none() {
-            waiting.push("the relay has not checked its slot yet".into());
-        }
+        let relay = self.relay.lock().expect("board lock").clone();
+        let relay = match relay {
+            Some((held, of)) => json!({"slots": of, "held": held}),
+            None => {
+                waiting.push("the relay has not checked its slot leases yet".into());
+                json!({"slots": null, "held": null})
+            }
+        };
         let ready = waiting.is_empty();
         let detail = json!({
             "ready": ready,
             "database": db,
             "migrations": if database.is_ok() { "applied" } else { "unknown" },
             "services": services,
-            "relay": {"slot": "relay/0", "held": relay},
+            "relay": relay,
             "waiting": waiting,
         });
         (ready, detail)
@@ -113,10 +117,11 @@ mod tests {
         assert!(!ready);
         assert_eq!(detail["waiting"].as_array().unwrap().len(), 2, "{detail}");
         board.assigned("order", 2, 4);
-        board.relay(false);
+        board.relay(vec![1], 2);
         let (ready, detail) = board.ready(&services, Ok(()), took);
         assert!(ready, "{detail}");
         assert_eq!(detail["services"]["order"]["partitions"], 2);
+        assert_eq!(detail["relay"]["held"], serde_json::json!([1]));
         let (ready, detail) = board.ready(&services, Err("refused".into()), took);
         assert!(!ready);
         assert_eq!(detail["database"]["ok"], false);

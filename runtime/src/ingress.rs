@@ -461,7 +461,7 @@ async fn run(
         }
         Ok(None) => {
             if !response.effects.emits.is_empty() {
-                shared.relay_wake.notify_one();
+                shared.relay.wake();
             }
             if !response.effects.set_deadlines.is_empty() {
                 shared.deadline_wake.notify_one();

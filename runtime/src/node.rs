@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::kafka::{self, consumer::Consumer};
 use crate::ownership::Ownership;
 use crate::registry::{self, Registry, Service};
-use crate::relay::{self, Relay};
+use crate::relay::{self, Relays};
 use crate::stats::Stats;
 use crate::storage::{self, deployments, state::BlockingReader, Db};
 use crate::wasm::{self, Sandbox, StateReader};
@@ -77,8 +77,8 @@ pub struct Shared {
     /// Recent events with their inputs and effects, per service, for `deploy --verify`,
     /// until `verify::flush` writes them to the database.
     pub recordings: Arc<crate::verify::Recordings>,
-    /// Notified after every commit that wrote outbox rows.
-    pub relay_wake: Notify,
+    /// Woken after every commit that wrote outbox rows.
+    pub relay: relay::Handle,
     /// Notified after every commit that set a deadline.
     pub deadline_wake: Notify,
     pub shutdown: CancellationToken,
@@ -147,6 +147,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         config.sandbox.max_instances,
         options.clock.clone(),
     );
+    let relay = relay::Handle::new(config.relay.slots);
     let shared = Arc::new(Shared {
         door,
         changes: crate::watch::Changes::default(),
@@ -159,7 +160,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         clock: options.clock,
         stats: Stats::default(),
         recordings,
-        relay_wake: Notify::new(),
+        relay,
         deadline_wake: Notify::new(),
         shutdown: CancellationToken::new(),
         tasks: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),
@@ -211,7 +212,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         source,
     })?;
     let mut tasks = shared.tasks.lock().await;
-    tasks.spawn(Relay::new(shared.clone(), options.relay_faults).run());
+    tasks.spawn(Relays::new(shared.clone(), options.relay_faults).run());
     tasks.spawn(crate::deadline::Scheduler::new(shared.clone()).run());
     tasks.spawn(crate::follow::run(shared.clone(), memory));
     tasks.spawn(crate::verify::flush(shared.clone()));

@@ -23,7 +23,8 @@ use crate::kafka::consumer::Consumer;
 use crate::node::Shared;
 use crate::storage::{self, lease, offsets};
 
-const MEMBERS: &str = "member/";
+/// The prefix of the instances' membership leases, heartbeated by ownership.
+pub const MEMBERS: &str = "member/";
 
 /// The partition leases of one service on this instance.
 pub struct Ownership {

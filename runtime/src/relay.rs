@@ -3,14 +3,19 @@
 //!
 //! - All-or-nothing across topics (A4): a batch that fails anywhere is aborted, nothing of it is
 //!   visible to `read_committed` consumers, and its rows stay for the next attempt.
-//! - Order (A6): rows go out in `id` order, which is commit order for the rows of one saga (a
-//!   saga's steps are committed one after another by its partition's worker).
-//! - One relay at a time (A5): the relay runs only while this instance holds the lease
-//!   `relay/0`. Its `transactional.id` belongs to the slot, not the instance, so a successor's
-//!   `init_transactions` fences the old producer and aborts whatever it left open; we never
-//!   depend on the broker expiring a transaction.
+//! - Order (A6): rows go out in `id` order within their slot, which is commit order for the
+//!   rows of one saga (a saga's steps are committed one after another by its partition's
+//!   worker, and all its rows carry its key, so the same bucket and slot).
+//! - Slots (issue 12): the outbox is divided among `relay.slots` publishing loops by the
+//!   bucket of each row's key (`outbox::bucket`, modulo the slot count), each leased as
+//!   `relay/<slot>` and spread over the instances like partitions ([`Relays`]: a fair share of
+//!   slots ÷ live members), so relaying grows with instances. One slot runs on one instance
+//!   at a time (A5); its `transactional.id` belongs to the slot, not the instance, so a
+//!   successor's `init_transactions` fences the old producer and aborts whatever it left
+//!   open; we never depend on the broker expiring a transaction. A loop publishes only while
+//!   its lease was renewed within two thirds of `relay.lease_ttl_ms`.
 //! - Generations: every new producer (a successor, or this relay after any failure) first
-//!   re-initialises the previous generation's id `saga-relay-0-g<N>` — fencing a zombie and
+//!   re-initialises the previous generation's id `saga-relay-<slot>-g<N>` — fencing a zombie and
 //!   aborting what it left open — then records generation N+1 and produces under its own id.
 //!   So the producer id of an aborted transaction is never used again. noida-db (the test
 //!   broker) keeps reporting an aborted transaction to `read_committed` readers after its abort
@@ -28,10 +33,13 @@
 //!   producer saw every broker connection go down, publishes that again before anything new.
 //!   Consumers' inboxes absorb the copies of what was not lost.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use rdkafka::client::ClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -77,7 +85,6 @@ enum Error {
     Storage(#[from] crate::storage::Error),
 }
 
-const SLOT: &str = "relay/0";
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
 type FutureProducer = rdkafka::producer::FutureProducer<Links>;
@@ -166,29 +173,215 @@ impl Recent {
     }
 }
 
-pub struct Relay {
-    shared: Arc<Shared>,
-    faults: Arc<dyn Faults>,
-    links: Links,
+/// How the instance reaches its relay: a commit that wrote outbox rows wakes the slot loops
+/// running here. Cloning is cheap.
+#[derive(Clone)]
+pub struct Handle {
+    wakes: Arc<[Notify]>,
 }
 
-impl Relay {
-    pub fn new(shared: Arc<Shared>, faults: Arc<dyn Faults>) -> Self {
-        Relay {
-            shared,
-            faults,
-            links: Links::new(),
+impl Handle {
+    /// A handle for `slots` relay slots (1 to [`outbox::BUCKETS`]).
+    pub fn new(slots: u32) -> Self {
+        let slots = slots.clamp(1, outbox::BUCKETS);
+        Handle {
+            wakes: (0..slots).map(|_| Notify::new()).collect(),
         }
     }
 
-    pub async fn run(self) {
-        let cfg = &self.shared.config.relay;
-        let ttl = cfg.lease_ttl_ms as i64;
-        let poll = Duration::from_millis(cfg.poll_interval_ms);
+    /// Rows were committed: every slot loop here looks at the outbox at once.
+    pub fn wake(&self) {
+        for wake in self.wakes.iter() {
+            wake.notify_one();
+        }
+    }
+
+    pub fn slots(&self) -> u32 {
+        self.wakes.len() as u32
+    }
+
+    fn woken(&self, slot: u32) -> &Notify {
+        &self.wakes[slot as usize % self.wakes.len()]
+    }
+}
+
+fn lease_name(slot: u32) -> String {
+    format!("relay/{slot}")
+}
+
+/// The relay slots of this instance (see the module docs): every tick (a third of
+/// `relay.lease_ttl_ms`) it renews the slot leases it holds, gives back what exceeds its fair
+/// share (slots ÷ live members, rounded up) and takes free or expired ones up to it, running
+/// one publishing loop per slot held.
+pub struct Relays {
+    shared: Arc<Shared>,
+    faults: Arc<dyn Faults>,
+    running: BTreeMap<u32, Running>,
+    /// The order this instance tries free slots in: rotated by its id, so instances starting
+    /// together do not contend for the same first slots.
+    order: Vec<u32>,
+}
+
+/// A slot loop running here.
+struct Running {
+    stop: CancellationToken,
+    lease: Arc<Lease>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Until when a slot loop may publish: a little less than the lease it was last renewed for,
+/// on the monotonic clock (the lease itself is on the saga clock, which tests move).
+struct Lease(std::sync::Mutex<Instant>);
+
+impl Lease {
+    fn renewed(&self, ttl_ms: i64) {
+        let margin = Duration::from_millis((ttl_ms - ttl_ms / 3).max(0) as u64);
+        *self.0.lock().expect("lease lock") = Instant::now() + margin;
+    }
+
+    fn valid(&self) -> bool {
+        Instant::now() < *self.0.lock().expect("lease lock")
+    }
+}
+
+impl Relays {
+    pub fn new(shared: Arc<Shared>, faults: Arc<dyn Faults>) -> Self {
+        let slots = shared.relay.slots();
+        let spin = shared
+            .config
+            .instance_id
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let mut order: Vec<u32> = (0..slots).collect();
+        order.rotate_left((spin % slots) as usize);
+        Relays {
+            shared,
+            faults,
+            running: BTreeMap::new(),
+            order,
+        }
+    }
+
+    pub async fn run(mut self) {
+        let ttl = self.shared.config.relay.lease_ttl_ms;
+        let every = Duration::from_millis((ttl / 3).max(10));
+        while !self.shared.shutdown.is_cancelled() {
+            if let Err(e) = self.tick().await {
+                // Loops whose lease is not renewed in time stop publishing on their own.
+                tracing::warn!("relay slot leases: {e}");
+            }
+            tokio::select! {
+                _ = self.shared.shutdown.cancelled() => {}
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+        let slots: Vec<u32> = self.running.keys().copied().collect();
+        for slot in slots {
+            self.give_back(slot).await;
+        }
+    }
+
+    /// One round of renew, give back, take.
+    async fn tick(&mut self) -> Result<(), crate::storage::Error> {
+        let shared = self.shared.clone();
+        let db = &shared.db;
+        let me = &shared.config.instance_id;
+        let ttl = self.shared.config.relay.lease_ttl_ms as i64;
+        let now = self.shared.clock.now_ms();
+        let slots = self.shared.relay.slots();
+        let members = lease::count_held(db, crate::ownership::MEMBERS, now)
+            .await?
+            .max(1) as u32;
+        let share = slots.div_ceil(members) as usize;
+        let mine: Vec<u32> = self.running.keys().copied().collect();
+        for slot in mine {
+            if lease::acquire(db, &lease_name(slot), me, now, ttl).await? {
+                self.running[&slot].lease.renewed(ttl);
+            } else if let Some(lost) = self.running.remove(&slot) {
+                tracing::warn!(slot, "relay slot lease lost: another instance holds it");
+                lost.stop.cancel();
+            }
+        }
+        while self.running.len() > share {
+            let last = *self.running.keys().next_back().expect("more than share");
+            self.give_back(last).await;
+        }
+        for slot in self.order.clone() {
+            if self.running.len() >= share {
+                break;
+            }
+            if !self.running.contains_key(&slot)
+                && lease::acquire(db, &lease_name(slot), me, now, ttl).await?
+            {
+                self.start(slot, ttl);
+            }
+        }
+        let held: Vec<u32> = self.running.keys().copied().collect();
+        self.shared.health.relay(held, slots);
+        Ok(())
+    }
+
+    fn start(&mut self, slot: u32, ttl_ms: i64) {
+        tracing::info!(slot, "relay slot taken");
+        let stop = self.shared.shutdown.child_token();
+        let lease = Arc::new(Lease(std::sync::Mutex::new(Instant::now())));
+        lease.renewed(ttl_ms);
+        let relay = Relay {
+            shared: self.shared.clone(),
+            faults: self.faults.clone(),
+            links: Links::new(),
+            slot,
+            name: lease_name(slot),
+            stop: stop.clone(),
+            lease: lease.clone(),
+        };
+        let task = tokio::spawn(relay.run());
+        self.running.insert(slot, Running { stop, lease, task });
+    }
+
+    /// Stop the slot's loop, then release its lease so a successor need not wait for it to
+    /// expire. A loop that does not stop within a tick keeps the lease until it expires: no
+    /// successor publishes beside it (and one that did would fence it).
+    async fn give_back(&mut self, slot: u32) {
+        let Some(running) = self.running.remove(&slot) else {
+            return;
+        };
+        running.stop.cancel();
+        let wait = Duration::from_millis((self.shared.config.relay.lease_ttl_ms / 3).max(10));
+        if tokio::time::timeout(wait, running.task).await.is_err() {
+            tracing::warn!(
+                slot,
+                "relay slot loop did not stop in time: its lease expires"
+            );
+            return;
+        }
         let me = &self.shared.config.instance_id;
+        if let Err(e) = lease::release(&self.shared.db, &lease_name(slot), me).await {
+            tracing::debug!(slot, "relay lease release failed: {e}");
+        }
+        tracing::info!(slot, "relay slot given back");
+    }
+}
+
+/// The publishing loop of one relay slot, while this instance holds its lease.
+struct Relay {
+    shared: Arc<Shared>,
+    faults: Arc<dyn Faults>,
+    links: Links,
+    slot: u32,
+    /// `relay/<slot>`: its lease, its generations and its part at the door.
+    name: String,
+    stop: CancellationToken,
+    lease: Arc<Lease>,
+}
+
+impl Relay {
+    async fn run(self) {
+        let cfg = &self.shared.config.relay;
+        let poll = Duration::from_millis(cfg.poll_interval_ms);
         let db = &self.shared.db;
+        let slots = self.shared.relay.slots();
         let mut producer: Option<FutureProducer> = None;
-        let mut renew_at = i64::MIN;
         let mut failures = 0u32;
         let mut recent = Recent {
             rows: VecDeque::new(),
@@ -199,30 +392,18 @@ impl Relay {
         };
         // Rows published before the broker dropped its connections, to publish again first.
         let mut again: VecDeque<outbox::Row> = VecDeque::new();
-        while !self.shared.shutdown.is_cancelled() {
-            let now = self.shared.clock.now_ms();
-            if now >= renew_at {
-                let acquired = lease::acquire(db, SLOT, me, now, ttl).await;
-                if let Ok(holding) = acquired {
-                    self.shared.health.relay(holding);
-                }
-                match acquired {
-                    Ok(true) => renew_at = now + ttl / 3,
-                    Ok(false) => {
-                        producer = None;
-                        self.idle(poll).await;
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!("relay lease check failed: {e}");
-                        renew_at = i64::MIN;
-                        self.idle(poll).await;
-                        continue;
-                    }
-                }
+        while !self.stop.is_cancelled() {
+            if !self.lease.valid() {
+                // Not renewed in time (the database is slow or away): publish nothing until
+                // it is. The producer stays: a new one costs two `init_transactions` and an
+                // abort marker, and if another instance took the slot meanwhile, this loop is
+                // stopped (and its producer fenced) anyway.
+                self.idle(poll).await;
+                continue;
             }
             if let Some(rows) = recent.after_loss(&self.links) {
                 tracing::warn!(
+                    slot = self.slot,
                     rows = rows.len(),
                     "the broker dropped its connections: publishing the last rows again"
                 );
@@ -233,14 +414,14 @@ impl Relay {
                 let n = again.len().min(cfg.batch_size.max(1) as usize);
                 Ok(again.drain(..n).collect())
             } else {
-                match outbox::fetch(db, cfg.batch_size).await {
+                match outbox::fetch(db, self.slot, slots, cfg.batch_size).await {
                     Ok(rows) => {
                         // Behind only with a backlog: a full batch.
                         let oldest = rows.iter().map(|r| r.created_ms).min();
                         if let Some(oldest) =
                             oldest.filter(|_| rows.len() >= cfg.batch_size as usize)
                         {
-                            self.shared.door.report("relay", oldest);
+                            self.shared.door.report(&self.name, oldest);
                         }
                         Ok(self.park_oversized(rows).await)
                     }
@@ -274,7 +455,7 @@ impl Relay {
                 Ok(()) => {
                     failures = 0;
                     if !republishing && rows.len() < cfg.batch_size as usize {
-                        self.shared.door.caught_up("relay");
+                        self.shared.door.caught_up(&self.name);
                     }
                     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
                     recent.keep(rows, self.links.now_ms());
@@ -318,9 +499,6 @@ impl Relay {
                 }
             }
         }
-        if let Err(e) = lease::release(db, SLOT, me).await {
-            tracing::debug!("relay lease release failed: {e}");
-        }
     }
 
     /// Park the rows larger than the broker takes (`limits.broker_message_bytes`) before
@@ -360,18 +538,22 @@ impl Relay {
     async fn producer(&self) -> Result<FutureProducer, Error> {
         let db = &self.shared.db;
         loop {
-            let previous = generations::current(db, SLOT).await?;
+            let previous = generations::current(db, &self.name).await?;
             if previous > 0 {
                 let old = self.transactional(previous)?;
                 blocking(move || old.init_transactions(KAFKA_TIMEOUT)).await?;
             }
-            if !generations::advance(db, SLOT, previous).await? {
+            if !generations::advance(db, &self.name, previous).await? {
                 continue; // another holder moved it meanwhile: fence that one too
             }
             let producer = self.transactional(previous + 1)?;
             let p = producer.clone();
             blocking(move || p.init_transactions(KAFKA_TIMEOUT)).await?;
-            tracing::info!(generation = previous + 1, "relay producer ready");
+            tracing::info!(
+                slot = self.slot,
+                generation = previous + 1,
+                "relay producer ready"
+            );
             return Ok(producer);
         }
     }
@@ -380,7 +562,7 @@ impl Relay {
         let kafka = &self.shared.config.kafka;
         let max = self.shared.config.limits.broker_message_bytes;
         let send_timeout = self.shared.config.relay.send_timeout_ms.clamp(1, 60_000);
-        let id = kafka.topic(&format!("saga-relay-0-g{generation}"));
+        let id = kafka.topic(&format!("saga-relay-{}-g{generation}", self.slot));
         Ok(kafka
             .client()
             .set("message.max.bytes", max.to_string())
@@ -453,8 +635,8 @@ impl Relay {
 
     async fn idle(&self, d: Duration) {
         tokio::select! {
-            _ = self.shared.shutdown.cancelled() => {}
-            _ = self.shared.relay_wake.notified() => {}
+            _ = self.stop.cancelled() => {}
+            _ = self.shared.relay.woken(self.slot).notified() => {}
             _ = tokio::time::sleep(d) => {}
         }
     }

@@ -362,25 +362,22 @@ async fn a_dead_lettered_payment_can_be_listed_and_redriven_once(backend: Backen
     rt.stop().await;
 }
 
-/// A6: events leave in the order they were stored, per saga, under load: four sagas written
-/// concurrently in small transactions (as four partitions' workers would), published by the
-/// relay in many small Kafka transactions, arrive at a consumer each in its stored order, once.
-async fn events_of_one_saga_leave_in_the_order_they_were_stored(backend: Backend) {
-    const SAGAS: usize = 4;
-    const PER_SAGA: usize = 150;
-    let rt = TestRuntime::start_with(backend, &[], |o| o.config.relay.batch_size = 16).await;
-    let kafka = rt.handle.config().kafka.clone();
-    saga_runtime::kafka::topics::ensure(&kafka, &["seq".to_string()])
-        .await
-        .unwrap();
-    let writers = (0..SAGAS).map(|saga| {
-        let db = rt.handle.db().clone();
-        let topic = kafka.topic("seq");
+/// Write `per_saga` events for each of `sagas` sagas (keys `saga-<n>`) to the outbox
+/// concurrently, 1–3 rows per transaction (as partitions' workers emitting several events
+/// would), each with a `seq` header counting up per saga.
+async fn write_sequences(
+    db: &saga_runtime::storage::Db,
+    topic: &str,
+    sagas: usize,
+    per_saga: usize,
+) {
+    let writers = (0..sagas).map(|saga| {
+        let db = db.clone();
+        let topic = topic.to_string();
         tokio::spawn(async move {
             let mut seq = 0;
-            while seq < PER_SAGA {
-                // 1–3 rows per transaction, like a handler emitting several events.
-                let rows = (1 + (seq + saga) % 3).min(PER_SAGA - seq);
+            while seq < per_saga {
+                let rows = (1 + (seq + saga) % 3).min(per_saga - seq);
                 let mut tx = db.begin().await.unwrap();
                 for _ in 0..rows {
                     let id = format!("s{saga}-{seq}");
@@ -401,7 +398,12 @@ async fn events_of_one_saga_leave_in_the_order_they_were_stored(backend: Backend
     for w in writers.collect::<Vec<_>>() {
         w.await.unwrap();
     }
-    let got = consume_n(rt.prefix(), "seq", SAGAS * PER_SAGA).await;
+}
+
+/// Read what [`write_sequences`] wrote and check that every saga's events arrived once each,
+/// in their stored order.
+async fn assert_each_saga_in_order(prefix: &str, topic: &str, sagas: usize, per_saga: usize) {
+    let got = consume_n(prefix, topic, sagas * per_saga).await;
     let mut next = std::collections::HashMap::new();
     for m in &got {
         use rdkafka::Message as _;
@@ -411,11 +413,83 @@ async fn events_of_one_saga_leave_in_the_order_they_were_stored(backend: Backend
         assert_eq!(seq, *want, "{saga}: got event {seq} where {want} was due");
         *want += 1;
     }
-    assert!(next.values().all(|&n| n == PER_SAGA), "{next:?}");
+    assert_eq!(next.len(), sagas, "{next:?}");
+    assert!(next.values().all(|&n| n == per_saga), "{next:?}");
+}
+
+/// A6: events leave in the order they were stored, per saga, under load: four sagas written
+/// concurrently in small transactions, published by the relay in many small Kafka
+/// transactions, arrive at a consumer each in its stored order, once.
+async fn events_of_one_saga_leave_in_the_order_they_were_stored(backend: Backend) {
+    const SAGAS: usize = 4;
+    const PER_SAGA: usize = 150;
+    let rt = TestRuntime::start_with(backend, &[], |o| o.config.relay.batch_size = 16).await;
+    let kafka = rt.handle.config().kafka.clone();
+    saga_runtime::kafka::topics::ensure(&kafka, &["seq".to_string()])
+        .await
+        .unwrap();
+    write_sequences(rt.handle.db(), &kafka.topic("seq"), SAGAS, PER_SAGA).await;
+    assert_each_saga_in_order(rt.prefix(), "seq", SAGAS, PER_SAGA).await;
     assert!(
         Stats::get(&rt.handle.stats().relay_batches) >= (SAGAS * PER_SAGA / 16) as u64,
         "the relay used many transactions"
     );
+    rt.stop().await;
+}
+
+/// Issue 12, item 5: relaying grows with instances. Two instances divide the four relay slots
+/// between them (leases `relay/<slot>`), both publish, and every saga's events still arrive in
+/// their stored order: one saga's rows all go through the slot of its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_both_relay_and_each_saga_stays_in_order() {
+    const SAGAS: usize = 16;
+    const PER_SAGA: usize = 60;
+    let tweak = |o: &mut saga_runtime::node::Options| {
+        o.config.relay.slots = 4;
+        o.config.relay.batch_size = 16;
+        o.config.relay.lease_ttl_ms = 1500;
+        o.config.worker.partition_lease_ms = 1500;
+    };
+    // The keys written below fall into every slot, so both instances have rows to publish.
+    let slots: std::collections::BTreeSet<u32> = (0..SAGAS)
+        .map(|n| outbox::bucket(&format!("saga-{n}")) % 4)
+        .collect();
+    assert_eq!(slots.len(), 4, "{slots:?}");
+    let rt = TestRuntime::start_with(Backend::Postgres, SERVICES, tweak).await;
+    let sibling = rt.sibling(tweak).await;
+    let db = rt.handle.db().clone();
+    let ids = [
+        rt.handle.config().instance_id.clone(),
+        sibling.config().instance_id.clone(),
+    ];
+    eventually("the relay slots to be split two and two", || async {
+        let holders: Vec<String> =
+            sqlx::query_scalar("SELECT holder FROM leases WHERE name LIKE 'relay/%' ORDER BY name")
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+        let split = ids
+            .iter()
+            .all(|id| holders.iter().filter(|h| *h == id).count() == 2);
+        if split {
+            Ok(())
+        } else {
+            Err(format!("{holders:?}"))
+        }
+    })
+    .await;
+    let kafka = rt.handle.config().kafka.clone();
+    saga_runtime::kafka::topics::ensure(&kafka, &["seq".to_string()])
+        .await
+        .unwrap();
+    let before = [&rt.handle, &sibling].map(|h| Stats::get(&h.stats().published));
+    write_sequences(&db, &kafka.topic("seq"), SAGAS, PER_SAGA).await;
+    assert_each_saga_in_order(rt.prefix(), "seq", SAGAS, PER_SAGA).await;
+    for (n, h) in [&rt.handle, &sibling].into_iter().enumerate() {
+        let published = Stats::get(&h.stats().published) - before[n];
+        assert!(published > 0, "instance {n} published nothing");
+    }
+    sibling.shutdown().await;
     rt.stop().await;
 }
 

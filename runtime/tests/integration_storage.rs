@@ -265,6 +265,43 @@ async fn a_redrive_replaces_a_dead_letter_record_once(backend: Backend) {
     t.drop_db().await;
 }
 
+/// Relay slots: slot s of N gets exactly the rows whose key's bucket is s modulo N, in storage
+/// order, so the slots together cover the outbox once and one key stays in one slot.
+async fn each_relay_slot_gets_the_rows_of_its_keys(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let mut tx = db.begin().await.unwrap();
+    for i in 0..40 {
+        let m = outbox::Message {
+            event_id: format!("e{i}"),
+            topic: "t".into(),
+            key: format!("saga-{}", i % 10),
+            headers: vec![],
+            payload: vec![],
+        };
+        outbox::insert(&mut tx, &m, 0).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let mut seen = Vec::new();
+    for slot in 0..3 {
+        let rows = outbox::fetch(&db, slot, 3, 100).await.unwrap();
+        assert!(rows.windows(2).all(|w| w[0].id < w[1].id), "storage order");
+        for r in &rows {
+            assert_eq!(
+                outbox::bucket(&r.message.key) % 3,
+                slot,
+                "{}",
+                r.message.key
+            );
+        }
+        seen.extend(rows.into_iter().map(|r| r.message.event_id));
+    }
+    seen.sort();
+    let mut all: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+    all.sort();
+    assert_eq!(seen, all, "every row in exactly one slot");
+    t.drop_db().await;
+}
+
 async fn the_outbox_returns_rows_in_storage_order(backend: Backend) {
     let (t, db) = open(backend).await;
     let mut tx = db.begin().await.unwrap();
@@ -279,7 +316,7 @@ async fn the_outbox_returns_rows_in_storage_order(backend: Backend) {
         outbox::insert(&mut tx, &m, 0).await.unwrap();
     }
     tx.commit().await.unwrap();
-    let rows = outbox::fetch(&db, 3).await.unwrap();
+    let rows = outbox::fetch(&db, 0, 1, 3).await.unwrap();
     let ids: Vec<String> = rows.iter().map(|r| r.message.event_id.clone()).collect();
     assert_eq!(ids, ["e0", "e1", "e2"]);
     assert_eq!(
@@ -571,5 +608,6 @@ on_both_backends!(
     a_scan_pages_from_a_cursor,
     the_inbox_records_an_event_once,
     the_outbox_returns_rows_in_storage_order,
+    each_relay_slot_gets_the_rows_of_its_keys,
     a_lease_has_one_holder_until_it_expires,
 );

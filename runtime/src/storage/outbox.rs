@@ -24,11 +24,24 @@ pub struct Row {
     pub created_ms: i64,
 }
 
+/// How many buckets keys hash into; relay slots divide them among themselves (at most this
+/// many slots).
+pub const BUCKETS: u32 = 1024;
+
+/// The bucket of a message key: FNV-1a (32 bit) of its bytes, modulo [`BUCKETS`]. Stored with
+/// the row, so it must never change.
+pub fn bucket(key: &str) -> u32 {
+    let hash = key.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    hash % BUCKETS
+}
+
 pub async fn insert(conn: &mut Conn, message: &Message, created_ms: i64) -> Result<(), Error> {
     let headers = serde_json::to_string(&message.headers).expect("string pairs serialise");
     sqlx::query(
-        "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms, bucket) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&message.event_id)
     .bind(&message.topic)
@@ -36,6 +49,7 @@ pub async fn insert(conn: &mut Conn, message: &Message, created_ms: i64) -> Resu
     .bind(headers)
     .bind(&message.payload)
     .bind(created_ms)
+    .bind(i64::from(bucket(&message.key)))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -49,12 +63,15 @@ impl Message {
     }
 }
 
-/// The oldest `limit` rows, in storage order.
-pub async fn fetch(db: &Db, limit: u32) -> Result<Vec<Row>, Error> {
+/// The oldest `limit` rows of relay slot `slot` of `slots` (the buckets equal to `slot`
+/// modulo `slots`), in storage order.
+pub async fn fetch(db: &Db, slot: u32, slots: u32, limit: u32) -> Result<Vec<Row>, Error> {
     let rows = sqlx::query(
         "SELECT id, event_id, topic, msg_key, headers, payload, created_ms FROM outbox \
-         ORDER BY id LIMIT $1",
+         WHERE bucket % $1 = $2 ORDER BY id LIMIT $3",
     )
+    .bind(i64::from(slots.max(1)))
+    .bind(i64::from(slot))
     .bind(limit as i64)
     .fetch_all(db.pool())
     .await?;
@@ -96,8 +113,8 @@ pub async fn park(db: &Db, id: i64, reason: &str, now_ms: i64) -> Result<(), Err
     let mut tx = db.begin().await?;
     sqlx::query(
         "INSERT INTO outbox_parked \
-         (id, event_id, topic, msg_key, headers, payload, created_ms, parked_ms, reason) \
-         SELECT id, event_id, topic, msg_key, headers, payload, created_ms, $2, $3 \
+         (id, event_id, topic, msg_key, headers, payload, created_ms, parked_ms, reason, bucket) \
+         SELECT id, event_id, topic, msg_key, headers, payload, created_ms, $2, $3, bucket \
          FROM outbox WHERE id = $1",
     )
     .bind(id)
@@ -155,8 +172,8 @@ pub async fn unpark(db: &Db, ids: Option<&[i64]>, now_ms: i64) -> Result<u64, Er
     for chunk in ids.chunks(500) {
         let mut tx = db.begin().await?;
         let insert = format!(
-            "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms) \
-             SELECT event_id, topic, msg_key, headers, payload, $1 FROM outbox_parked \
+            "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms, bucket) \
+             SELECT event_id, topic, msg_key, headers, payload, $1, bucket FROM outbox_parked \
              WHERE id IN ({}) ORDER BY id",
             super::placeholders(2, chunk.len())
         );
@@ -199,4 +216,17 @@ pub async fn len(db: &Db) -> Result<i64, Error> {
     Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
         .fetch_one(db.pool())
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_keeps_its_bucket() {
+        // FNV-1a (32 bit) of "" and of "a", modulo 1024: stored with rows, so it must not move.
+        assert_eq!(bucket(""), 0x811c_9dc5 % BUCKETS);
+        assert_eq!(bucket("a"), 0xe40c_292c % BUCKETS);
+        assert!((0..1000).all(|i| bucket(&format!("saga-{i}")) < BUCKETS));
+    }
 }

@@ -89,7 +89,7 @@ impl Worker {
         Stats::add(&stats.ignored, ignored);
         Stats::add(&stats.refused, refused);
         if applied + dead + refused > 0 {
-            self.shared.relay_wake.notify_one();
+            self.shared.relay.wake();
         }
         let sets_deadlines = verdicts
             .iter()
