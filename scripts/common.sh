@@ -19,6 +19,15 @@ ensure_postgres() {
   fi
 }
 
+# promtool (Debian's prometheus package): integration_metrics validates /metrics with it.
+ensure_promtool() {
+  command -v promtool >/dev/null && return
+  echo "installing promtool (Debian package prometheus)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y --no-install-recommends prometheus >/dev/null ||
+    { apt-get update >/dev/null && apt-get install -y --no-install-recommends prometheus >/dev/null; }
+}
+
 build_guests() {
   cargo build --quiet --release --target wasm32-wasip2 \
     --manifest-path guests/Cargo.toml --target-dir guests/target

@@ -88,6 +88,8 @@ impl Scheduler {
                 outbox::insert(&mut tx, &self.message(d, now), now).await?;
                 tx.commit().await?;
                 Stats::add(&self.shared.stats.deadlines_fired, 1);
+                let lag = (now - d.due_ms).max(0) as f64 / 1000.0;
+                self.shared.metrics.deadline_lag.record(lag);
                 tracing::info!(service = %d.service, saga = %d.saga, name = %d.name, lag_ms = now - d.due_ms, "deadline fired");
             }
             self.shared.relay.wake();

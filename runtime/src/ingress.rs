@@ -19,6 +19,42 @@ use crate::storage::idempotency;
 use crate::wasm::bindings::{self, Context, Payload, Reply, Request};
 use crate::wasm::{Called, Failure};
 use crate::watch;
+/// `GET /metrics`: the Prometheus exposition (`crate::metrics`). Open without the admin token,
+/// like the other read-only views. The database aggregates are left out (and logged) if the
+/// database does not answer, so a scrape still shows the rest.
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    use crate::storage::{inbox, outbox};
+    let db = &shared.db;
+    let (outbox_rows, oldest) = outbox::depth(db).await.unwrap_or_else(|e| {
+        tracing::debug!("metrics: outbox depth: {e}");
+        (0, None)
+    });
+    let dead_letters = inbox::dead_letters(db).await.unwrap_or_else(|e| {
+        tracing::debug!("metrics: dead letters: {e}");
+        Vec::new()
+    });
+    let now = shared.clock.now_ms();
+    let max = shared.config.sandbox.max_instances as usize;
+    let scraped = crate::metrics::Scraped {
+        queued_requests: shared.door.queued(),
+        held_queries: shared.changes.held(),
+        guest_instances_in_use: shared.sandbox.slots().in_use(max),
+        guest_instances_max: max,
+        outbox_rows,
+        outbox_oldest_ms: oldest.map_or(0, |t| (now - t).max(0)),
+        dead_letters,
+    };
+    let text = shared.metrics.render(&shared.stats, &scraped);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/_saga/health", axum::routing::get(|| async { "ok" }))
@@ -27,6 +63,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(metrics))
         .route(
             "/_saga/stats",
             axum::routing::get(|State(shared): State<Arc<Shared>>| async move {

@@ -15,6 +15,7 @@ pub mod health;
 pub mod ingress;
 pub mod kafka;
 pub mod limits;
+pub mod metrics;
 pub mod node;
 pub mod ownership;
 pub mod registry;

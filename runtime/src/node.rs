@@ -79,6 +79,8 @@ pub struct Shared {
     pub recordings: Arc<crate::verify::Recordings>,
     /// Woken after every commit that wrote outbox rows.
     pub relay: relay::Handle,
+    /// Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
     /// Notified after every commit that set a deadline.
     pub deadline_wake: Notify,
     pub shutdown: CancellationToken,
@@ -161,6 +163,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         stats: Stats::default(),
         recordings,
         relay,
+        metrics: crate::metrics::Metrics::new(),
         deadline_wake: Notify::new(),
         shutdown: CancellationToken::new(),
         tasks: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),

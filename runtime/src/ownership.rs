@@ -119,7 +119,26 @@ impl Ownership {
         }
         let health = &self.shared.health;
         health.assigned(&self.service, self.held.len(), self.partitions.len());
+        self.report_lag();
         Ok(())
+    }
+
+    /// Consumer lag per partition of the service, for `GET /metrics`: what it reads here, 0
+    /// for the rest (another instance reports those).
+    fn report_lag(&self) {
+        let lag = self.consumer.lag();
+        let kafka = &self.shared.config.kafka;
+        for (topic, partition) in &self.partitions {
+            let here = lag
+                .iter()
+                .find(|(t, p, _)| t == topic && p == partition)
+                .filter(|_| self.held.contains(&(topic.clone(), *partition)))
+                .map_or(0, |(_, _, lag)| *lag);
+            self.shared
+                .metrics
+                .consumer_lag(&self.service, kafka.logical(topic), *partition)
+                .set(here as f64);
+        }
     }
 
     /// Tick until the service stops, then give its leases back so the others take over at

@@ -317,6 +317,7 @@ impl Relays {
             }
         }
         let held: Vec<u32> = self.running.keys().copied().collect();
+        self.shared.metrics.relay_slots().set(held.len() as f64);
         self.shared.health.relay(held, slots);
         Ok(())
     }
@@ -595,6 +596,7 @@ impl Relay {
         let stats = &self.shared.stats;
         Stats::add(&stats.published, rows.len() as u64);
         Stats::add(&stats.relay_batches, 1);
+        self.shared.metrics.relay_rows.record(rows.len() as f64);
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         self.faults.after_commit(&ids).map_err(Error::Injected)
     }

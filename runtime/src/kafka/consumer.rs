@@ -280,6 +280,21 @@ impl Consumer {
         Ok(())
     }
 
+    /// Per assigned (physical topic, partition): what lies between this consumer's position
+    /// and the partition's end as the last fetch reported it — records and transaction
+    /// markers, so a partition caught up after a transaction shows 1; 0 while unknown.
+    pub fn lag(&self) -> Vec<(String, i32, i64)> {
+        let lanes = self.lanes.lock().expect("lanes lock");
+        lanes
+            .iter()
+            .map(|((topic, partition), lane)| {
+                let end = end_offset(&self.inner, topic, *partition);
+                let lag = end.map_or(0, |end| (end - lane.next).max(0));
+                (topic.clone(), *partition, lag)
+            })
+            .collect()
+    }
+
     /// Partitions of a physical topic, from the broker's metadata.
     pub fn partitions(&self, topic: &str) -> Result<Vec<i32>, Error> {
         let metadata = self

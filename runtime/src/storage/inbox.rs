@@ -101,6 +101,19 @@ pub async fn seen(db: &Db, service: &str, ids: &[&str]) -> Result<HashMap<String
         .collect()
 }
 
+/// Dead-lettered events not re-driven since, per (logical) topic.
+pub async fn dead_letters(db: &Db) -> Result<Vec<(String, i64)>, Error> {
+    let rows = sqlx::query(
+        "SELECT topic, COUNT(*) AS n FROM inbox WHERE outcome = $1 GROUP BY topic ORDER BY topic",
+    )
+    .bind(Outcome::DeadLettered.as_str())
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("topic")?, row.try_get("n")?)))
+        .collect()
+}
+
 /// The outcome recorded for one event, if any.
 pub async fn outcome(
     db: &Db,

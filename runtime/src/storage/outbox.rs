@@ -212,6 +212,14 @@ pub async fn delete(db: &Db, ids: &[i64]) -> Result<(), Error> {
     Ok(())
 }
 
+/// How many rows wait and when the oldest was committed (`None` if none wait).
+pub async fn depth(db: &Db) -> Result<(i64, Option<i64>), Error> {
+    let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_ms) AS oldest FROM outbox")
+        .fetch_one(db.pool())
+        .await?;
+    Ok((row.try_get("n")?, row.try_get("oldest")?))
+}
+
 pub async fn len(db: &Db) -> Result<i64, Error> {
     Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
         .fetch_one(db.pool())

@@ -135,6 +135,11 @@ impl Slots {
         }
     }
 
+    /// How many instances are in use now, of `max`.
+    pub fn in_use(&self, max: usize) -> usize {
+        max.saturating_sub(self.free.available_permits())
+    }
+
     /// [`Slots::admit`] for code already on a blocking thread (loading, replaying).
     pub fn admit_blocking(&self) -> Result<Slot, Failure> {
         let until = std::time::Instant::now() + self.wait;

@@ -32,6 +32,10 @@ impl Worker {
         let mut refused = 0;
         // State keys the batch wrote, for the held queries that read them (`crate::watch`).
         let mut written: Vec<&str> = Vec::new();
+        let handled = self
+            .shared
+            .metrics
+            .handled(service.name(), service.version());
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
@@ -42,6 +46,9 @@ impl Worker {
                 continue; // its partition is held: neither it nor what follows commits
             }
             let outcome = self.commit_one(&mut tx, service, item, verdict).await;
+            if let Ok(o) = &outcome {
+                handled.record(metric_outcome(*o), item.taken.elapsed());
+            }
             if outcome.is_ok() {
                 next.insert(lane, item.record.offset + 1);
                 // A step released from a hold is handled: its compensations need not wait.
@@ -308,5 +315,18 @@ impl Worker {
             headers,
             payload: r.payload.clone(),
         }
+    }
+}
+
+/// How the handler-duration metric labels an inbox outcome (`None`: a duplicate).
+fn metric_outcome(o: Option<inbox::Outcome>) -> crate::metrics::Outcome {
+    use crate::metrics::Outcome as M;
+    match o {
+        None => M::Duplicate,
+        Some(inbox::Outcome::Applied) => M::Applied,
+        Some(inbox::Outcome::Compensated) => M::Compensated,
+        Some(inbox::Outcome::DeadLettered) => M::DeadLettered,
+        Some(inbox::Outcome::Expired) => M::Expired,
+        Some(inbox::Outcome::Ignored) => M::Ignored,
     }
 }

@@ -117,6 +117,7 @@ impl Worker {
             new_id: &item.new_id,
         };
         loop {
+            let started = std::time::Instant::now();
             let failure = match self.call(service, item, event, attempt).await {
                 Ok(called) => {
                     let limits = &self.shared.config.limits;
@@ -140,6 +141,11 @@ impl Worker {
                 continue;
             }
             Stats::add(&self.shared.stats.failures, 1);
+            let handled = self
+                .shared
+                .metrics
+                .handled(service.name(), service.version());
+            handled.record(crate::metrics::Outcome::Failed, started.elapsed());
             tracing::warn!(
                 service = %self.service, event = %event.id, attempt, "handler failed: {failure}"
             );
@@ -181,7 +187,12 @@ impl Worker {
         };
         let (svc, event) = (service.clone(), event.clone());
         let shared = self.shared.clone();
+        let waited = std::time::Instant::now();
         let slot = service.guest.slots().admit().await?;
+        self.shared
+            .metrics
+            .guest_wait
+            .record(waited.elapsed().as_secs_f64());
         tokio::task::spawn_blocking(move || {
             if !shared.recordings.enabled() {
                 return svc

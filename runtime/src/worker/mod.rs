@@ -50,6 +50,8 @@ struct Item<'a> {
     redrive: bool,
     /// The attempt its handling starts at (higher for an event released from a hold).
     first_attempt: u32,
+    /// When the worker took it from the consumer (the handler-duration metric).
+    taken: std::time::Instant,
 }
 
 impl Item<'_> {
@@ -233,9 +235,11 @@ impl Worker {
         batch: &[Record],
         holds: &mut Holds,
     ) -> Option<Vec<Hold>> {
+        let taken = std::time::Instant::now();
         let items: Vec<Item<'_>> = batch
             .iter()
             .map(|record| Item {
+                taken,
                 event: self.decode(record),
                 redrive: record
                     .headers
