@@ -259,6 +259,13 @@ impl Config {
         if let Some(v) = env("SAGA_ADMIN_TOKEN") {
             self.admin_token = Some(v).filter(|t| !t.is_empty());
         }
+        if let Some(v) = env("SAGA_KAFKA_REST_MS") {
+            self.kafka.rest_ms = v.parse().map_err(|e: std::num::ParseIntError| Error::Env {
+                var: "SAGA_KAFKA_REST_MS",
+                value: v.clone(),
+                reason: e.to_string(),
+            })?;
+        }
         if let Some(v) = env("SAGA_RELAY_SLOTS") {
             self.relay.slots = v.parse().map_err(|e: std::num::ParseIntError| Error::Env {
                 var: "SAGA_RELAY_SLOTS",

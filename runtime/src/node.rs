@@ -438,7 +438,11 @@ async fn prepare(
         .iter()
         .map(|t| kafka.topic(t))
         .collect();
-    let consumer = Arc::new(Consumer::new(kafka, service.name())?);
+    let consumer = Arc::new(Consumer::new(
+        kafka,
+        service.name(),
+        Some(shared.relay.doorbell()),
+    )?);
     let partitions = {
         let consumer = consumer.clone();
         tokio::task::spawn_blocking(move || {

@@ -45,6 +45,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureRecord, Producer as _};
 
+use crate::kafka::doorbell::Doorbell;
 use crate::node::Shared;
 use crate::stats::Stats;
 use crate::storage::{generations, lease, outbox};
@@ -178,6 +179,7 @@ impl Recent {
 #[derive(Clone)]
 pub struct Handle {
     wakes: Arc<[Notify]>,
+    doorbell: Doorbell,
 }
 
 impl Handle {
@@ -186,7 +188,13 @@ impl Handle {
         let slots = slots.clamp(1, outbox::BUCKETS);
         Handle {
             wakes: (0..slots).map(|_| Notify::new()).collect(),
+            doorbell: Doorbell::default(),
         }
+    }
+
+    /// Rung after every Kafka commit with where the records went, for local consumers.
+    pub fn doorbell(&self) -> Doorbell {
+        self.doorbell.clone()
     }
 
     /// Rows were committed: every slot loop here looks at the outbox at once.
@@ -578,9 +586,19 @@ impl Relay {
     async fn publish(&self, producer: &FutureProducer, rows: &[outbox::Row]) -> Result<(), Error> {
         producer.begin_transaction()?;
         match self.send_all(producer, rows).await {
-            Ok(()) => {
+            Ok(delivered) => {
                 let p = producer.clone();
                 blocking(move || p.commit_transaction(KAFKA_TIMEOUT)).await?;
+                self.shared
+                    .relay
+                    .doorbell()
+                    .ring(
+                        rows.iter()
+                            .zip(&delivered)
+                            .map(|(row, &(partition, offset))| {
+                                (row.message.topic.as_str(), partition, offset)
+                            }),
+                    );
             }
             Err(e) => {
                 let p = producer.clone();
@@ -603,7 +621,12 @@ impl Relay {
 
     /// Send every row, then wait for every delivery report before the commit: committing right
     /// after `send` makes librdkafka flush inside the commit, ~100 ms per transaction.
-    async fn send_all(&self, producer: &FutureProducer, rows: &[outbox::Row]) -> Result<(), Error> {
+    /// Where each row went: (partition, offset).
+    async fn send_all(
+        &self,
+        producer: &FutureProducer,
+        rows: &[outbox::Row],
+    ) -> Result<Vec<(i32, i64)>, Error> {
         let mut deliveries = Vec::with_capacity(rows.len());
         for (index, row) in rows.iter().enumerate() {
             self.faults.before_send(index).map_err(Error::Injected)?;
@@ -626,13 +649,15 @@ impl Relay {
                 .map_err(|(e, _)| refused(index, e))?;
             deliveries.push(delivery);
         }
+        let mut delivered = Vec::with_capacity(rows.len());
         for (index, delivery) in deliveries.into_iter().enumerate() {
-            delivery
+            let d = delivery
                 .await
                 .map_err(|_| Error::Cancelled)?
                 .map_err(|(e, _)| refused(index, e))?;
+            delivered.push((d.partition, d.offset));
         }
-        Ok(())
+        Ok(delivered)
     }
 
     async fn idle(&self, d: Duration) {

@@ -149,7 +149,7 @@ async fn a_runtime_consumer_waiting_behind_an_aborted_transaction_moves_on() {
     let mut s = make_topics(&p, &["stall"]).await;
     s.stall_reseek_ms = 300;
     let topic = s.topic("stall");
-    let runtime_consumer = RuntimeConsumer::new(&s, "stall-reader").unwrap();
+    let runtime_consumer = RuntimeConsumer::new(&s, "stall-reader", None).unwrap();
     runtime_consumer
         .assign(&[(topic.clone(), 0, None)])
         .unwrap();
@@ -265,7 +265,7 @@ async fn a_runtime_consumer_starting_past_an_abort_marker_gets_what_follows() {
     let topic = committed_around_an_abort(&p).await;
     let mut s = make_topics(&p, &["marker"]).await;
     s.stall_reseek_ms = 200;
-    let consumer = RuntimeConsumer::new(&s, "marker-reader").unwrap();
+    let consumer = RuntimeConsumer::new(&s, "marker-reader", None).unwrap();
     consumer.assign(&[(topic.clone(), 0, Some(4))]).unwrap();
     let mut seen = Vec::new();
     while seen.len() < 4 {

@@ -23,16 +23,30 @@
 //! back (256, 512, … records); what is read again below its position was handled already and
 //! is dropped here, never handed out. Once a re-read delivered, the fetch is known to work and
 //! the partition is left alone until its end moves (then what lies beyond is aborted or open).
+//!
+//! Resting: noida-db answers an empty fetch at once, where Kafka holds it, so an idle
+//! librdkafka consumer asks thousands of times a second (see `kafka::doorbell`). A consumer
+//! that has read everything the local relay announced and got nothing for `rest_after_ms`
+//! pauses its partitions until the relay announces more for one of them, or `rest_ms` passed;
+//! it also rests while the worker handles a batch. librdkafka resumes at the last record
+//! handed out (prefetched records are dropped and fetched again). Two librdkafka facts shape
+//! it: a resume leaves the broker thread asleep (up to 1 s), so the rest seeks after resuming,
+//! which wakes it; and a pause drops the fetch under way, so a consumer rests again only after
+//! `enable.partition.eof` reported the end of every partition it resumed. Off by default
+//! (`kafka.rest_ms = 0`): see the README for a fault-suite finding with it on.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::Offset;
 
+use super::doorbell::Doorbell;
 use super::{Error, Settings};
 
 /// A record, detached from the consumer.
@@ -54,6 +68,22 @@ pub struct Consumer {
     lanes: Mutex<HashMap<(String, i32), Lane>>,
     /// When the watchdog last looked at the lanes.
     watched: Mutex<Instant>,
+    rest: Option<Rest>,
+    /// Its partitions are paused for a rest (changed under the lanes lock).
+    resting: AtomicBool,
+    /// Partitions resumed (or assigned) whose end no fetch has reported since, and when that
+    /// was: a rest before they are answered would drop the fetch under way, again and again.
+    unanswered: AtomicUsize,
+    resumed: Mutex<Instant>,
+    /// When the current rest began.
+    rest_began: Mutex<Instant>,
+}
+
+/// When and how long an idle consumer rests (see the module docs).
+struct Rest {
+    after: Duration,
+    at_most: Duration,
+    doorbell: Doorbell,
 }
 
 /// One assigned partition, as the consumer and its watchdog see it.
@@ -72,6 +102,9 @@ struct Lane {
     proven_end: Option<i64>,
     /// Held by the worker (paused): silence is expected.
     paused: bool,
+    /// Where librdkafka fetches next: after the last record received (handed out or
+    /// dropped), or where it was last sought.
+    fetch_from: i64,
 }
 
 impl Lane {
@@ -83,6 +116,7 @@ impl Lane {
             step: 0,
             proven_end: None,
             paused: false,
+            fetch_from: offset,
         }
     }
 
@@ -114,8 +148,20 @@ impl Lane {
 }
 
 impl Consumer {
-    /// A consumer for `service` with nothing assigned yet.
-    pub fn new(settings: &Settings, service: &str) -> Result<Self, Error> {
+    /// A consumer for `service` with nothing assigned yet; it rests when idle if `doorbell`
+    /// tells it what the local relay commits (and `kafka.rest_ms` is not 0).
+    pub fn new(
+        settings: &Settings,
+        service: &str,
+        doorbell: Option<Doorbell>,
+    ) -> Result<Self, Error> {
+        let rest = doorbell
+            .filter(|_| settings.rest_ms > 0)
+            .map(|doorbell| Rest {
+                after: Duration::from_millis(settings.rest_after_ms.max(1)),
+                at_most: Duration::from_millis(settings.rest_ms),
+                doorbell,
+            });
         let inner: StreamConsumer = settings
             .client()
             .set("group.id", settings.topic(service))
@@ -123,6 +169,8 @@ impl Consumer {
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
+            // A fetch reaching a partition's end is what tells a rest may begin.
+            .set("enable.partition.eof", rest.is_some().to_string())
             .create()?;
         Ok(Consumer {
             inner,
@@ -130,28 +178,54 @@ impl Consumer {
             watched: Mutex::new(Instant::now()),
             stall_reseek: (settings.stall_reseek_ms > 0)
                 .then(|| Duration::from_millis(settings.stall_reseek_ms)),
+            rest,
+            resting: AtomicBool::new(false),
+            unanswered: AtomicUsize::new(0),
+            resumed: Mutex::new(Instant::now()),
+            rest_began: Mutex::new(Instant::now()),
         })
     }
 
     /// Wait for at least one record, then take whatever else is already buffered, up to `max`.
     /// With nothing assigned it waits (the stall watchdog keeps it cheap).
     pub async fn next_batch(&self, max: usize) -> Result<Vec<Record>, Error> {
+        let mut heard = self.rest.as_ref().map(|r| r.doorbell.listen());
         loop {
-            let first = match self.stall_reseek {
-                None => self.inner.recv().await?,
+            if let (Some(rest), Some(heard)) = (&self.rest, heard.as_mut()) {
+                if self.resting() {
+                    self.rest(rest, heard).await;
+                }
+            }
+            let quiet = match &self.rest {
+                Some(rest) => Some(rest.after),
+                None => self.stall_reseek,
+            };
+            let first = match quiet {
+                None => self.inner.recv().await,
                 Some(quiet) => match tokio::time::timeout(quiet, self.inner.recv()).await {
-                    Ok(message) => message?,
+                    Ok(message) => message,
                     Err(_) => {
+                        if let Some(rest) = &self.rest {
+                            self.maybe_rest(rest);
+                        }
                         self.watch();
                         continue;
                     }
                 },
+            };
+            let first = match first {
+                Err(KafkaError::PartitionEOF(_)) => {
+                    self.reached_end();
+                    continue;
+                }
+                other => other?,
             };
             let mut batch = vec![detach(&first)];
             drop(first);
             while batch.len() < max {
                 match self.inner.recv().now_or_never() {
                     Some(Ok(m)) => batch.push(detach(&m)),
+                    Some(Err(KafkaError::PartitionEOF(_))) => self.reached_end(),
                     Some(Err(e)) => {
                         tracing::warn!("kafka consumer error while draining a batch: {e}");
                         break;
@@ -162,7 +236,122 @@ impl Consumer {
             self.arrived(&mut batch);
             self.watch();
             if !batch.is_empty() {
+                // While the worker handles this batch, fetching would mostly find nothing.
+                if let Some(rest) = &self.rest {
+                    self.maybe_rest(rest);
+                }
                 return Ok(batch);
+            }
+        }
+    }
+
+    /// Begin a rest (pause every partition not held) if every partition answered since the
+    /// last one and the local relay announced nothing this consumer has not read.
+    fn maybe_rest(&self, rest: &Rest) {
+        if self.resting() || !self.answered(rest) || self.announced_unread(&rest.doorbell) {
+            return;
+        }
+        let lanes = self.lanes.lock().expect("lanes lock");
+        *self.rest_began.lock().expect("rest lock") = Instant::now();
+        self.resting.store(true, Ordering::Relaxed);
+        self.rest_all(&lanes, true);
+    }
+
+    /// Wait out the rest begun: until the local relay announces a record this consumer has
+    /// not read, or `rest_ms` after it began; then resume. Cancelled, the rest goes on and
+    /// the next call waits for the rest of it.
+    async fn rest(&self, rest: &Rest, heard: &mut tokio::sync::watch::Receiver<u64>) {
+        let began = *self.rest_began.lock().expect("rest lock");
+        let over = tokio::time::sleep_until((began + rest.at_most).into());
+        tokio::pin!(over);
+        loop {
+            heard.borrow_and_update();
+            if self.announced_unread(&rest.doorbell) {
+                break;
+            }
+            tokio::select! {
+                _ = &mut over => break,
+                rung = heard.changed() => {
+                    if rung.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let lanes = self.lanes.lock().expect("lanes lock");
+        self.resting.store(false, Ordering::Relaxed);
+        self.rest_all(&lanes, false);
+    }
+
+    /// Whether its partitions are paused for a rest now.
+    pub fn resting(&self) -> bool {
+        self.resting.load(Ordering::Relaxed)
+    }
+
+    /// A fetch reached the end of a partition (which topic's, librdkafka does not say).
+    fn reached_end(&self) {
+        let _ = self
+            .unanswered
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Whether every partition resumed by the last rest (or assigned) has had a fetch reach
+    /// its end since; a partition that never does (the broker's stalls) waits four rests.
+    fn answered(&self, rest: &Rest) -> bool {
+        self.unanswered.load(Ordering::Relaxed) == 0
+            || self.resumed.lock().expect("resumed lock").elapsed() >= rest.at_most * 4
+    }
+
+    /// Partitions were resumed or assigned: count them as unanswered from now.
+    fn started(&self, lanes: usize) {
+        *self.resumed.lock().expect("resumed lock") = Instant::now();
+        self.unanswered.store(lanes, Ordering::Relaxed);
+    }
+
+    /// Whether the local relay committed a record to a partition this consumer reads (and
+    /// does not hold) that it has not handed out yet.
+    fn announced_unread(&self, doorbell: &Doorbell) -> bool {
+        let lanes = self.lanes.lock().expect("lanes lock");
+        lanes.iter().any(|((topic, partition), lane)| {
+            !lane.paused && doorbell.beyond(topic, *partition, lane.next)
+        })
+    }
+
+    /// Pause or resume, for a rest, every partition not held. Called under the lanes lock.
+    fn rest_all(&self, lanes: &HashMap<(String, i32), Lane>, pause: bool) {
+        let mut list = rdkafka::TopicPartitionList::new();
+        for ((topic, partition), lane) in lanes {
+            if !lane.paused {
+                list.add_partition(topic, *partition);
+            }
+        }
+        if list.count() == 0 {
+            return;
+        }
+        if pause {
+            if let Err(e) = self.inner.pause(&list) {
+                tracing::debug!("pausing for a rest failed: {e}");
+            }
+            return;
+        }
+        if let Err(e) = self.inner.resume(&list) {
+            tracing::debug!("resuming after a rest failed: {e}");
+        }
+        self.started(list.count());
+        // librdkafka does not wake its broker thread on a resume, which then starts fetching
+        // only when its sleep ends (up to a second, ~0.5 s per hop measured); a seek to where
+        // it is does wake it.
+        for ((topic, partition), lane) in lanes {
+            if !lane.paused {
+                let seek = self.inner.seek(
+                    topic,
+                    *partition,
+                    Offset::Offset(lane.fetch_from),
+                    Duration::ZERO,
+                );
+                if let Err(e) = seek {
+                    tracing::debug!(%topic, partition, "seek after a rest failed: {e}");
+                }
             }
         }
     }
@@ -176,6 +365,7 @@ impl Consumer {
                 return true;
             };
             lane.progress = now;
+            lane.fetch_from = r.offset + 1;
             if r.offset < lane.skip_below {
                 if lane.step > 0 && lane.proven_end.is_none() {
                     lane.proven_end = end_offset(&self.inner, &r.topic, r.partition);
@@ -207,6 +397,7 @@ impl Consumer {
         for ((topic, partition), lane) in lanes.iter_mut() {
             let end = end_offset(&self.inner, topic, *partition);
             if let Some(to) = lane.reseek(end, quiet, now) {
+                lane.fetch_from = to;
                 tracing::debug!(%topic, partition, next = lane.next, to, step = lane.step, ?end, "partition quiet with data beyond it: re-seeking");
                 // A zero timeout makes librdkafka seek asynchronously: never block a tokio worker.
                 let seek = self
@@ -223,21 +414,33 @@ impl Consumer {
     /// subscription's event that must be retried later); [`Consumer::release`] resumes it
     /// there. Records of it fetched before the hold may still arrive: the caller drops them.
     pub fn hold(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
+        // Under the lanes lock, so a rest never resumes a partition being held.
+        let mut lanes = self.lanes.lock().expect("lanes lock");
         self.inner.pause(&one(topic, partition))?;
-        self.rewind(topic, partition, offset, true);
+        self.rewind(&mut lanes, topic, partition, offset, true);
         Ok(())
     }
 
-    /// Fetch a held partition again, from `offset`.
+    /// Fetch a held partition again, from `offset` (after the rest, if resting).
     pub fn release(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
-        self.inner.resume(&one(topic, partition))?;
-        self.rewind(topic, partition, offset, false);
+        let mut lanes = self.lanes.lock().expect("lanes lock");
+        if !self.resting.load(Ordering::Relaxed) {
+            self.inner.resume(&one(topic, partition))?;
+        }
+        self.rewind(&mut lanes, topic, partition, offset, false);
         Ok(())
     }
 
     /// Make `offset` the partition's next record, for the broker and for the watchdog.
-    fn rewind(&self, topic: &str, partition: i32, offset: i64, paused: bool) {
-        self.lanes.lock().expect("lanes lock").insert(
+    fn rewind(
+        &self,
+        lanes: &mut HashMap<(String, i32), Lane>,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        paused: bool,
+    ) {
+        lanes.insert(
             (topic.to_string(), partition),
             Lane {
                 paused,
@@ -277,6 +480,11 @@ impl Consumer {
             }
         }
         self.inner.assign(&list)?;
+        let lanes = self.lanes.lock().expect("lanes lock");
+        self.started(lanes.len());
+        if self.resting.load(Ordering::Relaxed) {
+            self.rest_all(&lanes, true);
+        }
         Ok(())
     }
 

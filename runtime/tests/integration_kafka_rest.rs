@@ -1,0 +1,113 @@
+//! An idle consumer rests (stops fetching) on brokers that answer empty fetches at once, and
+//! wakes when the local relay announces records for it (`kafka::doorbell`), or when its rest
+//! is over for records other producers wrote. Against the real broker (`SAGA_TEST_BROKERS`).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{brokers, eventually};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+use saga_runtime::kafka::consumer::{Consumer, Record};
+use saga_runtime::kafka::doorbell::Doorbell;
+use saga_runtime::kafka::{topics, Settings};
+
+const T: Duration = Duration::from_secs(10);
+
+async fn settings(rest_ms: u64) -> (Settings, String) {
+    let prefix = format!("rest{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let settings = Settings {
+        brokers: brokers(),
+        topic_prefix: prefix.clone(),
+        partitions: 1,
+        rest_ms,
+        ..Settings::default()
+    };
+    topics::ensure(&settings, &["steps".to_string()])
+        .await
+        .expect("create topic");
+    (settings, format!("{prefix}steps"))
+}
+
+/// Commit one record the way the relay does (in a transaction); its offset.
+async fn commit_one(topic: &str, value: &str) -> i64 {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", format!("rest-{}", uuid::Uuid::new_v4()))
+        .create()
+        .unwrap();
+    p.init_transactions(T).unwrap();
+    p.begin_transaction().unwrap();
+    let delivered = p
+        .send(FutureRecord::to(topic).key("k").payload(value), T)
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    p.commit_transaction(T).unwrap();
+    delivered.offset
+}
+
+fn values(batch: Vec<Record>) -> Vec<String> {
+    batch
+        .into_iter()
+        .map(|r| String::from_utf8(r.payload).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resting_consumer_fetches_nothing_until_the_relay_announces_a_record() {
+    // A rest of ten minutes: only the doorbell can end it within the test.
+    let (s, topic) = settings(600_000).await;
+    let bell = Doorbell::default();
+    let consumer = Arc::new(Consumer::new(&s, "rest-reader", Some(bell.clone())).unwrap());
+    consumer.assign(&[(topic.clone(), 0, Some(0))]).unwrap();
+    let reader = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move { consumer.next_batch(10).await })
+    };
+    eventually("the idle consumer to rest", || async {
+        consumer
+            .resting()
+            .then_some(())
+            .ok_or_else(|| "awake".to_string())
+    })
+    .await;
+
+    let offset = commit_one(&topic, "a").await;
+    // Without an announcement the resting consumer does not look (an awake one would have
+    // the record within a few milliseconds).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !reader.is_finished(),
+        "a resting consumer fetched a record nobody announced"
+    );
+    assert!(consumer.resting());
+
+    bell.ring([(topic.as_str(), 0, offset)]);
+    let batch = tokio::time::timeout(T, reader)
+        .await
+        .expect("the announced record did not arrive: the doorbell did not end the rest")
+        .unwrap()
+        .unwrap();
+    assert_eq!(values(batch), ["a"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_nobody_announces_arrive_after_the_rest() {
+    // Another instance's relay, or any producer: this consumer's doorbell never rings.
+    let (s, topic) = settings(20).await;
+    let consumer = Consumer::new(&s, "rest-reader", Some(Doorbell::default())).unwrap();
+    consumer.assign(&[(topic.clone(), 0, Some(0))]).unwrap();
+    let mut seen = Vec::new();
+    for value in ["a", "b", "c"] {
+        commit_one(&topic, value).await;
+        let batch = tokio::time::timeout(Duration::from_secs(20), consumer.next_batch(10))
+            .await
+            .unwrap_or_else(|_| panic!("{value} never arrived (resting starves the fetch?)"))
+            .unwrap();
+        seen.extend(values(batch));
+    }
+    assert_eq!(seen, ["a", "b", "c"]);
+}
