@@ -14,8 +14,13 @@ if [ ! -x "$venv/bin/docker-compose" ]; then
 fi
 "$venv/bin/docker-compose" -f examples/compose/docker-compose.yml config -q
 services="$("$venv/bin/docker-compose" -f examples/compose/docker-compose.yml config --services | sort | tr '\n' ' ')"
-[ "$services" = "kafka postgres runtime-1 runtime-2 " ] || { echo "unexpected services: $services" >&2; exit 1; }
+[ "$services" = "kafka postgres prometheus runtime-1 runtime-2 " ] || { echo "unexpected services: $services" >&2; exit 1; }
 echo "compose file valid: $services"
+# Prometheus: its config, the recording and alerting rules, and their unit tests.
+source scripts/common.sh
+ensure_promtool
+promtool check config examples/compose/prometheus.yml
+promtool test rules examples/compose/rules.test.yml
 # What the Dockerfile's build stage runs, and the files its final stage copies.
 grep -q 'RUN scripts/build-release.sh /out' Dockerfile
 scripts/build-release.sh "$cache/image"
