@@ -37,11 +37,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::Offset;
@@ -62,7 +63,7 @@ pub struct Record {
 }
 
 pub struct Consumer {
-    inner: StreamConsumer,
+    inner: StreamConsumer<Links>,
     stall_reseek: Option<Duration>,
     /// Per assigned (physical topic, partition): where it is and what the watchdog knows.
     lanes: Mutex<HashMap<(String, i32), Lane>>,
@@ -162,7 +163,8 @@ impl Consumer {
                 at_most: Duration::from_millis(settings.rest_ms),
                 doorbell,
             });
-        let inner: StreamConsumer = settings
+        let links = Links::default();
+        let inner: StreamConsumer<Links> = settings
             .client()
             .set("group.id", settings.topic(service))
             .set("enable.auto.commit", "false")
@@ -171,7 +173,7 @@ impl Consumer {
             .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
             // A fetch reaching a partition's end is what tells a rest may begin.
             .set("enable.partition.eof", rest.is_some().to_string())
-            .create()?;
+            .create_with_context(links.clone())?;
         Ok(Consumer {
             inner,
             lanes: Mutex::new(HashMap::new()),
@@ -246,9 +248,17 @@ impl Consumer {
     }
 
     /// Begin a rest (pause every partition not held) if every partition answered since the
-    /// last one and the local relay announced nothing this consumer has not read.
+    /// last one, the local relay announced nothing this consumer has not read, and the
+    /// broker connections have not dropped lately: noida-db can lose acknowledged records
+    /// when it restarts and reuse their offsets, and a consumer that looks again only after
+    /// the relay refilled past its position would skip what was written there (one that keeps
+    /// fetching finds its position out of range and reads the partition again).
     fn maybe_rest(&self, rest: &Rest) {
-        if self.resting() || !self.answered(rest) || self.announced_unread(&rest.doorbell) {
+        if self.resting()
+            || !self.answered(rest)
+            || self.announced_unread(&rest.doorbell)
+            || self.inner.context().lost_within(CALM_AFTER_LOSS)
+        {
             return;
         }
         let lanes = self.lanes.lock().expect("lanes lock");
@@ -517,9 +527,42 @@ impl Consumer {
     }
 }
 
+/// How long after its broker connections dropped a consumer does not rest.
+const CALM_AFTER_LOSS: Duration = Duration::from_secs(10);
+
+/// The consumer's librdkafka context: notes when its broker connections dropped.
+#[derive(Clone, Default)]
+struct Links {
+    lost: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Links {
+    fn lost_within(&self, d: Duration) -> bool {
+        self.lost
+            .lock()
+            .expect("links lock")
+            .is_some_and(|at| at.elapsed() < d)
+    }
+}
+
+impl ClientContext for Links {
+    fn error(&self, error: KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(Code::AllBrokersDown | Code::BrokerTransportFailure)
+        ) {
+            *self.lost.lock().expect("links lock") = Some(Instant::now());
+        }
+        tracing::debug!("consumer: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for Links {}
+
 /// The end of a partition as this client last heard it from the broker (its high watermark,
 /// updated by every fetch response; no request is made), if known.
-fn end_offset(consumer: &StreamConsumer, topic: &str, partition: i32) -> Option<i64> {
+fn end_offset(consumer: &StreamConsumer<Links>, topic: &str, partition: i32) -> Option<i64> {
     let topic = std::ffi::CString::new(topic).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the handle is alive (we hold the consumer), the topic is a valid C string for
