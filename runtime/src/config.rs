@@ -260,18 +260,10 @@ impl Config {
             self.admin_token = Some(v).filter(|t| !t.is_empty());
         }
         if let Some(v) = env("SAGA_KAFKA_REST_MS") {
-            self.kafka.rest_ms = v.parse().map_err(|e: std::num::ParseIntError| Error::Env {
-                var: "SAGA_KAFKA_REST_MS",
-                value: v.clone(),
-                reason: e.to_string(),
-            })?;
+            self.kafka.rest_ms = number("SAGA_KAFKA_REST_MS", v)?;
         }
         if let Some(v) = env("SAGA_RELAY_SLOTS") {
-            self.relay.slots = v.parse().map_err(|e: std::num::ParseIntError| Error::Env {
-                var: "SAGA_RELAY_SLOTS",
-                value: v.clone(),
-                reason: e.to_string(),
-            })?;
+            self.relay.slots = number("SAGA_RELAY_SLOTS", v)?;
         }
         Ok(())
     }
@@ -285,6 +277,20 @@ impl Config {
             scan_rows: self.limits.scan_rows.max(1),
         }
     }
+}
+
+/// A number from an environment variable, or the error naming it.
+fn number<T: std::str::FromStr<Err = std::num::ParseIntError>>(
+    var: &'static str,
+    value: String,
+) -> Result<T, Error> {
+    value
+        .parse()
+        .map_err(|e: std::num::ParseIntError| Error::Env {
+            var,
+            reason: e.to_string(),
+            value,
+        })
 }
 
 #[cfg(test)]

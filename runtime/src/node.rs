@@ -441,7 +441,7 @@ async fn prepare(
     let consumer = Arc::new(Consumer::new(
         kafka,
         service.name(),
-        Some(shared.relay.doorbell()),
+        Some(shared.relay.doorbell().clone()),
     )?);
     let partitions = {
         let consumer = consumer.clone();

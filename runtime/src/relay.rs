@@ -34,18 +34,17 @@
 //!   Consumers' inboxes absorb the copies of what was not lost.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use rdkafka::client::ClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureRecord, Producer as _};
 
 use crate::kafka::doorbell::Doorbell;
+use crate::kafka::links::Links;
 use crate::node::Shared;
 use crate::stats::Stats;
 use crate::storage::{generations, lease, outbox};
@@ -90,42 +89,6 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
 type FutureProducer = rdkafka::producer::FutureProducer<Links>;
 
-/// The producers' view of their broker connections: when one last saw them go down
-/// (librdkafka's `__ALL_BROKERS_DOWN`, or a transport failure), in ms since the relay started
-/// (a monotonic clock of the relay's own: this is about the broker, not about saga time).
-#[derive(Clone)]
-struct Links {
-    started: std::time::Instant,
-    /// 0: never.
-    lost_ms: Arc<AtomicI64>,
-}
-
-impl Links {
-    fn new() -> Self {
-        Links {
-            started: std::time::Instant::now(),
-            lost_ms: Arc::new(AtomicI64::new(0)),
-        }
-    }
-
-    fn now_ms(&self) -> i64 {
-        self.started.elapsed().as_millis() as i64 + 1
-    }
-}
-
-impl ClientContext for Links {
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        use rdkafka::types::RDKafkaErrorCode as Code;
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(Code::AllBrokersDown | Code::BrokerTransportFailure)
-        ) {
-            self.lost_ms.store(self.now_ms(), Ordering::Relaxed);
-        }
-        tracing::debug!("relay producer: {error}: {reason}");
-    }
-}
-
 /// What the relay published lately, to publish again after the broker dropped its
 /// connections (see the module docs). Bounded by age and bytes.
 struct Recent {
@@ -158,7 +121,7 @@ impl Recent {
     /// If the broker dropped every connection since the last look: the rows published from
     /// `window_ms` before that moment on, oldest first.
     fn after_loss(&mut self, links: &Links) -> Option<VecDeque<outbox::Row>> {
-        let lost = links.lost_ms.load(Ordering::Relaxed);
+        let lost = links.lost_ms();
         if lost == self.handled {
             return None;
         }
@@ -193,8 +156,8 @@ impl Handle {
     }
 
     /// Rung after every Kafka commit with where the records went, for local consumers.
-    pub fn doorbell(&self) -> Doorbell {
-        self.doorbell.clone()
+    pub fn doorbell(&self) -> &Doorbell {
+        &self.doorbell
     }
 
     /// Rows were committed: every slot loop here looks at the outbox at once.
@@ -338,7 +301,7 @@ impl Relays {
         let relay = Relay {
             shared: self.shared.clone(),
             faults: self.faults.clone(),
-            links: Links::new(),
+            links: Links::new("relay producer"),
             slot,
             name: lease_name(slot),
             stop: stop.clone(),
@@ -736,12 +699,12 @@ mod tests {
 
     #[test]
     fn after_a_connection_loss_the_rows_published_just_before_it_go_out_again_once() {
-        let links = Links::new();
+        let links = Links::new("test");
         let mut r = recent(1000, 1 << 20);
         r.keep(vec![row(1, 10)], 100);
         r.keep(vec![row(2, 10), row(3, 10)], 1500);
         assert_eq!(ids(r.after_loss(&links)), Vec::<i64>::new(), "no loss yet");
-        links.lost_ms.store(2000, Ordering::Relaxed);
+        links.lost_at(2000);
         // Row 1 went out 1.9 s before the loss, outside the 1 s window.
         assert_eq!(ids(r.after_loss(&links)), [2, 3]);
         assert_eq!(ids(r.after_loss(&links)), Vec::<i64>::new(), "handled");
@@ -749,18 +712,18 @@ mod tests {
 
     #[test]
     fn what_is_kept_is_bounded_by_age_and_bytes() {
-        let links = Links::new();
+        let links = Links::new("test");
         let mut r = recent(1000, 25);
         r.keep(vec![row(1, 10)], 0);
         r.keep(vec![row(2, 10), row(3, 10)], 10);
         assert_eq!(r.bytes, 20, "row 1 dropped to stay under 25 bytes");
         r.keep(vec![row(4, 1)], 1500);
         assert_eq!(r.rows.len(), 1, "rows 2 and 3 aged out");
-        links.lost_ms.store(1600, Ordering::Relaxed);
+        links.lost_at(1600);
         assert_eq!(ids(r.after_loss(&links)), [4]);
         let mut off = recent(0, 1 << 20);
         off.keep(vec![row(5, 1)], 0);
-        links.lost_ms.store(1700, Ordering::Relaxed);
+        links.lost_at(1700);
         assert_eq!(
             ids(off.after_loss(&links)),
             Vec::<i64>::new(),

@@ -37,17 +37,17 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{Consumer as _, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::Offset;
 
 use super::doorbell::Doorbell;
+use super::links::Links;
 use super::{Error, Settings};
 
 /// A record, detached from the consumer.
@@ -163,7 +163,6 @@ impl Consumer {
                 at_most: Duration::from_millis(settings.rest_ms),
                 doorbell,
             });
-        let links = Links::default();
         let inner: StreamConsumer<Links> = settings
             .client()
             .set("group.id", settings.topic(service))
@@ -173,7 +172,7 @@ impl Consumer {
             .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
             // A fetch reaching a partition's end is what tells a rest may begin.
             .set("enable.partition.eof", rest.is_some().to_string())
-            .create_with_context(links.clone())?;
+            .create_with_context(Links::new("consumer"))?;
         Ok(Consumer {
             inner,
             lanes: Mutex::new(HashMap::new()),
@@ -322,9 +321,12 @@ impl Consumer {
     /// does not hold) that it has not handed out yet.
     fn announced_unread(&self, doorbell: &Doorbell) -> bool {
         let lanes = self.lanes.lock().expect("lanes lock");
-        lanes.iter().any(|((topic, partition), lane)| {
-            !lane.paused && doorbell.beyond(topic, *partition, lane.next)
-        })
+        doorbell.beyond(
+            lanes
+                .iter()
+                .filter(|(_, lane)| !lane.paused)
+                .map(|((topic, partition), lane)| (topic.as_str(), *partition, lane.next)),
+        )
     }
 
     /// Pause or resume, for a rest, every partition not held. Called under the lanes lock.
@@ -434,7 +436,7 @@ impl Consumer {
     /// Fetch a held partition again, from `offset` (after the rest, if resting).
     pub fn release(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
         let mut lanes = self.lanes.lock().expect("lanes lock");
-        if !self.resting.load(Ordering::Relaxed) {
+        if !self.resting() {
             self.inner.resume(&one(topic, partition))?;
         }
         self.rewind(&mut lanes, topic, partition, offset, false);
@@ -492,7 +494,7 @@ impl Consumer {
         self.inner.assign(&list)?;
         let lanes = self.lanes.lock().expect("lanes lock");
         self.started(lanes.len());
-        if self.resting.load(Ordering::Relaxed) {
+        if self.resting() {
             self.rest_all(&lanes, true);
         }
         Ok(())
@@ -529,36 +531,6 @@ impl Consumer {
 
 /// How long after its broker connections dropped a consumer does not rest.
 const CALM_AFTER_LOSS: Duration = Duration::from_secs(10);
-
-/// The consumer's librdkafka context: notes when its broker connections dropped.
-#[derive(Clone, Default)]
-struct Links {
-    lost: Arc<Mutex<Option<Instant>>>,
-}
-
-impl Links {
-    fn lost_within(&self, d: Duration) -> bool {
-        self.lost
-            .lock()
-            .expect("links lock")
-            .is_some_and(|at| at.elapsed() < d)
-    }
-}
-
-impl ClientContext for Links {
-    fn error(&self, error: KafkaError, reason: &str) {
-        use rdkafka::types::RDKafkaErrorCode as Code;
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(Code::AllBrokersDown | Code::BrokerTransportFailure)
-        ) {
-            *self.lost.lock().expect("links lock") = Some(Instant::now());
-        }
-        tracing::debug!("consumer: {error}: {reason}");
-    }
-}
-
-impl ConsumerContext for Links {}
 
 /// The end of a partition as this client last heard it from the broker (its high watermark,
 /// updated by every fetch response; no request is made), if known.

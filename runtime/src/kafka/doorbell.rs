@@ -55,12 +55,15 @@ impl Doorbell {
         self.inner.rung.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Whether a record at `next` or later was announced on the partition.
-    pub fn beyond(&self, topic: &str, partition: i32, next: i64) -> bool {
+    /// Whether a record was announced at or after `next` on any of these (physical topic,
+    /// partition, next).
+    pub fn beyond<'a>(&self, positions: impl IntoIterator<Item = (&'a str, i32, i64)>) -> bool {
         let last = self.inner.last.lock().expect("doorbell lock");
-        last.get(topic)
-            .and_then(|parts| parts.get(&partition))
-            .is_some_and(|&at| at >= next)
+        positions.into_iter().any(|(topic, partition, next)| {
+            last.get(topic)
+                .and_then(|parts| parts.get(&partition))
+                .is_some_and(|&at| at >= next)
+        })
     }
 
     /// Changes with every ring.
@@ -77,17 +80,17 @@ mod tests {
     fn a_partition_is_beyond_a_position_only_up_to_its_last_announced_record() {
         let bell = Doorbell::default();
         let mut heard = bell.listen();
-        assert!(!bell.beyond("t", 0, 0));
+        assert!(!bell.beyond([("t", 0, 0)]));
         bell.ring([("t", 0, 7), ("t", 0, 5), ("t", 1, 2)]);
         assert!(heard.has_changed().unwrap());
         heard.borrow_and_update();
-        assert!(bell.beyond("t", 0, 7));
+        assert!(bell.beyond([("t", 0, 7)]));
         assert!(
-            !bell.beyond("t", 0, 8),
+            !bell.beyond([("t", 0, 8)]),
             "the later, lower offset does not move it back"
         );
-        assert!(bell.beyond("t", 1, 0));
-        assert!(!bell.beyond("u", 0, 0));
+        assert!(bell.beyond([("t", 0, 8), ("t", 1, 0)]), "any of them");
+        assert!(!bell.beyond([("u", 0, 0)]));
         assert!(!heard.has_changed().unwrap());
     }
 }

@@ -5,6 +5,7 @@ pub mod cloudevents;
 pub mod consumer;
 pub mod dead_letter;
 pub mod doorbell;
+pub mod links;
 pub mod topics;
 
 use rdkafka::ClientConfig;
