@@ -123,3 +123,74 @@ async fn while_the_broker_is_down_the_relay_keeps_its_rows_and_parks_none() {
     );
     assert_eq!(rt.get("/points/u").await["point"], 700);
 }
+
+/// noida-db can lose records it acknowledged when it restarts and give their offsets to new
+/// ones, so a consumer whose broker connections dropped reads the last
+/// `reread_after_loss_ms` again (the worker's inbox drops what it handled): a consumer that
+/// handed out `a b c` hands them out again after the restart, then what follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_restart_a_consumer_reads_its_recent_records_again() {
+    use saga_runtime::kafka::consumer::Consumer;
+    let broker = Broker::start();
+    let brokers = broker.address();
+    let settings = Settings {
+        brokers: brokers.clone(),
+        topic_prefix: "reread.".into(),
+        partitions: 1,
+        ..Settings::default()
+    };
+    topics::ensure(&settings, &["t".to_string()]).await.unwrap();
+    let topic = settings.topic("t");
+    let commit = |id: &'static str, values: &'static [&'static str]| {
+        let (brokers, topic) = (&brokers, &topic);
+        async move {
+            let producer = transactional(brokers, id);
+            producer.init_transactions(T).unwrap();
+            producer.begin_transaction().unwrap();
+            for v in values {
+                producer
+                    .send(FutureRecord::to(topic).key("k").payload(*v), T)
+                    .await
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+            }
+            producer.commit_transaction(T).unwrap();
+        }
+    };
+    commit("reread-before", &["a", "b", "c"]).await;
+    let consumer = Consumer::new(&settings, "svc", None).unwrap();
+    consumer.assign(&[(topic.clone(), 0, Some(0))]).unwrap();
+    // Handed out until `got` ends with `want`, or 30 s passed.
+    let take_until = |want: &'static [&'static str]| {
+        let consumer = &consumer;
+        async move {
+            let mut got: Vec<String> = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(30);
+            while !got.ends_with(&want.iter().map(|v| v.to_string()).collect::<Vec<_>>()) {
+                let Ok(batch) = tokio::time::timeout_at(until, consumer.next_batch(10)).await
+                else {
+                    break;
+                };
+                // While the broker is away the consumer says so, as the worker sees it.
+                let Ok(batch) = batch else {
+                    continue;
+                };
+                got.extend(
+                    batch
+                        .into_iter()
+                        .map(|r| String::from_utf8(r.payload).unwrap()),
+                );
+            }
+            got
+        }
+    };
+    assert_eq!(take_until(&["a", "b", "c"]).await, ["a", "b", "c"]);
+    broker.stop();
+    broker.resume();
+    commit("reread-after", &["d"]).await;
+    let again = take_until(&["a", "b", "c", "d"]).await;
+    assert!(
+        again.ends_with(&["a", "b", "c", "d"].map(String::from)),
+        "after the connection loss the consumer reads its recent records again: {again:?}"
+    );
+}

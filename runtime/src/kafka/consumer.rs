@@ -24,6 +24,13 @@
 //! is dropped here, never handed out. Once a re-read delivered, the fetch is known to work and
 //! the partition is left alone until its end moves (then what lies beyond is aborted or open).
 //!
+//! Reading again after a connection loss: noida-db can lose records it acknowledged when it
+//! restarts and give their offsets to new records (the relay's copies of its recent rows among
+//! them), which a consumer already past those offsets would never see. So after its broker
+//! connections dropped a consumer reads every partition again from where it was
+//! `reread_after_loss_ms` before (each lane notes where it is about once a second); what was
+//! handled already the worker finds in its inbox.
+//!
 //! Resting: noida-db answers an empty fetch at once, where Kafka holds it, so an idle
 //! librdkafka consumer asks thousands of times a second (see `kafka::doorbell`). A consumer
 //! that has read everything the local relay announced and got nothing for `rest_after_ms`
@@ -35,8 +42,8 @@
 //! `enable.partition.eof` reported the end of every partition it resumed. Off by default
 //! (`kafka.rest_ms = 0`): see the README for a fault-suite finding with it on.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -78,6 +85,10 @@ pub struct Consumer {
     resumed: Mutex<Instant>,
     /// When the current rest began.
     rest_began: Mutex<Instant>,
+    /// How far back a consumer reads again after its broker connections dropped (0: not).
+    reread_after_loss: Duration,
+    /// The connection loss (`Links::lost_ms`) last answered with a re-read; 0: none yet.
+    reread_for: AtomicI64,
 }
 
 /// When and how long an idle consumer rests (see the module docs).
@@ -106,6 +117,9 @@ struct Lane {
     /// Where librdkafka fetches next: after the last record received (handed out or
     /// dropped), or where it was last sought.
     fetch_from: i64,
+    /// Where it was lately (`next`, sampled about once a second, the oldest at or before
+    /// `reread_after_loss` ago): what to read again after a broker connection loss.
+    history: VecDeque<(Instant, i64)>,
 }
 
 impl Lane {
@@ -118,7 +132,55 @@ impl Lane {
             proven_end: None,
             paused: false,
             fetch_from: offset,
+            history: VecDeque::from([(Instant::now(), offset)]),
         }
+    }
+
+    /// This lane made anew at `offset` (a hold, a release, an assignment), keeping where the
+    /// old one was in the last `window`.
+    fn replacing(old: Option<Lane>, offset: i64, paused: bool, window: Duration) -> Self {
+        let mut lane = Lane {
+            paused,
+            ..Lane::at(offset)
+        };
+        if let Some(old) = old.filter(|_| !window.is_zero()) {
+            lane.history = old.history;
+            lane.remember(Instant::now(), window);
+        }
+        lane
+    }
+
+    /// Note where the lane is now, and forget where it was more than `window` ago (but the
+    /// last position before that).
+    fn remember(&mut self, now: Instant, window: Duration) {
+        let last = self.history.back().copied();
+        if last.is_none_or(|(at, was)| was > self.next || now.duration_since(at) >= HISTORY_STEP) {
+            self.history.push_back((now, self.next));
+        }
+        while self.history.len() > 1
+            && self
+                .history
+                .get(1)
+                .is_some_and(|(at, _)| now.duration_since(*at) >= window)
+        {
+            self.history.pop_front();
+        }
+    }
+
+    /// Read again from the lowest position it had within the window: hand out everything
+    /// from there (the worker's inbox drops what was handled). Where it went, if back.
+    fn reread(&mut self) -> Option<i64> {
+        let from = self.history.iter().map(|(_, at)| *at).min()?;
+        if from >= self.fetch_from.max(self.next) {
+            return None;
+        }
+        self.next = from;
+        self.skip_below = from;
+        self.fetch_from = from;
+        self.step = 0;
+        self.proven_end = None;
+        self.progress = Instant::now();
+        Some(from)
     }
 
     /// Where to seek if this lane looks stuck, given the partition's end (`None` if unknown),
@@ -184,6 +246,8 @@ impl Consumer {
             unanswered: AtomicUsize::new(0),
             resumed: Mutex::new(Instant::now()),
             rest_began: Mutex::new(Instant::now()),
+            reread_after_loss: Duration::from_millis(settings.reread_after_loss_ms),
+            reread_for: AtomicI64::new(0),
         })
     }
 
@@ -192,6 +256,7 @@ impl Consumer {
     pub async fn next_batch(&self, max: usize) -> Result<Vec<Record>, Error> {
         let mut heard = self.rest.as_ref().map(|r| r.doorbell.listen());
         loop {
+            let _ = self.reread_after_loss();
             if let (Some(rest), Some(heard)) = (&self.rest, heard.as_mut()) {
                 if self.resting() {
                     self.rest(rest, heard).await;
@@ -233,6 +298,9 @@ impl Consumer {
                     }
                     None => break,
                 }
+            }
+            if self.reread_after_loss() {
+                continue; // these come again, after what they follow
             }
             self.arrived(&mut batch);
             self.watch();
@@ -387,8 +455,50 @@ impl Consumer {
             }
             lane.next = r.offset + 1;
             lane.step = 0;
+            if !self.reread_after_loss.is_zero() {
+                lane.remember(now, self.reread_after_loss);
+            }
             true
         });
+    }
+
+    /// Once per broker connection loss: read every partition not held again from where it
+    /// was `reread_after_loss` before (noida-db can lose acknowledged records when it
+    /// restarts and reuse their offsets; the relay publishes its recent rows again, and they
+    /// may land below this consumer's position). Seeks while the broker is away take effect
+    /// when it is back.
+    /// Whether it did.
+    fn reread_after_loss(&self) -> bool {
+        if self.reread_after_loss.is_zero() {
+            return false;
+        }
+        let lost = self.inner.context().lost_ms();
+        if lost == 0 || self.reread_for.swap(lost, Ordering::Relaxed) == lost {
+            return false;
+        }
+        let mut lanes = self.lanes.lock().expect("lanes lock");
+        let mut again = 0;
+        for ((topic, partition), lane) in lanes.iter_mut().filter(|(_, l)| !l.paused) {
+            let was = lane.next;
+            let Some(from) = lane.reread() else {
+                continue;
+            };
+            again += was - from;
+            let seek = self
+                .inner
+                .seek(topic, *partition, Offset::Offset(from), Duration::ZERO);
+            if let Err(e) = seek {
+                tracing::debug!(%topic, partition, "seek to read again failed: {e}");
+            }
+        }
+        if again > 0 {
+            tracing::info!(
+                records = again,
+                "broker connections dropped: reading the last {} s again",
+                self.reread_after_loss.as_secs()
+            );
+        }
+        again > 0
     }
 
     /// The stall watchdog (see the module docs): at most once per quiet period, re-seek the
@@ -452,12 +562,11 @@ impl Consumer {
         offset: i64,
         paused: bool,
     ) {
+        let key = (topic.to_string(), partition);
+        let old = lanes.remove(&key);
         lanes.insert(
-            (topic.to_string(), partition),
-            Lane {
-                paused,
-                ..Lane::at(offset)
-            },
+            key,
+            Lane::replacing(old, offset, paused, self.reread_after_loss),
         );
         // Asynchronous (zero timeout), like the watchdog's: never block a tokio worker.
         let seek = self
@@ -480,13 +589,11 @@ impl Consumer {
                 let here = lanes.get(&key).map(|l| l.next);
                 // 0 is "the beginning": below the low watermark, `auto.offset.reset` applies.
                 let at = here.max(*stored).unwrap_or(0);
-                let paused = lanes.get(&key).is_some_and(|l| l.paused);
+                let old = lanes.remove(&key);
+                let paused = old.as_ref().is_some_and(|l| l.paused);
                 lanes.insert(
                     key,
-                    Lane {
-                        paused,
-                        ..Lane::at(at)
-                    },
+                    Lane::replacing(old, at, paused, self.reread_after_loss),
                 );
                 list.add_partition_offset(topic, *partition, Offset::Offset(at))?;
             }
@@ -528,6 +635,9 @@ impl Consumer {
             .collect())
     }
 }
+
+/// How often a lane notes where it is, for reading again after a connection loss.
+const HISTORY_STEP: Duration = Duration::from_secs(1);
 
 /// How long after its broker connections dropped a consumer does not rest.
 const CALM_AFTER_LOSS: Duration = Duration::from_secs(10);

@@ -52,6 +52,13 @@ pub struct Settings {
     /// How long a consumer looks for records before it rests (see `rest_ms`): longer than a
     /// fetch takes. Default 2 ms.
     pub rest_after_ms: u64,
+    /// After its broker connections dropped, a consumer reads again what it read in this
+    /// long before (the inboxes drop what was handled): noida-db can lose records it
+    /// acknowledged when it restarts and give their offsets to new ones, which a consumer past
+    /// them would never see (README, "Known broker quirks"). Longer than the relay's
+    /// `republish_window_ms`, whose copies refill that range. 0 disables (right for Kafka).
+    /// Default 35000 ms.
+    pub reread_after_loss_ms: u64,
 }
 
 impl Default for Settings {
@@ -65,6 +72,7 @@ impl Default for Settings {
             fetch_wait_ms: 10,
             rest_ms: 0,
             rest_after_ms: 2,
+            reread_after_loss_ms: 35_000,
         }
     }
 }
