@@ -466,8 +466,7 @@ impl Consumer {
     /// was `reread_after_loss` before (noida-db can lose acknowledged records when it
     /// restarts and reuse their offsets; the relay publishes its recent rows again, and they
     /// may land below this consumer's position). Seeks while the broker is away take effect
-    /// when it is back.
-    /// Whether it did.
+    /// when it is back. Whether any partition went back.
     fn reread_after_loss(&self) -> bool {
         if self.reread_after_loss.is_zero() {
             return false;
