@@ -95,7 +95,10 @@ pub fn guest_path(name: &str) -> PathBuf {
             .arg(&target)
             .status()
             .expect("run cargo to build the guests");
-        assert!(status.success(), "building the guests failed");
+        assert!(
+            status.success(),
+            "building the guests failed (the wasm32-wasip2 target is needed: scripts/test.sh installs it)"
+        );
         target.join("wasm32-wasip2/release")
     });
     dir.join(format!("{name}.wasm"))
