@@ -65,6 +65,8 @@ pub struct Config {
     pub ingress: crate::admission::Settings,
     /// How long what grows per request, event or saga is kept (`[retention]`).
     pub retention: crate::retention::Settings,
+    /// Traces: sampling and their OTLP export (`[telemetry]`, see `crate::telemetry`).
+    pub telemetry: crate::telemetry::Settings,
 }
 
 /// Limits of guest calls (`[sandbox]`).
@@ -152,6 +154,7 @@ impl Default for Config {
             relay: Relay::default(),
             ingress: Default::default(),
             retention: Default::default(),
+            telemetry: Default::default(),
         }
     }
 }
@@ -261,6 +264,9 @@ impl Config {
         }
         if let Some(v) = env("SAGA_KAFKA_REST_MS") {
             self.kafka.rest_ms = number("SAGA_KAFKA_REST_MS", v)?;
+        }
+        if let Some(v) = env("SAGA_OTLP_ENDPOINT") {
+            self.telemetry.otlp_endpoint = Some(v).filter(|e| !e.is_empty());
         }
         if let Some(v) = env("SAGA_RELAY_SLOTS") {
             self.relay.slots = number("SAGA_RELAY_SLOTS", v)?;

@@ -85,8 +85,20 @@ impl Scheduler {
                     tx.rollback().await?; // cancelled, moved or fired meanwhile
                     continue;
                 }
-                outbox::insert(&mut tx, &self.message(d, now), now).await?;
+                // A child of the span that set it, so the saga's trace goes on through it.
+                let span = tracing::info_span!(
+                    "deadline fired",
+                    otel.kind = "producer",
+                    saga.service = %d.service,
+                    saga.id = %d.saga,
+                    saga.deadline = %d.name,
+                    trace_id = tracing::field::Empty,
+                );
+                crate::telemetry::follow_traceparent(&span, d.traceparent.as_deref());
+                let trace = crate::telemetry::carried(&span);
+                outbox::insert(&mut tx, &self.message(d, now, &trace), now).await?;
                 tx.commit().await?;
+                drop(span);
                 Stats::add(&self.shared.stats.deadlines_fired, 1);
                 let lag = (now - d.due_ms).max(0) as f64 / 1000.0;
                 self.shared.metrics.deadline_lag.record(lag);
@@ -96,7 +108,12 @@ impl Scheduler {
         }
     }
 
-    fn message(&self, d: &deadlines::Deadline, now_ms: i64) -> outbox::Message {
+    fn message(
+        &self,
+        d: &deadlines::Deadline,
+        now_ms: i64,
+        trace: &[(String, String)],
+    ) -> outbox::Message {
         let data = serde_json::json!({
             "saga": d.saga, "name": d.name, "dueMs": d.due_ms, "firedMs": now_ms,
         });
@@ -117,6 +134,7 @@ impl Scheduler {
             &emit,
             now_ms,
             Some(d.due_ms),
+            trace,
         )
     }
 }

@@ -72,6 +72,9 @@ pub struct Context<'a> {
     pub saga_deadline_ms: u64,
     /// The id of the causing event or request, recorded with deadlines it sets.
     pub cause_id: &'a str,
+    /// Trace context of the span handling the cause (`telemetry::carried`): the events
+    /// emitted and the deadlines set are its children.
+    pub trace: &'a [(String, String)],
 }
 
 pub async fn apply(
@@ -99,6 +102,7 @@ pub async fn apply(
             &d.name,
             due(d.after_ms),
             ctx.cause_id,
+            crate::telemetry::traceparent(ctx.trace),
         )
         .await?;
     }
@@ -118,6 +122,7 @@ pub async fn apply(
             emit,
             ctx.now_ms,
             deadline,
+            ctx.trace,
         );
         outbox::insert(conn, &message, ctx.now_ms).await?;
     }

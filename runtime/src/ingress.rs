@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use tracing::Instrument as _;
 
 use crate::effects;
 use crate::node::Shared;
@@ -163,8 +164,32 @@ pub(crate) async fn read_body(
         .map_err(|_| too_large(&format!("more than {limit}")))
 }
 
+/// A service's route, in an `ingress` span that continues the caller's trace (`traceparent`).
 async fn handle(
     State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let span = tracing::info_span!(
+        "ingress",
+        otel.kind = "server",
+        http.request.method = %method,
+        url.path = %uri.path(),
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    crate::telemetry::follow(&span, &headers);
+    let response = serve(shared, method, uri, headers, body)
+        .instrument(span.clone())
+        .await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+async fn serve(
+    shared: Arc<Shared>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -368,12 +393,19 @@ async fn call_guest(
     ctx: Context,
 ) -> Result<Called<bindings::Response>, Response> {
     let (svc, req, reader) = (service.clone(), request.clone(), shared.reader.clone());
+    let span = crate::telemetry::guest_span(
+        &tracing::Span::current(),
+        service.name(),
+        service.version(),
+        1,
+    );
     let called = match service.guest.slots().admit().await {
-        Ok(slot) => {
-            tokio::task::spawn_blocking(move || svc.guest.on_request(&slot, reader, &ctx, &req))
-                .await
-                .unwrap_or_else(|e| Err(Failure::Host(format!("handler thread failed: {e}"))))
-        }
+        Ok(slot) => tokio::task::spawn_blocking(move || {
+            let _in = span.enter();
+            svc.guest.on_request(&slot, reader, &ctx, &req)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Failure::Host(format!("handler thread failed: {e}")))),
         Err(busy) => Err(busy),
     };
     match called {
@@ -457,12 +489,14 @@ async fn run(
             format!("the handler's effects were refused: {reason}"),
         ));
     }
+    let trace = crate::telemetry::carried(&tracing::Span::current());
     let fx_ctx = effects::Context {
         kafka: &shared.config.kafka,
         now_ms,
         cause_deadline_ms: None,
         saga_deadline_ms: shared.saga_deadline_ms(service),
         cause_id: new_id,
+        trace: &trace,
     };
     let committed = async {
         let mut tx = shared.db.begin().await?;
@@ -490,6 +524,7 @@ async fn run(
         shared.changes.committed(service.name(), written);
         Ok::<_, crate::storage::Error>(None)
     }
+    .instrument(tracing::info_span!("commit"))
     .await;
     match committed {
         Ok(Some(Fenced::Answered)) => Outcome::Answered,

@@ -23,6 +23,7 @@ pub mod relay;
 pub mod retention;
 pub mod stats;
 pub mod storage;
+pub mod telemetry;
 pub mod verify;
 pub mod wasm;
 pub mod watch;

@@ -123,14 +123,11 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SAGA_LOG")
-                .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        saga_runtime::telemetry::init_logs();
+    }
+    match cli.command {
         Command::Run {
             config,
             database_url,
@@ -149,11 +146,13 @@ async fn main() -> anyhow::Result<()> {
                 config.http_listen = http;
             }
             config.services.extend(services);
+            let traces = saga_runtime::telemetry::init(&config.telemetry, &config.instance_id)?;
             let handle = node::start(Options::new(config)).await?;
             println!("runtime listening on http://{}", handle.http_addr());
             wait_for_signal().await?;
             tracing::info!("shutting down");
             handle.shutdown().await;
+            traces.shutdown().await;
             Ok(())
         }
         Command::Trace { saga, runtime } => trace(&runtime, &saga).await,

@@ -547,8 +547,13 @@ impl Relay {
     }
 
     async fn publish(&self, producer: &FutureProducer, rows: &[outbox::Row]) -> Result<(), Error> {
+        // A `relay publish` span per row, a child of the span that emitted it, ending with the
+        // transaction; the record carries the relay span's context on.
+        let spans: Vec<tracing::Span> = rows.iter().map(publish_span).collect();
+        let traces: Vec<Vec<(String, String)>> =
+            spans.iter().map(crate::telemetry::carried).collect();
         producer.begin_transaction()?;
-        match self.send_all(producer, rows).await {
+        match self.send_all(producer, rows, &traces).await {
             Ok(delivered) => {
                 let p = producer.clone();
                 blocking(move || p.commit_transaction(KAFKA_TIMEOUT)).await?;
@@ -589,13 +594,19 @@ impl Relay {
         &self,
         producer: &FutureProducer,
         rows: &[outbox::Row],
+        traces: &[Vec<(String, String)>],
     ) -> Result<Vec<(i32, i64)>, Error> {
         let mut deliveries = Vec::with_capacity(rows.len());
-        for (index, row) in rows.iter().enumerate() {
+        for (index, (row, trace)) in rows.iter().zip(traces).enumerate() {
             self.faults.before_send(index).map_err(Error::Injected)?;
             let m = &row.message;
-            let headers = m.headers.iter().fold(
-                OwnedHeaders::new_with_capacity(m.headers.len()),
+            // The stored trace context gives way to the relay span's, when there is one.
+            let stored = m
+                .headers
+                .iter()
+                .filter(|(k, _)| trace.is_empty() || !crate::telemetry::is_trace_header(k));
+            let headers = stored.chain(trace).fold(
+                OwnedHeaders::new_with_capacity(m.headers.len() + trace.len()),
                 |hs, (k, v)| {
                     hs.insert(Header {
                         key: k,
@@ -630,6 +641,21 @@ impl Relay {
             _ = tokio::time::sleep(d) => {}
         }
     }
+}
+
+/// The span of publishing one outbox row, a child of the trace context it carries.
+fn publish_span(row: &outbox::Row) -> tracing::Span {
+    let m = &row.message;
+    let span = tracing::info_span!(
+        "relay publish",
+        otel.kind = "producer",
+        messaging.destination.name = %m.topic,
+        cloudevents.event_id = %m.event_id,
+        saga.id = %m.key,
+        trace_id = tracing::field::Empty,
+    );
+    crate::telemetry::follow(&span, m.headers.as_slice());
+    span
 }
 
 /// A send error, as [`Error::Refused`] if it is about the row itself (retrying cannot help),

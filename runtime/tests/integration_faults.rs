@@ -72,8 +72,6 @@ impl Plan {
             kill_ms: (lo.parse().unwrap(), hi.parse().unwrap()),
             kills: knob("FAULT_KILLS", 1) == 1,
             duplicates: knob("FAULT_DUPLICATES", 1) == 1,
-            // Off by default: with it, TEST_SEED=1796208114634389267 ends with sagas whose
-            // compensations never ran (43 violations); under investigation, see the README.
             broker_restart: knob("FAULT_BROKER_RESTART", 1) == 1,
             pg_restart: knob("FAULT_PG_RESTART", 1) == 1,
             outage: Duration::from_millis(knob("FAULT_OUTAGE_MS", 2000)),

@@ -400,21 +400,44 @@ async fn write_sequences(
     }
 }
 
-/// Read what [`write_sequences`] wrote and check that every saga's events arrived once each,
-/// in their stored order.
-async fn assert_each_saga_in_order(prefix: &str, topic: &str, sagas: usize, per_saga: usize) {
-    let got = consume_n(prefix, topic, sagas * per_saga).await;
-    let mut next = std::collections::HashMap::new();
-    for m in &got {
-        use rdkafka::Message as _;
-        let saga = String::from_utf8_lossy(m.key().unwrap()).into_owned();
-        let seq: usize = header(m, "seq").unwrap().parse().unwrap();
-        let want = next.entry(saga.clone()).or_insert(0);
-        assert_eq!(seq, *want, "{saga}: got event {seq} where {want} was due");
-        *want += 1;
+/// Read what [`write_sequences`] wrote and check that every saga's events all arrived, each
+/// first copy in its stored order. With `copies`, earlier events may come again (at least
+/// once: a relay slot that changed hands under load publishes again what its previous holder
+/// had published but not yet deleted; consumers' inboxes drop them), never a later one early.
+async fn assert_each_saga_in_order(
+    prefix: &str,
+    topic: &str,
+    sagas: usize,
+    per_saga: usize,
+    copies: bool,
+) {
+    let total = sagas * per_saga;
+    let mut read = total;
+    loop {
+        let got = consume_n(prefix, topic, read).await;
+        let mut next = std::collections::HashMap::new();
+        let mut again = 0;
+        for m in &got {
+            use rdkafka::Message as _;
+            let saga = String::from_utf8_lossy(m.key().unwrap()).into_owned();
+            let seq: usize = header(m, "seq").unwrap().parse().unwrap();
+            let want = next.entry(saga.clone()).or_insert(0);
+            if copies && seq < *want {
+                again += 1;
+                continue;
+            }
+            assert_eq!(seq, *want, "{saga}: got event {seq} where {want} was due");
+            *want += 1;
+        }
+        if again > 0 && got.len() - again < total {
+            eprintln!("{again} copies of events published again; reading further");
+            read = total + again;
+            continue;
+        }
+        assert_eq!(next.len(), sagas, "{next:?}");
+        assert!(next.values().all(|&n| n == per_saga), "{next:?}");
+        return;
     }
-    assert_eq!(next.len(), sagas, "{next:?}");
-    assert!(next.values().all(|&n| n == per_saga), "{next:?}");
 }
 
 /// A6: events leave in the order they were stored, per saga, under load: four sagas written
@@ -429,7 +452,7 @@ async fn events_of_one_saga_leave_in_the_order_they_were_stored(backend: Backend
         .await
         .unwrap();
     write_sequences(rt.handle.db(), &kafka.topic("seq"), SAGAS, PER_SAGA).await;
-    assert_each_saga_in_order(rt.prefix(), "seq", SAGAS, PER_SAGA).await;
+    assert_each_saga_in_order(rt.prefix(), "seq", SAGAS, PER_SAGA, false).await;
     assert!(
         Stats::get(&rt.handle.stats().relay_batches) >= (SAGAS * PER_SAGA / 16) as u64,
         "the relay used many transactions"
@@ -484,7 +507,7 @@ async fn two_instances_both_relay_and_each_saga_stays_in_order() {
         .unwrap();
     let before = [&rt.handle, &sibling].map(|h| Stats::get(&h.stats().published));
     write_sequences(&db, &kafka.topic("seq"), SAGAS, PER_SAGA).await;
-    assert_each_saga_in_order(rt.prefix(), "seq", SAGAS, PER_SAGA).await;
+    assert_each_saga_in_order(rt.prefix(), "seq", SAGAS, PER_SAGA, true).await;
     for (n, h) in [&rt.handle, &sibling].into_iter().enumerate() {
         let published = Stats::get(&h.stats().published) - before[n];
         assert!(published > 0, "instance {n} published nothing");

@@ -2,8 +2,9 @@
 //! `ce_*` headers, the data as the record value with its media type in `content-type`, and the
 //! saga id (`ce_subject`) is the record key, so all events of one saga share a partition.
 //!
-//! Extensions of ours: `ce_sagadeadline` (RFC 3339), the saga's deadline, carried from each
-//! event to the events its handler emits.
+//! Extensions: distributed tracing (`ce_traceparent`, `ce_tracestate`, see `crate::telemetry`)
+//! and one of ours, `ce_sagadeadline` (RFC 3339), the saga's deadline, carried from each event
+//! to the events its handler emits.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -54,7 +55,8 @@ fn parse_time(header: &'static str, value: &str) -> Result<i64, Malformed> {
         })
 }
 
-/// The outbox message of an event a handler of `service` emitted at `now_ms`.
+/// The outbox message of an event a handler of `service` emitted at `now_ms`, a child of the
+/// trace context `trace` (`telemetry::carried`).
 pub fn encode(
     service: &str,
     physical_topic: String,
@@ -62,6 +64,7 @@ pub fn encode(
     emit: &Emit,
     now_ms: i64,
     deadline_ms: Option<i64>,
+    trace: &[(String, String)],
 ) -> Message {
     let mut headers = vec![
         (SPECVERSION.to_string(), SPEC_VERSION.to_string()),
@@ -75,6 +78,7 @@ pub fn encode(
     if let Some(deadline) = deadline_ms {
         headers.push((SAGA_DEADLINE.to_string(), rfc3339(deadline)));
     }
+    headers.extend(trace.iter().cloned());
     Message {
         event_id,
         topic: physical_topic,
@@ -158,6 +162,7 @@ mod tests {
             &emit(),
             1_700_000_000_123,
             Some(1_700_000_010_123),
+            &[],
         );
         assert_eq!(m.key, "saga-1");
         let e = decode("order", &as_record(&m), &m.payload).unwrap();
@@ -173,7 +178,15 @@ mod tests {
 
     #[test]
     fn a_record_without_an_id_is_malformed_with_the_reason() {
-        let m = encode("order", "order".into(), "id-1".into(), &emit(), 0, None);
+        let m = encode(
+            "order",
+            "order".into(),
+            "id-1".into(),
+            &emit(),
+            0,
+            None,
+            &[],
+        );
         let headers: Vec<_> = as_record(&m).into_iter().filter(|(k, _)| k != ID).collect();
         assert_eq!(decode("order", &headers, b""), Err(Malformed::Missing(ID)));
     }
@@ -187,6 +200,7 @@ mod tests {
             &emit(),
             0,
             None,
+            &[],
         ));
         headers.push((TIME.into(), b"yesterday".to_vec()));
         assert!(matches!(

@@ -10,18 +10,20 @@ pub async fn set(
     name: &str,
     due_ms: i64,
     set_by: &str,
+    traceparent: Option<&str>,
 ) -> Result<(), Error> {
     sqlx::query(
-        "INSERT INTO deadlines (service, saga, name, due_ms, status, set_by) \
-         VALUES ($1, $2, $3, $4, 'PENDING', $5) \
+        "INSERT INTO deadlines (service, saga, name, due_ms, status, set_by, traceparent) \
+         VALUES ($1, $2, $3, $4, 'PENDING', $5, $6) \
          ON CONFLICT (service, saga, name) DO UPDATE SET due_ms = excluded.due_ms, \
-         status = 'PENDING', set_by = excluded.set_by",
+         status = 'PENDING', set_by = excluded.set_by, traceparent = excluded.traceparent",
     )
     .bind(service)
     .bind(saga)
     .bind(name)
     .bind(due_ms)
     .bind(set_by)
+    .bind(traceparent)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -52,6 +54,9 @@ pub struct Deadline {
     pub status: String,
     /// The event or request whose handler set it.
     pub set_by: String,
+    /// The W3C trace context of the span that set it: the fired event continues that trace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 fn from_row(row: &super::Row) -> Result<Deadline, Error> {
@@ -63,10 +68,11 @@ fn from_row(row: &super::Row) -> Result<Deadline, Error> {
         due_ms: row.try_get("due_ms")?,
         status: row.try_get("status")?,
         set_by: row.try_get("set_by")?,
+        traceparent: row.try_get("traceparent")?,
     })
 }
 
-const COLUMNS: &str = "service, saga, name, due_ms, status, set_by";
+const COLUMNS: &str = "service, saga, name, due_ms, status, set_by, traceparent";
 
 /// When the earliest pending deadline falls due, if any.
 pub async fn next_due(db: &super::Db) -> Result<Option<i64>, Error> {

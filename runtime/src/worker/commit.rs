@@ -36,6 +36,8 @@ impl Worker {
             .shared
             .metrics
             .handled(service.name(), service.version());
+        // One `commit` span per event, ending when the batch's transaction does.
+        let mut spans = Vec::with_capacity(items.len());
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
@@ -45,7 +47,13 @@ impl Worker {
             if verdict.waits() {
                 continue; // its partition is held: neither it nor what follows commits
             }
+            let span = tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty);
             let outcome = self.commit_one(&mut tx, service, item, verdict).await;
+            if let Ok(o) = &outcome {
+                let name = o.map_or("duplicate", inbox::Outcome::as_str);
+                span.record("saga.outcome", name);
+            }
+            spans.push(span);
             if let Ok(o) = &outcome {
                 handled.record(metric_outcome(*o), item.taken.elapsed());
             }
@@ -87,6 +95,7 @@ impl Worker {
             storage::offsets::advance(&mut tx, &self.service, topic, partition, offset).await?;
         }
         tx.commit().await?;
+        drop(spans);
         self.shared.changes.committed(&self.service, written);
         let stats = &self.shared.stats;
         Stats::add(&stats.applied, applied);
@@ -153,12 +162,14 @@ impl Worker {
         }
         let result = match (verdict, outcome) {
             (Verdict::Apply(called), inbox::Outcome::Applied | inbox::Outcome::Compensated) => {
+                let trace = crate::telemetry::carried(&item.span);
                 let ctx = effects::Context {
                     kafka: &self.shared.config.kafka,
                     now_ms,
                     cause_deadline_ms: item.event.as_ref().ok().and_then(|e| e.deadline_ms),
                     saga_deadline_ms: self.shared.saga_deadline_ms(service),
                     cause_id: &id,
+                    trace: &trace,
                 };
                 effects::apply(&mut sp, &ctx, service, &called.reads, &called.output).await
             }

@@ -4,6 +4,7 @@
 //! hold.
 
 use super::*;
+use tracing::Instrument as _;
 
 impl Worker {
     /// Run the guests of a batch: partitions concurrently, each partition in order.
@@ -30,7 +31,8 @@ impl Worker {
                 } else if items[i].duplicate(door.seen.get(&items[i].inbox_id())) {
                     Some(Verdict::Duplicate)
                 } else {
-                    self.decide(service, &items[i], door, holds).await
+                    let decided = self.decide(service, &items[i], door, holds);
+                    decided.instrument(items[i].span.clone()).await
                 };
                 let verdict = verdict?;
                 held = verdict.waits();
@@ -193,7 +195,10 @@ impl Worker {
             .metrics
             .guest_wait
             .record(waited.elapsed().as_secs_f64());
+        let span =
+            crate::telemetry::guest_span(&item.span, service.name(), service.version(), attempt);
         tokio::task::spawn_blocking(move || {
+            let _in = span.enter();
             if !shared.recordings.enabled() {
                 return svc
                     .guest

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::effects;
 use crate::kafka::cloudevents::{self, Malformed};
@@ -52,6 +53,8 @@ struct Item<'a> {
     first_attempt: u32,
     /// When the worker took it from the consumer (the handler-duration metric).
     taken: std::time::Instant,
+    /// Its `consume` span, a child of the trace context it carries; it ends with the batch.
+    span: tracing::Span,
 }
 
 impl Item<'_> {
@@ -240,6 +243,7 @@ impl Worker {
             .iter()
             .map(|record| Item {
                 taken,
+                span: self.consume_span(service, record),
                 event: self.decode(record),
                 redrive: record
                     .headers
@@ -316,6 +320,35 @@ impl Worker {
         if let Err(e) = storage::held::hold(&self.shared.db, &self.service, saga, until).await {
             tracing::debug!(service = %self.service, "held step not shared: {e}");
         }
+    }
+
+    /// The span of handling `record`, a child of the trace context it carries (a record with
+    /// none, or a malformed one, begins a trace).
+    fn consume_span(&self, service: &Service, record: &Record) -> tracing::Span {
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| String::from_utf8_lossy(v))
+                .unwrap_or_default()
+        };
+        let span = tracing::info_span!(
+            "consume",
+            otel.kind = "consumer",
+            saga.service = %self.service,
+            saga.version = %service.version(),
+            saga.id = %header(cloudevents::SUBJECT),
+            cloudevents.event_id = %header(cloudevents::ID),
+            cloudevents.event_type = %header(cloudevents::TYPE),
+            messaging.destination.name = %self.shared.config.kafka.logical(&record.topic),
+            messaging.destination.partition.id = record.partition,
+            messaging.kafka.offset = record.offset,
+            trace_id = tracing::field::Empty,
+        );
+        crate::telemetry::follow(&span, record.headers.as_slice());
+        span
     }
 
     /// The event a record carries, within the limits (`crate::limits`), or why not.
@@ -425,7 +458,8 @@ impl Worker {
                 return Rerun::Stopping;
             };
             let verdict = if !item.duplicate(door.seen.get(&item.inbox_id())) {
-                match self.decide(service, item, &door, holds).await {
+                let decided = self.decide(service, item, &door, holds);
+                match decided.instrument(item.span.clone()).await {
                     Some(Verdict::Held { attempt, retry_in }) => {
                         return Rerun::Held(hold(item, attempt, retry_in))
                     }
