@@ -39,6 +39,36 @@ fn attr<'a>(span: &'a ExportedSpan, key: &str) -> &'a str {
     inner.trim_matches('"')
 }
 
+/// The spans of `trace` exported so far, once `done` holds for them and none lacks its parent
+/// (panics after 30 s with what arrived).
+async fn whole_trace(
+    collector: &mut FakeCollectorServer,
+    trace: &str,
+    done: impl Fn(&[ExportedSpan]) -> bool,
+) -> Vec<ExportedSpan> {
+    let mut spans: Vec<ExportedSpan> = Vec::new();
+    let started = Instant::now();
+    loop {
+        let more = collector
+            .exported_spans(1, Duration::from_millis(200))
+            .await;
+        spans.extend(more.into_iter().filter(|s| s.trace_id == trace));
+        if done(&spans) && orphans(&spans).is_empty() {
+            return spans;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no whole trace after 30 s: done {}, orphans {:?}, spans {:#?}",
+            done(&spans),
+            orphans(&spans),
+            spans
+                .iter()
+                .map(|s| format!("{} {:?}", s.name, s.attributes))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compensated_saga_across_three_services_and_two_instances_is_one_connected_trace() {
     let mut collector = FakeCollectorServer::start().await.unwrap();
@@ -97,33 +127,16 @@ async fn a_compensated_saga_across_three_services_and_two_instances_is_one_conne
 
     // Wait for the trace to be whole: the stock service's compensation committed, and every
     // span's parent exported.
-    let mut spans: Vec<ExportedSpan> = Vec::new();
-    let started = Instant::now();
-    loop {
-        let more = collector
-            .exported_spans(1, Duration::from_millis(200))
-            .await;
-        spans.extend(more.into_iter().filter(|s| s.trace_id == TRACE));
-        let compensated = spans.iter().any(|s| {
+    let spans = whole_trace(&mut collector, TRACE, |spans| {
+        spans.iter().any(|s| {
             s.name == "commit"
                 && attr(s, "saga.outcome") == "compensated"
                 && spans
                     .iter()
                     .any(|p| p.span_id == s.parent_span_id && attr(p, "saga.service") == "stock")
-        });
-        if compensated && orphans(&spans).is_empty() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no whole trace after 30 s: compensated {compensated}, orphans {:?}, spans {:#?}",
-            orphans(&spans),
-            spans
-                .iter()
-                .map(|s| format!("{} {:?}", s.name, s.attributes))
-                .collect::<Vec<_>>()
-        );
-    }
+        })
+    })
+    .await;
 
     let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
     for name in [
@@ -169,5 +182,59 @@ async fn a_compensated_saga_across_three_services_and_two_instances_is_one_conne
     );
     drop(front);
     drop(back);
+    db.drop_db().await;
+}
+
+/// A deadline continues the trace of the span that set it: the order service sets one when
+/// the order is placed, no point service answers, the deadline fires, the order is rejected
+/// and the exchange compensated, all in the caller's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fired_deadline_and_its_compensation_stay_in_the_trace_that_set_it() {
+    const ORDER_TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let mut collector = FakeCollectorServer::start().await.unwrap();
+    std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::instances::config_file(
+        dir.path(),
+        &format!(
+            "[saga_deadlines]\norder = 800\n\
+             [relay]\npoll_interval_ms = 50\n\
+             [telemetry]\notlp_endpoint = {:?}\n",
+            collector.endpoint()
+        ),
+    );
+    let prefix = format!("td{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let rt = Instance::start("solo", &db.url, &prefix, &config, &["order", "exchange"]);
+    let http = common::http_client();
+    let placed = http
+        .post(format!("{}/orders", rt.base))
+        .header("traceparent", format!("00-{ORDER_TRACE}-{CALLER}-01"))
+        .json(&serde_json::json!({"holderId": "erin", "currencyId": 1, "amount": 100}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status(), 201);
+    let spans = whole_trace(&mut collector, ORDER_TRACE, |spans| {
+        spans.iter().any(|s| {
+            s.name == "commit"
+                && attr(s, "saga.outcome") == "compensated"
+                && spans
+                    .iter()
+                    .any(|p| p.span_id == s.parent_span_id && attr(p, "saga.service") == "exchange")
+        })
+    })
+    .await;
+    let fired = spans
+        .iter()
+        .find(|s| s.name == "deadline fired")
+        .expect("a deadline fired span in the trace");
+    assert_eq!(attr(fired, "saga.deadline"), "approval");
+    let expired = spans
+        .iter()
+        .find(|s| s.name == "consume" && attr(s, "cloudevents.event_type") == "DeadlineExpired")
+        .expect("the order service's DeadlineExpired in the trace");
+    assert_eq!(attr(expired, "saga.service"), "order");
+    drop(rt);
     db.drop_db().await;
 }
