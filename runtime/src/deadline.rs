@@ -80,7 +80,7 @@ impl Scheduler {
                 // Saga row first, deadline row second: the same lock order as a step that
                 // settles a saga and cancels its deadline, so the two cannot deadlock.
                 let mut tx = db.begin().await?;
-                storage::sagas::expire(&mut tx, &d.saga, now).await?;
+                let opened = storage::sagas::expire(&mut tx, &d.saga, now).await?;
                 if !deadlines::claim(&mut tx, d).await? {
                     tx.rollback().await?; // cancelled, moved or fired meanwhile
                     continue;
@@ -99,6 +99,13 @@ impl Scheduler {
                 outbox::insert(&mut tx, &self.message(d, now, &trace), now).await?;
                 tx.commit().await?;
                 drop(span);
+                if let Some(opened) = opened {
+                    let ran = (now - opened).max(0) as f64 / 1000.0;
+                    self.shared
+                        .metrics
+                        .saga_ended(&d.service, "expired")
+                        .record(ran);
+                }
                 Stats::add(&self.shared.stats.deadlines_fired, 1);
                 let lag = (now - d.due_ms).max(0) as f64 / 1000.0;
                 self.shared.metrics.deadline_lag.record(lag);

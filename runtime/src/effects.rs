@@ -77,13 +77,21 @@ pub struct Context<'a> {
     pub trace: &'a [(String, String)],
 }
 
+/// What applying effects ended: how long each saga whose pending deadline they cancelled had
+/// run, ms (the saga duration metric, recorded once the transaction commits).
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub settled_ms: Vec<i64>,
+}
+
 pub async fn apply(
     conn: &mut Conn,
     ctx: &Context<'_>,
     service: &Service,
     reads: &ReadSet,
     fx: &Effects,
-) -> Result<(), storage::Error> {
+) -> Result<Applied, storage::Error> {
+    let mut applied = Applied::default();
     storage::state::apply(conn, service.name(), reads, &fx.writes, ctx.now_ms).await?;
     // Delays are bounded by `validate` (and the config); saturate anyway, never overflow.
     let due = |after: Option<u64>| {
@@ -91,7 +99,11 @@ pub async fn apply(
         ctx.now_ms.saturating_add(after)
     };
     for d in &fx.cancel_deadlines {
-        deadlines::cancel(conn, service.name(), &d.subject, &d.name).await?;
+        if deadlines::cancel(conn, service.name(), &d.subject, &d.name).await? {
+            if let Some(opened) = storage::sagas::opened(conn, &d.subject).await? {
+                applied.settled_ms.push(ctx.now_ms - opened);
+            }
+        }
     }
     for d in &fx.set_deadlines {
         storage::sagas::open(conn, &d.subject, ctx.now_ms).await?;
@@ -126,5 +138,5 @@ pub async fn apply(
         );
         outbox::insert(conn, &message, ctx.now_ms).await?;
     }
-    Ok(())
+    Ok(applied)
 }

@@ -504,7 +504,8 @@ async fn run(
             tx.rollback().await?;
             return Ok(Some(refusal));
         }
-        effects::apply(&mut tx, &fx_ctx, service, &called.reads, &response.effects).await?;
+        let applied =
+            effects::apply(&mut tx, &fx_ctx, service, &called.reads, &response.effects).await?;
         if let Some(retry) = retry {
             let reply = idempotency::Stored {
                 fingerprint: retry.fingerprint.clone(),
@@ -522,6 +523,12 @@ async fn run(
         tx.commit().await?;
         let written = response.effects.writes.iter().map(|w| w.key.as_str());
         shared.changes.committed(service.name(), written);
+        if !applied.settled_ms.is_empty() {
+            let ended = shared.metrics.saga_ended(service.name(), "settled");
+            for ms in applied.settled_ms {
+                ended.record(ms.max(0) as f64 / 1000.0);
+            }
+        }
         Ok::<_, crate::storage::Error>(None)
     }
     .instrument(tracing::info_span!("commit"))

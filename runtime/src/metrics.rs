@@ -251,7 +251,8 @@ impl Metrics {
                 r.describe_counter(KeyName::from(*name), None, SharedString::from(*help));
             }
         }
-        let histograms: [(&'static str, Option<Unit>, &'static str); 4] = [
+        let histograms: [(&'static str, Option<Unit>, &'static str); 5] = [
+            ("saga_duration_seconds", Some(Unit::Seconds), "From a saga's first deadline set to a deadline of it cancelled by a handler (end=settled) or fired (end=expired), by the service owning the deadline"),
             ("saga_handler_duration_seconds", Some(Unit::Seconds), "Handling of one event (taken from the consumer to committed), by service, version and outcome; failed: one failed attempt"),
             ("saga_guest_instance_wait_seconds", Some(Unit::Seconds), "Wait for a free guest instance before a handler call"),
             ("saga_relay_transaction_rows", Some(Unit::Count), "Outbox rows per relay Kafka transaction"),
@@ -289,6 +290,16 @@ impl Metrics {
                 ],
             )
         }))
+    }
+
+    /// The saga-duration histogram of `service`'s sagas that ended `end`: `settled` (a
+    /// handler cancelled the deadline) or `expired` (it fired).
+    pub fn saga_ended(&self, service: &str, end: &'static str) -> Histogram {
+        histogram(
+            &self.recorder,
+            "saga_duration_seconds",
+            &[("service", service), ("end", end)],
+        )
     }
 
     /// The lag gauge of one partition a service reads here.

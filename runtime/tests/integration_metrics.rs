@@ -117,3 +117,68 @@ async fn a_saga_moves_the_metrics_and_the_exposition_is_valid() {
     promtool_check(&after);
     rt.stop().await;
 }
+
+/// The sagas with `end` of `service` in the saga-duration histogram.
+fn sagas_ended(text: &str, service: &str, end: &str) -> f64 {
+    let labels = [format!("service=\"{service}\""), format!("end=\"{end}\"")];
+    text.lines()
+        .filter(|l| l.starts_with("saga_duration_seconds_count{"))
+        .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Saga durations: an approved order's saga ends `settled` (its handler cancelled the
+/// deadline), one whose point step never answers ends `expired` (the deadline fired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_that_settle_or_expire_are_timed_to_their_end() {
+    use serde_json::json;
+    let rt = TestRuntime::start(Backend::Sqlite, &["order", "point", "exchange"]).await;
+    assert_eq!(sagas_ended(&scrape(&rt).await, "order", "settled"), 0.0);
+    rt.post("/points", json!({"userId": "tim", "point": 1000}))
+        .await;
+    let (status, order) = rt
+        .post(
+            "/orders",
+            json!({"holderId": "tim", "currencyId": 1, "amount": 10}),
+        )
+        .await;
+    assert_eq!(status, 201, "{order}");
+    common::order_status(&rt, order["id"].as_str().unwrap(), "APPROVED").await;
+    // Recorded right after the commit the order's status shows.
+    let text = eventually("the settled saga in the metrics", || async {
+        let text = scrape(&rt).await;
+        match sagas_ended(&text, "order", "settled") {
+            1.0 => Ok(text),
+            n => Err(format!("{n} settled")),
+        }
+    })
+    .await;
+    assert_eq!(sagas_ended(&text, "order", "expired"), 0.0);
+    promtool_check(&text);
+    rt.stop().await;
+
+    // No point service: the exchange step answers nobody and the deadline fires.
+    let rt = TestRuntime::start_with(Backend::Sqlite, &["order", "exchange"], |o| {
+        o.config.saga_deadlines.insert("order".into(), 300);
+    })
+    .await;
+    let (status, order) = rt
+        .post(
+            "/orders",
+            json!({"holderId": "una", "currencyId": 1, "amount": 10}),
+        )
+        .await;
+    assert_eq!(status, 201, "{order}");
+    common::order_status(&rt, order["id"].as_str().unwrap(), "REJECTED").await;
+    let text = eventually("the expired saga in the metrics", || async {
+        let text = scrape(&rt).await;
+        match sagas_ended(&text, "order", "expired") {
+            1.0 => Ok(text),
+            n => Err(format!("{n} expired")),
+        }
+    })
+    .await;
+    assert_eq!(sagas_ended(&text, "order", "settled"), 0.0, "{text}");
+    rt.stop().await;
+}

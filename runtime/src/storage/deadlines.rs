@@ -29,8 +29,9 @@ pub async fn set(
     Ok(())
 }
 
-pub async fn cancel(conn: &mut Conn, service: &str, saga: &str, name: &str) -> Result<(), Error> {
-    sqlx::query(
+/// Cancel a pending deadline; whether there was one.
+pub async fn cancel(conn: &mut Conn, service: &str, saga: &str, name: &str) -> Result<bool, Error> {
+    let cancelled = sqlx::query(
         "UPDATE deadlines SET status = 'CANCELLED' \
          WHERE service = $1 AND saga = $2 AND name = $3 AND status = 'PENDING'",
     )
@@ -38,8 +39,9 @@ pub async fn cancel(conn: &mut Conn, service: &str, saga: &str, name: &str) -> R
     .bind(saga)
     .bind(name)
     .execute(&mut *conn)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(cancelled > 0)
 }
 
 /// A stored deadline.

@@ -14,7 +14,8 @@ use super::{Conn, Error};
 /// Make sure `saga` has a row (when a deadline is set for it).
 pub async fn open(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<(), Error> {
     sqlx::query(
-        "INSERT INTO sagas (saga, expired_ms, steps, touched_ms) VALUES ($1, NULL, 0, $2) \
+        "INSERT INTO sagas (saga, expired_ms, steps, touched_ms, opened_ms) \
+         VALUES ($1, NULL, 0, $2, $2) \
          ON CONFLICT (saga) DO UPDATE SET touched_ms = excluded.touched_ms",
     )
     .bind(saga)
@@ -24,18 +25,29 @@ pub async fn open(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<(), Error>
     Ok(())
 }
 
-/// Mark `saga` expired at `now_ms` (the first expiry wins).
-pub async fn expire(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<(), Error> {
-    sqlx::query(
+/// Mark `saga` expired at `now_ms` (the first expiry wins); when it was opened, if known.
+pub async fn expire(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<Option<i64>, Error> {
+    let opened: Option<i64> = sqlx::query_scalar(
         "INSERT INTO sagas (saga, expired_ms, steps, touched_ms) VALUES ($1, $2, 0, $2) \
          ON CONFLICT (saga) DO UPDATE SET \
-         expired_ms = COALESCE(sagas.expired_ms, excluded.expired_ms), touched_ms = $2",
+         expired_ms = COALESCE(sagas.expired_ms, excluded.expired_ms), touched_ms = $2 \
+         RETURNING opened_ms",
     )
     .bind(saga)
     .bind(now_ms)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(())
+    Ok(opened)
+}
+
+/// When `saga` was opened (its first deadline set), if known.
+pub async fn opened(conn: &mut Conn, saga: &str) -> Result<Option<i64>, Error> {
+    let opened: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT opened_ms FROM sagas WHERE saga = $1")
+            .bind(saga)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(opened.flatten())
 }
 
 /// Record a forward step of `saga` and return when it expired, if it has.

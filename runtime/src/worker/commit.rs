@@ -38,6 +38,8 @@ impl Worker {
             .handled(service.name(), service.version());
         // One `commit` span per event, ending when the batch's transaction does.
         let mut spans = Vec::with_capacity(items.len());
+        // How long the sagas whose deadline the batch cancelled ran (ms).
+        let mut settled = Vec::new();
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
@@ -48,7 +50,9 @@ impl Worker {
                 continue; // its partition is held: neither it nor what follows commits
             }
             let span = tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty);
-            let outcome = self.commit_one(&mut tx, service, item, verdict).await;
+            let outcome = self
+                .commit_one(&mut tx, service, item, verdict, &mut settled)
+                .await;
             if let Ok(o) = &outcome {
                 let name = o.map_or("duplicate", inbox::Outcome::as_str);
                 span.record("saga.outcome", name);
@@ -96,6 +100,12 @@ impl Worker {
         }
         tx.commit().await?;
         drop(spans);
+        if !settled.is_empty() {
+            let ended = self.shared.metrics.saga_ended(service.name(), "settled");
+            for ms in settled {
+                ended.record(ms.max(0) as f64 / 1000.0);
+            }
+        }
         self.shared.changes.committed(&self.service, written);
         let stats = &self.shared.stats;
         Stats::add(&stats.applied, applied);
@@ -123,6 +133,7 @@ impl Worker {
         service: &Service,
         item: &Item<'_>,
         verdict: &Verdict,
+        settled: &mut Vec<i64>,
     ) -> Result<Option<inbox::Outcome>, storage::Error> {
         use sqlx::Connection as _;
         let now_ms = self.shared.clock.now_ms();
@@ -175,13 +186,15 @@ impl Worker {
             }
             (Verdict::DeadLetter { reason, attempts }, _) => {
                 let message = self.dead_letter(service, item, &id, reason, *attempts);
-                outbox::insert(&mut sp, &message, now_ms).await
+                let inserted = outbox::insert(&mut sp, &message, now_ms).await;
+                inserted.map(|()| effects::Applied::default())
             }
-            _ => Ok(()),
+            _ => Ok(effects::Applied::default()),
         };
         match result {
-            Ok(()) => {
+            Ok(applied) => {
                 sp.commit().await?;
+                settled.extend(applied.settled_ms);
                 Ok(Some(outcome))
             }
             Err(e) => {
