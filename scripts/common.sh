@@ -28,6 +28,15 @@ ensure_promtool() {
     { apt-get update >/dev/null && apt-get install -y --no-install-recommends prometheus >/dev/null; }
 }
 
+# Chromium (Debian's chromium package): integration_ui loads the /ui page in it, headless.
+ensure_chromium() {
+  command -v chromium >/dev/null && return
+  echo "installing chromium (Debian package chromium)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y --no-install-recommends chromium >/dev/null ||
+    { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null; }
+}
+
 build_guests() {
   cargo build --quiet --release --target wasm32-wasip2 \
     --manifest-path guests/Cargo.toml --target-dir guests/target

@@ -5,6 +5,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 ensure_postgres
 ensure_promtool
+ensure_chromium
 export SAGA_TEST_BROKERS="127.0.0.1:$SAGA_BROKER_PORT"
 build_guests
 cargo test --workspace "$@"

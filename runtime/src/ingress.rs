@@ -109,6 +109,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/deadlines", axum::routing::get(list_deadlines))
         .route("/sagas/{id}", axum::routing::get(saga_timeline))
+        .route("/ui", axum::routing::get(crate::ui::page))
+        .route("/_saga/sagas", axum::routing::get(crate::ui::sagas))
         .fallback(handle)
         .with_state(shared)
 }

@@ -24,6 +24,7 @@ pub mod retention;
 pub mod stats;
 pub mod storage;
 pub mod telemetry;
+pub mod ui;
 pub mod verify;
 pub mod wasm;
 pub mod watch;

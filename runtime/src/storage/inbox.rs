@@ -166,6 +166,87 @@ pub async fn note(conn: &mut Conn, entry: &Entry<'_>, kind: Attempt) -> Result<(
     Ok(())
 }
 
+/// A saga as the recent-sagas listing shows it: what the inboxes recorded of it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SagaSummary {
+    pub saga: String,
+    pub first_ms: i64,
+    pub last_ms: i64,
+    pub events: i64,
+    /// `compensated` (a compensation was applied), `failed` (an event was dead-lettered and
+    /// nothing compensated), `expired` (a step arrived after the deadline) or `ok`.
+    pub status: String,
+}
+
+/// Which sagas [`recent`] lists.
+#[derive(Debug, Clone, Default)]
+pub struct SagaFilter<'a> {
+    /// Only those one of whose events this service handled.
+    pub service: Option<&'a str>,
+    /// Only those with this status (see [`SagaSummary::status`]).
+    pub status: Option<&'a str>,
+    /// Only those with an event handled at or after this time.
+    pub since_ms: i64,
+    pub limit: u32,
+}
+
+/// The statuses [`recent`] knows, for checking a filter.
+pub const SAGA_STATUSES: [&str; 4] = ["ok", "compensated", "failed", "expired"];
+
+/// The sagas whose events were handled most recently, newest first.
+pub async fn recent(db: &Db, filter: &SagaFilter<'_>) -> Result<Vec<SagaSummary>, Error> {
+    let compensated = "SUM(CASE WHEN outcome = 'compensated' THEN 1 ELSE 0 END)";
+    let dead = "SUM(CASE WHEN outcome = 'dead-lettered' THEN 1 ELSE 0 END)";
+    let expired = "SUM(CASE WHEN outcome = 'expired' THEN 1 ELSE 0 END)";
+    let having = match filter.status {
+        Some("compensated") => format!("HAVING {compensated} > 0"),
+        Some("failed") => format!("HAVING {compensated} = 0 AND {dead} > 0"),
+        Some("expired") => format!("HAVING {compensated} = 0 AND {dead} = 0 AND {expired} > 0"),
+        Some(_) => format!("HAVING {compensated} = 0 AND {dead} = 0 AND {expired} = 0"),
+        None => String::new(),
+    };
+    let by_service = if filter.service.is_some() {
+        "AND saga IN (SELECT saga FROM inbox WHERE service = $3 AND handled_ms >= $1)"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT saga, MIN(handled_ms) AS first_ms, MAX(handled_ms) AS last_ms, \
+         COUNT(*) AS events, {compensated} AS compensated, {dead} AS dead, \
+         {expired} AS expired FROM inbox WHERE saga <> '' AND handled_ms >= $1 {by_service} \
+         GROUP BY saga {having} ORDER BY last_ms DESC LIMIT $2"
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(filter.since_ms)
+        .bind(filter.limit as i64);
+    if let Some(service) = filter.service {
+        query = query.bind(service);
+    }
+    let rows = query.fetch_all(db.pool()).await?;
+    rows.iter()
+        .map(|row| {
+            let count = |name: &str| row.try_get::<i64, _>(name);
+            let status = if count("compensated")? > 0 {
+                "compensated"
+            } else if count("dead")? > 0 {
+                "failed"
+            } else if count("expired")? > 0 {
+                "expired"
+            } else {
+                "ok"
+            };
+            Ok(SagaSummary {
+                saga: row.try_get("saga")?,
+                first_ms: row.try_get("first_ms")?,
+                last_ms: row.try_get("last_ms")?,
+                events: count("events")?,
+                status: status.to_string(),
+            })
+        })
+        .collect()
+}
+
 /// One handled event of a saga, for its timeline.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
