@@ -166,6 +166,18 @@ pub(crate) async fn read_body(
         .map_err(|_| too_large(&format!("more than {limit}")))
 }
 
+/// A turn at the door (`crate::admission`), its wait measured.
+async fn admitted(
+    shared: &Shared,
+    command: bool,
+) -> Result<crate::admission::Turn, crate::admission::Refused> {
+    let waited = std::time::Instant::now();
+    let turn = shared.door.enter(command).await?;
+    let waited = waited.elapsed().as_secs_f64();
+    shared.metrics.ingress_wait.record(waited);
+    Ok(turn)
+}
+
 /// A service's route, in an `ingress` span that continues the caller's trace (`traceparent`).
 async fn handle(
     State(shared): State<Arc<Shared>>,
@@ -209,7 +221,7 @@ async fn serve(
     let command = method != Method::GET && method != Method::HEAD;
     let _turn = match command {
         false => None,
-        true => match shared.door.enter(true).await {
+        true => match admitted(&shared, true).await {
             Ok(turn) => Some(turn),
             Err(refused) => {
                 crate::stats::Stats::add(&shared.stats.shed, 1);
@@ -428,7 +440,7 @@ async fn query(
     service: &Arc<Service>,
     request: &Request,
 ) -> Result<(watch::Answer, watch::Reads), Response> {
-    let _turn = shared.door.enter(false).await.map_err(|refused| {
+    let _turn = admitted(shared, false).await.map_err(|refused| {
         crate::stats::Stats::add(&shared.stats.shed, 1);
         unavailable(refused.to_string())
     })?;

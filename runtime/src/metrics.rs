@@ -107,6 +107,7 @@ pub struct Metrics {
     pub guest_wait: Histogram,
     pub relay_rows: Histogram,
     pub deadline_lag: Histogram,
+    pub ingress_wait: Histogram,
 }
 
 /// The instance's counters (`crate::stats`) as Prometheus counters: name, labels, help, field.
@@ -236,6 +237,7 @@ impl Metrics {
             guest_wait: histogram(&recorder, "saga_guest_instance_wait_seconds", &[]),
             relay_rows: histogram(&recorder, "saga_relay_transaction_rows", &[]),
             deadline_lag: histogram(&recorder, "saga_deadline_lag_seconds", &[]),
+            ingress_wait: histogram(&recorder, "saga_ingress_wait_seconds", &[]),
             recorder,
             handle,
         };
@@ -251,7 +253,8 @@ impl Metrics {
                 r.describe_counter(KeyName::from(*name), None, SharedString::from(*help));
             }
         }
-        let histograms: [(&'static str, Option<Unit>, &'static str); 5] = [
+        let histograms: [(&'static str, Option<Unit>, &'static str); 6] = [
+            ("saga_ingress_wait_seconds", Some(Unit::Seconds), "How long an HTTP request waited at the door for its turn (admitted ones; refusals count in saga_ingress_shed_total)"),
             ("saga_duration_seconds", Some(Unit::Seconds), "From a saga's first deadline set to a deadline of it cancelled by a handler (end=settled) or fired (end=expired), by the service owning the deadline"),
             ("saga_handler_duration_seconds", Some(Unit::Seconds), "Handling of one event (taken from the consumer to committed), by service, version and outcome; failed: one failed attempt"),
             ("saga_guest_instance_wait_seconds", Some(Unit::Seconds), "Wait for a free guest instance before a handler call"),

@@ -110,6 +110,10 @@ async fn a_saga_moves_the_metrics_and_the_exposition_is_valid() {
     assert!(paid >= 1.0, "payment's applied handler durations:\n{after}");
     assert!(sample(&after, "saga_relay_transaction_rows_count").unwrap() >= 1.0);
     assert!(sample(&after, "saga_guest_instance_wait_seconds_count").unwrap() >= 3.0);
+    assert!(
+        sample(&after, "saga_ingress_wait_seconds_count").unwrap() >= 3.0,
+        "the fund, stock and order requests waited for their turns (if only 0 s)"
+    );
     assert_eq!(sample(&after, "saga_relay_slots_held"), Some(1.0));
     assert!(sample(&after, "saga_outbox_rows").is_some());
     assert!(after.contains("# TYPE saga_handler_duration_seconds histogram"));
