@@ -392,6 +392,51 @@ pub async fn redrive_parked(
     }
 }
 
+/// What a dead-letter re-drive names: some events of the topic, or all.
+#[derive(serde::Deserialize)]
+pub struct DltRedrive {
+    #[serde(default)]
+    events: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// `POST /_saga/admin/dlt/{topic}/redrive` `{"events": [...]}` or `{"all": true}`: publish
+/// dead-lettered events of `topic` back to it, as `runtime dlt redrive` does (the `/ui` page's
+/// re-drive button). The token is checked before the body is read.
+pub async fn redrive_dead_letters(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(topic): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let which: DltRedrive = match authorised_json(&shared, &headers, body).await {
+        Ok(which) => which,
+        Err(refused) => return refused,
+    };
+    if which.events.is_empty() && !which.all {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "name events, or all: true",
+        );
+    }
+    if let Err(e) = shared.config.limits.id("topic", &topic) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
+    }
+    let selection = crate::dlt::Selection {
+        event_ids: if which.all { Vec::new() } else { which.events },
+        offsets: Vec::new(),
+    };
+    match crate::dlt::redrive(&shared.config.kafka, &topic, &selection).await {
+        Ok(done) => {
+            let ids: Vec<_> = done.iter().map(|e| e.event_id.clone()).collect();
+            axum::Json(serde_json::json!({ "redriven": ids })).into_response()
+        }
+        Err(e @ crate::dlt::Error::NoSuchTopic(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
 /// `GET /_saga/services`: what this instance runs.
 pub async fn services(State(shared): State<Arc<Shared>>) -> Response {
     let list: Vec<serde_json::Value> = shared

@@ -100,6 +100,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
             axum::routing::post(crate::admin::redrive_parked),
         )
         .route(
+            "/_saga/admin/dlt/{topic}/redrive",
+            axum::routing::post(crate::admin::redrive_dead_letters),
+        )
+        .route(
             "/_saga/services",
             axum::routing::get(crate::admin::services),
         )

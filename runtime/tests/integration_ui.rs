@@ -37,9 +37,14 @@ fn chromium_flags() -> [&'static str; 4] {
     ]
 }
 
+const TOKEN: &str = "ui-test-token";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_services_a_compensated_saga_and_its_timeline() {
-    let rt = TestRuntime::start(Backend::Sqlite, SERVICES).await;
+    let rt = TestRuntime::start_with(Backend::Sqlite, SERVICES, |o| {
+        o.config.admin_token = Some(TOKEN.into())
+    })
+    .await;
     let shop = Shop::of(&rt);
     shop.fund("dave", 100).await;
     shop.stock("kettle", 10).await;
@@ -92,6 +97,10 @@ async fn the_page_shows_services_a_compensated_saga_and_its_timeline() {
         dom.contains(r#"<tr data-topic="payment"><td>payment.dlt</td><td>1</td>"#),
         "payment's dead letter:\n{dom}"
     );
+    assert!(
+        dom.contains(r#"<button data-redrive="payment">"#),
+        "its re-drive button"
+    );
 
     // The page with a filter that excludes the saga lists it no more.
     let dom =
@@ -125,6 +134,28 @@ async fn the_page_shows_services_a_compensated_saga_and_its_timeline() {
     }
     let (status, body) = listed("status=bogus").await;
     assert_eq!(status, 400, "{body}");
+
+    // What the re-drive button calls: refused without the token, done with it.
+    let redrive = format!("{}/_saga/admin/dlt/payment/redrive", rt.base);
+    let refused = rt
+        .http
+        .post(&redrive)
+        .json(&serde_json::json!({"all": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let done = rt
+        .http
+        .post(&redrive)
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"all": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200);
+    let done: serde_json::Value = done.json().await.unwrap();
+    assert_eq!(done["redriven"].as_array().map(Vec::len), Some(1), "{done}");
 
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui");
     std::fs::create_dir_all(&out).unwrap();
