@@ -196,6 +196,9 @@ async fn handle(
         http.request.method = %method,
         url.path = %uri.path(),
         http.response.status_code = tracing::field::Empty,
+        saga.service = tracing::field::Empty,
+        saga.version = tracing::field::Empty,
+        saga.id = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
     crate::telemetry::follow(&span, &headers);
@@ -220,6 +223,9 @@ async fn serve(
             format!("no service serves {method} {path}"),
         );
     };
+    let span = tracing::Span::current();
+    span.record("saga.service", service.name());
+    span.record("saga.version", service.version());
     // Flow control before anything is read or run (`crate::admission`); a query takes its
     // turn for each run of it (`query`).
     let command = method != Method::GET && method != Method::HEAD;
@@ -279,6 +285,8 @@ async fn serve(
         .await;
     }
     let new_id = uuid::Uuid::now_v7().to_string();
+    // The saga a command may start is named by its `context.new-id`.
+    tracing::Span::current().record("saga.id", new_id.as_str());
     for rerun in 1..=crate::backoff::CONFLICT_RERUNS {
         match run(&shared, &service, &request, &new_id, retry.as_ref()).await {
             Outcome::Reply(reply) => return to_response(reply),

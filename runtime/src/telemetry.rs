@@ -36,6 +36,9 @@ pub struct Settings {
     /// Share of the traces begun here that are recorded, 0 to 1; a trace begun elsewhere
     /// follows its caller's sampled flag. Default 1.
     pub sample_ratio: f64,
+    /// Make spans at all. `false`: no spans, and events carry no trace context (the cheapest;
+    /// `otlp_endpoint` is then ignored). Default true.
+    pub spans: bool,
 }
 
 impl Default for Settings {
@@ -43,6 +46,7 @@ impl Default for Settings {
         Settings {
             otlp_endpoint: None,
             sample_ratio: 1.0,
+            spans: true,
         }
     }
 }
@@ -94,6 +98,11 @@ pub fn init_logs() {
 pub fn init(settings: &Settings, instance: &str) -> Result<Guard, Error> {
     if !(0.0..=1.0).contains(&settings.sample_ratio) {
         return Err(Error::Ratio(settings.sample_ratio));
+    }
+    if !settings.spans {
+        init_logs();
+        let provider = SdkTracerProvider::builder().build();
+        return Ok(Guard { provider });
     }
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name("saga-runtime")

@@ -172,6 +172,12 @@ async fn a_compensated_saga_across_three_services_and_two_instances_is_one_conne
         "the caller's span is the root"
     );
     assert_eq!(attr(ingress, "url.path"), "/shop/orders");
+    assert_eq!(attr(ingress, "saga.service"), "shop");
+    assert_eq!(
+        attr(ingress, "saga.id"),
+        id,
+        "the order's id is the request's new-id"
+    );
 
     // On the wire: the extension attribute, in the saga's trace.
     let records = common::consume_n(&prefix, "stock", 1).await;
