@@ -141,9 +141,15 @@ pub fn init(settings: &Settings, instance: &str) -> Result<Guard, Error> {
         .with_threads(false)
         .with_target(false)
         .with_tracked_inactivity(false);
+    // The logs show this crate's spans whatever the filter admits of events, so that a
+    // warning names the trace it belongs to.
+    use tracing_subscriber::filter::FilterExt as _;
+    let ours = tracing_subscriber::filter::filter_fn(|m| {
+        m.is_span() && m.target().starts_with("saga_runtime")
+    });
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(log_filter());
+        .with_filter(log_filter().or(ours));
     tracing_subscriber::registry()
         .with(admitted)
         .with(spans)
