@@ -19,23 +19,20 @@ ensure_postgres() {
   fi
 }
 
-# promtool (Debian's prometheus package): integration_metrics validates /metrics with it.
-ensure_promtool() {
-  command -v promtool >/dev/null && return
-  echo "installing promtool (Debian package prometheus)"
+# A Debian package the tests need, if its command is missing: ensure_debian COMMAND PACKAGE.
+ensure_debian() {
+  command -v "$1" >/dev/null && return
+  echo "installing $1 (Debian package $2)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends prometheus >/dev/null ||
-    { apt-get update >/dev/null && apt-get install -y --no-install-recommends prometheus >/dev/null; }
+  apt-get install -y --no-install-recommends "$2" >/dev/null ||
+    { apt-get update >/dev/null && apt-get install -y --no-install-recommends "$2" >/dev/null; }
 }
 
-# Chromium (Debian's chromium package): integration_ui loads the /ui page in it, headless.
-ensure_chromium() {
-  command -v chromium >/dev/null && return
-  echo "installing chromium (Debian package chromium)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends chromium >/dev/null ||
-    { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null; }
-}
+# promtool: integration_metrics validates /metrics with it, check.sh the compose rules.
+ensure_promtool() { ensure_debian promtool prometheus; }
+
+# Chromium: integration_ui loads the /ui page in it, headless.
+ensure_chromium() { ensure_debian chromium chromium; }
 
 build_guests() {
   cargo build --quiet --release --target wasm32-wasip2 \

@@ -99,13 +99,9 @@ impl Scheduler {
                 outbox::insert(&mut tx, &self.message(d, now, &trace), now).await?;
                 tx.commit().await?;
                 drop(span);
-                if let Some(opened) = opened {
-                    let ran = (now - opened).max(0) as f64 / 1000.0;
-                    self.shared
-                        .metrics
-                        .saga_ended(&d.service, "expired")
-                        .record(ran);
-                }
+                let ran = opened.map(|opened| now - opened);
+                let metrics = &self.shared.metrics;
+                metrics.sagas_ended(&d.service, "expired", ran.as_slice());
                 Stats::add(&self.shared.stats.deadlines_fired, 1);
                 let lag = (now - d.due_ms).max(0) as f64 / 1000.0;
                 self.shared.metrics.deadline_lag.record(lag);

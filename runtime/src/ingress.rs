@@ -549,12 +549,8 @@ async fn run(
         tx.commit().await?;
         let written = response.effects.writes.iter().map(|w| w.key.as_str());
         shared.changes.committed(service.name(), written);
-        if !applied.settled_ms.is_empty() {
-            let ended = shared.metrics.saga_ended(service.name(), "settled");
-            for ms in applied.settled_ms {
-                ended.record(ms.max(0) as f64 / 1000.0);
-            }
-        }
+        let metrics = &shared.metrics;
+        metrics.sagas_ended(service.name(), "settled", &applied.settled_ms);
         Ok::<_, crate::storage::Error>(None)
     }
     .instrument(tracing::info_span!("commit"))

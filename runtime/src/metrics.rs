@@ -295,14 +295,20 @@ impl Metrics {
         }))
     }
 
-    /// The saga-duration histogram of `service`'s sagas that ended `end`: `settled` (a
-    /// handler cancelled the deadline) or `expired` (it fired).
-    pub fn saga_ended(&self, service: &str, end: &'static str) -> Histogram {
-        histogram(
+    /// Record how long `service`'s sagas that ended `end` ran (ms): `settled` (a handler
+    /// cancelled the deadline) or `expired` (it fired).
+    pub fn sagas_ended(&self, service: &str, end: &'static str, ran_ms: &[i64]) {
+        if ran_ms.is_empty() {
+            return;
+        }
+        let ended = histogram(
             &self.recorder,
             "saga_duration_seconds",
             &[("service", service), ("end", end)],
-        )
+        );
+        for ms in ran_ms {
+            ended.record((*ms).max(0) as f64 / 1000.0);
+        }
     }
 
     /// The lag gauge of one partition a service reads here.

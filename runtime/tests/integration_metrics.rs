@@ -132,6 +132,19 @@ fn sagas_ended(text: &str, service: &str, end: &str) -> f64 {
         .sum()
 }
 
+/// The exposition once it shows one order saga that ended `end` (recorded right after the
+/// commit that the order's status shows).
+async fn one_saga_ended(rt: &TestRuntime, end: &str) -> String {
+    eventually(&format!("the {end} saga in the metrics"), || async {
+        let text = scrape(rt).await;
+        match sagas_ended(&text, "order", end) {
+            1.0 => Ok(text),
+            n => Err(format!("{n} {end}")),
+        }
+    })
+    .await
+}
+
 /// Saga durations: an approved order's saga ends `settled` (its handler cancelled the
 /// deadline), one whose point step never answers ends `expired` (the deadline fired).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,15 +162,7 @@ async fn sagas_that_settle_or_expire_are_timed_to_their_end() {
         .await;
     assert_eq!(status, 201, "{order}");
     common::order_status(&rt, order["id"].as_str().unwrap(), "APPROVED").await;
-    // Recorded right after the commit the order's status shows.
-    let text = eventually("the settled saga in the metrics", || async {
-        let text = scrape(&rt).await;
-        match sagas_ended(&text, "order", "settled") {
-            1.0 => Ok(text),
-            n => Err(format!("{n} settled")),
-        }
-    })
-    .await;
+    let text = one_saga_ended(&rt, "settled").await;
     assert_eq!(sagas_ended(&text, "order", "expired"), 0.0);
     promtool_check(&text);
     rt.stop().await;
@@ -175,14 +180,7 @@ async fn sagas_that_settle_or_expire_are_timed_to_their_end() {
         .await;
     assert_eq!(status, 201, "{order}");
     common::order_status(&rt, order["id"].as_str().unwrap(), "REJECTED").await;
-    let text = eventually("the expired saga in the metrics", || async {
-        let text = scrape(&rt).await;
-        match sagas_ended(&text, "order", "expired") {
-            1.0 => Ok(text),
-            n => Err(format!("{n} expired")),
-        }
-    })
-    .await;
+    let text = one_saga_ended(&rt, "expired").await;
     assert_eq!(sagas_ended(&text, "order", "settled"), 0.0, "{text}");
     rt.stop().await;
 }

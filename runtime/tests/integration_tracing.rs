@@ -39,6 +39,18 @@ fn attr<'a>(span: &'a ExportedSpan, key: &str) -> &'a str {
     inner.trim_matches('"')
 }
 
+/// Whether `service` committed a compensation among `spans` (its `commit` span, whose parent
+/// is the service's `consume` span).
+fn compensated_at(spans: &[ExportedSpan], service: &str) -> bool {
+    spans.iter().any(|s| {
+        s.name == "commit"
+            && attr(s, "saga.outcome") == "compensated"
+            && spans
+                .iter()
+                .any(|p| p.span_id == s.parent_span_id && attr(p, "saga.service") == service)
+    })
+}
+
 /// The spans of `trace` exported so far, once `done` holds for them and none lacks its parent
 /// (panics after 30 s with what arrived).
 async fn whole_trace(
@@ -128,13 +140,7 @@ async fn a_compensated_saga_across_three_services_and_two_instances_is_one_conne
     // Wait for the trace to be whole: the stock service's compensation committed, and every
     // span's parent exported.
     let spans = whole_trace(&mut collector, TRACE, |spans| {
-        spans.iter().any(|s| {
-            s.name == "commit"
-                && attr(s, "saga.outcome") == "compensated"
-                && spans
-                    .iter()
-                    .any(|p| p.span_id == s.parent_span_id && attr(p, "saga.service") == "stock")
-        })
+        compensated_at(spans, "stock")
     })
     .await;
 
@@ -222,13 +228,7 @@ async fn a_fired_deadline_and_its_compensation_stay_in_the_trace_that_set_it() {
         .unwrap();
     assert_eq!(placed.status(), 201);
     let spans = whole_trace(&mut collector, ORDER_TRACE, |spans| {
-        spans.iter().any(|s| {
-            s.name == "commit"
-                && attr(s, "saga.outcome") == "compensated"
-                && spans
-                    .iter()
-                    .any(|p| p.span_id == s.parent_span_id && attr(p, "saga.service") == "exchange")
-        })
+        compensated_at(spans, "exchange")
     })
     .await;
     let fired = spans

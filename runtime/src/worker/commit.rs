@@ -100,12 +100,8 @@ impl Worker {
         }
         tx.commit().await?;
         drop(spans);
-        if !settled.is_empty() {
-            let ended = self.shared.metrics.saga_ended(service.name(), "settled");
-            for ms in settled {
-                ended.record(ms.max(0) as f64 / 1000.0);
-            }
-        }
+        let metrics = &self.shared.metrics;
+        metrics.sagas_ended(service.name(), "settled", &settled);
         self.shared.changes.committed(&self.service, written);
         let stats = &self.shared.stats;
         Stats::add(&stats.applied, applied);

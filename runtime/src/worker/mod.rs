@@ -325,15 +325,8 @@ impl Worker {
     /// The span of handling `record`, a child of the trace context it carries (a record with
     /// none, or a malformed one, begins a trace).
     fn consume_span(&self, service: &Service, record: &Record) -> tracing::Span {
-        let header = |name: &str| {
-            record
-                .headers
-                .iter()
-                .rev()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| String::from_utf8_lossy(v))
-                .unwrap_or_default()
-        };
+        use crate::telemetry::Carrier as _;
+        let header = |name: &str| record.headers.as_slice().header(name).unwrap_or_default();
         let span = tracing::info_span!(
             "consume",
             otel.kind = "consumer",
