@@ -123,11 +123,27 @@ async fn a_command_continuing_an_expired_or_compensated_saga_is_refused(backend:
 /// hostile 0.1.0 declares `Undo` a compensation; 0.2.0 (other topic) declares none. A saga
 /// compensated under 0.1.0 stays closed under 0.2.0: its late step is ignored.
 async fn a_hot_swap_keeps_the_ledger_for_sagas_compensated_before(backend: Backend) {
-    let rt = TestRuntime::start(backend, &["hostile"]).await;
+    const TOKEN: &str = "fencing-token";
+    let rt = TestRuntime::start_with(backend, &["hostile"], |o| {
+        o.config.admin_token = Some(TOKEN.into());
+    })
+    .await;
     let p = rt.prefix().to_string();
     produce_event(&p, "hostile", "undo-s", "Undo", "saga-s", &json!({})).await;
     assert_eq!(outcome(&rt, "undo-s").await, "compensated");
-    rt.handle.install(guest("hostile_v2")).await.unwrap();
+    // Deployed as a user does (recorded in the history), so the instance's deployment
+    // follower keeps 0.2.0 instead of putting the recorded 0.1.0 back.
+    let deployed = rt
+        .http
+        .post(format!("{}/_saga/admin/deploy", rt.base))
+        .header("x-saga-replace", "true")
+        .bearer_auth(TOKEN)
+        .body(guest("hostile_v2"))
+        .send()
+        .await
+        .unwrap();
+    let status = deployed.status().as_u16();
+    assert_eq!(status, 200, "{}", deployed.text().await.unwrap_or_default());
     produce_event(&p, "hostile-v2", "late-s", "Fine", "saga-s", &json!({})).await;
     produce_event(&p, "hostile-v2", "fresh-t", "Fine", "saga-t", &json!({})).await;
     assert_eq!(outcome(&rt, "fresh-t").await, "applied");
