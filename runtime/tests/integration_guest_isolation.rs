@@ -116,7 +116,23 @@ async fn a_guest_sees_no_clock_environment_or_files(backend: Backend) {
     rt.stop().await;
 }
 
+/// Every call starts on a fresh instance whose memory is reset (pages kept resident are reset
+/// in place, `wasm::KEEP_RESIDENT`): a guest global counting calls reads 1 every time, also
+/// when many calls run at once on a handful of reused instance slots.
+async fn no_guest_memory_survives_a_call(backend: Backend) {
+    let rt = TestRuntime::start_with(backend, &["hostile"], |o| {
+        o.config.sandbox.max_instances = 2;
+    })
+    .await;
+    let calls = (0..40).map(|_| rt.get("/hostile/calls"));
+    for seen in futures::future::join_all(calls).await {
+        assert_eq!(seen, 1, "a call saw what an earlier call left in memory");
+    }
+    rt.stop().await;
+}
+
 on_both_backends!(
+    no_guest_memory_survives_a_call,
     hostile_guests_are_stopped_and_dead_lettered_while_others_flow,
     a_malformed_record_goes_to_the_dead_letter_topic_with_the_reason,
     a_guest_sees_no_clock_environment_or_files,

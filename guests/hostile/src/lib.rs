@@ -42,6 +42,7 @@ impl Service for Hostile {
                 route("GET", "/hostile/seen"),
                 route("POST", "/hostile/start"),
                 route("POST", "/hostile/continue/{id}"),
+                route("GET", "/hostile/calls"),
                 if v2 {
                     route("GET", "/hostile/v2/seen")
                 } else {
@@ -146,6 +147,11 @@ impl Service for Hostile {
     }
 
     fn on_request(ctx: Context, request: Request) -> Result<Response, Error> {
+        // Calls this instance has served: 1 on every call, unless memory survived a call.
+        let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if request.path == "/hostile/calls" {
+            return Ok(query_reply(200, &calls));
+        }
         if request.method == "POST" && request.path == "/hostile/start" {
             let after = saga_sdk::query(&request, "after")
                 .and_then(|v| v.parse().ok())
@@ -171,5 +177,8 @@ impl Service for Hostile {
         Ok(query_reply(200, &seen))
     }
 }
+
+/// A guest global: every call must start with it at 0 (a fresh instance, memory reset).
+static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 saga_sdk::export_service!(Hostile);
