@@ -116,6 +116,11 @@ impl Db {
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(30))
+            // No ping before a pooled connection is handed out: a round trip (to SQLite's
+            // worker thread, or to PostgreSQL) on every acquire, and most acquires run one
+            // statement. A connection that broke while idle fails its statement instead, a
+            // transient error every caller retries (and sqlx drops it on release).
+            .test_before_acquire(false)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
