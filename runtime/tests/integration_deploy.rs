@@ -279,7 +279,7 @@ async fn versions_change_subscriptions_and_routes_and_roll_back(backend: Backend
             && printed.contains("  subscriptions: +hostile-v2, -hostile\n")
             && printed.contains(
                 "  routes: GET /hostile/seen, POST /hostile/start, POST /hostile/continue/{id}, \
-                 +GET /hostile/v2/seen, -GET /hostile/probe/{id}\n"
+                 GET /hostile/calls, +GET /hostile/v2/seen, -GET /hostile/probe/{id}\n"
             ),
         "{printed}"
     );
