@@ -184,15 +184,16 @@ impl Target {
             .await;
             assert_eq!(status, 200, "seeding points: {reply}");
         }
-        // One saga through every service before measuring: consumers assigned, topics there.
-        let mut warm = Tally::default();
-        saga(&target, &mut Rng(1), &mut warm).await;
-        assert!(
-            warm.errors.is_empty(),
-            "the warm-up saga failed: {:?}",
-            warm.errors
-        );
-        target.placed.lock().unwrap().extend(warm.placed);
+        // Before measuring: every consumer reads its partitions, the relay knows its slots.
+        let ready = format!("{}/readyz", target.instance.base);
+        let since = Instant::now();
+        loop {
+            match target.http.get(&ready).send().await {
+                Ok(r) if r.status().as_u16() == 200 => break,
+                _ if since.elapsed() > Duration::from_secs(60) => panic!("not ready in 60 s"),
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
         target
     }
 

@@ -1,11 +1,13 @@
 //! `GET /healthz` (the process serves) and `GET /readyz` (it can do its job): the database
 //! answers (migrations run at connect, before anything serves), every installed service has
-//! its partition ownership settled at least once, and the relay knows which of its slots it
-//! holds. `503` with the same JSON detail while not ready. Open without the admin token, like
+//! its partition ownership settled at least once and its consumer has had a fetch answered
+//! since (it reads, not only holds, its partitions), and the relay knows which of its slots
+//! it holds. `503` with the same JSON detail while not ready. Open without the admin token, like
 //! the other read-only views.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -15,6 +17,9 @@ use serde_json::{json, Value};
 pub struct Board {
     /// service → (partitions held here, partitions in all).
     services: Mutex<BTreeMap<String, (usize, usize)>>,
+    /// service → whether its consumer has had a fetch answered since its last assignment
+    /// (`kafka::consumer::Consumer::fetched`).
+    fetched: Mutex<BTreeMap<String, Arc<AtomicBool>>>,
     /// The relay slots held here and how many there are; `None` until the relay first looked.
     relay: Mutex<Option<(Vec<u32>, u32)>>,
 }
@@ -28,9 +33,18 @@ impl Board {
             .insert(service.to_string(), (held, of));
     }
 
+    /// `service` consumes here: `fetched` tells whether its consumer reads.
+    pub fn consuming(&self, service: &str, fetched: Arc<AtomicBool>) {
+        self.fetched
+            .lock()
+            .expect("board lock")
+            .insert(service.to_string(), fetched);
+    }
+
     /// `service` stopped consuming here.
     pub fn stopped(&self, service: &str) {
         self.services.lock().expect("board lock").remove(service);
+        self.fetched.lock().expect("board lock").remove(service);
     }
 
     /// The relay checked its slot leases: it holds `held` of `of` slots.
@@ -55,11 +69,21 @@ impl Board {
             }
         };
         let assigned = self.services.lock().expect("board lock").clone();
+        let fetched = self.fetched.lock().expect("board lock");
         let mut services = serde_json::Map::new();
         for name in installed {
             match assigned.get(name) {
                 Some((held, of)) => {
-                    services.insert(name.clone(), json!({"partitions": held, "of": of}));
+                    let reading = fetched.get(name).is_none_or(|f| f.load(Ordering::Relaxed));
+                    if !reading {
+                        waiting.push(format!(
+                            "service {name}'s consumer has had no fetch answered yet"
+                        ));
+                    }
+                    services.insert(
+                        name.clone(),
+                        json!({"partitions": held, "of": of, "reading": reading}),
+                    );
                 }
                 None => {
                     waiting.push(format!("service {name} has no partition ownership yet"));
@@ -118,6 +142,12 @@ mod tests {
         assert_eq!(detail["waiting"].as_array().unwrap().len(), 2, "{detail}");
         board.assigned("order", 2, 4);
         board.relay(vec![1], 2);
+        let fetched = Arc::new(AtomicBool::new(false));
+        board.consuming("order", fetched.clone());
+        let (ready, detail) = board.ready(&services, Ok(()), took);
+        assert!(!ready, "assigned but not reading yet: {detail}");
+        assert_eq!(detail["services"]["order"]["reading"], false);
+        fetched.store(true, Ordering::Relaxed);
         let (ready, detail) = board.ready(&services, Ok(()), took);
         assert!(ready, "{detail}");
         assert_eq!(detail["services"]["order"]["partitions"], 2);

@@ -144,6 +144,9 @@ impl Ownership {
     /// Tick until the service stops, then give its leases back so the others take over at
     /// once (and the instance's membership too if the whole instance is shutting down).
     pub async fn run(mut self) {
+        self.shared
+            .health
+            .consuming(&self.service, self.consumer.fetched());
         let every =
             Duration::from_millis((self.shared.config.worker.partition_lease_ms / 3).max(10));
         loop {

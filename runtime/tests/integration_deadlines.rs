@@ -119,11 +119,9 @@ async fn slow_step_scenario(backend: Backend, currency: i64, user: &str) {
         o.config.saga_deadlines.insert("order".into(), 3_000);
     })
     .await;
-    // A first saga proves exchange's consumer has joined its group and is fetching, so the
-    // slow order's OrderCreated reaches exchange before its deadline and passes the door check.
-    // (Its own outcome does not matter: on a fresh broker the first joins can outlast it.)
-    let warm = place(&rt, "warm-up", 10, 1).await;
-    timeline_has(&rt, &warm, &[("exchange", "OrderCreated", "*")]).await;
+    // Ready means exchange's consumer reads its partitions, so the slow order's OrderCreated
+    // reaches exchange before its deadline and passes the door check.
+    rt.ready().await;
     let id = place(&rt, user, 500, currency).await;
     // Both compensations done: order took the deadline, exchange handled OrderRejected (which
     // follows OrderCreated in its partition).
@@ -249,8 +247,7 @@ async fn a_blocked_step_holds_its_partition_not_its_service(backend: Backend) {
         o.config.saga_deadlines.insert("order".into(), 5_000);
     })
     .await;
-    let warm = place(&rt, "warm-up", 10, 1).await;
-    timeline_has(&rt, &warm, &[("exchange", "OrderCreated", "*")]).await;
+    rt.ready().await;
     let slow = place(&rt, "slow", 500, 100).await;
     common::eventually("exchange to fail the slow step", || async {
         match Stats::get(&rt.handle.stats().failures) {

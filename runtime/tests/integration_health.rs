@@ -1,5 +1,5 @@
 //! `GET /healthz` and `GET /readyz` (issue 13, item 3): ready once the database answers, every
-//! service's partitions are settled and the relay knows its slot; not ready, with the reason,
+//! service's partitions are settled and read by its consumer, and the relay knows its slot; not ready, with the reason,
 //! while the database is down, and ready again when it is back.
 
 mod common;
@@ -31,6 +31,10 @@ async fn ready_with_detail_not_ready_while_the_database_is_down() {
         let s = &detail["services"][service];
         assert_eq!(s["partitions"], s["of"], "{detail}");
         assert!(s["of"].as_u64() >= Some(2), "{detail}");
+        assert_eq!(
+            s["reading"], true,
+            "ready before {service}'s consumer read: {detail}"
+        );
     }
     assert!(detail["relay"]["held"].is_array(), "{detail}");
 

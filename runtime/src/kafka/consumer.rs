@@ -39,12 +39,13 @@
 //! handed out (prefetched records are dropped and fetched again). Two librdkafka facts shape
 //! it: a resume leaves the broker thread asleep (up to 1 s), so the rest seeks after resuming,
 //! which wakes it; and a pause drops the fetch under way, so a consumer rests again only after
-//! `enable.partition.eof` reported the end of every partition it resumed. On by default
-//! (`kafka.rest_ms = 25`); 0 turns it off, as on Kafka, which holds fetches itself.
+//! `enable.partition.eof` reported the end of every partition it resumed. Off by default
+//! (`kafka.rest_ms = 0`, as Kafka, which holds fetches itself, needs): see the README for
+//! what was found with it on.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -83,6 +84,9 @@ pub struct Consumer {
     /// was: a rest before they are answered would drop the fetch under way, again and again.
     unanswered: AtomicUsize,
     resumed: Mutex<Instant>,
+    /// Whether a fetch answered (a record or a partition's end) since the last assignment:
+    /// the consumer is not only assigned but reading (`/readyz`).
+    fetched: Arc<AtomicBool>,
     /// When the current rest began.
     rest_began: Mutex<Instant>,
     /// How far back a consumer reads again after its broker connections dropped (0: not).
@@ -232,8 +236,9 @@ impl Consumer {
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
-            // A fetch reaching a partition's end is what tells a rest may begin.
-            .set("enable.partition.eof", rest.is_some().to_string())
+            // A fetch reaching a partition's end tells a rest may begin, and that an idle
+            // consumer is reading (`Consumer::fetched`).
+            .set("enable.partition.eof", "true")
             .create_with_context(Links::new("consumer"))?;
         Ok(Consumer {
             inner,
@@ -245,6 +250,7 @@ impl Consumer {
             resting: AtomicBool::new(false),
             unanswered: AtomicUsize::new(0),
             resumed: Mutex::new(Instant::now()),
+            fetched: Arc::new(AtomicBool::new(true)),
             rest_began: Mutex::new(Instant::now()),
             reread_after_loss: Duration::from_millis(settings.reread_after_loss_ms),
             reread_for: AtomicI64::new(0),
@@ -286,6 +292,7 @@ impl Consumer {
                 }
                 other => other?,
             };
+            self.fetched.store(true, Ordering::Relaxed);
             let mut batch = vec![detach(&first)];
             drop(first);
             while batch.len() < max {
@@ -360,6 +367,13 @@ impl Consumer {
         self.rest_all(&lanes, false);
     }
 
+    /// Whether a fetch has answered since the partitions were last assigned (true with none
+    /// assigned), as a flag that stays current: `/readyz` waits for it, so a caller that
+    /// gates on readiness knows its first event is not waiting for a consumer to start.
+    pub fn fetched(&self) -> Arc<AtomicBool> {
+        self.fetched.clone()
+    }
+
     /// Whether its partitions are paused for a rest now.
     pub fn resting(&self) -> bool {
         self.resting.load(Ordering::Relaxed)
@@ -367,6 +381,7 @@ impl Consumer {
 
     /// A fetch reached the end of a partition (which topic's, librdkafka does not say).
     fn reached_end(&self) {
+        self.fetched.store(true, Ordering::Relaxed);
         let _ = self
             .unanswered
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
@@ -599,6 +614,7 @@ impl Consumer {
         }
         self.inner.assign(&list)?;
         let lanes = self.lanes.lock().expect("lanes lock");
+        self.fetched.store(lanes.is_empty(), Ordering::Relaxed);
         self.started(lanes.len());
         if self.resting() {
             self.rest_all(&lanes, true);

@@ -271,6 +271,18 @@ impl TestRuntime {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// Wait until `GET /readyz` answers `200`: every service's partitions assigned and its
+    /// consumer reading, the relay's slots known.
+    pub async fn ready(&self) {
+        eventually("the runtime to be ready", || async {
+            match self.get_status("/readyz").await {
+                (200, _) => Ok(()),
+                (status, detail) => Err(format!("{status} {detail}")),
+            }
+        })
+        .await
+    }
+
     pub async fn stop(self) {
         self.handle.shutdown().await;
         self.db.drop_db().await;
