@@ -185,15 +185,7 @@ impl Target {
             assert_eq!(status, 200, "seeding points: {reply}");
         }
         // Before measuring: every consumer reads its partitions, the relay knows its slots.
-        let ready = format!("{}/readyz", target.instance.base);
-        let since = Instant::now();
-        loop {
-            match target.http.get(&ready).send().await {
-                Ok(r) if r.status().as_u16() == 200 => break,
-                _ if since.elapsed() > Duration::from_secs(60) => panic!("not ready in 60 s"),
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
+        common::wait_ready(&target.http, &target.instance.base).await;
         target
     }
 

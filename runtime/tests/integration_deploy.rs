@@ -10,21 +10,6 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "t0k-for-tests";
 
-/// `POST /_saga/admin/deploy` meaning to replace a deployed service of the same name.
-async fn post_wasm(rt: &TestRuntime, token: Option<&str>, body: Vec<u8>) -> (u16, Value) {
-    let mut req = rt
-        .http
-        .post(format!("{}/_saga/admin/deploy", rt.base))
-        .header("x-saga-replace", "true")
-        .body(body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 /// Run the `runtime` CLI with the admin token: whether it succeeded, its stdout and stderr.
 async fn cli(args: &[&str]) -> (bool, String, String) {
     common::run_cli(args, &[("SAGA_ADMIN_TOKEN", TOKEN)]).await
@@ -51,7 +36,7 @@ async fn cli_ok(args: &[&str]) -> String {
 
 async fn the_admin_api_is_off_without_a_configured_token(backend: Backend) {
     let rt = TestRuntime::start(backend, &["point"]).await;
-    let (status, body) = post_wasm(&rt, Some("anything"), guest("exchange")).await;
+    let (status, body) = rt.deploy(Some("anything"), guest("exchange")).await;
     assert_eq!(status, 403, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("admin_token"),
@@ -66,10 +51,10 @@ async fn a_deployed_service_joins_a_running_saga_and_bad_components_are_refused(
     })
     .await;
     for token in [None, Some("wrong")] {
-        let (status, body) = post_wasm(&rt, token, guest("exchange")).await;
+        let (status, body) = rt.deploy(token, guest("exchange")).await;
         assert_eq!(status, 401, "{token:?}: {body}");
     }
-    let (status, body) = post_wasm(&rt, Some(TOKEN), b"not a component".to_vec()).await;
+    let (status, body) = rt.deploy(Some(TOKEN), b"not a component".to_vec()).await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"]
@@ -99,7 +84,7 @@ async fn a_deployed_service_joins_a_running_saga_and_bad_components_are_refused(
     assert_eq!(rt.get("/points/ivy").await["point"], 9500);
 
     // Deploying a running service swaps it in place; sagas go on.
-    let (status, body) = post_wasm(&rt, Some(TOKEN), guest("point")).await;
+    let (status, body) = rt.deploy(Some(TOKEN), guest("point")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["service"], "point");
     assert_eq!(body["replaced"]["digest"], body["digest"], "same build");
@@ -128,7 +113,7 @@ async fn every_instance_on_the_database_follows_a_deploy() {
     let before = cli_ok(&["services", "--runtime", &other_base]).await;
     assert!(!before.contains("exchange"), "{before}");
 
-    let (status, body) = post_wasm(&rt, Some(TOKEN), guest("exchange")).await;
+    let (status, body) = rt.deploy(Some(TOKEN), guest("exchange")).await;
     assert_eq!(status, 200, "{body}");
     let digest = body["digest"].as_str().unwrap().to_string();
     eventually("the other instance to run exchange", || async {
@@ -206,7 +191,7 @@ async fn every_kind_of_bad_component_is_refused_with_its_reason() {
     ];
     let history_before = rt.get("/_saga/services/hostile/versions").await;
     for (what, wasm, reason) in cases {
-        let (status, body) = post_wasm(&rt, Some(TOKEN), wasm).await;
+        let (status, body) = rt.deploy(Some(TOKEN), wasm).await;
         assert_eq!(status, 422, "{what}: {body}");
         let error = body["error"].as_str().unwrap();
         assert!(error.contains(reason), "{what}: {error}");
@@ -649,7 +634,7 @@ async fn a_restart_runs_the_deployed_version_not_the_configured_one(backend: Bac
         o.config.admin_token = Some(TOKEN.into());
     })
     .await;
-    let (status, reply) = post_wasm(&rt, Some(TOKEN), guest("point_v2")).await;
+    let (status, reply) = rt.deploy(Some(TOKEN), guest("point_v2")).await;
     assert_eq!(status, 200, "{reply}");
     let rt = rt.restart(|_| {}).await;
     let services = rt.get("/_saga/services").await;

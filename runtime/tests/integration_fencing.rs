@@ -133,17 +133,8 @@ async fn a_hot_swap_keeps_the_ledger_for_sagas_compensated_before(backend: Backe
     assert_eq!(outcome(&rt, "undo-s").await, "compensated");
     // Deployed as a user does (recorded in the history), so the instance's deployment
     // follower keeps 0.2.0 instead of putting the recorded 0.1.0 back.
-    let deployed = rt
-        .http
-        .post(format!("{}/_saga/admin/deploy", rt.base))
-        .header("x-saga-replace", "true")
-        .bearer_auth(TOKEN)
-        .body(guest("hostile_v2"))
-        .send()
-        .await
-        .unwrap();
-    let status = deployed.status().as_u16();
-    assert_eq!(status, 200, "{}", deployed.text().await.unwrap_or_default());
+    let (status, reply) = rt.deploy(Some(TOKEN), guest("hostile_v2")).await;
+    assert_eq!(status, 200, "{reply}");
     produce_event(&p, "hostile-v2", "late-s", "Fine", "saga-s", &json!({})).await;
     produce_event(&p, "hostile-v2", "fresh-t", "Fine", "saga-t", &json!({})).await;
     assert_eq!(outcome(&rt, "fresh-t").await, "applied");

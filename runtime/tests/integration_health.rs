@@ -5,7 +5,7 @@
 mod common;
 
 use common::instances::postgres;
-use common::{eventually, Backend, TestRuntime};
+use common::{Backend, TestRuntime};
 
 async fn readyz(rt: &TestRuntime) -> (u16, serde_json::Value) {
     rt.get_status("/readyz").await
@@ -16,13 +16,7 @@ async fn ready_with_detail_not_ready_while_the_database_is_down() {
     let rt = TestRuntime::start(Backend::Postgres, &["order", "point"]).await;
     let (status, health) = rt.get_status("/healthz").await;
     assert_eq!((status, &health["status"]), (200, &"ok".into()));
-    let detail = eventually("the instance to be ready", || async {
-        match readyz(&rt).await {
-            (200, detail) => Ok(detail),
-            (_, detail) => Err(detail.to_string()),
-        }
-    })
-    .await;
+    let detail = rt.ready().await;
     assert_eq!(detail["database"]["ok"], true);
     assert_eq!(detail["migrations"], "applied");
     // Alone, the instance reads every partition of what each service consumes (its topics
@@ -49,12 +43,6 @@ async fn ready_with_detail_not_ready_while_the_database_is_down() {
     assert_eq!(detail["database"]["ok"], false, "{detail}");
     let (status, _) = rt.get_status("/healthz").await;
     assert_eq!(status, 200, "alive, only not ready");
-    eventually("the instance to be ready again", || async {
-        match readyz(&rt).await {
-            (200, _) => Ok(()),
-            (_, detail) => Err(detail.to_string()),
-        }
-    })
-    .await;
+    rt.ready().await;
     rt.stop().await;
 }

@@ -271,16 +271,25 @@ impl TestRuntime {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
-    /// Wait until `GET /readyz` answers `200`: every service's partitions assigned and its
-    /// consumer reading, the relay's slots known.
-    pub async fn ready(&self) {
-        eventually("the runtime to be ready", || async {
-            match self.get_status("/readyz").await {
-                (200, _) => Ok(()),
-                (status, detail) => Err(format!("{status} {detail}")),
-            }
-        })
-        .await
+    /// Wait until `GET /readyz` answers `200` (see [`wait_ready`]); its detail.
+    pub async fn ready(&self) -> Value {
+        wait_ready(&self.http, &self.base).await
+    }
+
+    /// `POST /_saga/admin/deploy` with `token` (if any), meaning to replace a deployed service
+    /// of the same name: (status, JSON reply or `null`).
+    pub async fn deploy(&self, token: Option<&str>, wasm: Vec<u8>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .post(format!("{}/_saga/admin/deploy", self.base))
+            .header("x-saga-replace", "true")
+            .body(wasm);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn stop(self) {
@@ -339,6 +348,25 @@ pub async fn post_json(
 pub async fn get_json(http: &reqwest::Client, base: &str, path: &str) -> Value {
     let resp = http.get(format!("{base}{path}")).send().await.unwrap();
     resp.json().await.unwrap_or(Value::Null)
+}
+
+/// Wait until `GET {base}/readyz` answers `200` — every service's partitions assigned and its
+/// consumer reading, the relay's slots known — and return its detail.
+pub async fn wait_ready(http: &reqwest::Client, base: &str) -> Value {
+    eventually("the runtime to be ready", || async {
+        let resp = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let detail = resp.json().await.unwrap_or(Value::Null);
+        match status {
+            200 => Ok(detail),
+            _ => Err(format!("{status} {detail}")),
+        }
+    })
+    .await
 }
 
 /// Every item of a listing route, page by page (`?after=` the value of `cursor` in the last
