@@ -125,11 +125,10 @@ pub struct Relay {
     pub lease_ttl_ms: u64,
     /// What the relay published in this long before its broker connections dropped is
     /// published again once they are back (a restarting broker may lose a transaction it had
-    /// just acknowledged; duplicates are absorbed by the consumers' inboxes). 0 turns it off.
-    /// Default 30000.
+    /// just acknowledged; duplicates are absorbed by the consumers' inboxes). Published rows
+    /// stay in the outbox, marked, this long. 0 turns it off (rows are deleted once
+    /// published). Default 30000.
     pub republish_window_ms: u64,
-    /// At most this many bytes of published rows are kept for that. Default 64 MiB.
-    pub republish_window_bytes: usize,
     /// A record the broker has not acknowledged within this long fails its batch, which is
     /// then tried again (the rows stay): a broker that is down shows as relay retries instead
     /// of a relay that waits in silence. Default 10000.
@@ -191,7 +190,6 @@ impl Default for Relay {
             poll_interval_ms: 100,
             lease_ttl_ms: 10_000,
             republish_window_ms: 30_000,
-            republish_window_bytes: 64 << 20,
             send_timeout_ms: 10_000,
         }
     }

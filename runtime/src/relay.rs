@@ -28,12 +28,15 @@
 //!   sees rows committed by other instances.
 //! - A broker that drops its connections (a restart) may lose a transaction it acknowledged just
 //!   before: noida-db 0.2.3 does, it saves its state while still acknowledging commits (see
-//!   `integration_broker_restart`). The relay keeps what it published in the last
-//!   `relay.republish_window_ms` (at most `relay.republish_window_bytes`) in memory and, once its
-//!   producer saw every broker connection go down, publishes that again before anything new.
-//!   Consumers' inboxes absorb the copies of what was not lost.
+//!   `integration_broker_restart`). Published rows stay in the outbox, marked, for
+//!   `relay.republish_window_ms`; once its producer saw the broker connections go down, the
+//!   slot marks the rows it published in the window before that waiting again, in one
+//!   statement, and they go out again in their order before anything newer. Being in the
+//!   database, they go out even if this relay dies right after (a kill storm's next kill
+//!   often follows a broker restart at once: with the window kept in memory those rows were
+//!   lost). Consumers' inboxes absorb the copies of what was not lost.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,7 +44,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureRecord, Producer as _};
+use rdkafka::producer::{FutureRecord, Producer as _, PurgeConfig};
 
 use crate::kafka::doorbell::Doorbell;
 use crate::kafka::links::Links;
@@ -87,55 +90,10 @@ enum Error {
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a slot deletes the rows it published more than `relay.republish_window_ms` ago.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+
 type FutureProducer = rdkafka::producer::FutureProducer<Links>;
-
-/// What the relay published lately, to publish again after the broker dropped its
-/// connections (see the module docs). Bounded by age and bytes.
-struct Recent {
-    rows: VecDeque<(i64, outbox::Row)>,
-    bytes: usize,
-    window_ms: i64,
-    max_bytes: usize,
-    /// The connection loss last handled.
-    handled: i64,
-}
-
-impl Recent {
-    fn keep(&mut self, rows: Vec<outbox::Row>, now: i64) {
-        if self.window_ms <= 0 {
-            return;
-        }
-        for row in rows {
-            self.bytes += row.message.size();
-            self.rows.push_back((now, row));
-        }
-        while let Some((at, row)) = self.rows.front() {
-            if *at >= now - self.window_ms && self.bytes <= self.max_bytes {
-                break;
-            }
-            self.bytes -= row.message.size();
-            self.rows.pop_front();
-        }
-    }
-
-    /// If the broker dropped every connection since the last look: the rows published from
-    /// `window_ms` before that moment on, oldest first.
-    fn after_loss(&mut self, links: &Links) -> Option<VecDeque<outbox::Row>> {
-        let lost = links.lost_ms();
-        if lost == self.handled {
-            return None;
-        }
-        self.handled = lost;
-        let since = lost - self.window_ms;
-        let rows: VecDeque<outbox::Row> = self
-            .rows
-            .iter()
-            .filter(|(at, _)| *at >= since)
-            .map(|(_, r)| r.clone())
-            .collect();
-        (!rows.is_empty()).then_some(rows)
-    }
-}
 
 /// How the instance reaches its relay: a commit that wrote outbox rows wakes the slot loops
 /// running here. Cloning is cheap.
@@ -205,9 +163,11 @@ struct Running {
 struct Lease(std::sync::Mutex<Instant>);
 
 impl Lease {
-    fn renewed(&self, ttl_ms: i64) {
+    /// Renewed by a statement sent at `asked`: the lease runs from then, not from when the
+    /// answer came (a slow database must not stretch it past the stored expiry).
+    fn renewed(&self, asked: Instant, ttl_ms: i64) {
         let margin = Duration::from_millis((ttl_ms - ttl_ms / 3).max(0) as u64);
-        *self.0.lock().expect("lease lock") = Instant::now() + margin;
+        *self.0.lock().expect("lease lock") = asked + margin;
     }
 
     fn valid(&self) -> bool {
@@ -258,6 +218,7 @@ impl Relays {
         let db = &shared.db;
         let me = &shared.config.instance_id;
         let ttl = self.shared.config.relay.lease_ttl_ms as i64;
+        let asked = Instant::now();
         let now = self.shared.clock.now_ms();
         let slots = self.shared.relay.slots();
         let members = lease::count_held(db, crate::ownership::MEMBERS, now)
@@ -267,7 +228,7 @@ impl Relays {
         let mine: Vec<u32> = self.running.keys().copied().collect();
         for slot in mine {
             if lease::acquire(db, &lease_name(slot), me, now, ttl).await? {
-                self.running[&slot].lease.renewed(ttl);
+                self.running[&slot].lease.renewed(asked, ttl);
             } else if let Some(lost) = self.running.remove(&slot) {
                 tracing::warn!(slot, "relay slot lease lost: another instance holds it");
                 lost.stop.cancel();
@@ -284,7 +245,7 @@ impl Relays {
             if !self.running.contains_key(&slot)
                 && lease::acquire(db, &lease_name(slot), me, now, ttl).await?
             {
-                self.start(slot, ttl);
+                self.start(slot, asked, ttl);
             }
         }
         let held: Vec<u32> = self.running.keys().copied().collect();
@@ -293,11 +254,11 @@ impl Relays {
         Ok(())
     }
 
-    fn start(&mut self, slot: u32, ttl_ms: i64) {
+    fn start(&mut self, slot: u32, asked: Instant, ttl_ms: i64) {
         tracing::info!(slot, "relay slot taken");
         let stop = self.shared.shutdown.child_token();
         let lease = Arc::new(Lease(std::sync::Mutex::new(Instant::now())));
-        lease.renewed(ttl_ms);
+        lease.renewed(asked, ttl_ms);
         let relay = Relay {
             shared: self.shared.clone(),
             faults: self.faults.clone(),
@@ -355,15 +316,42 @@ impl Relay {
         let slots = self.shared.relay.slots();
         let mut producer: Option<FutureProducer> = None;
         let mut failures = 0u32;
-        let mut recent = Recent {
-            rows: VecDeque::new(),
-            bytes: 0,
-            window_ms: cfg.republish_window_ms as i64,
-            max_bytes: cfg.republish_window_bytes,
-            handled: 0,
+        let window = cfg.republish_window_ms as i64;
+        // The connection loss last answered (`Links::lost_ms`), and when published rows past
+        // the window were last deleted.
+        let mut answered = 0i64;
+        let mut swept: Option<Instant> = None;
+        // The producer made last, for the loss watcher.
+        let current: Arc<std::sync::Mutex<Option<FutureProducer>>> = Arc::default();
+        // When the connections drop, at once (not when this loop next comes round: it may be
+        // waiting for deliveries, and be killed before it does): the producer's queued and
+        // in-flight records are purged, so that it sends nothing to a broker that restarted
+        // and may have forgotten its producer id (noida-db then took part of a transaction
+        // that nothing could ever end, and `read_committed` readers of that partition saw
+        // nothing after it again); and the recent rows are marked waiting again.
+        let _watch = {
+            let (links, stop) = (self.links.clone(), self.stop.clone());
+            let (shared, slot, current) = (self.shared.clone(), self.slot, current.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = links.next_loss() => {}
+                    }
+                    let stale = current.lock().expect("producer lock").take();
+                    if let Some(stale) = stale {
+                        stale.purge(PurgeConfig::default().queue().inflight().non_blocking());
+                    }
+                    if window == 0 {
+                        continue;
+                    }
+                    let lost = links.lost_ms();
+                    if let Err(e) = publish_again(&shared, &links, slot, lost, window).await {
+                        tracing::warn!("relay could not mark its recent rows waiting again: {e}");
+                    }
+                }
+            })
         };
-        // Rows published before the broker dropped its connections, to publish again first.
-        let mut again: VecDeque<outbox::Row> = VecDeque::new();
         while !self.stop.is_cancelled() {
             if !self.lease.valid() {
                 // Not renewed in time (the database is slow or away): publish nothing until
@@ -373,32 +361,39 @@ impl Relay {
                 self.idle(poll).await;
                 continue;
             }
-            if let Some(rows) = recent.after_loss(&self.links) {
-                tracing::warn!(
-                    slot = self.slot,
-                    rows = rows.len(),
-                    "the broker dropped its connections: publishing the last rows again"
-                );
-                again = rows;
-            }
-            let republishing = !again.is_empty();
-            let rows = if republishing {
-                let n = again.len().min(cfg.batch_size.max(1) as usize);
-                Ok(again.drain(..n).collect())
-            } else {
-                match outbox::fetch(db, self.slot, slots, cfg.batch_size).await {
-                    Ok(rows) => {
-                        // Behind only with a backlog: a full batch.
-                        let oldest = rows.iter().map(|r| r.created_ms).min();
-                        if let Some(oldest) =
-                            oldest.filter(|_| rows.len() >= cfg.batch_size as usize)
-                        {
-                            self.shared.door.report(&self.name, oldest);
-                        }
-                        Ok(self.park_oversized(rows).await)
+            let lost = self.links.lost_ms();
+            if lost != answered {
+                // A producer from before the loss may not be known to the broker any more.
+                forget(&mut producer, &current);
+                // Again here: a batch committed just before the loss may have been marked
+                // published after the watcher marked the window waiting.
+                if window > 0 {
+                    let again = publish_again(&self.shared, &self.links, self.slot, lost, window);
+                    if let Err(e) = again.await {
+                        tracing::warn!("relay could not mark its recent rows waiting again: {e}");
+                        self.idle(poll).await;
+                        continue;
                     }
-                    Err(e) => Err(e),
                 }
+                answered = lost;
+            }
+            if window > 0 && swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+                let before = self.shared.clock.now_ms() - window;
+                match outbox::sweep(db, self.slot, slots, before).await {
+                    Ok(_) => swept = Some(Instant::now()),
+                    Err(e) => tracing::warn!("relay could not delete its old published rows: {e}"),
+                }
+            }
+            let rows = match outbox::fetch(db, self.slot, slots, cfg.batch_size).await {
+                Ok(rows) => {
+                    // Behind only with a backlog: a full batch.
+                    let oldest = rows.iter().map(|r| r.created_ms).min();
+                    if let Some(oldest) = oldest.filter(|_| rows.len() >= cfg.batch_size as usize) {
+                        self.shared.door.report(&self.name, oldest);
+                    }
+                    Ok(self.park_oversized(rows).await)
+                }
+                Err(e) => Err(e),
             };
             let rows = match rows {
                 Ok(rows) if rows.is_empty() => {
@@ -412,46 +407,44 @@ impl Relay {
                     continue;
                 }
             };
-            let result = match &producer {
-                Some(p) => self.publish(p, &rows).await,
-                None => match self.producer().await {
-                    Ok(p) => {
-                        let r = self.publish(&p, &rows).await;
-                        producer = Some(p);
-                        r
-                    }
-                    Err(e) => Err(e),
-                },
+            let ready = match producer.take() {
+                Some(p) => Ok(p),
+                None => self.producer().await.inspect(|p| {
+                    *current.lock().expect("producer lock") = Some(p.clone());
+                }),
+            };
+            let result = match ready {
+                // Making a producer takes a while: the slot may have moved meanwhile.
+                Ok(p) if self.stop.is_cancelled() || !self.lease.valid() => {
+                    producer = Some(p);
+                    continue;
+                }
+                Ok(p) => {
+                    let published = self.publish(&p, &rows).await;
+                    producer = Some(p);
+                    published
+                }
+                Err(e) => Err(e),
             };
             match result {
                 Ok(()) => {
                     failures = 0;
-                    if !republishing && rows.len() < cfg.batch_size as usize {
+                    if rows.len() < cfg.batch_size as usize {
                         self.shared.door.caught_up(&self.name);
                     }
                     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                    recent.keep(rows, self.links.now_ms());
-                    if republishing {
-                        // Deleted when first published.
-                    } else if let Err(e) = outbox::delete(db, &ids).await {
+                    let marked = match window {
+                        0 => outbox::delete(db, &ids).await,
+                        _ => outbox::published(db, &ids, self.shared.clock.now_ms()).await,
+                    };
+                    if let Err(e) = marked {
                         // They will be published again; consumers' inboxes absorb that.
-                        tracing::warn!("relay could not delete published rows: {e}");
-                    }
-                }
-                Err(Error::Refused { index, error }) if republishing => {
-                    // It went out once already; the broker will not take it now.
-                    producer = None;
-                    let mut rows = rows;
-                    let refused = rows.remove(index);
-                    let event = &refused.message.event_id;
-                    tracing::error!(%event, "a row published again was refused: {error}");
-                    for row in rows.into_iter().rev() {
-                        again.push_front(row);
+                        tracing::warn!("relay could not mark rows published: {e}");
                     }
                 }
                 Err(Error::Refused { index, error }) => {
                     // One bad row must not hold up the others: set it aside, go on at once.
-                    producer = None;
+                    forget(&mut producer, &current);
                     let reason = format!("the broker refused it: {error}");
                     self.park(&rows[index], &reason).await;
                 }
@@ -459,13 +452,8 @@ impl Relay {
                     failures += 1;
                     Stats::add(&self.shared.stats.relay_retries, 1);
                     tracing::warn!(rows = rows.len(), "relay batch failed, will retry: {e}");
-                    if republishing {
-                        for row in rows.into_iter().rev() {
-                            again.push_front(row);
-                        }
-                    }
                     // A fresh producer re-runs init_transactions, which aborts anything open.
-                    producer = None;
+                    forget(&mut producer, &current);
                     let backoff = Duration::from_millis((50u64 << failures.min(6)).min(5_000));
                     self.idle(backoff).await;
                 }
@@ -658,6 +646,38 @@ fn publish_span(row: &outbox::Row) -> tracing::Span {
     span
 }
 
+/// Drop the producer here and for the loss watcher, so nothing keeps it alive.
+fn forget(
+    producer: &mut Option<FutureProducer>,
+    current: &std::sync::Mutex<Option<FutureProducer>>,
+) {
+    *producer = None;
+    current.lock().expect("producer lock").take();
+}
+
+/// The broker dropped the connections of slot `slot`'s producer at `lost` (`links`' clock):
+/// mark the rows the slot published from `window` ms before then waiting again (see the
+/// module docs).
+async fn publish_again(
+    shared: &Shared,
+    links: &Links,
+    slot: u32,
+    lost: i64,
+    window: i64,
+) -> Result<(), Error> {
+    let ago = links.now_ms() - lost;
+    let since = shared.clock.now_ms() - ago - window;
+    let rows = outbox::unpublish(&shared.db, slot, shared.relay.slots(), since).await?;
+    if rows > 0 {
+        tracing::warn!(
+            slot,
+            rows,
+            "the broker dropped its connections: publishing the last rows again"
+        );
+    }
+    Ok(())
+}
+
 /// A send error, as [`Error::Refused`] if it is about the row itself (retrying cannot help),
 /// else as a transient Kafka error.
 fn refused(index: usize, error: rdkafka::error::KafkaError) -> Error {
@@ -687,73 +707,4 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|_| Error::Cancelled)?
         .map_err(Error::from)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::outbox::Message;
-
-    fn row(id: i64, bytes: usize) -> outbox::Row {
-        outbox::Row {
-            id,
-            message: Message {
-                event_id: format!("e{id}"),
-                topic: "t".into(),
-                key: String::new(),
-                headers: Vec::new(),
-                payload: vec![0; bytes],
-            },
-            created_ms: 0,
-        }
-    }
-
-    fn recent(window_ms: i64, max_bytes: usize) -> Recent {
-        Recent {
-            rows: VecDeque::new(),
-            bytes: 0,
-            window_ms,
-            max_bytes,
-            handled: 0,
-        }
-    }
-
-    fn ids(rows: Option<VecDeque<outbox::Row>>) -> Vec<i64> {
-        rows.map(|r| r.iter().map(|r| r.id).collect())
-            .unwrap_or_default()
-    }
-
-    #[test]
-    fn after_a_connection_loss_the_rows_published_just_before_it_go_out_again_once() {
-        let links = Links::new("test");
-        let mut r = recent(1000, 1 << 20);
-        r.keep(vec![row(1, 10)], 100);
-        r.keep(vec![row(2, 10), row(3, 10)], 1500);
-        assert_eq!(ids(r.after_loss(&links)), Vec::<i64>::new(), "no loss yet");
-        links.lost_at(2000);
-        // Row 1 went out 1.9 s before the loss, outside the 1 s window.
-        assert_eq!(ids(r.after_loss(&links)), [2, 3]);
-        assert_eq!(ids(r.after_loss(&links)), Vec::<i64>::new(), "handled");
-    }
-
-    #[test]
-    fn what_is_kept_is_bounded_by_age_and_bytes() {
-        let links = Links::new("test");
-        let mut r = recent(1000, 25);
-        r.keep(vec![row(1, 10)], 0);
-        r.keep(vec![row(2, 10), row(3, 10)], 10);
-        assert_eq!(r.bytes, 20, "row 1 dropped to stay under 25 bytes");
-        r.keep(vec![row(4, 1)], 1500);
-        assert_eq!(r.rows.len(), 1, "rows 2 and 3 aged out");
-        links.lost_at(1600);
-        assert_eq!(ids(r.after_loss(&links)), [4]);
-        let mut off = recent(0, 1 << 20);
-        off.keep(vec![row(5, 1)], 0);
-        links.lost_at(1700);
-        assert_eq!(
-            ids(off.after_loss(&links)),
-            Vec::<i64>::new(),
-            "window 0 is off"
-        );
-    }
 }

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::instances::Broker;
@@ -130,13 +132,26 @@ async fn while_the_broker_is_down_the_relay_keeps_its_rows_and_parks_none() {
 /// handed out `a b c` hands them out again after the restart, then what follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_broker_restart_a_consumer_reads_its_recent_records_again() {
+    reads_recent_records_again_after_a_restart(false).await;
+}
+
+/// The same for a partition the worker held (paused) while the connections were down: it
+/// reads them again once released, not only from where it was held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_held_through_a_broker_restart_reads_its_recent_records_again() {
+    reads_recent_records_again_after_a_restart(true).await;
+}
+
+async fn reads_recent_records_again_after_a_restart(held: bool) {
     use saga_runtime::kafka::consumer::Consumer;
     let broker = Broker::start();
     let brokers = broker.address();
     let settings = Settings {
         brokers: brokers.clone(),
-        topic_prefix: "reread.".into(),
+        topic_prefix: format!("reread{}.", held as u8),
         partitions: 1,
+        // The consumer looks up at least this often: a held partition delivers nothing.
+        stall_reseek_ms: 200,
         ..Settings::default()
     };
     topics::ensure(&settings, &["t".to_string()]).await.unwrap();
@@ -185,12 +200,122 @@ async fn after_a_broker_restart_a_consumer_reads_its_recent_records_again() {
         }
     };
     assert_eq!(take_until(&["a", "b", "c"]).await, ["a", "b", "c"]);
+    if held {
+        consumer.hold(&topic, 0, 3).unwrap();
+    }
     broker.stop();
     broker.resume();
     commit("reread-after", &["d"]).await;
+    if held {
+        // The loss is answered while the partition is still held, and nothing comes.
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !consumer.loss_answered() && tokio::time::Instant::now() < until {
+            if let Ok(Ok(batch)) =
+                tokio::time::timeout(Duration::from_millis(500), consumer.next_batch(10)).await
+            {
+                panic!("a held partition handed out {} records", batch.len());
+            }
+        }
+        assert!(
+            consumer.loss_answered(),
+            "the connection loss was never seen"
+        );
+        consumer.release(&topic, 0, 3).unwrap();
+    }
     let again = take_until(&["a", "b", "c", "d"]).await;
     assert!(
         again.ends_with(&["a", "b", "c", "d"].map(String::from)),
         "after the connection loss the consumer reads its recent records again: {again:?}"
     );
+}
+
+/// Fails every send while switched on: a relay that cannot publish.
+struct FailWhen(Arc<AtomicBool>);
+
+impl saga_runtime::relay::Faults for FailWhen {
+    fn before_send(&self, _index: usize) -> Result<(), String> {
+        match self.0.load(Ordering::Relaxed) {
+            true => Err("sends switched off".into()),
+            false => Ok(()),
+        }
+    }
+}
+
+/// A relay whose broker connections dropped marks what it published in the republish window
+/// waiting again in the database, not in its memory: when it cannot publish them itself (here
+/// every send fails from the restart on, as if it died), the next holder of its slot does,
+/// with the same event ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_published_before_a_broker_restart_go_out_again_even_through_a_successor() {
+    use saga_runtime::storage::outbox;
+    let broker = Broker::start();
+    let brokers = broker.address();
+    let failing = Arc::new(AtomicBool::new(false));
+    let rt = TestRuntime::start_with(Backend::Sqlite, &["order", "point", "exchange"], |o| {
+        o.config.kafka.brokers = brokers.clone();
+        o.config.relay.send_timeout_ms = 500;
+        o.relay_faults = Arc::new(FailWhen(failing.clone()));
+    })
+    .await;
+    let order = serde_json::json!({"holderId": "u", "currencyId": 1, "amount": 5});
+    let (status, placed) = rt.post("/orders", order).await;
+    assert_eq!(status, 201, "{placed}");
+    let topic = format!("{}order", rt.prefix());
+    let first = read_n(&brokers, &topic, 1, |_| true).await;
+    let created = common::header(&first[0], "ce_id").unwrap();
+    assert_eq!(outbox::len(rt.handle.db()).await.unwrap(), 0);
+
+    failing.store(true, Ordering::Relaxed);
+    broker.stop();
+    broker.resume();
+    common::eventually("the published rows to wait again", || async {
+        match outbox::len(rt.handle.db()).await.unwrap() {
+            0 => Err("none waiting".to_string()),
+            n => Ok(n),
+        }
+    })
+    .await;
+    // Its successor on the same database (no faults) publishes them.
+    let rt = rt.restart(|_| {}).await;
+    // The saga goes on meanwhile (other events follow on the topic): wait for the copy.
+    let copies = read_n(&brokers, &topic, 2, |m| {
+        common::header(m, "ce_id").as_deref() == Some(created.as_str())
+    })
+    .await;
+    assert_eq!(copies.len(), 2, "the first event, published again");
+    rt.stop().await;
+}
+
+/// The first `n` records of `topic` on the broker at `brokers` that `wanted`, read_committed
+/// from the start.
+async fn read_n(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    wanted: impl Fn(&rdkafka::message::OwnedMessage) -> bool,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("read-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    reader.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(30), reader.recv()).await {
+            Ok(Ok(m)) => {
+                let m = m.detach();
+                if wanted(&m) {
+                    out.push(m);
+                }
+            }
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => panic!("only {} of {n} records arrived on {topic}", out.len()),
+        }
+    }
+    out
 }

@@ -309,6 +309,7 @@ async fn a_kill_storm_with_duplicates_and_hostile_input_ends_every_saga_consiste
                 let i = rng.below(n) as usize;
                 let victim = cluster.slots.lock().unwrap()[i].take();
                 let Some(mut victim) = victim else { continue };
+                eprintln!("FAULT killing i{i} at {}", wall_ms());
                 tokio::task::spawn_blocking(move || victim.kill())
                     .await
                     .unwrap();
@@ -337,9 +338,11 @@ async fn a_kill_storm_with_duplicates_and_hostile_input_ends_every_saga_consiste
             if restart_broker {
                 let _storm = cluster.storm.lock().await;
                 tokio::task::spawn_blocking(move || {
+                    eprintln!("FAULT broker stopping at {}", wall_ms());
                     broker.stop();
                     std::thread::sleep(down);
                     broker.resume();
+                    eprintln!("FAULT broker back at {}", wall_ms());
                 })
                 .await
                 .unwrap();
@@ -475,6 +478,7 @@ async fn a_kill_storm_with_duplicates_and_hostile_input_ends_every_saga_consiste
     let violations = &verdict.violations;
     if !violations.is_empty() {
         diagnose(&db.url, &cluster, &http).await;
+        trace_sagas(&db.url, &prefix, violations).await;
     }
     let approved = verdict.approved;
     let summary = json!({
@@ -537,7 +541,7 @@ async fn check(
         ));
     }
     let mut conn = sqlx::PgConnection::connect(db_url).await.unwrap();
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_ms IS NULL")
         .fetch_one(&mut conn)
         .await
         .unwrap();
@@ -560,7 +564,7 @@ async fn diagnose(db_url: &str, cluster: &Cluster, http: &reqwest::Client) {
     let mut conn = sqlx::PgConnection::connect(db_url).await.unwrap();
     let q = |sql: &'static str| sqlx::query(sql);
     use sqlx::Row as _;
-    let outbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+    let outbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_ms IS NULL")
         .fetch_one(&mut conn)
         .await
         .unwrap();
@@ -622,10 +626,11 @@ async fn drain(db_url: &str) -> bool {
     let until = Instant::now() + Duration::from_secs(300);
     let (mut last, mut quiet) = (-1i64, 0);
     while Instant::now() < until {
-        let outbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
+        let outbox: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_ms IS NULL")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
         let positions: i64 = sqlx::query_scalar(
             "SELECT COALESCE(SUM(next_offset), 0)::BIGINT FROM consumer_offsets",
         )
@@ -644,6 +649,95 @@ async fn drain(db_url: &str) -> bool {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     false
+}
+
+/// Wall-clock ms, as the runtime's `handled_ms`, for the log of faults.
+fn wall_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// For the first sagas a violation names: every record of theirs on the run's topics
+/// (read_committed, from the start) and every inbox entry, to tell an event never published
+/// from one published and never handled.
+async fn trace_sagas(db_url: &str, prefix: &str, violations: &[String]) {
+    let ids: Vec<String> = violations
+        .iter()
+        .filter_map(|v| v.split("order ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .take(3)
+        .map(str::to_string)
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    for isolation in ["read_committed", "read_uncommitted"] {
+        trace_records(prefix, &ids, isolation).await;
+    }
+    let mut conn = sqlx::PgConnection::connect(db_url).await.unwrap();
+    use sqlx::Row as _;
+    for id in &ids {
+        let rows = sqlx::query(
+            "SELECT service, event_type, event_id, topic, outcome, handled_ms FROM inbox \
+             WHERE saga = $1 ORDER BY handled_ms",
+        )
+        .bind(id)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        for r in rows {
+            let (service, ty, event, topic, outcome, at): (
+                String,
+                String,
+                String,
+                String,
+                String,
+                i64,
+            ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
+            eprintln!("TRACE inbox {id} {service} {ty} {event} {topic} {outcome} {at}");
+        }
+    }
+}
+
+/// Every record of the sagas `ids` on the run's topics, read from the start at `isolation`.
+async fn trace_records(prefix: &str, ids: &[String], isolation: &str) {
+    let reader: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("trace-{}", uuid::Uuid::new_v4()))
+        .set("isolation.level", isolation)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    reader
+        .subscribe(&[&format!("^{}.*", prefix.replace('.', "\\."))])
+        .unwrap();
+    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), reader.recv()).await {
+        let Some(key) = m.key().map(String::from_utf8_lossy) else {
+            continue;
+        };
+        if !ids.iter().any(|id| *id == key) {
+            continue;
+        }
+        let header = |name: &str| {
+            m.headers()
+                .and_then(|hs| hs.iter().find(|h| h.key == name))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        eprintln!(
+            "TRACE {isolation} {key} {}/{} @{} {} {} {}",
+            m.topic(),
+            m.partition(),
+            m.offset(),
+            header("ce_type"),
+            header("ce_id"),
+            header("x-duplicate")
+        );
+    }
 }
 
 /// (partition, offset) of the records of `topic` whose saga is `saga`, read from the start.

@@ -330,6 +330,61 @@ async fn the_outbox_returns_rows_in_storage_order(backend: Backend) {
     t.drop_db().await;
 }
 
+/// Published rows stay, marked, until swept; `unpublish` puts those published since a moment
+/// back in line (in their places: the relay takes them before newer rows), `sweep` deletes
+/// the older ones.
+async fn published_rows_wait_again_after_a_loss_and_are_swept_after_the_window(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let mut tx = db.begin().await.unwrap();
+    for i in 0..4 {
+        let m = outbox::Message {
+            event_id: format!("e{i}"),
+            topic: "t".into(),
+            key: "saga".into(),
+            headers: Vec::new(),
+            payload: Vec::new(),
+        };
+        outbox::insert(&mut tx, &m, 0).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let rows = outbox::fetch(&db, 0, 1, 10).await.unwrap();
+    let id = |i: usize| rows[i].id;
+    outbox::published(&db, &[id(0)], 100).await.unwrap();
+    outbox::published(&db, &[id(1), id(2)], 200).await.unwrap();
+    let waiting = |db: Db| async move {
+        let rows = outbox::fetch(&db, 0, 1, 10).await.unwrap();
+        rows.into_iter()
+            .map(|r| r.message.event_id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(waiting(db.clone()).await, ["e3"]);
+    assert_eq!(outbox::len(&db).await.unwrap(), 1);
+    let other = (outbox::bucket("saga") + 1) % 2;
+    assert_eq!(
+        outbox::unpublish(&db, other, 2, 150).await.unwrap(),
+        0,
+        "another slot's"
+    );
+    assert_eq!(outbox::unpublish(&db, 0, 1, 150).await.unwrap(), 2);
+    assert_eq!(
+        waiting(db.clone()).await,
+        ["e1", "e2", "e3"],
+        "in their places"
+    );
+    assert_eq!(
+        outbox::sweep(&db, 0, 1, 150).await.unwrap(),
+        1,
+        "e0, published at 100"
+    );
+    assert_eq!(
+        outbox::sweep(&db, 0, 1, 1_000).await.unwrap(),
+        0,
+        "waiting rows stay"
+    );
+    assert_eq!(outbox::len(&db).await.unwrap(), 3);
+    t.drop_db().await;
+}
+
 async fn a_lease_has_one_holder_until_it_expires(backend: Backend) {
     let (t, db) = open(backend).await;
     assert!(lease::acquire(&db, "relay/0", "a", 1_000, 100)
@@ -609,5 +664,6 @@ on_both_backends!(
     the_inbox_records_an_event_once,
     the_outbox_returns_rows_in_storage_order,
     each_relay_slot_gets_the_rows_of_its_keys,
+    published_rows_wait_again_after_a_loss_and_are_swept_after_the_window,
     a_lease_has_one_holder_until_it_expires,
 );

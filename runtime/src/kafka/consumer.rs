@@ -124,6 +124,9 @@ struct Lane {
     /// Where it was lately (`next`, sampled about once a second, the oldest at or before
     /// `reread_after_loss` ago): what to read again after a broker connection loss.
     history: VecDeque<(Instant, i64)>,
+    /// Held (paused) when the broker connections dropped: it reads again from its history
+    /// when released, as the others did at once.
+    reread_owed: bool,
 }
 
 impl Lane {
@@ -137,6 +140,7 @@ impl Lane {
             paused: false,
             fetch_from: offset,
             history: VecDeque::from([(Instant::now(), offset)]),
+            reread_owed: false,
         }
     }
 
@@ -149,6 +153,7 @@ impl Lane {
         };
         if let Some(old) = old.filter(|_| !window.is_zero()) {
             lane.history = old.history;
+            lane.reread_owed = old.reread_owed;
             lane.remember(Instant::now(), window);
         }
         lane
@@ -174,6 +179,7 @@ impl Lane {
     /// Read again from the lowest position it had within the window: hand out everything
     /// from there (the worker's inbox drops what was handled). Where it went, if back.
     fn reread(&mut self) -> Option<i64> {
+        self.reread_owed = false;
         let from = self.history.iter().map(|(_, at)| *at).min()?;
         if from >= self.fetch_from.max(self.next) {
             return None;
@@ -374,6 +380,12 @@ impl Consumer {
         self.fetched.clone()
     }
 
+    /// Whether a loss of the broker connections was answered (partitions read again or owed
+    /// a re-read), for tests that must know it happened.
+    pub fn loss_answered(&self) -> bool {
+        self.reread_for.load(Ordering::Relaxed) != 0
+    }
+
     /// Whether its partitions are paused for a rest now.
     pub fn resting(&self) -> bool {
         self.resting.load(Ordering::Relaxed)
@@ -492,7 +504,11 @@ impl Consumer {
         }
         let mut lanes = self.lanes.lock().expect("lanes lock");
         let mut again = 0;
-        for ((topic, partition), lane) in lanes.iter_mut().filter(|(_, l)| !l.paused) {
+        for ((topic, partition), lane) in lanes.iter_mut() {
+            if lane.paused {
+                lane.reread_owed = true;
+                continue;
+            }
             let was = lane.next;
             let Some(from) = lane.reread() else {
                 continue;
@@ -578,10 +594,14 @@ impl Consumer {
     ) {
         let key = (topic.to_string(), partition);
         let old = lanes.remove(&key);
-        lanes.insert(
-            key,
-            Lane::replacing(old, offset, paused, self.reread_after_loss),
-        );
+        let mut lane = Lane::replacing(old, offset, paused, self.reread_after_loss);
+        // Released after a connection loss it was held through: read again what the others
+        // read again then.
+        let offset = match lane.reread_owed && !paused {
+            true => lane.reread().unwrap_or(offset),
+            false => offset,
+        };
+        lanes.insert(key, lane);
         // Asynchronous (zero timeout), like the watchdog's: never block a tokio worker.
         let seek = self
             .inner

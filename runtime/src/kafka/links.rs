@@ -18,6 +18,8 @@ pub struct Links {
     started: Instant,
     /// 0: never.
     lost_ms: Arc<AtomicI64>,
+    /// Notified at every loss, for whoever must act at once.
+    lost: Arc<tokio::sync::Notify>,
 }
 
 impl Links {
@@ -26,6 +28,7 @@ impl Links {
             client,
             started: Instant::now(),
             lost_ms: Arc::new(AtomicI64::new(0)),
+            lost: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -48,6 +51,12 @@ impl Links {
     /// Record a loss at `ms` (the error callback does; tests may).
     pub fn lost_at(&self, ms: i64) {
         self.lost_ms.store(ms, Ordering::Relaxed);
+        self.lost.notify_one();
+    }
+
+    /// Until the next loss (or one not waited for yet).
+    pub async fn next_loss(&self) {
+        self.lost.notified().await;
     }
 }
 

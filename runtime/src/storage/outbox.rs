@@ -1,5 +1,7 @@
 //! The outbox: events committed together with the state change that caused them, published
-//! afterwards by the relay (`crate::relay`) in `id` order, and deleted once Kafka has them.
+//! afterwards by the relay (`crate::relay`) in `id` order. Once Kafka has them they are marked
+//! published and kept for the relay's republish window (deleted at once if it is 0); a relay
+//! whose broker connections dropped marks its recent rows waiting again.
 
 use sqlx::Row as _;
 
@@ -68,7 +70,7 @@ impl Message {
 pub async fn fetch(db: &Db, slot: u32, slots: u32, limit: u32) -> Result<Vec<Row>, Error> {
     let rows = sqlx::query(
         "SELECT id, event_id, topic, msg_key, headers, payload, created_ms FROM outbox \
-         WHERE bucket % $1 = $2 ORDER BY id LIMIT $3",
+         WHERE published_ms IS NULL AND bucket % $1 = $2 ORDER BY id LIMIT $3",
     )
     .bind(i64::from(slots.max(1)))
     .bind(i64::from(slot))
@@ -196,6 +198,48 @@ pub async fn unpark(db: &Db, ids: Option<&[i64]>, now_ms: i64) -> Result<u64, Er
     Ok(moved)
 }
 
+/// Mark rows as published at `now_ms` (kept for the republish window).
+pub async fn published(db: &Db, ids: &[i64], now_ms: i64) -> Result<(), Error> {
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "UPDATE outbox SET published_ms = $1 WHERE id IN ({})",
+            super::placeholders(2, chunk.len())
+        );
+        let mut query = sqlx::query(&sql).bind(now_ms);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        query.execute(db.pool()).await?;
+    }
+    Ok(())
+}
+
+/// Mark the rows of relay slot `slot` of `slots` published at or after `since_ms` waiting
+/// again (the broker may have lost them). How many.
+pub async fn unpublish(db: &Db, slot: u32, slots: u32, since_ms: i64) -> Result<u64, Error> {
+    let done = sqlx::query(
+        "UPDATE outbox SET published_ms = NULL \
+         WHERE published_ms >= $1 AND bucket % $2 = $3",
+    )
+    .bind(since_ms)
+    .bind(i64::from(slots.max(1)))
+    .bind(i64::from(slot))
+    .execute(db.pool())
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Delete the rows of relay slot `slot` of `slots` published before `before_ms`. How many.
+pub async fn sweep(db: &Db, slot: u32, slots: u32, before_ms: i64) -> Result<u64, Error> {
+    let done = sqlx::query("DELETE FROM outbox WHERE published_ms < $1 AND bucket % $2 = $3")
+        .bind(before_ms)
+        .bind(i64::from(slots.max(1)))
+        .bind(i64::from(slot))
+        .execute(db.pool())
+        .await?;
+    Ok(done.rows_affected())
+}
+
 /// Remove published rows.
 pub async fn delete(db: &Db, ids: &[i64]) -> Result<(), Error> {
     for chunk in ids.chunks(500) {
@@ -214,16 +258,21 @@ pub async fn delete(db: &Db, ids: &[i64]) -> Result<(), Error> {
 
 /// How many rows wait and when the oldest was committed (`None` if none wait).
 pub async fn depth(db: &Db) -> Result<(i64, Option<i64>), Error> {
-    let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_ms) AS oldest FROM outbox")
-        .fetch_one(db.pool())
-        .await?;
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n, MIN(created_ms) AS oldest FROM outbox WHERE published_ms IS NULL",
+    )
+    .fetch_one(db.pool())
+    .await?;
     Ok((row.try_get("n")?, row.try_get("oldest")?))
 }
 
+/// How many rows wait for the relay (published ones kept for the window not counted).
 pub async fn len(db: &Db) -> Result<i64, Error> {
-    Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
-        .fetch_one(db.pool())
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_ms IS NULL")
+            .fetch_one(db.pool())
+            .await?,
+    )
 }
 
 #[cfg(test)]
