@@ -497,18 +497,22 @@ impl Relay {
     /// generation's id fenced and its open transaction aborted first.
     async fn producer(&self) -> Result<FutureProducer, Error> {
         let db = &self.shared.db;
+        // As long as a send may take: with the broker away (a producer is made anew after
+        // every connection loss) this fails, and is retried, as a batch would.
+        let ms = self.shared.config.relay.send_timeout_ms;
+        let wait = Duration::from_millis(ms).clamp(Duration::from_millis(100), KAFKA_TIMEOUT);
         loop {
             let previous = generations::current(db, &self.name).await?;
             if previous > 0 {
                 let old = self.transactional(previous)?;
-                blocking(move || old.init_transactions(KAFKA_TIMEOUT)).await?;
+                blocking(move || old.init_transactions(wait)).await?;
             }
             if !generations::advance(db, &self.name, previous).await? {
                 continue; // another holder moved it meanwhile: fence that one too
             }
             let producer = self.transactional(previous + 1)?;
             let p = producer.clone();
-            blocking(move || p.init_transactions(KAFKA_TIMEOUT)).await?;
+            blocking(move || p.init_transactions(wait)).await?;
             tracing::info!(
                 slot = self.slot,
                 generation = previous + 1,
