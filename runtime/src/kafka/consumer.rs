@@ -39,9 +39,9 @@
 //! handed out (prefetched records are dropped and fetched again). Two librdkafka facts shape
 //! it: a resume leaves the broker thread asleep (up to 1 s), so the rest seeks after resuming,
 //! which wakes it; and a pause drops the fetch under way, so a consumer rests again only after
-//! `enable.partition.eof` reported the end of every partition it resumed. Off by default
-//! (`kafka.rest_ms = 0`, as Kafka, which holds fetches itself, needs): see the README for
-//! what was found with it on.
+//! `enable.partition.eof` reported the end of every partition it resumed. On by default
+//! (`kafka.rest_ms = 25`); set 0 on Kafka, which holds fetches itself (README, "Fetches
+//! answered at once").
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};

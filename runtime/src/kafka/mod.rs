@@ -45,9 +45,8 @@ pub struct Settings {
     /// commits records to its partitions: for brokers that answer an empty fetch at once
     /// instead of holding it (noida-db 0.2.3; an idle consumer there asks thousands of times a
     /// second). Bounds how late records other instances publish are seen. 0 disables (right
-    /// for Kafka, which holds fetches). Default 0 (off): on by default, a two-instance test
-    /// failed in 2 of 5 runs under load (README, "Fetches answered at once"); 25 is what was
-    /// measured. Env `SAGA_KAFKA_REST_MS`.
+    /// for Kafka, which holds fetches). Default 25 (README, "Fetches answered at once"). Env
+    /// `SAGA_KAFKA_REST_MS`.
     pub rest_ms: u64,
     /// How long a consumer looks for records before it rests (see `rest_ms`): longer than a
     /// fetch takes. Default 2 ms.
@@ -70,7 +69,7 @@ impl Default for Settings {
             replication: 1,
             stall_reseek_ms: 1000,
             fetch_wait_ms: 10,
-            rest_ms: 0,
+            rest_ms: 25,
             rest_after_ms: 2,
             reread_after_loss_ms: 35_000,
         }
