@@ -314,15 +314,14 @@ impl Relay {
         let poll = Duration::from_millis(cfg.poll_interval_ms);
         let db = &self.shared.db;
         let slots = self.shared.relay.slots();
-        let mut producer: Option<FutureProducer> = None;
         let mut failures = 0u32;
         let window = cfg.republish_window_ms as i64;
         // The connection loss last answered (`Links::lost_ms`), and when published rows past
         // the window were last deleted.
         let mut answered = 0i64;
         let mut swept: Option<Instant> = None;
-        // The producer made last, for the loss watcher.
-        let current: Arc<std::sync::Mutex<Option<FutureProducer>>> = Arc::default();
+        // The slot's producer, made when first needed; the loss watcher drops it too.
+        let producer: Arc<std::sync::Mutex<Option<FutureProducer>>> = Arc::default();
         // When the connections drop, at once (not when this loop next comes round: it may be
         // waiting for deliveries, and be killed before it does): the producer's queued and
         // in-flight records are purged, so that it sends nothing to a broker that restarted
@@ -331,14 +330,14 @@ impl Relay {
         // nothing after it again); and the recent rows are marked waiting again.
         let _watch = {
             let (links, stop) = (self.links.clone(), self.stop.clone());
-            let (shared, slot, current) = (self.shared.clone(), self.slot, current.clone());
+            let (shared, slot, producer) = (self.shared.clone(), self.slot, producer.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = links.next_loss() => {}
                     }
-                    let stale = current.lock().expect("producer lock").take();
+                    let stale = producer.lock().expect("producer lock").take();
                     if let Some(stale) = stale {
                         stale.purge(PurgeConfig::default().queue().inflight().non_blocking());
                     }
@@ -364,7 +363,7 @@ impl Relay {
             let lost = self.links.lost_ms();
             if lost != answered {
                 // A producer from before the loss may not be known to the broker any more.
-                forget(&mut producer, &current);
+                forget(&producer);
                 // Again here: a batch committed just before the loss may have been marked
                 // published after the watcher marked the window waiting.
                 if window > 0 {
@@ -407,23 +406,17 @@ impl Relay {
                     continue;
                 }
             };
-            let ready = match producer.take() {
+            let made = producer.lock().expect("producer lock").clone();
+            let ready = match made {
                 Some(p) => Ok(p),
                 None => self.producer().await.inspect(|p| {
-                    *current.lock().expect("producer lock") = Some(p.clone());
+                    *producer.lock().expect("producer lock") = Some(p.clone());
                 }),
             };
             let result = match ready {
                 // Making a producer takes a while: the slot may have moved meanwhile.
-                Ok(p) if self.stop.is_cancelled() || !self.lease.valid() => {
-                    producer = Some(p);
-                    continue;
-                }
-                Ok(p) => {
-                    let published = self.publish(&p, &rows).await;
-                    producer = Some(p);
-                    published
-                }
+                Ok(_) if self.stop.is_cancelled() || !self.lease.valid() => continue,
+                Ok(p) => self.publish(&p, &rows).await,
                 Err(e) => Err(e),
             };
             match result {
@@ -444,7 +437,7 @@ impl Relay {
                 }
                 Err(Error::Refused { index, error }) => {
                     // One bad row must not hold up the others: set it aside, go on at once.
-                    forget(&mut producer, &current);
+                    forget(&producer);
                     let reason = format!("the broker refused it: {error}");
                     self.park(&rows[index], &reason).await;
                 }
@@ -453,7 +446,7 @@ impl Relay {
                     Stats::add(&self.shared.stats.relay_retries, 1);
                     tracing::warn!(rows = rows.len(), "relay batch failed, will retry: {e}");
                     // A fresh producer re-runs init_transactions, which aborts anything open.
-                    forget(&mut producer, &current);
+                    forget(&producer);
                     let backoff = Duration::from_millis((50u64 << failures.min(6)).min(5_000));
                     self.idle(backoff).await;
                 }
@@ -650,13 +643,10 @@ fn publish_span(row: &outbox::Row) -> tracing::Span {
     span
 }
 
-/// Drop the producer here and for the loss watcher, so nothing keeps it alive.
-fn forget(
-    producer: &mut Option<FutureProducer>,
-    current: &std::sync::Mutex<Option<FutureProducer>>,
-) {
-    *producer = None;
-    current.lock().expect("producer lock").take();
+/// Drop the slot's producer (outside the lock: dropping one may wait for librdkafka).
+fn forget(producer: &std::sync::Mutex<Option<FutureProducer>>) {
+    let old = producer.lock().expect("producer lock").take();
+    drop(old);
 }
 
 /// The broker dropped the connections of slot `slot`'s producer at `lost` (`links`' clock):

@@ -261,7 +261,7 @@ async fn rows_published_before_a_broker_restart_go_out_again_even_through_a_succ
     let (status, placed) = rt.post("/orders", order).await;
     assert_eq!(status, 201, "{placed}");
     let topic = format!("{}order", rt.prefix());
-    let first = read_n(&brokers, &topic, 1, |_| true).await;
+    let first = common::read_matching(&brokers, &topic, 1, |_| true).await;
     let created = common::header(&first[0], "ce_id").unwrap();
     assert_eq!(outbox::len(rt.handle.db()).await.unwrap(), 0);
 
@@ -278,44 +278,10 @@ async fn rows_published_before_a_broker_restart_go_out_again_even_through_a_succ
     // Its successor on the same database (no faults) publishes them.
     let rt = rt.restart(|_| {}).await;
     // The saga goes on meanwhile (other events follow on the topic): wait for the copy.
-    let copies = read_n(&brokers, &topic, 2, |m| {
+    let copies = common::read_matching(&brokers, &topic, 2, |m| {
         common::header(m, "ce_id").as_deref() == Some(created.as_str())
     })
     .await;
     assert_eq!(copies.len(), 2, "the first event, published again");
     rt.stop().await;
-}
-
-/// The first `n` records of `topic` on the broker at `brokers` that `wanted`, read_committed
-/// from the start.
-async fn read_n(
-    brokers: &str,
-    topic: &str,
-    n: usize,
-    wanted: impl Fn(&rdkafka::message::OwnedMessage) -> bool,
-) -> Vec<rdkafka::message::OwnedMessage> {
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("read-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    reader.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    while out.len() < n {
-        match tokio::time::timeout(Duration::from_secs(30), reader.recv()).await {
-            Ok(Ok(m)) => {
-                let m = m.detach();
-                if wanted(&m) {
-                    out.push(m);
-                }
-            }
-            Ok(Err(e)) => panic!("reading {topic}: {e}"),
-            Err(_) => panic!("only {} of {n} records arrived on {topic}", out.len()),
-        }
-    }
-    out
 }

@@ -597,9 +597,10 @@ impl Consumer {
         let mut lane = Lane::replacing(old, offset, paused, self.reread_after_loss);
         // Released after a connection loss it was held through: read again what the others
         // read again then.
-        let offset = match lane.reread_owed && !paused {
-            true => lane.reread().unwrap_or(offset),
-            false => offset,
+        let offset = if lane.reread_owed && !paused {
+            lane.reread().unwrap_or(offset)
+        } else {
+            offset
         };
         lanes.insert(key, lane);
         // Asynchronous (zero timeout), like the watchdog's: never block a tokio worker.

@@ -200,18 +200,7 @@ pub async fn unpark(db: &Db, ids: Option<&[i64]>, now_ms: i64) -> Result<u64, Er
 
 /// Mark rows as published at `now_ms` (kept for the republish window).
 pub async fn published(db: &Db, ids: &[i64], now_ms: i64) -> Result<(), Error> {
-    for chunk in ids.chunks(500) {
-        let sql = format!(
-            "UPDATE outbox SET published_ms = $1 WHERE id IN ({})",
-            super::placeholders(2, chunk.len())
-        );
-        let mut query = sqlx::query(&sql).bind(now_ms);
-        for id in chunk {
-            query = query.bind(*id);
-        }
-        query.execute(db.pool()).await?;
-    }
-    Ok(())
+    by_ids(db, "UPDATE outbox SET published_ms = $1", Some(now_ms), ids).await
 }
 
 /// Mark the rows of relay slot `slot` of `slots` published at or after `since_ms` waiting
@@ -242,12 +231,21 @@ pub async fn sweep(db: &Db, slot: u32, slots: u32, before_ms: i64) -> Result<u64
 
 /// Remove published rows.
 pub async fn delete(db: &Db, ids: &[i64]) -> Result<(), Error> {
+    by_ids(db, "DELETE FROM outbox", None, ids).await
+}
+
+/// `statement WHERE id IN (…)` over `ids`, 500 at a time, with `first` bound as `$1` if given.
+async fn by_ids(db: &Db, statement: &str, first: Option<i64>, ids: &[i64]) -> Result<(), Error> {
+    let from = 1 + usize::from(first.is_some());
     for chunk in ids.chunks(500) {
         let sql = format!(
-            "DELETE FROM outbox WHERE id IN ({})",
-            super::placeholders(1, chunk.len())
+            "{statement} WHERE id IN ({})",
+            super::placeholders(from, chunk.len())
         );
         let mut query = sqlx::query(&sql);
+        if let Some(first) = first {
+            query = query.bind(first);
+        }
         for id in chunk {
             query = query.bind(*id);
         }

@@ -564,22 +564,38 @@ pub async fn produce_raw(
 
 /// Read every record of a topic (read_committed) until `n` have arrived.
 pub async fn consume_n(prefix: &str, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    read_matching(&brokers(), &format!("{prefix}{topic}"), n, |_| true).await
+}
+
+/// The first `n` records of (physical) `topic` on the broker at `brokers` that are `wanted`,
+/// read_committed from the start; panics after 30 s without them.
+pub async fn read_matching(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    wanted: impl Fn(&rdkafka::message::OwnedMessage) -> bool,
+) -> Vec<rdkafka::message::OwnedMessage> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader-"))
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    consumer.subscribe(&[&format!("{prefix}{topic}")]).unwrap();
+    consumer.subscribe(&[topic]).unwrap();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while out.len() < n {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, consumer.recv()).await {
-            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Ok(m)) => {
+                let m = m.detach();
+                if wanted(&m) {
+                    out.push(m);
+                }
+            }
             Ok(Err(e)) => panic!("consuming {topic}: {e}"),
             Err(_) => panic!("only {} of {n} records arrived on {topic}", out.len()),
         }
