@@ -50,7 +50,7 @@ impl Instance {
                 std::env::var("SAGA_TEST_LOG").unwrap_or("warn".into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(log_to(id));
         for s in services {
             cmd.arg("--service").arg(guest_path(s));
         }
@@ -228,4 +228,19 @@ pub fn postgres(action: &str) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     panic!("PostgreSQL did not come back within 10 s of its start");
+}
+
+/// Where instance `id` logs: the test's stderr, or `$SAGA_TEST_LOG_DIR/<id>.log` (appended
+/// to across restarts) when that is set, so the instances of a fault run can be told apart.
+fn log_to(id: &str) -> Stdio {
+    let Ok(dir) = std::env::var("SAGA_TEST_LOG_DIR") else {
+        return Stdio::inherit();
+    };
+    std::fs::create_dir_all(&dir).expect("create SAGA_TEST_LOG_DIR");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(Path::new(&dir).join(format!("{id}.log")))
+        .map(Stdio::from)
+        .expect("open the instance's log file")
 }

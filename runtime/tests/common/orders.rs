@@ -21,6 +21,8 @@ pub struct Verdict {
     pub approved: usize,
     /// The slowest saga, host clock: order created → settled.
     pub slowest_ms: i64,
+    /// The sagas that took longest, slowest first (at most 3), with how long each took.
+    pub slowest: Vec<(i64, String)>,
     /// Why orders were rejected (the reason's first word), with how many.
     pub rejected_for: HashMap<String, usize>,
 }
@@ -58,6 +60,9 @@ pub async fn verdict(
         };
         let took = o["updatedMs"].as_i64().unwrap_or(0) - o["createdMs"].as_i64().unwrap_or(0);
         v.slowest_ms = v.slowest_ms.max(took);
+        v.slowest.push((took, p.id.clone()));
+        v.slowest.sort_by(|a, b| b.cmp(a));
+        v.slowest.truncate(3);
         if o["status"] == "APPROVED" {
             approved.insert(&p.id);
             *spent.entry(&p.user).or_default() += p.amount;
