@@ -300,6 +300,26 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
         .sum()
 }
 
+/// Context switches (voluntary and not) of the threads of `pid` alive now: the hand-offs
+/// between threads that the runtime's CPU profile is dominated by. Threads that ended
+/// meanwhile are not counted.
+fn context_switches(pid: u32) -> i64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<i64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 /// The broker's processes (the launcher and its server), by the port in their command line.
 fn broker_pids() -> Vec<u32> {
     let port = common::brokers()
@@ -356,6 +376,7 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
     let pg_before = pg_transactions(&target.db).await;
     let brokers = broker_pids();
     let cpu_before = (cpu_seconds(&[target.instance.pid()]), cpu_seconds(&brokers));
+    let switches_before = context_switches(target.instance.pid());
     let started = Instant::now();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let mut tasks = Vec::new();
@@ -396,6 +417,7 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
     let secs = started.elapsed().as_secs_f64();
     let cpu_runtime = cpu_seconds(&[target.instance.pid()]) - cpu_before.0;
     let cpu_broker = cpu_seconds(&brokers) - cpu_before.1;
+    let switches = context_switches(target.instance.pid()) - switches_before;
     let stats_after = target.stats().await;
     let pg_after = pg_transactions(&target.db).await;
     let tally = std::mem::take(&mut *tally.lock().unwrap());
@@ -428,6 +450,8 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         "brokerCpuMsPerSaga": round(per_saga(cpu_broker * 1000.0), 2),
         "kafkaTransactionsPerSaga": round(per_saga(delta("relay_batches")), 2),
         "eventsPerSaga": round(per_saga(events), 2),
+        "conflictRerunsPerSaga": round(per_saga(delta("conflicts")), 2),
+        "runtimeContextSwitchesPerSaga": round(per_saga(switches as f64), 1),
         "dbTransactionsPerEvent": match (pg_before, pg_after) {
             (Some(a), Some(b)) if events > 0.0 => json!(round((b - a) as f64 / events, 2)),
             _ => Value::Null,
@@ -450,7 +474,8 @@ fn merge(into: &Mutex<Tally>, mine: Tally) {
 fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
-         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db txn/event {}",
+         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db txn/event {}  \
+         conflicts/saga {}  switches/saga {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
         r["sagas"],
@@ -461,6 +486,7 @@ fn print(backend: Backend, r: &Value) {
         r["errors"],
         r["runtimeCpuMsPerSaga"], r["brokerCpuMsPerSaga"],
         r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbTransactionsPerEvent"],
+        r["conflictRerunsPerSaga"], r["runtimeContextSwitchesPerSaga"],
     );
 }
 

@@ -30,6 +30,8 @@ pub enum Error {
         value: String,
         reason: String,
     },
+    #[error("{0} is set by the runtime itself (its transactions, reads and positions rest on it) and cannot be configured")]
+    Protected(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,6 +224,9 @@ impl Config {
             }
         };
         config.apply_env(env)?;
+        if let Some(property) = config.kafka.protected_property() {
+            return Err(Error::Protected(property));
+        }
         Ok(config)
     }
 
@@ -324,6 +329,46 @@ mod tests {
             config.services,
             vec![PathBuf::from("a.wasm"), PathBuf::from("b.wasm")]
         );
+    }
+
+    /// `text` as a config file, loaded without environment overrides.
+    fn load_text(text: &str) -> Result<Config, Error> {
+        let path = std::env::temp_dir().join(format!("saga-config-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(&path, text).unwrap();
+        let loaded = Config::load(Some(&path), |_| None);
+        std::fs::remove_file(&path).unwrap();
+        loaded
+    }
+
+    #[test]
+    fn librdkafka_properties_reach_every_client_and_consumers_get_their_own() {
+        let config = load_text(
+            "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\
+             [kafka.consumer_properties]\n\"queued.min.messages\" = \"1000\"\n",
+        )
+        .unwrap();
+        let client = config.kafka.client();
+        assert_eq!(client.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(client.get("queued.min.messages"), None);
+        assert_eq!(
+            config.kafka.consumer_properties.get("queued.min.messages"),
+            Some(&"1000".to_string())
+        );
+    }
+
+    #[test]
+    fn a_property_the_runtime_depends_on_is_refused_by_name() {
+        for (section, key) in [
+            ("properties", "transactional.id"),
+            ("consumer_properties", "isolation.level"),
+            ("consumer_properties", "enable.auto.commit"),
+        ] {
+            let err = load_text(&format!("[kafka.{section}]\n\"{key}\" = \"x\"\n")).unwrap_err();
+            assert!(
+                matches!(&err, Error::Protected(p) if p == &format!("kafka.{section}.\"{key}\"")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

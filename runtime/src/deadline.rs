@@ -13,8 +13,11 @@
 //! event when it comes back. The event id is derived from the deadline, so even a deadline
 //! fired twice would be handled once.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use crate::kafka::cloudevents;
 use crate::node::Shared;
@@ -35,6 +38,45 @@ pub fn is_deadline_topic(logical: &str) -> bool {
     logical.ends_with(".deadline")
 }
 
+/// The scheduler's handle: commits that set deadlines tell it when the earliest is due, and it
+/// is woken only if that is before the time it already sleeps until (every commit of a saga
+/// start sets one; most are due long after the scheduler's next look anyway).
+pub struct Alarm {
+    /// Until when the scheduler sleeps (Unix ms); `i64::MAX` while it looks (every deadline
+    /// set meanwhile wakes it again, so none is missed between its query and its sleep).
+    armed: AtomicI64,
+    wake: Notify,
+}
+
+impl Default for Alarm {
+    fn default() -> Self {
+        Alarm {
+            armed: AtomicI64::new(i64::MAX),
+            wake: Notify::new(),
+        }
+    }
+}
+
+impl Alarm {
+    /// A commit set deadlines, the earliest due at `due_ms`.
+    pub fn set(&self, due_ms: i64) {
+        if due_ms < self.armed.load(Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The scheduler is about to look for due deadlines.
+    fn looking(&self) {
+        self.armed.store(i64::MAX, Ordering::SeqCst);
+    }
+
+    /// The scheduler sleeps until `until_ms` unless a deadline due earlier is set.
+    async fn sleep(&self, until_ms: i64) {
+        self.armed.store(until_ms, Ordering::SeqCst);
+        self.wake.notified().await;
+    }
+}
+
 pub struct Scheduler {
     shared: Arc<Shared>,
 }
@@ -46,7 +88,9 @@ impl Scheduler {
 
     pub async fn run(self) {
         let poll = Duration::from_millis(self.shared.config.relay.poll_interval_ms.max(1));
+        let alarm = &self.shared.deadline_alarm;
         while !self.shared.shutdown.is_cancelled() {
+            alarm.looking();
             let wait = match self.fire_due().await {
                 Ok(next) => {
                     let now = self.shared.clock.now_ms();
@@ -59,9 +103,10 @@ impl Scheduler {
                     poll
                 }
             };
+            let until = self.shared.clock.now_ms() + wait.as_millis() as i64;
             tokio::select! {
                 _ = self.shared.shutdown.cancelled() => {}
-                _ = self.shared.deadline_wake.notified() => {}
+                _ = alarm.sleep(until) => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }

@@ -82,6 +82,18 @@ pub struct Context<'a> {
 #[derive(Debug, Default)]
 pub struct Applied {
     pub settled_ms: Vec<i64>,
+    /// When the earliest deadline the effects set is due (for `deadline::Alarm::set`).
+    pub earliest_due_ms: Option<i64>,
+}
+
+impl Applied {
+    /// Add what another commit's effects did (a batch's events, one after another).
+    pub fn absorb(&mut self, other: Applied) {
+        self.settled_ms.extend(other.settled_ms);
+        if let Some(due) = other.earliest_due_ms {
+            self.earliest_due_ms = Some(self.earliest_due_ms.map_or(due, |e| e.min(due)));
+        }
+    }
 }
 
 pub async fn apply(
@@ -99,20 +111,22 @@ pub async fn apply(
         ctx.now_ms.saturating_add(after)
     };
     for d in &fx.cancel_deadlines {
-        if deadlines::cancel(conn, service.name(), &d.subject, &d.name).await? {
-            if let Some(opened) = storage::sagas::opened(conn, &d.subject).await? {
-                applied.settled_ms.push(ctx.now_ms - opened);
-            }
+        if let Some(opened) = deadlines::cancel(conn, service.name(), &d.subject, &d.name).await? {
+            applied
+                .settled_ms
+                .extend(opened.map(|opened| ctx.now_ms - opened));
         }
     }
     for d in &fx.set_deadlines {
+        let due_ms = due(d.after_ms);
+        applied.earliest_due_ms = Some(applied.earliest_due_ms.map_or(due_ms, |e| e.min(due_ms)));
         storage::sagas::open(conn, &d.subject, ctx.now_ms).await?;
         deadlines::set(
             conn,
             service.name(),
             &d.subject,
             &d.name,
-            due(d.after_ms),
+            due_ms,
             ctx.cause_id,
             crate::telemetry::traceparent(ctx.trace),
         )

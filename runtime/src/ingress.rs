@@ -551,6 +551,9 @@ async fn run(
         shared.changes.committed(service.name(), written);
         let metrics = &shared.metrics;
         metrics.sagas_ended(service.name(), "settled", &applied.settled_ms);
+        if let Some(due) = applied.earliest_due_ms {
+            shared.deadline_alarm.set(due);
+        }
         Ok::<_, crate::storage::Error>(None)
     }
     .instrument(tracing::info_span!("commit"))
@@ -563,9 +566,6 @@ async fn run(
         Ok(None) => {
             if !response.effects.emits.is_empty() {
                 shared.relay.wake();
-            }
-            if !response.effects.set_deadlines.is_empty() {
-                shared.deadline_wake.notify_one();
             }
             Outcome::Reply(response.reply)
         }

@@ -174,6 +174,12 @@ const COUNTERS: &[CounterRow] = &[
         |s| &s.conflicts,
     ),
     (
+        "saga_batch_recommits_total",
+        &[],
+        "Event batches committed again with a savepoint per event after a conflict, late duplicate or refusal",
+        |s| &s.recommits,
+    ),
+    (
         "saga_outbox_parked_total",
         &[],
         "Outbox rows the broker refused for good, parked",

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -81,8 +81,8 @@ pub struct Shared {
     pub relay: relay::Handle,
     /// Prometheus metrics (`GET /metrics`).
     pub metrics: crate::metrics::Metrics,
-    /// Notified after every commit that set a deadline.
-    pub deadline_wake: Notify,
+    /// Told by every commit that set a deadline (the scheduler's handle).
+    pub deadline_alarm: crate::deadline::Alarm,
     pub shutdown: CancellationToken,
     /// The instance's tasks; installing a service adds its worker and partition ownership.
     tasks: Arc<tokio::sync::Mutex<JoinSet<()>>>,
@@ -164,7 +164,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         recordings,
         relay,
         metrics: crate::metrics::Metrics::new(),
-        deadline_wake: Notify::new(),
+        deadline_alarm: crate::deadline::Alarm::default(),
         shutdown: CancellationToken::new(),
         tasks: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),
         runs: tokio::sync::Mutex::new(HashMap::new()),

@@ -17,6 +17,9 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     /// Handler runs discarded because state they read changed before commit.
     pub conflicts: AtomicU64,
+    /// Batches committed a second time, with a savepoint per event, because the first
+    /// attempt (without) met a conflict, a late duplicate or a refusal.
+    pub recommits: AtomicU64,
     /// Failed handler attempts (errors, traps, time and memory limits).
     pub failures: AtomicU64,
     /// Handler calls that failed on the host's side (a state read the database refused, no

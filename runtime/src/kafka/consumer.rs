@@ -235,8 +235,8 @@ impl Consumer {
                 at_most: Duration::from_millis(settings.rest_ms),
                 doorbell,
             });
-        let inner: StreamConsumer<Links> = settings
-            .client()
+        let mut config = settings.client();
+        config
             .set("group.id", settings.topic(service))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
@@ -244,8 +244,11 @@ impl Consumer {
             .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
             // A fetch reaching a partition's end tells a rest may begin, and that an idle
             // consumer is reading (`Consumer::fetched`).
-            .set("enable.partition.eof", "true")
-            .create_with_context(Links::new("consumer"))?;
+            .set("enable.partition.eof", "true");
+        for (key, value) in &settings.consumer_properties {
+            config.set(key, value);
+        }
+        let inner: StreamConsumer<Links> = config.create_with_context(Links::new("consumer"))?;
         Ok(Consumer {
             inner,
             lanes: Mutex::new(HashMap::new()),

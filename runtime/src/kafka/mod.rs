@@ -8,6 +8,8 @@ pub mod doorbell;
 pub mod links;
 pub mod topics;
 
+use std::collections::BTreeMap;
+
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
@@ -58,7 +60,30 @@ pub struct Settings {
     /// `republish_window_ms`, whose copies refill that range. 0 disables (right for Kafka).
     /// Default 35000 ms.
     pub reread_after_loss_ms: u64,
+    /// librdkafka properties for every client the runtime makes (its consumers, producers and
+    /// admin clients), e.g. `"security.protocol" = "SASL_SSL"`, `"sasl.mechanisms"`, `"ssl.ca.location"`.
+    /// The properties the runtime's guarantees rest on ([`PROTECTED`]) are refused. Default none.
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for the consumers only, applied after the runtime's own consumer
+    /// settings (so `fetch.wait.max.ms`, `queued.min.messages`, … can be tuned here). Default none.
+    pub consumer_properties: BTreeMap<String, String>,
 }
+
+/// Properties of `kafka.properties` and `kafka.consumer_properties` the runtime sets itself
+/// and depends on: transactions, read-committed reads, positions kept in the database.
+pub const PROTECTED: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "enable.partition.eof",
+    "auto.offset.reset",
+    "transactional.id",
+    "enable.idempotence",
+    "message.max.bytes",
+];
 
 impl Default for Settings {
     fn default() -> Self {
@@ -72,6 +97,8 @@ impl Default for Settings {
             rest_ms: 25,
             rest_after_ms: 2,
             reread_after_loss_ms: 35_000,
+            properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
         }
     }
 }
@@ -94,6 +121,23 @@ impl Settings {
         config
             .set("bootstrap.servers", &self.brokers)
             .set("client.id", "saga-runtime");
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
         config
+    }
+
+    /// The first property of `properties` or `consumer_properties` the runtime must set
+    /// itself ([`PROTECTED`]), as `section.key`.
+    pub fn protected_property(&self) -> Option<String> {
+        let sections = [
+            ("properties", &self.properties),
+            ("consumer_properties", &self.consumer_properties),
+        ];
+        sections.into_iter().find_map(|(section, map)| {
+            map.keys()
+                .find(|key| PROTECTED.contains(&key.as_str()))
+                .map(|key| format!("kafka.{section}.\"{key}\""))
+        })
     }
 }

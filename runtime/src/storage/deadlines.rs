@@ -29,19 +29,26 @@ pub async fn set(
     Ok(())
 }
 
-/// Cancel a pending deadline; whether there was one.
-pub async fn cancel(conn: &mut Conn, service: &str, saga: &str, name: &str) -> Result<bool, Error> {
-    let cancelled = sqlx::query(
+/// Cancel a pending deadline: `None` if there was none pending, else when its saga was opened
+/// (if the database knows).
+pub async fn cancel(
+    conn: &mut Conn,
+    service: &str,
+    saga: &str,
+    name: &str,
+) -> Result<Option<Option<i64>>, Error> {
+    // When the saga was opened comes back in the same statement (the settled-saga metric).
+    let cancelled: Option<Option<i64>> = sqlx::query_scalar(
         "UPDATE deadlines SET status = 'CANCELLED' \
-         WHERE service = $1 AND saga = $2 AND name = $3 AND status = 'PENDING'",
+         WHERE service = $1 AND saga = $2 AND name = $3 AND status = 'PENDING' \
+         RETURNING (SELECT opened_ms FROM sagas WHERE sagas.saga = deadlines.saga)",
     )
     .bind(service)
     .bind(saga)
     .bind(name)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    Ok(cancelled > 0)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(cancelled)
 }
 
 /// A stored deadline.

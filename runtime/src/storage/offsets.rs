@@ -7,26 +7,32 @@ use sqlx::Row as _;
 
 use super::{Conn, Db, Error};
 
-/// Move the position of `service` on `topic`/`partition` forward to `next` (never back).
+/// Move the positions of `service` forward (never back), each `(topic, partition, next)`,
+/// in one statement.
 pub async fn advance(
     conn: &mut Conn,
     service: &str,
-    topic: &str,
-    partition: i32,
-    next: i64,
+    positions: &[(&str, i32, i64)],
 ) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO consumer_offsets (service, topic, partition, next_offset) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT (service, topic, partition) DO UPDATE SET \
-         next_offset = CASE WHEN excluded.next_offset > consumer_offsets.next_offset \
-         THEN excluded.next_offset ELSE consumer_offsets.next_offset END",
-    )
-    .bind(service)
-    .bind(topic)
-    .bind(partition)
-    .bind(next)
-    .execute(&mut *conn)
-    .await?;
+    // 3 parameters per position and the service: well inside every database's limit in
+    // chunks of 1000.
+    for chunk in positions.chunks(1000) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+            .collect();
+        let sql = format!(
+            "INSERT INTO consumer_offsets (service, topic, partition, next_offset) VALUES {} \
+             ON CONFLICT (service, topic, partition) DO UPDATE SET \
+             next_offset = CASE WHEN excluded.next_offset > consumer_offsets.next_offset \
+             THEN excluded.next_offset ELSE consumer_offsets.next_offset END",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(service);
+        for (topic, partition, next) in chunk {
+            query = query.bind(*topic).bind(*partition).bind(*next);
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

@@ -40,16 +40,6 @@ pub async fn expire(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<Option<i
     Ok(opened)
 }
 
-/// When `saga` was opened (its first deadline set), if known.
-pub async fn opened(conn: &mut Conn, saga: &str) -> Result<Option<i64>, Error> {
-    let opened: Option<Option<i64>> =
-        sqlx::query_scalar("SELECT opened_ms FROM sagas WHERE saga = $1")
-            .bind(saga)
-            .fetch_optional(&mut *conn)
-            .await?;
-    Ok(opened.flatten())
-}
-
 /// Record a forward step of `saga` and return when it expired, if it has.
 pub async fn step(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<Option<i64>, Error> {
     let expired: Option<Option<i64>> = sqlx::query_scalar(
@@ -76,17 +66,13 @@ pub async fn expiry(
     if sagas.is_empty() {
         return Ok(out);
     }
+    // One statement: the sagas' rows (`due` NULL), then their earliest pending deadline
+    // already due (`due` set).
     let list = super::placeholders(1, sagas.len());
-    let sql = format!("SELECT saga, expired_ms FROM sagas WHERE saga IN ({list})");
-    let mut query = sqlx::query(&sql);
-    for saga in sagas {
-        query = query.bind(*saga);
-    }
-    for row in query.fetch_all(&mut *conn).await? {
-        out.insert(row.try_get("saga")?, row.try_get("expired_ms")?);
-    }
     let sql = format!(
-        "SELECT saga, MIN(due_ms) AS due FROM deadlines \
+        "SELECT saga, expired_ms AS at, NULL AS due FROM sagas WHERE saga IN ({list}) \
+         UNION ALL \
+         SELECT saga, NULL AS at, MIN(due_ms) AS due FROM deadlines \
          WHERE status = 'PENDING' AND due_ms <= ${} AND saga IN ({list}) GROUP BY saga",
         sagas.len() + 1
     );
@@ -96,9 +82,12 @@ pub async fn expiry(
     }
     for row in query.bind(now_ms).fetch_all(&mut *conn).await? {
         let saga: String = row.try_get("saga")?;
-        let due: i64 = row.try_get("due")?;
+        let fired: Option<i64> = row.try_get("at")?;
+        let due: Option<i64> = row.try_get("due")?;
         let at = out.entry(saga).or_insert(None);
-        *at = Some(at.map_or(due, |fired: i64| fired.min(due)));
+        for t in [fired, due].into_iter().flatten() {
+            *at = Some(at.map_or(t, |a: i64| a.min(t)));
+        }
     }
     Ok(out)
 }

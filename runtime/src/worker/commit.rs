@@ -14,14 +14,72 @@ use crate::stats::Stats;
 use crate::storage::{self, inbox, ledger, outbox};
 use crate::wasm::bindings::Event;
 
+/// How the events of a batch are kept apart inside its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    /// No savepoints: two statements fewer per event. Anything that would undo one event's
+    /// statements (a conflict, a duplicate found late, a refusal, any error) undoes the whole
+    /// attempt instead, and the batch is committed again `PerEvent`.
+    Batch,
+    /// A savepoint per event, so one event's conflict or duplicate undoes only its own.
+    PerEvent,
+}
+
+/// A `Batch` attempt met something only a savepoint could undo: nothing of it was committed.
+struct Undo;
+
+/// What an event's statements came to.
+enum Steps {
+    /// Recorded with this outcome (and its effects applied, if any).
+    Done(inbox::Outcome, effects::Applied),
+    /// The inbox already had it (another instance, since the door check).
+    Duplicate,
+}
+
 impl Worker {
     /// Commit a batch's verdicts in one transaction. Returns the indices deferred by a conflict.
+    ///
+    /// Most batches meet no conflict, late duplicate or refusal, so the batch is first
+    /// committed without a savepoint per event (`Isolation::Batch`: on SQLite every statement
+    /// is a round trip to the connection's thread); one that does is rolled back and
+    /// committed again with them.
     pub(super) async fn commit(
         &self,
         service: &Arc<Service>,
         items: &[Item<'_>],
         verdicts: &[Verdict],
     ) -> Result<Vec<usize>, storage::Error> {
+        // One `commit` span per event committed, ending when the batch's transaction does.
+        let spans: Vec<Option<tracing::Span>> = items
+            .iter()
+            .zip(verdicts)
+            .map(|(item, verdict)| {
+                (!verdict.waits()).then(|| {
+                    tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty)
+                })
+            })
+            .collect();
+        match self
+            .commit_as(Isolation::Batch, service, items, verdicts, &spans)
+            .await?
+        {
+            Ok(deferred) => return Ok(deferred),
+            Err(Undo) => Stats::add(&self.shared.stats.recommits, 1),
+        }
+        let committed = self
+            .commit_as(Isolation::PerEvent, service, items, verdicts, &spans)
+            .await?;
+        Ok(committed.unwrap_or_else(|Undo| unreachable!("only a Batch attempt is undone")))
+    }
+
+    async fn commit_as(
+        &self,
+        isolation: Isolation,
+        service: &Arc<Service>,
+        items: &[Item<'_>],
+        verdicts: &[Verdict],
+        spans: &[Option<tracing::Span>],
+    ) -> Result<Result<Vec<usize>, Undo>, storage::Error> {
         let mut tx = self.shared.db.begin().await?;
         let mut blocked: HashSet<(&str, i32)> = HashSet::new();
         let mut deferred = Vec::new();
@@ -32,14 +90,11 @@ impl Worker {
         let mut refused = 0;
         // State keys the batch wrote, for the held queries that read them (`crate::watch`).
         let mut written: Vec<&str> = Vec::new();
-        let handled = self
-            .shared
-            .metrics
-            .handled(service.name(), service.version());
-        // One `commit` span per event, ending when the batch's transaction does.
-        let mut spans = Vec::with_capacity(items.len());
-        // How long the sagas whose deadline the batch cancelled ran (ms).
-        let mut settled = Vec::new();
+        // Each committed event's outcome, recorded (metrics, spans) once the batch commits.
+        let mut outcomes = Vec::with_capacity(items.len());
+        // How long the sagas whose deadline the batch cancelled ran, and when the earliest
+        // deadline it set is due.
+        let mut done = effects::Applied::default();
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
@@ -49,19 +104,17 @@ impl Worker {
             if verdict.waits() {
                 continue; // its partition is held: neither it nor what follows commits
             }
-            let span = tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty);
             let outcome = self
-                .commit_one(&mut tx, service, item, verdict, &mut settled)
+                .commit_one(&mut tx, isolation, service, item, verdict, &mut done)
                 .await;
+            let outcome = match (isolation, outcome) {
+                (_, Ok(Ok(o))) => Ok(o),
+                (Isolation::Batch, Ok(Err(Undo)) | Err(_)) => return Ok(Err(Undo)),
+                (Isolation::PerEvent, Ok(Err(Undo))) => unreachable!("a savepoint undoes it"),
+                (Isolation::PerEvent, Err(e)) => Err(e),
+            };
             if let Ok(o) = &outcome {
-                let name = o.map_or("duplicate", inbox::Outcome::as_str);
-                span.record("saga.outcome", name);
-            }
-            spans.push(span);
-            if let Ok(o) = &outcome {
-                handled.record(metric_outcome(*o), item.taken.elapsed());
-            }
-            if outcome.is_ok() {
+                outcomes.push((i, *o));
                 next.insert(lane, item.record.offset + 1);
                 // A step released from a hold is handled: its compensations need not wait.
                 if let Some(saga) = item.saga().filter(|_| item.first_attempt > 1) {
@@ -95,13 +148,25 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
-        for ((topic, partition), offset) in next {
-            storage::offsets::advance(&mut tx, &self.service, topic, partition, offset).await?;
-        }
+        let positions: Vec<(&str, i32, i64)> =
+            next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
+        storage::offsets::advance(&mut tx, &self.service, &positions).await?;
         tx.commit().await?;
-        drop(spans);
+        let handled = self
+            .shared
+            .metrics
+            .handled(service.name(), service.version());
+        for (i, o) in outcomes {
+            if let Some(span) = &spans[i] {
+                span.record(
+                    "saga.outcome",
+                    o.map_or("duplicate", inbox::Outcome::as_str),
+                );
+            }
+            handled.record(metric_outcome(o), items[i].taken.elapsed());
+        }
         let metrics = &self.shared.metrics;
-        metrics.sagas_ended(service.name(), "settled", &settled);
+        metrics.sagas_ended(service.name(), "settled", &done.settled_ms);
         self.shared.changes.committed(&self.service, written);
         let stats = &self.shared.stats;
         Stats::add(&stats.applied, applied);
@@ -113,24 +178,23 @@ impl Worker {
         if applied + dead + refused > 0 {
             self.shared.relay.wake();
         }
-        let sets_deadlines = verdicts
-            .iter()
-            .any(|v| matches!(v, Verdict::Apply(c) if !c.output.set_deadlines.is_empty()));
-        if sets_deadlines {
-            self.shared.deadline_wake.notify_one();
+        if let Some(due) = done.earliest_due_ms {
+            self.shared.deadline_alarm.set(due);
         }
-        Ok(deferred)
+        Ok(Ok(deferred))
     }
 
-    /// One event inside its own savepoint. `Ok(None)`: it was a duplicate.
+    /// One event, inside its own savepoint (`PerEvent`) or not (`Batch`: whatever would undo
+    /// it is an `Undo`). `Ok(Ok(None))`: it was a duplicate.
     async fn commit_one(
         &self,
         tx: &mut storage::Tx,
+        isolation: Isolation,
         service: &Service,
         item: &Item<'_>,
         verdict: &Verdict,
-        settled: &mut Vec<i64>,
-    ) -> Result<Option<inbox::Outcome>, storage::Error> {
+        done: &mut effects::Applied,
+    ) -> Result<Result<Option<inbox::Outcome>, Undo>, storage::Error> {
         use sqlx::Connection as _;
         let now_ms = self.shared.clock.now_ms();
         let id = item.inbox_id();
@@ -140,12 +204,52 @@ impl Worker {
             if !saga.is_empty() {
                 inbox::note(tx, &handled, inbox::Attempt::Duplicate).await?;
             }
-            return Ok(None);
+            return Ok(Ok(None));
         }
-        let mut sp = tx.begin().await?;
+        let steps = match isolation {
+            Isolation::Batch => self.steps(tx, service, item, verdict, &id, &handled).await,
+            Isolation::PerEvent => {
+                let mut sp = tx.begin().await?;
+                let steps = self
+                    .steps(&mut sp, service, item, verdict, &id, &handled)
+                    .await;
+                match &steps {
+                    Ok(Steps::Done(..)) => sp.commit().await?,
+                    _ => sp.rollback().await?,
+                }
+                steps
+            }
+        };
+        match (steps?, isolation) {
+            (Steps::Done(outcome, applied), _) => {
+                done.absorb(applied);
+                Ok(Ok(Some(outcome)))
+            }
+            (Steps::Duplicate, Isolation::Batch) => Ok(Err(Undo)),
+            (Steps::Duplicate, Isolation::PerEvent) => {
+                if !saga.is_empty() {
+                    inbox::note(tx, &handled, inbox::Attempt::Duplicate).await?;
+                }
+                Ok(Ok(None))
+            }
+        }
+    }
+
+    /// An event's statements on `conn`: the fences, its inbox record, then its effects (or
+    /// its dead letter). Nothing here is undone: the caller decides.
+    async fn steps(
+        &self,
+        conn: &mut storage::Conn,
+        service: &Service,
+        item: &Item<'_>,
+        verdict: &Verdict,
+        id: &str,
+        handled: &inbox::Entry<'_>,
+    ) -> Result<Steps, storage::Error> {
+        let now_ms = handled.handled_ms;
         let (outcome, detail) = match (verdict, &item.event) {
             (Verdict::Apply(_), Ok(event)) => {
-                self.fence(&mut sp, service, item.saga(), event, &id, now_ms)
+                self.fence(conn, service, item.saga(), event, id, now_ms)
                     .await?
             }
             (Verdict::DeadLetter { reason, .. }, _) => {
@@ -160,14 +264,10 @@ impl Worker {
             detail: detail.as_deref(),
             ..handled.clone()
         };
-        if !inbox::record(&mut sp, &entry, item.redrive).await? {
-            sp.rollback().await?;
-            if !saga.is_empty() {
-                inbox::note(tx, &handled, inbox::Attempt::Duplicate).await?;
-            }
-            return Ok(None);
+        if !inbox::record(conn, &entry, item.redrive).await? {
+            return Ok(Steps::Duplicate);
         }
-        let result = match (verdict, outcome) {
+        let applied = match (verdict, outcome) {
             (Verdict::Apply(called), inbox::Outcome::Applied | inbox::Outcome::Compensated) => {
                 let trace = crate::telemetry::carried(&item.span);
                 let ctx = effects::Context {
@@ -175,29 +275,19 @@ impl Worker {
                     now_ms,
                     cause_deadline_ms: item.event.as_ref().ok().and_then(|e| e.deadline_ms),
                     saga_deadline_ms: self.shared.saga_deadline_ms(service),
-                    cause_id: &id,
+                    cause_id: id,
                     trace: &trace,
                 };
-                effects::apply(&mut sp, &ctx, service, &called.reads, &called.output).await
+                effects::apply(conn, &ctx, service, &called.reads, &called.output).await?
             }
             (Verdict::DeadLetter { reason, attempts }, _) => {
-                let message = self.dead_letter(service, item, &id, reason, *attempts);
-                let inserted = outbox::insert(&mut sp, &message, now_ms).await;
-                inserted.map(|()| effects::Applied::default())
+                let message = self.dead_letter(service, item, id, reason, *attempts);
+                outbox::insert(conn, &message, now_ms).await?;
+                effects::Applied::default()
             }
-            _ => Ok(effects::Applied::default()),
+            _ => effects::Applied::default(),
         };
-        match result {
-            Ok(applied) => {
-                sp.commit().await?;
-                settled.extend(applied.settled_ms);
-                Ok(Some(outcome))
-            }
-            Err(e) => {
-                sp.rollback().await?;
-                Err(e)
-            }
-        }
+        Ok(Steps::Done(outcome, applied))
     }
 
     /// The in-commit half of the expiry and ledger checks for an event the guest handled, as
