@@ -74,6 +74,88 @@ async fn a_redelivered_event_is_applied_once(backend: Backend) {
     rt.stop().await;
 }
 
+/// Two copies of one event and a later event of its saga, published in one Kafka transaction
+/// so that the consumer sees them at once and the worker takes them as one batch. The batch is
+/// first committed without a savepoint per event; the second copy is found a duplicate only
+/// when its inbox row is written, so that attempt is undone and the batch committed again with
+/// a savepoint per event: the first copy and the later event applied, the second a duplicate.
+async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
+    let rt = TestRuntime::start(backend, &["point"]).await;
+    rt.post("/points", json!({"userId": "frank", "point": 1000}))
+        .await;
+    let step = json!({"orderId": "o-3", "holderId": "frank", "point": 300});
+    let marker = json!({"orderId": "o-3", "holderId": "nobody", "point": 1});
+    let events = [
+        ("evt-1", "ExchangeSucceeded", &step),
+        ("evt-1", "ExchangeSucceeded", &step),
+        ("evt-2", "Unrelated", &marker),
+    ];
+    produce_in_one_transaction(rt.prefix(), "exchange", "o-3", &events).await;
+    eventually("the copies and the later event to be handled", || async {
+        let stats = rt.handle.stats();
+        let (applied, dups) = (Stats::get(&stats.applied), Stats::get(&stats.duplicates));
+        if applied == 2 && dups == 1 {
+            Ok(())
+        } else {
+            Err(format!("applied {applied}, duplicates {dups}"))
+        }
+    })
+    .await;
+    assert_eq!(rt.get("/points/frank").await["point"], 700);
+    assert_eq!(rt.get("/transactions").await.as_array().unwrap().len(), 1);
+    assert_eq!(
+        Stats::get(&rt.handle.stats().recommits),
+        1,
+        "the batch was committed again with savepoints once"
+    );
+    rt.stop().await;
+}
+
+/// CloudEvents `(id, type, data)` with subject and key `saga`, in one Kafka transaction.
+async fn produce_in_one_transaction(
+    prefix: &str,
+    topic: &str,
+    saga: &str,
+    events: &[(&str, &str, &serde_json::Value)],
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+    use std::time::Duration;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("transactional.id", format!("test-{}", uuid::Uuid::new_v4()))
+        .create()
+        .unwrap();
+    let wait = Duration::from_secs(10);
+    producer.init_transactions(wait).unwrap();
+    producer.begin_transaction().unwrap();
+    let topic = format!("{prefix}{topic}");
+    for (id, event_type, data) in events {
+        let headers = [
+            ("ce_specversion", "1.0"),
+            ("ce_id", *id),
+            ("ce_type", *event_type),
+            ("ce_source", "/test"),
+            ("ce_subject", saga),
+            ("content-type", "application/json"),
+        ]
+        .iter()
+        .fold(OwnedHeaders::new(), |hs, (k, v)| {
+            hs.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        });
+        let payload = serde_json::to_vec(data).unwrap();
+        let record = FutureRecord::to(&topic)
+            .key(saga)
+            .payload(&payload)
+            .headers(headers);
+        producer.send(record, wait).await.unwrap();
+    }
+    producer.commit_transaction(wait).unwrap();
+}
+
 /// B4: a compensation delivered twice as two distinct events (different ids, so the inbox
 /// cannot tell) refunds once: the host's compensation ledger applies the first and records the
 /// second as ignored. (The point guest has no "already refunded?" check of its own.)
@@ -240,6 +322,7 @@ async fn a_relay_crash_after_commit_republishes_and_the_inbox_absorbs_it(backend
 on_both_backends!(
     a_step_after_its_compensation_is_ignored,
     a_redelivered_event_is_applied_once,
+    copies_of_an_event_in_one_batch_are_applied_once,
     a_compensation_delivered_twice_refunds_once,
     a_relay_crash_after_commit_republishes_and_the_inbox_absorbs_it,
 );
