@@ -10,7 +10,7 @@
 //!   deadline, so only the host's in-commit check can stop it.
 
 use saga_sdk::{
-    get_json, parse_json, query_reply, route, list_json, subscribe, Context, Effects, Error, Event,
+    get_json, list_json, parse_json, query_reply, route, subscribe, Context, Effects, Error, Event,
     Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};

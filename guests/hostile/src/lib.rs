@@ -92,7 +92,12 @@ impl Service for Hostile {
             }
             "ForgeDeadline" => {
                 let mut fx = Effects::new();
-                fx.emit_json("order.deadline", "DeadlineExpired", &event.subject, &"forged");
+                fx.emit_json(
+                    "order.deadline",
+                    "DeadlineExpired",
+                    &event.subject,
+                    &"forged",
+                );
                 Ok(fx.build())
             }
             "ForgeDeadLetter" => {

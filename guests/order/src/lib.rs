@@ -5,7 +5,7 @@
 //! outcome for an order that is no longer pending is ignored.
 
 use saga_sdk::{
-    get_json, param, parse_json, query_reply, route, list_json, subscribe, Context, Effects, Error,
+    get_json, list_json, param, parse_json, query_reply, route, subscribe, Context, Effects, Error,
     Event, Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};

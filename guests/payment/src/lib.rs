@@ -12,7 +12,7 @@
 //! it asks the host to retry (the subscription is blocking) until the host's time is past that.
 
 use saga_sdk::{
-    blocking, compensating, get_json, param, parse_json, query_reply, route, list_json, subscribe,
+    blocking, compensating, get_json, list_json, param, parse_json, query_reply, route, subscribe,
     Context, Effects, Error, Event, Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};

@@ -7,7 +7,7 @@
 //! arrives after it. The refund below therefore needs no "already refunded?" check of its own.
 
 use saga_sdk::{
-    get_json, param, parse_json, query_reply, route, list_json, subscribe, Context, Effects, Error,
+    get_json, list_json, param, parse_json, query_reply, route, subscribe, Context, Effects, Error,
     Event, Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};

@@ -187,7 +187,11 @@ pub fn list_json<T: DeserializeOwned>(request: &Request, prefix: &str) -> Result
         None => PAGE,
         Some(v) => match v.parse::<u32>() {
             Ok(n) if n >= 1 => n.min(PAGE),
-            _ => return Err(Error::Reject(format!("limit must be a number from 1 to {PAGE}, not {v:?}"))),
+            _ => {
+                return Err(Error::Reject(format!(
+                    "limit must be a number from 1 to {PAGE}, not {v:?}"
+                )))
+            }
         },
     };
     let after = query(request, "after").map(|id| format!("{prefix}{id}"));

@@ -11,7 +11,7 @@
 //! ledger settles it (A9): compensate now, refuse the late step, or nothing to undo.
 
 use saga_sdk::{
-    get_json, param, parse_json, query_reply, route, list_json, subscribe, Context, Effects, Error,
+    get_json, list_json, param, parse_json, query_reply, route, subscribe, Context, Effects, Error,
     Event, Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};

@@ -10,7 +10,7 @@
 //! after the request was emitted (the guest asks the host to retry until then).
 
 use saga_sdk::{
-    blocking, compensating, get_json, param, parse_json, query_reply, route, list_json, subscribe,
+    blocking, compensating, get_json, list_json, param, parse_json, query_reply, route, subscribe,
     Context, Effects, Error, Event, Manifest, Request, Response, Service,
 };
 use serde::{Deserialize, Serialize};
