@@ -41,16 +41,7 @@ async fn a_redelivered_event_is_applied_once(backend: Backend) {
         &marker,
     )
     .await;
-    eventually("both copies and the marker to be handled", || async {
-        let stats = rt.handle.stats();
-        let (applied, dups) = (Stats::get(&stats.applied), Stats::get(&stats.duplicates));
-        if applied == 2 && dups == 1 {
-            Ok(())
-        } else {
-            Err(format!("applied {applied}, duplicates {dups}"))
-        }
-    })
-    .await;
+    applied_and_duplicates(&rt, 2, 1).await;
     assert_eq!(rt.get("/points/dave").await["point"], 700);
     assert_eq!(rt.get("/transactions").await.as_array().unwrap().len(), 1);
     let (outcome, _) = inbox::outcome(rt.handle.db(), "point", "evt-1")
@@ -91,16 +82,7 @@ async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
         ("evt-2", "Unrelated", &marker),
     ];
     produce_in_one_transaction(rt.prefix(), "exchange", "o-3", &events).await;
-    eventually("the copies and the later event to be handled", || async {
-        let stats = rt.handle.stats();
-        let (applied, dups) = (Stats::get(&stats.applied), Stats::get(&stats.duplicates));
-        if applied == 2 && dups == 1 {
-            Ok(())
-        } else {
-            Err(format!("applied {applied}, duplicates {dups}"))
-        }
-    })
-    .await;
+    applied_and_duplicates(&rt, 2, 1).await;
     assert_eq!(rt.get("/points/frank").await["point"], 700);
     assert_eq!(rt.get("/transactions").await.as_array().unwrap().len(), 1);
     assert_eq!(
@@ -109,6 +91,20 @@ async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
         "the batch was committed again with savepoints once"
     );
     rt.stop().await;
+}
+
+/// Wait until the runtime has applied `applied` events and skipped `duplicates`.
+async fn applied_and_duplicates(rt: &TestRuntime, applied: u64, duplicates: u64) {
+    eventually("the events to be handled", || async {
+        let stats = rt.handle.stats();
+        let seen = (Stats::get(&stats.applied), Stats::get(&stats.duplicates));
+        if seen == (applied, duplicates) {
+            Ok(())
+        } else {
+            Err(format!("applied {}, duplicates {}", seen.0, seen.1))
+        }
+    })
+    .await;
 }
 
 /// CloudEvents `(id, type, data)` with subject and key `saga`, in one Kafka transaction.
