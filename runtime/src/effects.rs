@@ -91,8 +91,13 @@ impl Applied {
     pub fn absorb(&mut self, other: Applied) {
         self.settled_ms.extend(other.settled_ms);
         if let Some(due) = other.earliest_due_ms {
-            self.earliest_due_ms = Some(self.earliest_due_ms.map_or(due, |e| e.min(due)));
+            self.due(due);
         }
+    }
+
+    /// A deadline due at `due_ms` was set.
+    fn due(&mut self, due_ms: i64) {
+        self.earliest_due_ms = Some(self.earliest_due_ms.map_or(due_ms, |e| e.min(due_ms)));
     }
 }
 
@@ -119,7 +124,7 @@ pub async fn apply(
     }
     for d in &fx.set_deadlines {
         let due_ms = due(d.after_ms);
-        applied.earliest_due_ms = Some(applied.earliest_due_ms.map_or(due_ms, |e| e.min(due_ms)));
+        applied.due(due_ms);
         storage::sagas::open(conn, &d.subject, ctx.now_ms).await?;
         deadlines::set(
             conn,

@@ -41,7 +41,7 @@ async fn a_redelivered_event_is_applied_once(backend: Backend) {
         &marker,
     )
     .await;
-    applied_and_duplicates(&rt, 2, 1).await;
+    handled(&rt, 2, |s| &s.duplicates, 1).await;
     assert_eq!(rt.get("/points/dave").await["point"], 700);
     assert_eq!(rt.get("/transactions").await.as_array().unwrap().len(), 1);
     let (outcome, _) = inbox::outcome(rt.handle.db(), "point", "evt-1")
@@ -82,7 +82,7 @@ async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
         ("evt-2", "Unrelated", &marker),
     ];
     produce_in_one_transaction(rt.prefix(), "exchange", "o-3", &events).await;
-    applied_and_duplicates(&rt, 2, 1).await;
+    handled(&rt, 2, |s| &s.duplicates, 1).await;
     assert_eq!(rt.get("/points/frank").await["point"], 700);
     assert_eq!(rt.get("/transactions").await.as_array().unwrap().len(), 1);
     assert_eq!(
@@ -93,20 +93,6 @@ async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
     rt.stop().await;
 }
 
-/// Wait until the runtime has applied `applied` events and skipped `duplicates`.
-async fn applied_and_duplicates(rt: &TestRuntime, applied: u64, duplicates: u64) {
-    eventually("the events to be handled", || async {
-        let stats = rt.handle.stats();
-        let seen = (Stats::get(&stats.applied), Stats::get(&stats.duplicates));
-        if seen == (applied, duplicates) {
-            Ok(())
-        } else {
-            Err(format!("applied {}, duplicates {}", seen.0, seen.1))
-        }
-    })
-    .await;
-}
-
 /// CloudEvents `(id, type, data)` with subject and key `saga`, in one Kafka transaction.
 async fn produce_in_one_transaction(
     prefix: &str,
@@ -114,7 +100,6 @@ async fn produce_in_one_transaction(
     saga: &str,
     events: &[(&str, &str, &serde_json::Value)],
 ) {
-    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
     use std::time::Duration;
     let producer: FutureProducer = rdkafka::ClientConfig::new()
@@ -127,21 +112,7 @@ async fn produce_in_one_transaction(
     producer.begin_transaction().unwrap();
     let topic = format!("{prefix}{topic}");
     for (id, event_type, data) in events {
-        let headers = [
-            ("ce_specversion", "1.0"),
-            ("ce_id", *id),
-            ("ce_type", *event_type),
-            ("ce_source", "/test"),
-            ("ce_subject", saga),
-            ("content-type", "application/json"),
-        ]
-        .iter()
-        .fold(OwnedHeaders::new(), |hs, (k, v)| {
-            hs.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            })
-        });
+        let headers = common::owned_headers(&common::cloudevent_headers(id, event_type, saga));
         let payload = serde_json::to_vec(data).unwrap();
         let record = FutureRecord::to(&topic)
             .key(saga)
@@ -168,7 +139,7 @@ async fn a_compensation_delivered_twice_refunds_once(backend: Backend) {
     for (id, kind) in events {
         produce_event(rt.prefix(), "exchange", id, kind, "o-9", &step).await;
     }
-    handled(&rt, 2, 1).await;
+    handled(&rt, 2, |s| &s.ignored, 1).await;
     assert_eq!(
         rt.get("/points/kim").await["point"],
         1000,
@@ -198,7 +169,7 @@ async fn a_step_after_its_compensation_is_ignored(backend: Backend) {
     ] {
         produce_event(rt.prefix(), "exchange", id, kind, "o-7", &step).await;
     }
-    handled(&rt, 1, 1).await;
+    handled(&rt, 1, |s| &s.ignored, 1).await;
     assert_eq!(
         rt.get("/points/lou").await["point"],
         1000,
@@ -216,15 +187,21 @@ async fn a_step_after_its_compensation_is_ignored(backend: Backend) {
     rt.stop().await;
 }
 
-/// Wait until the runtime has applied `applied` events and ignored `ignored`.
-async fn handled(rt: &TestRuntime, applied: u64, ignored: u64) {
+/// Wait until the runtime has applied `applied` events and counted `n` in `other` (ignored,
+/// duplicates, …).
+async fn handled(
+    rt: &TestRuntime,
+    applied: u64,
+    other: fn(&Stats) -> &std::sync::atomic::AtomicU64,
+    n: u64,
+) {
     eventually("the events to be handled", || async {
         let stats = rt.handle.stats();
-        let seen = (Stats::get(&stats.applied), Stats::get(&stats.ignored));
-        if seen == (applied, ignored) {
+        let seen = (Stats::get(&stats.applied), Stats::get(other(stats)));
+        if seen == (applied, n) {
             Ok(())
         } else {
-            Err(format!("applied, ignored = {seen:?}"))
+            Err(format!("applied and the other count = {seen:?}"))
         }
     })
     .await;

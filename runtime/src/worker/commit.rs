@@ -49,25 +49,18 @@ impl Worker {
         items: &[Item<'_>],
         verdicts: &[Verdict],
     ) -> Result<Vec<usize>, storage::Error> {
-        // One `commit` span per event committed, ending when the batch's transaction does.
-        let spans: Vec<Option<tracing::Span>> = items
-            .iter()
-            .zip(verdicts)
-            .map(|(item, verdict)| {
-                (!verdict.waits()).then(|| {
-                    tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty)
-                })
-            })
-            .collect();
+        // A `commit` span per event that reaches its commit (made once, whichever attempt
+        // gets there first), ending when the batch's transaction does.
+        let mut spans: Vec<Option<tracing::Span>> = vec![None; items.len()];
         match self
-            .commit_as(Isolation::Batch, service, items, verdicts, &spans)
+            .commit_as(Isolation::Batch, service, items, verdicts, &mut spans)
             .await?
         {
             Ok(deferred) => return Ok(deferred),
             Err(Undo) => Stats::add(&self.shared.stats.recommits, 1),
         }
         let committed = self
-            .commit_as(Isolation::PerEvent, service, items, verdicts, &spans)
+            .commit_as(Isolation::PerEvent, service, items, verdicts, &mut spans)
             .await?;
         Ok(committed.unwrap_or_else(|Undo| unreachable!("only a Batch attempt is undone")))
     }
@@ -78,7 +71,7 @@ impl Worker {
         service: &Arc<Service>,
         items: &[Item<'_>],
         verdicts: &[Verdict],
-        spans: &[Option<tracing::Span>],
+        spans: &mut [Option<tracing::Span>],
     ) -> Result<Result<Vec<usize>, Undo>, storage::Error> {
         let mut tx = self.shared.db.begin().await?;
         let mut blocked: HashSet<(&str, i32)> = HashSet::new();
@@ -104,6 +97,9 @@ impl Worker {
             if verdict.waits() {
                 continue; // its partition is held: neither it nor what follows commits
             }
+            spans[i].get_or_insert_with(|| {
+                tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty)
+            });
             let outcome = self
                 .commit_one(&mut tx, isolation, service, item, verdict, &mut done)
                 .await;

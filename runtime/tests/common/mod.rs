@@ -513,17 +513,37 @@ pub async fn produce_event(
         prefix,
         topic,
         subject,
-        &[
-            ("ce_specversion", "1.0"),
-            ("ce_id", id),
-            ("ce_type", event_type),
-            ("ce_source", "/test"),
-            ("ce_subject", subject),
-            ("content-type", "application/json"),
-        ],
+        &cloudevent_headers(id, event_type, subject),
         &serde_json::to_vec(data).unwrap(),
     )
     .await
+}
+
+/// The CloudEvents headers of a JSON event from the tests.
+pub fn cloudevent_headers<'a>(
+    id: &'a str,
+    event_type: &'a str,
+    subject: &'a str,
+) -> [(&'static str, &'a str); 6] {
+    [
+        ("ce_specversion", "1.0"),
+        ("ce_id", id),
+        ("ce_type", event_type),
+        ("ce_source", "/test"),
+        ("ce_subject", subject),
+        ("content-type", "application/json"),
+    ]
+}
+
+/// `headers` as a Kafka record's.
+pub fn owned_headers(headers: &[(&str, &str)]) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::message::{Header, OwnedHeaders};
+    headers.iter().fold(OwnedHeaders::new(), |hs, (k, v)| {
+        hs.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        })
+    })
 }
 
 pub async fn produce_raw(
@@ -533,7 +553,6 @@ pub async fn produce_raw(
     headers: &[(&str, &str)],
     payload: &[u8],
 ) {
-    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     static PRODUCER: OnceLock<FutureProducer> = OnceLock::new();
     let producer = PRODUCER.get_or_init(|| {
@@ -542,12 +561,7 @@ pub async fn produce_raw(
             .create()
             .unwrap()
     });
-    let headers = headers.iter().fold(OwnedHeaders::new(), |hs, (k, v)| {
-        hs.insert(Header {
-            key: k,
-            value: Some(v.as_bytes()),
-        })
-    });
+    let headers = owned_headers(headers);
     let topic = format!("{prefix}{topic}");
     producer
         .send(
