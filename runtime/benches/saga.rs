@@ -192,6 +192,15 @@ impl Target {
     async fn stats(&self) -> Value {
         common::get_json(&self.http, &self.instance.base, "/_saga/stats").await
     }
+
+    /// The runtime's Prometheus exposition (`GET /metrics`).
+    async fn metrics(&self) -> String {
+        let url = format!("{}/metrics", self.instance.base);
+        match self.http.get(url).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
 }
 
 /// One saga: place an order, then look until it settled.
@@ -373,6 +382,7 @@ fn round1(x: f64) -> f64 {
 /// Run one load against `target` and report it.
 async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
     let stats_before = target.stats().await;
+    let metrics_before = target.metrics().await;
     let pg_before = pg_transactions(&target.db).await;
     let brokers = broker_pids();
     let cpu_before = (cpu_seconds(&[target.instance.pid()]), cpu_seconds(&brokers));
@@ -419,6 +429,18 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
     let cpu_broker = cpu_seconds(&brokers) - cpu_before.1;
     let switches = context_switches(target.instance.pid()) - switches_before;
     let stats_after = target.stats().await;
+    let metrics_after = target.metrics().await;
+    // Mean time per stage over this run: exact (sum ÷ count of the histograms), not bucketed.
+    let stage = |name: &str, only: &str| {
+        let (sum, count) = histogram_totals(&metrics_after, name, only);
+        let (sum0, count0) = histogram_totals(&metrics_before, name, only);
+        let n = count - count0;
+        if n > 0.0 {
+            json!(round((sum - sum0) / n * 1000.0, 2))
+        } else {
+            Value::Null
+        }
+    };
     let pg_after = pg_transactions(&target.db).await;
     let tally = std::mem::take(&mut *tally.lock().unwrap());
     let done = tally.samples.len();
@@ -452,6 +474,12 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         "eventsPerSaga": round(per_saga(events), 2),
         "conflictRerunsPerSaga": round(per_saga(delta("conflicts")), 2),
         "runtimeContextSwitchesPerSaga": round(per_saga(switches as f64), 1),
+        "stageMeanMs": {
+            "ingressWait": stage("saga_ingress_wait_seconds", ""),
+            "relay": stage("saga_relay_delay_seconds", ""),
+            "delivery": stage("saga_event_delivery_seconds", ""),
+            "handling": stage("saga_handler_duration_seconds", "outcome=\"applied\""),
+        },
         "dbTransactionsPerEvent": match (pg_before, pg_after) {
             (Some(a), Some(b)) if events > 0.0 => json!(round((b - a) as f64 / events, 2)),
             _ => Value::Null,
@@ -459,6 +487,27 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
     });
     target.placed.lock().unwrap().extend(tally.placed);
     report
+}
+
+/// The `_sum` and `_count` of histogram `name` in a Prometheus exposition, added over its
+/// series whose labels contain `only`.
+fn histogram_totals(text: &str, name: &str, only: &str) -> (f64, f64) {
+    let (mut sum, mut count) = (0.0, 0.0);
+    for line in text.lines().filter(|l| l.contains(only)) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let base = series.split('{').next().unwrap_or(series);
+        if base == format!("{name}_sum") {
+            sum += value;
+        } else if base == format!("{name}_count") {
+            count += value;
+        }
+    }
+    (sum, count)
 }
 
 fn merge(into: &Mutex<Tally>, mine: Tally) {
@@ -475,7 +524,7 @@ fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
          shed {}  errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db txn/event {}  \
-         conflicts/saga {}  switches/saga {}",
+         conflicts/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
         r["sagas"],
@@ -487,6 +536,8 @@ fn print(backend: Backend, r: &Value) {
         r["runtimeCpuMsPerSaga"], r["brokerCpuMsPerSaga"],
         r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbTransactionsPerEvent"],
         r["conflictRerunsPerSaga"], r["runtimeContextSwitchesPerSaga"],
+        r["stageMeanMs"]["ingressWait"], r["stageMeanMs"]["relay"],
+        r["stageMeanMs"]["delivery"], r["stageMeanMs"]["handling"],
     );
 }
 

@@ -108,6 +108,7 @@ pub struct Metrics {
     pub relay_rows: Histogram,
     pub deadline_lag: Histogram,
     pub ingress_wait: Histogram,
+    pub relay_delay: Histogram,
 }
 
 /// The instance's counters (`crate::stats`) as Prometheus counters: name, labels, help, field.
@@ -244,6 +245,7 @@ impl Metrics {
             relay_rows: histogram(&recorder, "saga_relay_transaction_rows", &[]),
             deadline_lag: histogram(&recorder, "saga_deadline_lag_seconds", &[]),
             ingress_wait: histogram(&recorder, "saga_ingress_wait_seconds", &[]),
+            relay_delay: histogram(&recorder, "saga_relay_delay_seconds", &[]),
             recorder,
             handle,
         };
@@ -259,13 +261,15 @@ impl Metrics {
                 r.describe_counter(KeyName::from(*name), None, SharedString::from(*help));
             }
         }
-        let histograms: [(&'static str, Option<Unit>, &'static str); 6] = [
+        let histograms: [(&'static str, Option<Unit>, &'static str); 8] = [
             ("saga_ingress_wait_seconds", Some(Unit::Seconds), "How long an HTTP request waited at the door for its turn (admitted ones; refusals count in saga_ingress_shed_total)"),
             ("saga_duration_seconds", Some(Unit::Seconds), "From a saga's first deadline set to a deadline of it cancelled by a handler (end=settled) or fired (end=expired), by the service owning the deadline"),
             ("saga_handler_duration_seconds", Some(Unit::Seconds), "Handling of one event (taken from the consumer to committed), by service, version and outcome; failed: one failed attempt"),
             ("saga_guest_instance_wait_seconds", Some(Unit::Seconds), "Wait for a free guest instance before a handler call"),
             ("saga_relay_transaction_rows", Some(Unit::Count), "Outbox rows per relay Kafka transaction"),
             ("saga_deadline_lag_seconds", Some(Unit::Seconds), "How late a deadline fired after it was due"),
+            ("saga_relay_delay_seconds", Some(Unit::Seconds), "From the commit that wrote an outbox row to the Kafka transaction that published it"),
+            ("saga_event_delivery_seconds", Some(Unit::Seconds), "From an event's commit (its CloudEvents time) to a worker of the service taking it from Kafka, by service"),
         ];
         for (name, unit, help) in histograms {
             r.describe_histogram(KeyName::from(name), unit, SharedString::from(help));
@@ -299,6 +303,16 @@ impl Metrics {
                 ],
             )
         }))
+    }
+
+    /// The delivery histogram of `service`: how long its events took from the emitting
+    /// commit to its worker (relay, broker, fetch).
+    pub fn delivered(&self, service: &str) -> Histogram {
+        histogram(
+            &self.recorder,
+            "saga_event_delivery_seconds",
+            &[("service", service)],
+        )
     }
 
     /// Record how long `service`'s sagas that ended `end` ran (ms): `settled` (a handler

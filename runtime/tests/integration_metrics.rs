@@ -109,6 +109,14 @@ async fn a_saga_moves_the_metrics_and_the_exposition_is_valid() {
         .sum::<f64>();
     assert!(paid >= 1.0, "payment's applied handler durations:\n{after}");
     assert!(sample(&after, "saga_relay_transaction_rows_count").unwrap() >= 1.0);
+    // Rows relayed are timed from their commit, events taken from their emission.
+    let delayed = sample(&after, "saga_relay_delay_seconds_count");
+    assert!(delayed.unwrap_or(0.0) >= 1.0, "{after}");
+    let delivered = sample(
+        &after,
+        r#"saga_event_delivery_seconds_count{service="payment"}"#,
+    );
+    assert!(delivered.unwrap_or(0.0) >= 1.0, "{after}");
     assert!(sample(&after, "saga_guest_instance_wait_seconds_count").unwrap() >= 3.0);
     assert!(
         sample(&after, "saga_ingress_wait_seconds_count").unwrap() >= 3.0,
