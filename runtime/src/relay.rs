@@ -36,7 +36,7 @@
 //!   often follows a broker restart at once: with the window kept in memory those rows were
 //!   lost). Consumers' inboxes absorb the copies of what was not lost.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -296,6 +296,45 @@ impl Relays {
     }
 }
 
+/// Marking the rows of the last batch sent (deleting them, with no republish window), while
+/// the next batch is read and sent: on SQLite the statement queues for the write lock behind
+/// the workers' commits (3.3 ms on average, 8 ms at p90, at 8 bench clients), which the next
+/// batch need not wait for. One marking at a time; its rows are left out of fetches meanwhile.
+#[derive(Default)]
+struct Marking {
+    ids: HashSet<i64>,
+    task: Option<tokio::task::JoinHandle<Result<(), crate::storage::Error>>>,
+}
+
+impl Marking {
+    fn start(&mut self, shared: &Arc<Shared>, ids: Vec<i64>, window: i64) {
+        self.ids.extend(&ids);
+        let shared = shared.clone();
+        self.task = Some(tokio::spawn(async move {
+            match window {
+                0 => outbox::delete(&shared.db, &ids).await,
+                _ => outbox::published(&shared.db, &ids, shared.clock.now_ms()).await,
+            }
+        }));
+    }
+
+    /// Wait for the marking under way. Rows it failed to mark are fetched and published again;
+    /// consumers' inboxes absorb the copies.
+    async fn finish(&mut self) {
+        if let Some(task) = self.task.take() {
+            let failed = match task.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
+                tracing::warn!("relay could not mark rows published: {e}");
+            }
+        }
+        self.ids.clear();
+    }
+}
+
 /// The publishing loop of one relay slot, while this instance holds its lease.
 struct Relay {
     shared: Arc<Shared>,
@@ -320,6 +359,7 @@ impl Relay {
         // the window were last deleted.
         let mut answered = 0i64;
         let mut swept: Option<Instant> = None;
+        let mut marking = Marking::default();
         // The slot's producer, made when first needed; the loss watcher drops it too.
         let producer: Arc<std::sync::Mutex<Option<FutureProducer>>> = Arc::default();
         // When the connections drop, at once (not when this loop next comes round: it may be
@@ -362,6 +402,8 @@ impl Relay {
             }
             let lost = self.links.lost_ms();
             if lost != answered {
+                // Recent rows are to be marked waiting again: after they were marked sent.
+                marking.finish().await;
                 // A producer from before the loss may not be known to the broker any more.
                 forget(&producer);
                 // Again here: a batch committed just before the loss may have been marked
@@ -383,8 +425,12 @@ impl Relay {
                     Err(e) => tracing::warn!("relay could not delete its old published rows: {e}"),
                 }
             }
-            let rows = match outbox::fetch(db, self.slot, slots, cfg.batch_size).await {
-                Ok(rows) => {
+            // Rows whose marking is under way come back from the fetch: leave them out.
+            let limit = cfg.batch_size + marking.ids.len() as u32;
+            let rows = match outbox::fetch(db, self.slot, slots, limit).await {
+                Ok(mut rows) => {
+                    rows.retain(|r| !marking.ids.contains(&r.id));
+                    rows.truncate(cfg.batch_size as usize);
                     // Behind only with a backlog: a full batch.
                     let oldest = rows.iter().map(|r| r.created_ms).min();
                     if let Some(oldest) = oldest.filter(|_| rows.len() >= cfg.batch_size as usize) {
@@ -425,15 +471,8 @@ impl Relay {
                     if rows.len() < cfg.batch_size as usize {
                         self.shared.door.caught_up(&self.name);
                     }
-                    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                    let marked = match window {
-                        0 => outbox::delete(db, &ids).await,
-                        _ => outbox::published(db, &ids, self.shared.clock.now_ms()).await,
-                    };
-                    if let Err(e) = marked {
-                        // They will be published again; consumers' inboxes absorb that.
-                        tracing::warn!("relay could not mark rows published: {e}");
-                    }
+                    marking.finish().await;
+                    marking.start(&self.shared, rows.iter().map(|r| r.id).collect(), window);
                 }
                 Err(Error::Refused { index, error }) => {
                     // One bad row must not hold up the others: set it aside, go on at once.
@@ -452,6 +491,7 @@ impl Relay {
                 }
             }
         }
+        marking.finish().await;
     }
 
     /// Park the rows larger than the broker takes (`limits.broker_message_bytes`) before
