@@ -465,14 +465,17 @@ impl Consumer {
             }
         }
         // Except a seek to offset 0: librdkafka takes it as the next position without waking
-        // the thread (other offsets go through a validation that does). A consumer whose
-        // partitions all rested at 0 — a service that has had no event yet — fetched again only
-        // when that sleep ended: ~1 s for the first event of each service, ~2.6 s for the first
-        // sagas after a start. A request to the broker wakes it; the zero timeout sends the
-        // offsets query and returns at once, its answer is dropped.
-        let fresh = lanes
-            .iter()
-            .find(|(_, lane)| !lane.paused && lane.fetch_from <= 0);
+        // the thread (other offsets go through a validation that does; one woken thread
+        // fetches every partition). A consumer whose partitions all rested at 0 — a service
+        // that has had no event yet — fetched again only when that sleep ended: ~1 s for the
+        // first event of each service, ~2.6 s for the first sagas after a start. A request to
+        // the broker wakes it; the zero timeout sends the offsets query and returns at once,
+        // its answer is dropped.
+        let mut resumed = lanes.iter().filter(|(_, lane)| !lane.paused);
+        let fresh = match resumed.clone().all(|(_, lane)| lane.fetch_from <= 0) {
+            true => resumed.next(),
+            false => None,
+        };
         if let Some(((topic, partition), _)) = fresh {
             let _ = self
                 .inner
