@@ -85,11 +85,18 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
     tracing_subscriber::EnvFilter::builder().parse_lossy(log_directives())
 }
 
+/// Colours in the logs only for a terminal: a file or a log collector gets plain text.
+fn colours() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal()
+}
+
 /// Logs to stderr only (the command-line tools).
 pub fn init_logs() {
     tracing_subscriber::fmt()
         .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
+        .with_ansi(colours())
         .init();
 }
 
@@ -149,6 +156,7 @@ pub fn init(settings: &Settings, instance: &str) -> Result<Guard, Error> {
     });
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(colours())
         .with_filter(log_filter().or(ours));
     tracing_subscriber::registry()
         .with(admitted)
