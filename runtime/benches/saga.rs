@@ -492,6 +492,7 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
 /// The `_sum` and `_count` of histogram `name` in a Prometheus exposition, added over its
 /// series whose labels contain `only`.
 fn histogram_totals(text: &str, name: &str, only: &str) -> (f64, f64) {
+    let (sum_name, count_name) = (format!("{name}_sum"), format!("{name}_count"));
     let (mut sum, mut count) = (0.0, 0.0);
     for line in text.lines().filter(|l| l.contains(only)) {
         let Some((series, value)) = line.rsplit_once(' ') else {
@@ -501,9 +502,9 @@ fn histogram_totals(text: &str, name: &str, only: &str) -> (f64, f64) {
             continue;
         };
         let base = series.split('{').next().unwrap_or(series);
-        if base == format!("{name}_sum") {
+        if base == sum_name {
             sum += value;
-        } else if base == format!("{name}_count") {
+        } else if base == count_name {
             count += value;
         }
     }

@@ -322,12 +322,11 @@ impl Marking {
     /// consumers' inboxes absorb the copies.
     async fn finish(&mut self) {
         if let Some(task) = self.task.take() {
-            let failed = match task.await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) => Some(e.to_string()),
+            let marked = match task.await {
+                Ok(marked) => marked.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
             };
-            if let Some(e) = failed {
+            if let Err(e) = marked {
                 tracing::warn!("relay could not mark rows published: {e}");
             }
         }
@@ -745,7 +744,6 @@ fn refused(index: usize, error: rdkafka::error::KafkaError) -> Error {
     }
 }
 
-/// rdkafka's transactional calls block; keep them off the async workers.
 /// Wait until librdkafka counts every message of the transaction done, briefly.
 ///
 /// rust-rdkafka's `commit_transaction` flushes first, and its flush, finding a message still
@@ -761,6 +759,7 @@ fn settle(producer: &FutureProducer) {
     }
 }
 
+/// rdkafka's transactional calls block; keep them off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, rdkafka::error::KafkaError> + Send + 'static,
 ) -> Result<T, Error> {

@@ -472,11 +472,8 @@ impl Consumer {
         // the broker wakes it; the zero timeout sends the offsets query and returns at once,
         // its answer is dropped.
         let mut resumed = lanes.iter().filter(|(_, lane)| !lane.paused);
-        let fresh = match resumed.clone().all(|(_, lane)| lane.fetch_from <= 0) {
-            true => resumed.next(),
-            false => None,
-        };
-        if let Some(((topic, partition), _)) = fresh {
+        let all_fresh = resumed.clone().all(|(_, lane)| lane.fetch_from <= 0);
+        if let Some(((topic, partition), _)) = resumed.next().filter(|_| all_fresh) {
             let _ = self
                 .inner
                 .fetch_watermarks(topic, *partition, Duration::ZERO);

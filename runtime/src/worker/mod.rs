@@ -256,23 +256,22 @@ impl Worker {
             })
             .collect();
         let door = self.retry_db(|| self.door(service, &items)).await?;
-        let fresh = || {
-            items
-                .iter()
-                .filter(|i| !i.redrive && !door.seen.contains_key(&i.inbox_id()))
-                .filter_map(|i| i.event.as_ref().ok().map(|e| e.time_ms))
-                .filter(|&t| t > 0) // no `time` attribute
-        };
+        // When the batch's new events were emitted: duplicates and re-drives are old by nature.
+        let emitted: Vec<i64> = items
+            .iter()
+            .filter(|i| !i.redrive && !door.seen.contains_key(&i.inbox_id()))
+            .filter_map(|i| i.event.as_ref().ok().map(|e| e.time_ms))
+            .filter(|&t| t > 0) // no `time` attribute
+            .collect();
         let delivered = self.shared.metrics.delivered(&self.service);
-        for emitted in fresh() {
-            delivered.record((taken_ms - emitted).max(0) as f64 / 1000.0);
+        for at in &emitted {
+            delivered.record((taken_ms - at).max(0) as f64 / 1000.0);
         }
         // How late this service takes its events, for the ingress's shedding, when it has a
-        // backlog (a full batch; a smaller one is reported caught up after it): duplicates and
-        // re-drives are old by nature, and a partition released from a hold is late by design,
-        // in a batch of its own size.
+        // backlog (a full batch; a smaller one is reported caught up after it); a partition
+        // released from a hold is late by design, in a batch of its own size.
         if items.len() >= self.shared.config.worker.max_batch.max(1) {
-            if let Some(oldest) = fresh().min() {
+            if let Some(&oldest) = emitted.iter().min() {
                 self.shared.door.report(&self.service, oldest);
             }
         }
