@@ -28,8 +28,9 @@ use saga_runtime::wasm::{Sandbox, StateReader, Versioned};
 
 struct MemoryState(HashMap<String, Vec<u8>>);
 
+#[async_trait::async_trait]
 impl StateReader for MemoryState {
-    fn get(&self, _: &str, key: &str) -> Result<Versioned, String> {
+    async fn get(&self, _: &str, key: &str) -> Result<Versioned, String> {
         Ok(match self.0.get(key) {
             Some(v) => Versioned {
                 value: Some(v.clone()),
@@ -41,7 +42,7 @@ impl StateReader for MemoryState {
             },
         })
     }
-    fn scan(
+    async fn scan(
         &self,
         _: &str,
         _: &str,
@@ -80,11 +81,12 @@ fn report(what: &str, mut samples: Vec<Duration>) {
     );
 }
 
-fn bench_guest_call() {
+async fn bench_guest_call() {
     let sandbox = Sandbox::new(Default::default(), None).unwrap();
     let started = Instant::now();
     let guest = sandbox
-        .load(&std::fs::read(guest_file("point")).unwrap())
+        .load(std::fs::read(guest_file("point")).unwrap())
+        .await
         .unwrap();
     println!(
         "load (compile + link + describe) point.wasm: {:?}",
@@ -114,10 +116,13 @@ fn bench_guest_call() {
         new_id: "n".into(),
     };
     let mut samples = Vec::with_capacity(20_000);
-    let slot = guest.slots().admit_blocking().unwrap();
+    let slot = guest.slots().admit().await.unwrap();
     for i in 0..22_000 {
         let t = Instant::now();
-        let called = guest.on_event(&slot, state.clone(), &ctx, &event).unwrap();
+        let called = guest
+            .on_event(&slot, state.clone(), &ctx, &event)
+            .await
+            .unwrap();
         let took = t.elapsed();
         assert_eq!(called.output.emits.len(), 1);
         if i >= 2_000 {
@@ -433,10 +438,10 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
-    if wanted("guest-call") {
-        bench_guest_call();
-    }
     tokio::runtime::Runtime::new().unwrap().block_on(async {
+        if wanted("guest-call") {
+            bench_guest_call().await;
+        }
         if wanted("saga") {
             bench_saga().await;
         }

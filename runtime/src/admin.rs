@@ -207,18 +207,10 @@ pub async fn verify(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         Ok(recordings) => recordings,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let new = service.clone();
-    let replayed = tokio::task::spawn_blocking(move || {
-        recordings
-            .iter()
-            .map(|r| crate::verify::replay(&new.guest, r))
-            .collect::<Vec<_>>()
-    })
-    .await;
-    let replayed = match replayed {
-        Ok(replayed) => replayed,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
+    let mut replayed = Vec::with_capacity(recordings.len());
+    for recording in &recordings {
+        replayed.push(crate::verify::replay(&service.guest, recording).await);
+    }
     let count = |what: &str| replayed.iter().filter(|r| r.result == what).count();
     let mut reply = describe(&service);
     reply["service"] = service.name().into();

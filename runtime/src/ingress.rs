@@ -418,7 +418,6 @@ async fn call_guest(
     request: &Request,
     ctx: Context,
 ) -> Result<Called<bindings::Response>, Response> {
-    let (svc, req, reader) = (service.clone(), request.clone(), shared.reader.clone());
     let span = crate::telemetry::guest_span(
         &tracing::Span::current(),
         service.name(),
@@ -426,12 +425,14 @@ async fn call_guest(
         1,
     );
     let called = match service.guest.slots().admit().await {
-        Ok(slot) => tokio::task::spawn_blocking(move || {
-            let _in = span.enter();
-            svc.guest.on_request(&slot, reader, &ctx, &req)
-        })
-        .await
-        .unwrap_or_else(|e| Err(Failure::Host(format!("handler thread failed: {e}")))),
+        Ok(slot) => {
+            let reader = shared.reader.clone();
+            service
+                .guest
+                .on_request(&slot, reader, &ctx, request)
+                .instrument(span)
+                .await
+        }
         Err(busy) => Err(busy),
     };
     match called {

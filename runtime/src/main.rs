@@ -254,8 +254,7 @@ async fn main() -> anyhow::Result<()> {
                 std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
             let config = Config::default();
             let sandbox = saga_runtime::wasm::Sandbox::new(config.sandbox_limits(), None)?;
-            // Off the async runtime: WASI calls of the guest block.
-            let guest = tokio::task::spawn_blocking(move || sandbox.load(&bytes)).await??;
+            let guest = sandbox.load(bytes).await?;
             println!("{}", serde_json::to_string_pretty(&guest.manifest)?);
             println!("sha256: {}", guest.digest);
             Ok(())

@@ -18,7 +18,7 @@ use crate::ownership::Ownership;
 use crate::registry::{self, Registry, Service};
 use crate::relay::{self, Relays};
 use crate::stats::Stats;
-use crate::storage::{self, deployments, state::BlockingReader, Db};
+use crate::storage::{self, deployments, state::DbReader, Db};
 use crate::wasm::{self, Sandbox, StateReader};
 use crate::worker::Worker;
 
@@ -138,10 +138,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     config.limits.check()?;
     let db = Db::connect(&config.database_url, config.database_connections).await?;
     let sandbox = Sandbox::new(config.sandbox_limits(), config.cache_dir.clone())?;
-    let reader = (options.wrap_reader)(BlockingReader::new(
-        db.clone(),
-        tokio::runtime::Handle::current(),
-    ));
+    let reader = (options.wrap_reader)(DbReader::new(db.clone()));
     let listen = config.http_listen;
     let recordings = Arc::new(crate::verify::Recordings::new(config.worker.verify_recent));
     let door = crate::admission::Door::new(
@@ -342,10 +339,7 @@ impl Run {
 /// Compile, link and describe a component, then make one smoke call (see
 /// [`wasm::Sandbox::load`]): any failure is the refusal, with the reason.
 pub async fn validate(shared: &Arc<Shared>, wasm: Vec<u8>) -> Result<Service, Error> {
-    let sandbox = shared.sandbox.clone();
-    let guest = tokio::task::spawn_blocking(move || sandbox.load(&wasm))
-        .await
-        .map_err(|e| wasm::LoadError::Engine(e.to_string()))??;
+    let guest = shared.sandbox.load(wasm).await?;
     Ok(Service::new(guest)?)
 }
 

@@ -93,22 +93,23 @@ impl Recorder {
     }
 }
 
+#[async_trait::async_trait]
 impl StateReader for Recorder {
-    fn get(&self, service: &str, key: &str) -> Result<Versioned, String> {
-        let found = self.inner.get(service, key)?;
+    async fn get(&self, service: &str, key: &str) -> Result<Versioned, String> {
+        let found = self.inner.get(service, key).await?;
         let mut tape = self.tape.lock().expect("tape lock");
         tape.gets.insert(key.to_string(), found.clone());
         Ok(found)
     }
 
-    fn scan(
+    async fn scan(
         &self,
         service: &str,
         prefix: &str,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, Versioned)>, String> {
-        let rows = self.inner.scan(service, prefix, after, limit)?;
+        let rows = self.inner.scan(service, prefix, after, limit).await?;
         let mut tape = self.tape.lock().expect("tape lock");
         let key = (prefix.to_string(), after.map(str::to_string), limit);
         tape.scans.insert(key, rows.clone());
@@ -119,8 +120,9 @@ impl StateReader for Recorder {
 /// Answers only what a recorded call read.
 pub struct Replay(Tape);
 
+#[async_trait::async_trait]
 impl StateReader for Replay {
-    fn get(&self, _: &str, key: &str) -> Result<Versioned, String> {
+    async fn get(&self, _: &str, key: &str) -> Result<Versioned, String> {
         if let Some(v) = self.0.gets.get(key) {
             return Ok(v.clone());
         }
@@ -133,7 +135,7 @@ impl StateReader for Replay {
         }
     }
 
-    fn scan(
+    async fn scan(
         &self,
         _: &str,
         prefix: &str,
@@ -287,13 +289,17 @@ pub struct Replayed {
     pub detail: Vec<String>,
 }
 
-/// Replay `recording` through `guest` (blocking: a guest call).
-pub fn replay(guest: &Guest, recording: &Recording) -> Replayed {
+/// Replay `recording` through `guest`.
+pub async fn replay(guest: &Guest, recording: &Recording) -> Replayed {
     let reader = Arc::new(Replay(recording.tape.clone()));
-    let called = guest
-        .slots()
-        .admit_blocking()
-        .and_then(|slot| guest.on_event(&slot, reader, &recording.ctx, &recording.event));
+    let called = match guest.slots().admit().await {
+        Ok(slot) => {
+            guest
+                .on_event(&slot, reader, &recording.ctx, &recording.event)
+                .await
+        }
+        Err(busy) => Err(busy),
+    };
     let (result, detail) = match called {
         Ok(called) => {
             let diff = diff(&lines(&recording.effects), &lines(&called.output));
@@ -405,8 +411,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_replay_answers_only_recorded_reads() {
+    #[tokio::test]
+    async fn a_replay_answers_only_recorded_reads() {
         let mut tape = Tape::default();
         let v = |x: &[u8]| Versioned {
             value: Some(x.to_vec()),
@@ -416,20 +422,24 @@ mod tests {
         tape.scans
             .insert(("p/".into(), None, 10), vec![("p/x".into(), v(b"2"))]);
         let r = Replay(tape);
-        assert_eq!(r.get("s", "a").unwrap(), v(b"1"));
+        assert_eq!(r.get("s", "a").await.unwrap(), v(b"1"));
         assert_eq!(
-            r.get("s", "p/x").unwrap(),
+            r.get("s", "p/x").await.unwrap(),
             v(b"2"),
             "a key a recorded scan returned"
         );
-        assert!(r.get("s", "b").unwrap_err().contains("did not read \"b\""));
-        assert_eq!(r.scan("s", "p/", None, 10).unwrap().len(), 1);
+        assert!(r
+            .get("s", "b")
+            .await
+            .unwrap_err()
+            .contains("did not read \"b\""));
+        assert_eq!(r.scan("s", "p/", None, 10).await.unwrap().len(), 1);
         assert!(
-            r.scan("s", "p/", None, 5).is_err(),
+            r.scan("s", "p/", None, 5).await.is_err(),
             "another limit is another read"
         );
         assert!(
-            r.scan("s", "p/", Some("p/x"), 10).is_err(),
+            r.scan("s", "p/", Some("p/x"), 10).await.is_err(),
             "another cursor is another read"
         );
     }

@@ -34,14 +34,15 @@ impl Blinking {
     }
 }
 
+#[async_trait::async_trait]
 impl StateReader for Blinking {
-    fn get(&self, service: &str, key: &str) -> Result<Versioned, String> {
+    async fn get(&self, service: &str, key: &str) -> Result<Versioned, String> {
         if self.fail(service) {
             return Err("connection reset by peer (injected)".into());
         }
-        self.inner.get(service, key)
+        self.inner.get(service, key).await
     }
-    fn scan(
+    async fn scan(
         &self,
         service: &str,
         prefix: &str,
@@ -51,7 +52,7 @@ impl StateReader for Blinking {
         if self.fail(service) {
             return Err("connection reset by peer (injected)".into());
         }
-        self.inner.scan(service, prefix, after, limit)
+        self.inner.scan(service, prefix, after, limit).await
     }
 }
 

@@ -469,15 +469,21 @@ impl Consumer {
         // fetches every partition). A consumer whose partitions all rested at 0 — a service
         // that has had no event yet — fetched again only when that sleep ended: ~1 s for the
         // first event of each service, ~2.6 s for the first sagas after a start. A request to
-        // the broker wakes it; the zero timeout sends the offsets query and returns at once,
-        // its answer is dropped.
+        // the broker wakes it.
         let mut resumed = lanes.iter().filter(|(_, lane)| !lane.paused);
         let all_fresh = resumed.clone().all(|(_, lane)| lane.fetch_from <= 0);
         if let Some(((topic, partition), _)) = resumed.next().filter(|_| all_fresh) {
-            let _ = self
-                .inner
-                .fetch_watermarks(topic, *partition, Duration::ZERO);
+            self.wake(topic, *partition);
         }
+    }
+
+    /// Wake librdkafka's broker thread with a request to the broker (a seek to offset 0 does
+    /// not, see [`Consumer::rest_all`]). The zero timeout sends the offsets query and returns
+    /// at once; its answer is dropped.
+    fn wake(&self, topic: &str, partition: i32) {
+        let _ = self
+            .inner
+            .fetch_watermarks(topic, partition, Duration::ZERO);
     }
 
     /// Account for records that arrived, dropping those a re-read delivered again.
@@ -593,14 +599,21 @@ impl Consumer {
     /// Fetch a held partition again, from `offset` (after the rest, if resting).
     pub fn release(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
         let mut lanes = self.lanes.lock().expect("lanes lock");
-        if !self.resting() {
+        let resting = self.resting();
+        if !resting {
             self.inner.resume(&one(topic, partition))?;
         }
-        self.rewind(&mut lanes, topic, partition, offset, false);
+        let from = self.rewind(&mut lanes, topic, partition, offset, false);
+        // Its seek wakes the broker thread unless it is to offset 0 (a compensation held as
+        // the first record of its partition); a rest's end wakes it anyway.
+        if !resting && from <= 0 {
+            self.wake(topic, partition);
+        }
         Ok(())
     }
 
-    /// Make `offset` the partition's next record, for the broker and for the watchdog.
+    /// Make `offset` the partition's next record, for the broker and for the watchdog (or an
+    /// earlier one, when it owes a re-read): where it now fetches from.
     fn rewind(
         &self,
         lanes: &mut HashMap<(String, i32), Lane>,
@@ -608,7 +621,7 @@ impl Consumer {
         partition: i32,
         offset: i64,
         paused: bool,
-    ) {
+    ) -> i64 {
         let key = (topic.to_string(), partition);
         let old = lanes.remove(&key);
         let mut lane = Lane::replacing(old, offset, paused, self.reread_after_loss);
@@ -627,6 +640,7 @@ impl Consumer {
         if let Err(e) = seek {
             tracing::debug!(%topic, partition, "rewind failed: {e}");
         }
+        offset
     }
 
     /// Read exactly `parts` (physical topic, partition, stored position): each from the later

@@ -207,34 +207,32 @@ fn lock_conflict(e: &sqlx::Error) -> bool {
     matches!(db.code().as_deref(), Some("40P01" | "40001" | "55P03"))
 }
 
-/// Guests' reads, served from a blocking thread (guest calls run on `spawn_blocking`).
-pub struct BlockingReader {
+/// Guests' reads, straight from the database (on the calling task: guest calls are async).
+pub struct DbReader {
     db: Db,
-    handle: tokio::runtime::Handle,
 }
 
-impl BlockingReader {
-    pub fn new(db: Db, handle: tokio::runtime::Handle) -> Arc<Self> {
-        Arc::new(BlockingReader { db, handle })
+impl DbReader {
+    pub fn new(db: Db) -> Arc<Self> {
+        Arc::new(DbReader { db })
     }
 }
 
-impl StateReader for BlockingReader {
-    fn get(&self, service: &str, key: &str) -> Result<Versioned, String> {
-        self.handle
-            .block_on(get(&self.db, service, key))
-            .map_err(|e| e.to_string())
+#[async_trait::async_trait]
+impl StateReader for DbReader {
+    async fn get(&self, service: &str, key: &str) -> Result<Versioned, String> {
+        get(&self.db, service, key).await.map_err(|e| e.to_string())
     }
 
-    fn scan(
+    async fn scan(
         &self,
         service: &str,
         prefix: &str,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(String, Versioned)>, String> {
-        self.handle
-            .block_on(scan(&self.db, service, prefix, after, limit))
+        scan(&self.db, service, prefix, after, limit)
+            .await
             .map_err(|e| e.to_string())
     }
 }

@@ -1,12 +1,14 @@
 //! Host bindings of our WIT world (`wit/saga-runtime@0.1.1`, which also serves components built
-//! against 0.1.0: wasmtime links semver-compatible names). Every import is trappable: a
+//! against 0.1.0: wasmtime links semver-compatible names). Imports and exports are async (see
+//! `crate::wasm`: calls run on the calling task). Every import is trappable: a
 //! failure of the host (e.g. the database is down during a state read) traps the call, and the
 //! caller treats it as a retryable failure, never as an answer the guest can misread.
 
 wasmtime::component::bindgen!({
     world: "service",
     path: "../wit/saga-runtime@0.1.1",
-    imports: { default: trappable },
+    imports: { default: async | trappable },
+    exports: { default: async },
     additional_derives: [PartialEq, serde::Serialize, serde::Deserialize],
 });
 

@@ -20,12 +20,14 @@ pub struct Versioned {
     pub version: i64,
 }
 
-/// The seam between guests and storage: reads of one service's committed state.
+/// The seam between guests and storage: reads of one service's committed state. Served on the
+/// calling task: a guest waiting for a read yields its thread to other tasks.
+#[async_trait::async_trait]
 pub trait StateReader: Send + Sync {
-    fn get(&self, service: &str, key: &str) -> Result<Versioned, String>;
+    async fn get(&self, service: &str, key: &str) -> Result<Versioned, String>;
     /// Live (non-deleted) keys with `prefix` and after `after` (exclusive) if given, in key
     /// order, at most `limit`.
-    fn scan(
+    async fn scan(
         &self,
         service: &str,
         prefix: &str,
@@ -41,11 +43,12 @@ pub struct ReadSet(pub BTreeMap<String, i64>);
 /// Used while describing a component: state is not available then.
 pub(super) struct NoState;
 
+#[async_trait::async_trait]
 impl StateReader for NoState {
-    fn get(&self, _: &str, _: &str) -> Result<Versioned, String> {
+    async fn get(&self, _: &str, _: &str) -> Result<Versioned, String> {
         Err("state is not available in describe()".into())
     }
-    fn scan(
+    async fn scan(
         &self,
         _: &str,
         _: &str,
@@ -59,14 +62,15 @@ impl StateReader for NoState {
 /// Used for the smoke call at load: a service with nothing stored yet.
 pub(super) struct EmptyState;
 
+#[async_trait::async_trait]
 impl StateReader for EmptyState {
-    fn get(&self, _: &str, _: &str) -> Result<Versioned, String> {
+    async fn get(&self, _: &str, _: &str) -> Result<Versioned, String> {
         Ok(Versioned {
             value: None,
             version: 0,
         })
     }
-    fn scan(
+    async fn scan(
         &self,
         _: &str,
         _: &str,
@@ -199,8 +203,8 @@ impl Host {
 }
 
 impl state::Host for Host {
-    fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        let found = match self.reader.get(&self.service, &key) {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        let found = match self.reader.get(&self.service, &key).await {
             Ok(found) => found,
             Err(e) => return Err(self.fault(format!("state read of {key:?} failed: {e}"))),
         };
@@ -209,23 +213,27 @@ impl state::Host for Host {
     }
 
     /// The 0.1.0 scan: as many rows as asked for (its contract has no cap).
-    fn scan(&mut self, prefix: String, limit: u32) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
-        self.scan_from(prefix, None, limit)
+    async fn scan(
+        &mut self,
+        prefix: String,
+        limit: u32,
+    ) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
+        self.scan_from(prefix, None, limit).await
     }
 
-    fn scan_after(
+    async fn scan_after(
         &mut self,
         prefix: String,
         after: Option<String>,
         limit: u32,
     ) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
         let limit = limit.min(self.scan_rows);
-        self.scan_from(prefix, after, limit)
+        self.scan_from(prefix, after, limit).await
     }
 }
 
 impl Host {
-    fn scan_from(
+    async fn scan_from(
         &mut self,
         prefix: String,
         after: Option<String>,
@@ -234,6 +242,7 @@ impl Host {
         let rows = match self
             .reader
             .scan(&self.service, &prefix, after.as_deref(), limit)
+            .await
         {
             Ok(rows) => rows,
             Err(e) => return Err(self.fault(format!("state scan of {prefix:?} failed: {e}"))),
@@ -252,7 +261,7 @@ impl Host {
 }
 
 impl log::Host for Host {
-    fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+    async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
         let service = &*self.service;
         match level {
             log::Level::Trace => tracing::trace!(service, "{message}"),

@@ -2,11 +2,14 @@
 //! (and cached on disk as precompiled `.cwasm`, keyed by the engine's compatibility hash), and a
 //! fresh instance per call from a pre-instantiated [`ServicePre`].
 //!
-//! Design choice: calls are synchronous and run on blocking threads (`spawn_blocking`), so a
-//! CPU-bound guest never starves tokio's timers; host imports that need the database block on
-//! the runtime handle from that thread. A fresh instance per call costs ~13 µs with the pooling
-//! allocator (its memory reset in place, not handed back to the kernel: [`KEEP_RESIDENT`]) and
-//! buys isolation: no guest global survives a call, a trap poisons nothing.
+//! Design choice: calls are asynchronous and run on the calling task (wasmtime runs the guest
+//! on a fiber of its own): a state read the guest makes awaits the database like any other
+//! task instead of blocking a thread, and no call hops to a blocking thread and back. A guest
+//! still running at an epoch tick (every [`TICK`]) yields to tokio, so a CPU-bound guest never
+//! starves the other tasks or the timers, and is interrupted once its call's time is up. A
+//! fresh instance per call costs ~13 µs with the pooling allocator (its memory reset in place,
+//! not handed back to the kernel: [`KEEP_RESIDENT`]) and buys isolation: no guest global
+//! survives a call, a trap poisons nothing.
 //!
 //! Guests get WASI with nothing granted: no env, args, files, sockets; stdout is discarded,
 //! stderr is captured (to keep panic messages), and both clocks are frozen at the Unix epoch —
@@ -141,20 +144,6 @@ impl Slots {
         max.saturating_sub(self.free.available_permits())
     }
 
-    /// [`Slots::admit`] for code already on a blocking thread (loading, replaying).
-    pub fn admit_blocking(&self) -> Result<Slot, Failure> {
-        let until = std::time::Instant::now() + self.wait;
-        loop {
-            if let Ok(permit) = self.free.clone().try_acquire_owned() {
-                return Ok(Slot(permit));
-            }
-            if std::time::Instant::now() >= until {
-                return Err(self.busy());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
     fn busy(&self) -> Failure {
         Failure::Host(format!(
             "no free guest instance within {:?} (sandbox.max_instances are all in use)",
@@ -247,7 +236,7 @@ impl Sandbox {
     pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Self, LoadError> {
         let engine = build_engine(&limits).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::<Host>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|_| bindings::Service::add_to_linker::<_, HasSelf<Host>>(&mut linker, |h| h))
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -276,9 +265,14 @@ impl Sandbox {
     /// and make one smoke call: a `GET /_saga/smoke` request against empty state, which must
     /// come back (any status, or an error result) without a trap or a limit hit. Whatever it
     /// returns is thrown away.
-    pub fn load(&self, wasm: &[u8]) -> Result<Guest, LoadError> {
-        let digest = hex(&Sha256::digest(wasm));
-        let component = self.compile(wasm, &digest)?;
+    pub async fn load(&self, wasm: Vec<u8>) -> Result<Guest, LoadError> {
+        let digest = hex(&Sha256::digest(&wasm));
+        // Compiling takes tens of milliseconds (a second in a debug build): off the async
+        // threads.
+        let (me, key) = (self.clone(), digest.clone());
+        let component = tokio::task::spawn_blocking(move || me.compile(&wasm, &key))
+            .await
+            .map_err(|e| LoadError::Engine(format!("compiling stopped: {e}")))??;
         check_shape(&self.engine, &component)?;
         let pre = self
             .linker
@@ -302,14 +296,13 @@ impl Sandbox {
         };
         let slot = self
             .slots
-            .admit_blocking()
+            .admit()
+            .await
             .map_err(|e| LoadError::Describe(e.to_string()))?;
         let manifest = guest
-            .call(&slot, Arc::new(NoState), |svc, store| {
-                svc.saga_runtime_handler().call_describe(store)
-            })
-            .map_err(|e| LoadError::Describe(e.to_string()))?
-            .output;
+            .describe(&slot)
+            .await
+            .map_err(|e| LoadError::Describe(e.to_string()))?;
         if manifest.name.is_empty()
             || !manifest
                 .name
@@ -337,7 +330,10 @@ impl Sandbox {
             attempt: 1,
             new_id: "smoke".into(),
         };
-        match guest.on_request(&slot, Arc::new(EmptyState), &ctx, &smoke) {
+        match guest
+            .on_request(&slot, Arc::new(EmptyState), &ctx, &smoke)
+            .await
+        {
             Ok(_) | Err(Failure::Retry(_) | Failure::Reject(_)) => Ok(guest),
             Err(e) => Err(LoadError::Smoke(e.to_string())),
         }
@@ -399,6 +395,7 @@ fn build_engine(limits: &Limits) -> wasmtime::Result<Engine> {
     let n = limits.max_instances.max(1);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(n)
+        .total_stacks(n)
         .total_core_instances(n * 8)
         .total_memories(n * 2)
         .total_tables(n * 4)
@@ -454,88 +451,92 @@ impl Guest {
         &self.slots
     }
 
-    pub fn on_event(
+    pub async fn on_event(
         &self,
         slot: &Slot,
         reader: Arc<dyn StateReader>,
         ctx: &Context,
         event: &Event,
     ) -> Result<Called<Effects>, Failure> {
-        self.call_fallible(slot, reader, |svc, store| {
-            svc.saga_runtime_handler().call_on_event(store, ctx, event)
-        })
+        let (mut store, svc) = self.instantiate(slot, reader).await?;
+        let output = svc
+            .saga_runtime_handler()
+            .call_on_event(&mut store, ctx, event)
+            .await;
+        fallible(self.finish(store, output))
     }
 
-    pub fn on_request(
+    pub async fn on_request(
         &self,
         slot: &Slot,
         reader: Arc<dyn StateReader>,
         ctx: &Context,
         request: &Request,
     ) -> Result<Called<Response>, Failure> {
-        self.call_fallible(slot, reader, |svc, store| {
-            svc.saga_runtime_handler()
-                .call_on_request(store, ctx, request)
-        })
+        let (mut store, svc) = self.instantiate(slot, reader).await?;
+        let output = svc
+            .saga_runtime_handler()
+            .call_on_request(&mut store, ctx, request)
+            .await;
+        fallible(self.finish(store, output))
     }
 
-    fn call_fallible<T>(
-        &self,
-        slot: &Slot,
-        reader: Arc<dyn StateReader>,
-        f: impl FnOnce(&bindings::Service, &mut Store<Host>) -> wasmtime::Result<Result<T, GuestError>>,
-    ) -> Result<Called<T>, Failure> {
-        let called = self.call(slot, reader, f)?;
-        match called.output {
-            Ok(output) => Ok(Called {
-                output,
-                reads: called.reads,
-                scanned: called.scanned,
-            }),
-            Err(GuestError::Retry(msg)) => Err(Failure::Retry(msg)),
-            Err(GuestError::Reject(msg)) => Err(Failure::Reject(msg)),
-        }
+    async fn describe(&self, slot: &Slot) -> Result<Manifest, Failure> {
+        let (mut store, svc) = self.instantiate(slot, Arc::new(NoState)).await?;
+        let output = svc.saga_runtime_handler().call_describe(&mut store).await;
+        Ok(self.finish(store, output)?.output)
     }
 
-    /// Run `f` in a fresh instance under the time and memory limits. The slot proves an
-    /// instance is free; it is only borrowed, so the caller decides how long it is held.
-    fn call<T>(
+    /// A fresh instance under the time and memory limits. The slot proves an instance is
+    /// free; it is only borrowed, so the caller decides how long it is held.
+    async fn instantiate(
         &self,
         _slot: &Slot,
         reader: Arc<dyn StateReader>,
-        f: impl FnOnce(&bindings::Service, &mut Store<Host>) -> wasmtime::Result<T>,
-    ) -> Result<Called<T>, Failure> {
+    ) -> Result<(Store<Host>, bindings::Service), Failure> {
         let host = Host::new(&self.manifest.name, reader, &self.limits);
-        let stderr = host.stderr.clone();
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limiter);
-        let ticks = (self.limits.call_timeout.as_millis() / TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
-        let svc = match self.pre.instantiate(&mut store) {
-            Ok(svc) => svc,
+        // At every tick the guest is still running: yield to tokio, or stop it once its time
+        // is up. Calls that end within a tick (nearly all) never get here.
+        let deadline = std::time::Instant::now() + self.limits.call_timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if std::time::Instant::now() >= deadline {
+                return Ok(wasmtime::UpdateDeadline::Interrupt);
+            }
+            Ok(wasmtime::UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+        match self.pre.instantiate_async(&mut store).await {
+            Ok(svc) => Ok((store, svc)),
             // The guest's code has not run yet: the host could not make an instance.
             Err(e) if store.data().limiter.exceeded.is_none() => {
-                return Err(Failure::Host(format!("could not instantiate: {e:#}")))
+                Err(Failure::Host(format!("could not instantiate: {e:#}")))
             }
-            Err(e) => return Err(self.classify(e, &store, &stderr)),
-        };
-        match f(&svc, &mut store) {
+            Err(e) => Err(self.classify(e, &store)),
+        }
+    }
+
+    /// What a call came to: its output with what it read, or why it failed.
+    fn finish<T>(
+        &self,
+        mut store: Store<Host>,
+        output: wasmtime::Result<T>,
+    ) -> Result<Called<T>, Failure> {
+        match output {
             Ok(output) => Ok(Called {
                 output,
                 reads: std::mem::take(&mut store.data_mut().reads),
                 scanned: std::mem::take(&mut store.data_mut().scanned),
             }),
-            Err(e) => Err(self.classify(e, &store, &stderr)),
+            Err(e) => Err(self.classify(e, &store)),
         }
     }
 
-    fn classify(
-        &self,
-        e: wasmtime::Error,
-        store: &Store<Host>,
-        stderr: &wasmtime_wasi::p2::pipe::MemoryOutputPipe,
-    ) -> Failure {
+    fn classify(&self, e: wasmtime::Error, store: &Store<Host>) -> Failure {
         if let Some(fault) = &store.data().host_fault {
             return Failure::Host(fault.clone());
         }
@@ -548,7 +549,7 @@ impl Guest {
         if let Some(wasmtime::Trap::Interrupt) = e.downcast_ref::<wasmtime::Trap>() {
             return Failure::TimeLimit(self.limits.call_timeout);
         }
-        let output = String::from_utf8_lossy(&stderr.contents())
+        let output = String::from_utf8_lossy(&store.data().stderr.contents())
             .trim()
             .to_string();
         let root = e.root_cause().to_string();
@@ -557,6 +558,22 @@ impl Guest {
         } else {
             Failure::Trap(format!("{root}; guest stderr: {output}"))
         }
+    }
+}
+
+/// A handler's own error as the call's failure.
+fn fallible<T>(
+    called: Result<Called<Result<T, GuestError>>, Failure>,
+) -> Result<Called<T>, Failure> {
+    let called = called?;
+    match called.output {
+        Ok(output) => Ok(Called {
+            output,
+            reads: called.reads,
+            scanned: called.scanned,
+        }),
+        Err(GuestError::Retry(msg)) => Err(Failure::Retry(msg)),
+        Err(GuestError::Reject(msg)) => Err(Failure::Reject(msg)),
     }
 }
 

@@ -187,8 +187,6 @@ impl Worker {
             attempt,
             new_id: item.new_id.clone(),
         };
-        let (svc, event) = (service.clone(), event.clone());
-        let shared = self.shared.clone();
         let waited = std::time::Instant::now();
         let slot = service.guest.slots().admit().await?;
         self.shared
@@ -197,29 +195,32 @@ impl Worker {
             .record(waited.elapsed().as_secs_f64());
         let span =
             crate::telemetry::guest_span(&item.span, service.name(), service.version(), attempt);
-        tokio::task::spawn_blocking(move || {
-            let _in = span.enter();
+        let shared = &self.shared;
+        let called = async {
             if !shared.recordings.enabled() {
-                return svc
+                return service
                     .guest
-                    .on_event(&slot, shared.reader.clone(), &ctx, &event);
+                    .on_event(&slot, shared.reader.clone(), &ctx, event)
+                    .await;
             }
             let recorder = Arc::new(Recorder::new(shared.reader.clone()));
-            let called = svc.guest.on_event(&slot, recorder.clone(), &ctx, &event);
+            let called = service
+                .guest
+                .on_event(&slot, recorder.clone(), &ctx, event)
+                .await;
             if let Ok(called) = &called {
                 let recording = Recording {
-                    event,
+                    event: event.clone(),
                     ctx,
                     tape: recorder.take(),
                     effects: called.output.clone(),
-                    version: svc.version().to_string(),
+                    version: service.version().to_string(),
                 };
-                shared.recordings.add(svc.name(), recording);
+                shared.recordings.add(service.name(), recording);
             }
             called
-        })
-        .await
-        .unwrap_or_else(|e| Err(Failure::Host(format!("handler thread failed: {e}"))))
+        };
+        called.instrument(span).await
     }
 
     /// Put a failed attempt on the saga's timeline. Best effort: the timeline is for people,
