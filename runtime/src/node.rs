@@ -136,7 +136,7 @@ impl Options {
 pub async fn start(options: Options) -> Result<Handle, Error> {
     let config = options.config;
     config.limits.check()?;
-    let db = Db::connect(&config.database_url, config.database_connections).await?;
+    let db = Db::connect(&config.database_url, config.connections()).await?;
     let sandbox = Sandbox::new(config.sandbox_limits(), config.cache_dir.clone())?;
     let reader = (options.wrap_reader)(DbReader::new(db.clone()));
     let listen = config.http_listen;
