@@ -449,41 +449,43 @@ impl Consumer {
         }
         self.started(list.count());
         // librdkafka does not wake its broker thread on a resume, which then starts fetching
-        // only when its sleep ends (up to a second, ~0.5 s per hop measured); a seek to where
-        // it is does wake it.
-        for ((topic, partition), lane) in lanes {
-            if !lane.paused {
-                let seek = self.inner.seek(
-                    topic,
-                    *partition,
-                    Offset::Offset(lane.fetch_from),
-                    Duration::ZERO,
-                );
-                if let Err(e) = seek {
-                    tracing::debug!(%topic, partition, "seek after a rest failed: {e}");
-                }
-            }
-        }
-        // Except a seek to offset 0: librdkafka takes it as the next position without waking
-        // the thread (other offsets go through a validation that does; one woken thread
-        // fetches every partition). A consumer whose partitions all rested at 0 — a service
-        // that has had no event yet — fetched again only when that sleep ended: ~1 s for the
-        // first event of each service, ~2.6 s for the first sagas after a start. A request to
-        // the broker wakes it.
-        let mut resumed = lanes.iter().filter(|(_, lane)| !lane.paused);
-        let all_fresh = resumed.clone().all(|(_, lane)| lane.fetch_from <= 0);
-        if let Some(((topic, partition), _)) = resumed.next().filter(|_| all_fresh) {
-            self.wake(topic, *partition);
+        // only when its sleep ends (up to a second, ~0.5 s per hop measured); seeking to where
+        // each partition is does wake it.
+        let resumed = lanes.iter().filter(|(_, lane)| !lane.paused);
+        let seeks =
+            resumed.map(|((topic, partition), lane)| (topic.as_str(), *partition, lane.fetch_from));
+        self.seek_and_wake(seeks, "after a rest");
+    }
+
+    /// Seek one partition, asynchronously (a zero timeout: never block a tokio worker).
+    fn seek(&self, topic: &str, partition: i32, offset: i64, why: &str) {
+        let seek = self
+            .inner
+            .seek(topic, partition, Offset::Offset(offset), Duration::ZERO);
+        if let Err(e) = seek {
+            tracing::debug!(%topic, partition, offset, "seek {why} failed: {e}");
         }
     }
 
-    /// Wake librdkafka's broker thread with a request to the broker (a seek to offset 0 does
-    /// not, see [`Consumer::rest_all`]). The zero timeout sends the offsets query and returns
-    /// at once; its answer is dropped.
-    fn wake(&self, topic: &str, partition: i32) {
-        let _ = self
-            .inner
-            .fetch_watermarks(topic, partition, Duration::ZERO);
+    /// Seek partitions to fetch from there at once. A seek wakes librdkafka's broker thread
+    /// (one woken thread fetches every partition), except a seek to offset 0: librdkafka takes
+    /// that as the next position without the validation that wakes the thread. So when every
+    /// seek is to 0, a request to the broker wakes it (the zero timeout sends the offsets query
+    /// and returns at once; its answer is dropped). Without it a consumer whose partitions all
+    /// rested at 0 — a service that had had no event yet — fetched again only when the thread's
+    /// sleep ended: ~1 s per hop, ~2.6 s for the first sagas after a start.
+    fn seek_and_wake<'a>(&self, seeks: impl IntoIterator<Item = (&'a str, i32, i64)>, why: &str) {
+        let (mut first, mut woken) = (None, false);
+        for (topic, partition, offset) in seeks {
+            self.seek(topic, partition, offset, why);
+            woken |= offset > 0;
+            first = first.or(Some((topic, partition)));
+        }
+        if let Some((topic, partition)) = first.filter(|_| !woken) {
+            let _ = self
+                .inner
+                .fetch_watermarks(topic, partition, Duration::ZERO);
+        }
     }
 
     /// Account for records that arrived, dropping those a re-read delivered again.
@@ -527,6 +529,7 @@ impl Consumer {
         }
         let mut lanes = self.lanes.lock().expect("lanes lock");
         let mut again = 0;
+        let mut seeks = Vec::new();
         for ((topic, partition), lane) in lanes.iter_mut() {
             if lane.paused {
                 lane.reread_owed = true;
@@ -537,13 +540,9 @@ impl Consumer {
                 continue;
             };
             again += was - from;
-            let seek = self
-                .inner
-                .seek(topic, *partition, Offset::Offset(from), Duration::ZERO);
-            if let Err(e) = seek {
-                tracing::debug!(%topic, partition, "seek to read again failed: {e}");
-            }
+            seeks.push((topic.as_str(), *partition, from));
         }
+        self.seek_and_wake(seeks, "to read again");
         if again > 0 {
             tracing::info!(
                 records = again,
@@ -569,20 +568,16 @@ impl Consumer {
             *watched = now;
         }
         let mut lanes = self.lanes.lock().expect("lanes lock");
+        let mut seeks = Vec::new();
         for ((topic, partition), lane) in lanes.iter_mut() {
             let end = end_offset(&self.inner, topic, *partition);
             if let Some(to) = lane.reseek(end, quiet, now) {
                 lane.fetch_from = to;
                 tracing::debug!(%topic, partition, next = lane.next, to, step = lane.step, ?end, "partition quiet with data beyond it: re-seeking");
-                // A zero timeout makes librdkafka seek asynchronously: never block a tokio worker.
-                let seek = self
-                    .inner
-                    .seek(topic, *partition, Offset::Offset(to), Duration::ZERO);
-                if let Err(e) = seek {
-                    tracing::debug!(%topic, partition, "re-seek failed: {e}");
-                }
+                seeks.push((topic.as_str(), *partition, to));
             }
         }
+        self.seek_and_wake(seeks, "of a quiet partition");
     }
 
     /// Stop fetching a partition and move its position back to `offset` (a blocking
@@ -592,7 +587,8 @@ impl Consumer {
         // Under the lanes lock, so a rest never resumes a partition being held.
         let mut lanes = self.lanes.lock().expect("lanes lock");
         self.inner.pause(&one(topic, partition))?;
-        self.rewind(&mut lanes, topic, partition, offset, true);
+        let at = self.rewind(&mut lanes, topic, partition, offset, true);
+        self.seek(topic, partition, at, "to hold");
         Ok(())
     }
 
@@ -603,17 +599,18 @@ impl Consumer {
         if !resting {
             self.inner.resume(&one(topic, partition))?;
         }
-        let from = self.rewind(&mut lanes, topic, partition, offset, false);
-        // Its seek wakes the broker thread unless it is to offset 0 (a compensation held as
-        // the first record of its partition); a rest's end wakes it anyway.
-        if !resting && from <= 0 {
-            self.wake(topic, partition);
+        let at = self.rewind(&mut lanes, topic, partition, offset, false);
+        // Resting, it stays paused until the rest ends, which seeks it and wakes the thread.
+        if resting {
+            self.seek(topic, partition, at, "to release");
+        } else {
+            self.seek_and_wake([(topic, partition, at)], "to release");
         }
         Ok(())
     }
 
-    /// Make `offset` the partition's next record, for the broker and for the watchdog (or an
-    /// earlier one, when it owes a re-read): where it now fetches from.
+    /// Make `offset` the partition's next record for the watchdog (or an earlier one, when it
+    /// owes a re-read): where the caller is to seek it.
     fn rewind(
         &self,
         lanes: &mut HashMap<(String, i32), Lane>,
@@ -633,13 +630,6 @@ impl Consumer {
             offset
         };
         lanes.insert(key, lane);
-        // Asynchronous (zero timeout), like the watchdog's: never block a tokio worker.
-        let seek = self
-            .inner
-            .seek(topic, partition, Offset::Offset(offset), Duration::ZERO);
-        if let Err(e) = seek {
-            tracing::debug!(%topic, partition, "rewind failed: {e}");
-        }
         offset
     }
 
