@@ -12,8 +12,16 @@
 //! broker never evicts a dead group member), and positions commit atomically with effects. Two
 //! instances may briefly read the same partition around a handover; the inbox makes the second
 //! handling of any event a duplicate.
+//!
+//! After a broker loss: noida-db can lose records it acknowledged when it restarts and give
+//! their offsets to new ones (the relay's copies among them), and a consumer reads its recent
+//! records again (`crate::kafka::consumer`). A partition taken over from an instance that died
+//! before it did so has nothing of that history here. So every instance notes the losses it
+//! sees in the database (`storage::offsets::note_broker_loss`), and a partition taken within
+//! `kafka.reread_after_loss_ms` of the last one starts at the first record stamped that long
+//! before the loss, when that lies below its stored position; the inbox drops what was handled.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +42,8 @@ pub struct Ownership {
     /// (physical topic, partition) of every topic the service consumes.
     partitions: Vec<(String, i32)>,
     held: BTreeSet<(String, i32)>,
+    /// The broker loss this instance noted last (wall clock ms).
+    noted_loss: Option<i64>,
     /// Cancelled when this service stops on this instance.
     stop: CancellationToken,
 }
@@ -63,6 +73,7 @@ impl Ownership {
             consumer,
             partitions,
             held: BTreeSet::new(),
+            noted_loss: None,
             stop,
         }
     }
@@ -73,6 +84,7 @@ impl Ownership {
 
     /// One round of renew, give back, take; re-assigns the consumer if the set changed.
     pub async fn tick(&mut self) -> Result<(), storage::Error> {
+        self.note_loss().await?;
         let db = &self.shared.db;
         let me = &self.shared.config.instance_id;
         let ttl = self.shared.config.worker.partition_lease_ms as i64;
@@ -99,7 +111,10 @@ impl Ownership {
             }
         }
         if held != self.held {
-            let stored = offsets::load(db, &self.service).await?;
+            let mut stored = offsets::load(db, &self.service).await?;
+            if !self.start_before_loss(&held, &mut stored).await? {
+                return Ok(());
+            }
             let parts: Vec<(String, i32, Option<i64>)> = held
                 .iter()
                 .map(|(t, p)| (t.clone(), *p, stored.get(&(t.clone(), *p)).copied()))
@@ -121,6 +136,73 @@ impl Ownership {
         health.assigned(&self.service, self.held.len(), self.partitions.len());
         self.report_lag();
         Ok(())
+    }
+
+    /// Note a loss of this instance's broker connections for every instance, once per loss.
+    async fn note_loss(&mut self) -> Result<(), storage::Error> {
+        let Some(ago) = self.consumer.lost_ago() else {
+            return Ok(());
+        };
+        let at = self.shared.clock.now_ms() - ago.as_millis() as i64;
+        // The same loss, computed again a tick later, may differ by a millisecond or two.
+        if self.noted_loss.is_some_and(|noted| at < noted + 1000) {
+            return Ok(());
+        }
+        offsets::note_broker_loss(&self.shared.db, at).await?;
+        self.noted_loss = Some(at);
+        Ok(())
+    }
+
+    /// Move the stored positions of the partitions `held` adds, if taken soon after a broker
+    /// loss, back to the first record stamped `reread_after_loss_ms` before it (module docs).
+    /// `false` if the broker could not say where that is: try again next tick.
+    async fn start_before_loss(
+        &self,
+        held: &BTreeSet<(String, i32)>,
+        stored: &mut HashMap<(String, i32), i64>,
+    ) -> Result<bool, storage::Error> {
+        let window = self.consumer.reread_window().as_millis() as i64;
+        let taken: Vec<(String, i32)> = held
+            .difference(&self.held)
+            .filter(|p| stored.contains_key(*p))
+            .cloned()
+            .collect();
+        if window == 0 || taken.is_empty() {
+            return Ok(true);
+        }
+        let Some(lost) = offsets::broker_lost_ms(&self.shared.db).await? else {
+            return Ok(true);
+        };
+        if self.shared.clock.now_ms() - lost >= window {
+            return Ok(true);
+        }
+        let consumer = self.consumer.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            consumer.offsets_since(&taken, lost - window, Duration::from_secs(5))
+        })
+        .await;
+        let found = match found {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    service = %self.service,
+                    "partitions taken after a broker loss: where to read again from: {e}"
+                );
+                return Ok(false);
+            }
+            Err(_) => return Ok(false),
+        };
+        for (part, from) in found {
+            if let Some(at) = stored.get_mut(&part).filter(|at| from < **at) {
+                tracing::info!(
+                    service = %self.service, topic = %part.0, partition = part.1,
+                    stored = *at, from,
+                    "partition taken after a broker loss: reading again from before it"
+                );
+                *at = from;
+            }
+        }
+        Ok(true)
     }
 
     /// Consumer lag per partition of the service, for `GET /metrics`: what it reads here, 0
@@ -153,6 +235,8 @@ impl Ownership {
             tokio::select! {
                 _ = self.stop.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}
+                // Noted at once: this instance may be killed next.
+                _ = self.consumer.next_loss() => {}
             }
             if let Err(e) = self.tick().await {
                 tracing::warn!(service = %self.service, "partition ownership: {e}");

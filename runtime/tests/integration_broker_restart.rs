@@ -118,6 +118,12 @@ async fn while_the_broker_is_down_the_relay_keeps_its_rows_and_parks_none() {
     .await;
     broker.resume();
     common::order_status(&rt, second["id"].as_str().unwrap(), "APPROVED").await;
+    // The loss is noted for every instance (a partition taken over soon reads from before it).
+    let noted = saga_runtime::storage::offsets::broker_lost_ms(rt.handle.db()).await;
+    assert!(
+        noted.unwrap().is_some(),
+        "the broker's connections dropped and no instance noted it"
+    );
     let stats = rt.get("/_saga/stats").await;
     assert_eq!(
         stats["parked"], 0,
@@ -284,4 +290,76 @@ async fn rows_published_before_a_broker_restart_go_out_again_even_through_a_succ
     .await;
     assert_eq!(copies.len(), 2, "the first event, published again");
     rt.stop().await;
+}
+
+/// A partition taken soon after a broker loss that some instance noted starts from before the
+/// loss, not at its stored position: a restarted noida-db can put new records (the relay's
+/// copies of ones it lost) on offsets below where the previous reader stopped, and that reader
+/// may have died before it read them. Here the loss is noted as another instance would have,
+/// and a record below the stored position that nobody handled stands in for such a copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_taken_soon_after_a_broker_loss_reads_from_before_it() {
+    use saga_runtime::storage::{offsets, Db};
+    let broker = Broker::start();
+    let brokers = broker.address();
+    let rt = TestRuntime::start_with(Backend::Sqlite, &["hostile"], |o| {
+        o.config.kafka.brokers = brokers.clone();
+    })
+    .await;
+    let prefix = rt.prefix().to_string();
+    let topic = format!("{prefix}hostile");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let hello = |id: &'static str| {
+        let (producer, topic) = (&producer, &topic);
+        async move {
+            let headers = common::owned_headers(&common::cloudevent_headers(id, "Hello", id));
+            let record = FutureRecord::to(topic)
+                .key(id)
+                .payload("{}")
+                .headers(headers);
+            producer.send(record, T).await.map_err(|(e, _)| e).unwrap();
+        }
+    };
+    hello("before").await;
+    hostile_saw(&rt, "before").await;
+    let stopped = rt.halt().await;
+
+    hello("copy").await;
+    let copy = common::read_matching(&brokers, &topic, 1, |m| {
+        common::header(m, "ce_id").as_deref() == Some("copy")
+    })
+    .await;
+    let db = Db::connect(&stopped.db.url, 1).await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    // The previous reader stopped past the copy.
+    let stop_at = (topic.as_str(), copy[0].partition(), copy[0].offset() + 1);
+    offsets::advance(&mut conn, "hostile", &[stop_at])
+        .await
+        .unwrap();
+    drop(conn);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    offsets::note_broker_loss(&db, now).await.unwrap();
+    db.pool().close().await;
+
+    let rt = stopped.start(|_| {}).await;
+    hostile_saw(&rt, "copy").await;
+    rt.stop().await;
+}
+
+/// Wait until the hostile service has recorded the event with `subject`.
+async fn hostile_saw(rt: &TestRuntime, subject: &str) {
+    common::eventually(&format!("hostile to see {subject}"), || async {
+        let seen = rt.get("/hostile/seen").await;
+        match seen.as_array().unwrap().iter().any(|s| s == subject) {
+            true => Ok(()),
+            false => Err(seen.to_string()),
+        }
+    })
+    .await;
 }

@@ -29,7 +29,11 @@
 //! them), which a consumer already past those offsets would never see. So after its broker
 //! connections dropped a consumer reads every partition again from where it was
 //! `reread_after_loss_ms` before (each lane notes where it is about once a second); what was
-//! handled already the worker finds in its inbox.
+//! handled already the worker finds in its inbox. A partition this consumer is assigned soon
+//! after a loss that any instance saw (taken over from an instance killed around the broker
+//! restart, or at a restart) has no such history here: `crate::ownership` starts it at the
+//! first record stamped `reread_after_loss_ms` before that loss ([`Consumer::offsets_since`])
+//! when that lies below its stored position.
 //!
 //! Resting: noida-db answers an empty fetch at once, where Kafka holds it, so an idle
 //! librdkafka consumer asks thousands of times a second (see `kafka::doorbell`). A consumer
@@ -662,6 +666,49 @@ impl Consumer {
             self.rest_all(&lanes, true);
         }
         Ok(())
+    }
+
+    /// How long ago this consumer's broker connections last dropped; `None` if never.
+    pub fn lost_ago(&self) -> Option<Duration> {
+        let links = self.inner.context();
+        let lost = links.lost_ms();
+        (lost != 0).then(|| Duration::from_millis((links.now_ms() - lost).max(0) as u64))
+    }
+
+    /// Until this consumer's broker connections drop (or dropped unnoticed since last asked).
+    pub async fn next_loss(&self) {
+        self.inner.context().next_loss().await
+    }
+
+    /// How far back a consumer reads again after a broker loss (zero: it does not).
+    pub fn reread_window(&self) -> Duration {
+        self.reread_after_loss
+    }
+
+    /// Per partition of `parts`, the first offset of a record stamped at or after `since_ms`
+    /// (wall clock, the records' create time), from the broker; a partition with none is left
+    /// out. Blocks for up to `timeout`.
+    pub fn offsets_since(
+        &self,
+        parts: &[(String, i32)],
+        since_ms: i64,
+        timeout: Duration,
+    ) -> Result<HashMap<(String, i32), i64>, Error> {
+        let mut list = rdkafka::TopicPartitionList::new();
+        for (topic, partition) in parts {
+            list.add_partition_offset(topic, *partition, Offset::Offset(since_ms))?;
+        }
+        let found = self.inner.offsets_for_times(list, timeout)?;
+        Ok(found
+            .elements()
+            .iter()
+            .filter_map(|e| match (e.error(), e.offset()) {
+                (Ok(()), Offset::Offset(at)) if at >= 0 => {
+                    Some(((e.topic().to_string(), e.partition()), at))
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     /// Per assigned (physical topic, partition): what lies between this consumer's position

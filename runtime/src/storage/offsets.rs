@@ -53,3 +53,26 @@ pub async fn load(db: &Db, service: &str) -> Result<HashMap<(String, i32), i64>,
         })
         .collect()
 }
+
+/// Note that the broker's connections dropped at `lost_ms` (wall clock), unless a later loss
+/// is noted already: one row for the cluster, whichever instance saw it.
+pub async fn note_broker_loss(db: &Db, lost_ms: i64) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO broker_losses (broker, lost_ms) VALUES ('kafka', $1) \
+         ON CONFLICT (broker) DO UPDATE SET lost_ms = excluded.lost_ms \
+         WHERE excluded.lost_ms > broker_losses.lost_ms",
+    )
+    .bind(lost_ms)
+    .execute(db.pool())
+    .await?;
+    Ok(())
+}
+
+/// When any instance last noted the broker's connections dropping (wall clock), if ever.
+pub async fn broker_lost_ms(db: &Db) -> Result<Option<i64>, Error> {
+    Ok(
+        sqlx::query_scalar("SELECT lost_ms FROM broker_losses WHERE broker = 'kafka'")
+            .fetch_optional(db.pool())
+            .await?,
+    )
+}

@@ -189,6 +189,21 @@ pub fn config(db: &TestDb, services: &[&str]) -> Config {
     config
 }
 
+/// A stopped [`TestRuntime`]: its database, and its configuration for a successor.
+pub struct Stopped {
+    pub db: TestDb,
+    config: Config,
+}
+
+impl Stopped {
+    /// Start a new instance on the same database and topics.
+    pub async fn start(self, tweak: impl FnOnce(&mut Options)) -> TestRuntime {
+        let mut config = self.config;
+        config.http_listen = "127.0.0.1:0".parse().unwrap();
+        TestRuntime::launch(self.db, config, tweak).await
+    }
+}
+
 /// A running runtime plus an HTTP client pointed at it.
 pub struct TestRuntime {
     pub handle: Handle,
@@ -230,10 +245,16 @@ impl TestRuntime {
 
     /// Stop this instance and start a new one on the same database and topics.
     pub async fn restart(self, tweak: impl FnOnce(&mut Options)) -> Self {
+        self.halt().await.start(tweak).await
+    }
+
+    /// Stop this instance, keeping its database and topics for [`Stopped::start`].
+    pub async fn halt(self) -> Stopped {
         self.handle.shutdown().await;
-        let mut config = self.config;
-        config.http_listen = "127.0.0.1:0".parse().unwrap();
-        Self::launch(self.db, config, tweak).await
+        Stopped {
+            db: self.db,
+            config: self.config,
+        }
     }
 
     /// Start another instance on the same database and topics (as a second process would):
