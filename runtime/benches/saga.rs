@@ -480,6 +480,12 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
             "delivery": stage("saga_event_delivery_seconds", ""),
             "handling": stage("saga_handler_duration_seconds", "outcome=\"applied\""),
         },
+        // Every statement the runtime sent (HTTP reads and the relay's too) per event applied.
+        "dbStatementsPerEvent": if events > 0.0 {
+            json!(round(delta("db_statements") / events, 2))
+        } else {
+            Value::Null
+        },
         "dbTransactionsPerEvent": match (pg_before, pg_after) {
             (Some(a), Some(b)) if events > 0.0 => json!(round((b - a) as f64 / events, 2)),
             _ => Value::Null,
@@ -524,7 +530,7 @@ fn merge(into: &Mutex<Tally>, mine: Tally) {
 fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
-         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db txn/event {}  \
+         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  \
          conflicts/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
@@ -535,7 +541,8 @@ fn print(backend: Backend, r: &Value) {
         r["shedAndRetried"],
         r["errors"],
         r["runtimeCpuMsPerSaga"], r["brokerCpuMsPerSaga"],
-        r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbTransactionsPerEvent"],
+        r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbStatementsPerEvent"],
+        r["dbTransactionsPerEvent"],
         r["conflictRerunsPerSaga"], r["runtimeContextSwitchesPerSaga"],
         r["stageMeanMs"]["ingressWait"], r["stageMeanMs"]["relay"],
         r["stageMeanMs"]["delivery"], r["stageMeanMs"]["handling"],

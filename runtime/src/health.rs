@@ -117,7 +117,7 @@ pub async fn ping(db: &crate::storage::Db) -> (Result<(), String>, std::time::Du
     let started = Instant::now();
     let result = tokio::time::timeout(
         std::time::Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(db.pool()),
+        crate::storage::query("SELECT 1").execute(db.pool()),
     )
     .await;
     let result = match result {

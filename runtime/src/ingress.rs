@@ -68,7 +68,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/_saga/stats",
             axum::routing::get(|State(shared): State<Arc<Shared>>| async move {
-                let mut stats = serde_json::to_value(&shared.stats).unwrap_or_default();
+                let mut stats = serde_json::to_value(shared.stats.refreshed()).unwrap_or_default();
                 // Gauges of now, beside the counters.
                 stats["held_queries"] = shared.changes.held().into();
                 stats["queued_requests"] = shared.door.queued().into();

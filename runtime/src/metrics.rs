@@ -228,6 +228,12 @@ const COUNTERS: &[CounterRow] = &[
         "Relay batches that failed transiently and were tried again",
         |s| &s.relay_retries,
     ),
+    (
+        "saga_db_statements_total",
+        &[],
+        "SQL statements this process sent (queries, transaction begins and ends)",
+        |s| &s.db_statements,
+    ),
 ];
 
 impl Metrics {
@@ -352,6 +358,7 @@ impl Metrics {
     /// The exposition text: the counters of `stats` and what was scraped set first.
     pub fn render(&self, stats: &Stats, scraped: &Scraped) -> String {
         let r = &self.recorder;
+        let stats = stats.refreshed();
         for (name, labels, _, field) in COUNTERS {
             counter(r, name, labels).absolute(Stats::get(field(stats)));
         }

@@ -198,7 +198,7 @@ async fn expire(
         "DELETE FROM {table} WHERE ({key}) IN \
          (SELECT {key} FROM {table} WHERE {condition} LIMIT $2)"
     );
-    let done = sqlx::query(&sql)
+    let done = crate::storage::query(&sql)
         .bind(before_ms)
         .bind(limit as i64)
         .execute(db.pool())

@@ -45,11 +45,21 @@ pub struct Stats {
     /// Relay batches that failed for a transient reason (broker down, a timeout) and were
     /// tried again, their rows kept.
     pub relay_retries: AtomicU64,
+    /// SQL statements this process sent (`crate::storage::statements`), as of the last read
+    /// through [`Stats::refreshed`].
+    pub db_statements: AtomicU64,
 }
 
 impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// These counters, with those kept elsewhere copied in first.
+    pub fn refreshed(&self) -> &Self {
+        self.db_statements
+            .store(crate::storage::statements(), Ordering::Relaxed);
+        self
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

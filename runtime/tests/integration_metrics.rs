@@ -123,6 +123,14 @@ async fn a_saga_moves_the_metrics_and_the_exposition_is_valid() {
         "the fund, stock and order requests waited for their turns (if only 0 s)"
     );
     assert_eq!(sample(&after, "saga_relay_slots_held"), Some(1.0));
+    // Each applied event wrote at least its inbox entry in a transaction of its own batch.
+    let statements = |text: &str| sample(text, "saga_db_statements_total").unwrap_or(0.0);
+    assert!(
+        statements(&after) >= statements(&before) + 3.0 * 3.0,
+        "statements {} -> {}",
+        statements(&before),
+        statements(&after)
+    );
     assert!(sample(&after, "saga_outbox_rows").is_some());
     assert!(after.contains("# TYPE saga_handler_duration_seconds histogram"));
     assert!(after.contains("# TYPE saga_events_total counter"));

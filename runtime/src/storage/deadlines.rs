@@ -12,7 +12,7 @@ pub async fn set(
     set_by: &str,
     traceparent: Option<&str>,
 ) -> Result<(), Error> {
-    sqlx::query(
+    super::query(
         "INSERT INTO deadlines (service, saga, name, due_ms, status, set_by, traceparent) \
          VALUES ($1, $2, $3, $4, 'PENDING', $5, $6) \
          ON CONFLICT (service, saga, name) DO UPDATE SET due_ms = excluded.due_ms, \
@@ -38,7 +38,7 @@ pub async fn cancel(
     name: &str,
 ) -> Result<Option<Option<i64>>, Error> {
     // When the saga was opened comes back in the same statement (the settled-saga metric).
-    let cancelled: Option<Option<i64>> = sqlx::query_scalar(
+    let cancelled: Option<Option<i64>> = super::query_scalar(
         "UPDATE deadlines SET status = 'CANCELLED' \
          WHERE service = $1 AND saga = $2 AND name = $3 AND status = 'PENDING' \
          RETURNING (SELECT opened_ms FROM sagas WHERE sagas.saga = deadlines.saga)",
@@ -86,7 +86,7 @@ const COLUMNS: &str = "service, saga, name, due_ms, status, set_by, traceparent"
 /// When the earliest pending deadline falls due, if any.
 pub async fn next_due(db: &super::Db) -> Result<Option<i64>, Error> {
     Ok(
-        sqlx::query_scalar("SELECT MIN(due_ms) FROM deadlines WHERE status = 'PENDING'")
+        super::query_scalar("SELECT MIN(due_ms) FROM deadlines WHERE status = 'PENDING'")
             .fetch_one(db.pool())
             .await?,
     )
@@ -94,7 +94,7 @@ pub async fn next_due(db: &super::Db) -> Result<Option<i64>, Error> {
 
 /// Pending deadlines due at `now_ms`, earliest first.
 pub async fn due(db: &super::Db, now_ms: i64, limit: u32) -> Result<Vec<Deadline>, Error> {
-    let rows = sqlx::query(&format!(
+    let rows = super::query(&format!(
         "SELECT {COLUMNS} FROM deadlines WHERE status = 'PENDING' AND due_ms <= $1 \
          ORDER BY due_ms LIMIT $2"
     ))
@@ -108,7 +108,7 @@ pub async fn due(db: &super::Db, now_ms: i64, limit: u32) -> Result<Vec<Deadline
 /// Mark a due deadline fired. Exactly one caller wins, across instances: the others see
 /// `false` (it was fired, cancelled or moved meanwhile).
 pub async fn claim(conn: &mut Conn, d: &Deadline) -> Result<bool, Error> {
-    let affected = sqlx::query(
+    let affected = super::query(
         "UPDATE deadlines SET status = 'FIRED' \
          WHERE service = $1 AND saga = $2 AND name = $3 AND status = 'PENDING' AND due_ms = $4",
     )
@@ -163,7 +163,7 @@ pub async fn page(
          ORDER BY due_ms, service, saga, name LIMIT {}",
         next()
     );
-    let mut query = sqlx::query(&sql);
+    let mut query = super::query(&sql);
     if let Some(status) = status {
         query = query.bind(status);
     }
@@ -176,7 +176,7 @@ pub async fn page(
 
 /// The deadlines of one saga.
 pub async fn for_saga(db: &super::Db, saga: &str) -> Result<Vec<Deadline>, Error> {
-    let rows = sqlx::query(&format!(
+    let rows = super::query(&format!(
         "SELECT {COLUMNS} FROM deadlines WHERE saga = $1 ORDER BY due_ms"
     ))
     .bind(saga)

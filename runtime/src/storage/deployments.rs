@@ -57,7 +57,7 @@ pub struct Deployment {
 pub async fn record(db: &Db, d: &Deployment, wasm: Option<&[u8]>) -> Result<(), Error> {
     let mut tx = db.begin().await?;
     if let Some(wasm) = wasm {
-        sqlx::query(
+        super::query(
             "INSERT INTO components (digest, wasm, stored_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (digest) DO NOTHING",
         )
@@ -67,7 +67,7 @@ pub async fn record(db: &Db, d: &Deployment, wasm: Option<&[u8]>) -> Result<(), 
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query(
+    super::query(
         "INSERT INTO deployments (service, version, digest, deployed_by, deployed_ms, action) \
          VALUES ($1, $2, $3, $4, $5, $6)",
     )
@@ -100,7 +100,7 @@ const COLUMNS: &str = "id, service, version, digest, deployed_by, deployed_ms, a
 /// The latest deployment of every service ever deployed: what should run, unless it is an
 /// undeploy.
 pub async fn active(db: &Db) -> Result<Vec<Deployment>, Error> {
-    let rows = sqlx::query(&format!(
+    let rows = super::query(&format!(
         "SELECT {COLUMNS} FROM deployments d WHERE id = \
          (SELECT MAX(id) FROM deployments WHERE service = d.service) ORDER BY service"
     ))
@@ -111,7 +111,7 @@ pub async fn active(db: &Db) -> Result<Vec<Deployment>, Error> {
 
 /// Every deployment of `service`, newest first.
 pub async fn history(db: &Db, service: &str) -> Result<Vec<Deployment>, Error> {
-    let rows = sqlx::query(&format!(
+    let rows = super::query(&format!(
         "SELECT {COLUMNS} FROM deployments WHERE service = $1 ORDER BY id DESC"
     ))
     .bind(service)
@@ -144,7 +144,7 @@ pub async fn rollback_target(
 /// The bytes of a stored component.
 pub async fn component(db: &Db, digest: &str) -> Result<Option<Vec<u8>>, Error> {
     Ok(
-        sqlx::query_scalar("SELECT wasm FROM components WHERE digest = $1")
+        super::query_scalar("SELECT wasm FROM components WHERE digest = $1")
             .bind(digest)
             .fetch_optional(db.pool())
             .await?,

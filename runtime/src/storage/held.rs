@@ -10,7 +10,7 @@ use super::{Conn, Db, Error};
 
 /// `service` is retrying a step of `saga`: a compensation of it waits until `until_ms` at most.
 pub async fn hold(db: &Db, service: &str, saga: &str, until_ms: i64) -> Result<(), Error> {
-    sqlx::query(
+    super::query(
         "INSERT INTO held_steps (service, saga, until_ms) VALUES ($1, $2, $3) \
          ON CONFLICT (service, saga) DO UPDATE SET until_ms = excluded.until_ms",
     )
@@ -24,7 +24,7 @@ pub async fn hold(db: &Db, service: &str, saga: &str, until_ms: i64) -> Result<(
 
 /// The held step of `saga` was handled (in the transaction that records it).
 pub async fn release(conn: &mut Conn, service: &str, saga: &str) -> Result<(), Error> {
-    sqlx::query("DELETE FROM held_steps WHERE service = $1 AND saga = $2")
+    super::query("DELETE FROM held_steps WHERE service = $1 AND saga = $2")
         .bind(service)
         .bind(saga)
         .execute(&mut *conn)
@@ -47,7 +47,7 @@ pub async fn pending(
          WHERE service = $1 AND until_ms > $2 AND saga IN ({})",
         super::placeholders(3, sagas.len())
     );
-    let mut query = sqlx::query(&sql).bind(service).bind(now_ms);
+    let mut query = super::query(&sql).bind(service).bind(now_ms);
     for saga in sagas {
         query = query.bind(*saga);
     }

@@ -24,7 +24,7 @@ pub async fn lookup(
     key: &str,
     since_ms: i64,
 ) -> Result<Option<Stored>, Error> {
-    let row = sqlx::query(
+    let row = super::query(
         "SELECT fingerprint, status, content_type, body FROM idempotency_keys \
          WHERE service = $1 AND key = $2 AND created_ms >= $3",
     )
@@ -57,7 +57,7 @@ pub async fn store(
     now_ms: i64,
     since_ms: i64,
 ) -> Result<bool, Error> {
-    let done = sqlx::query(
+    let done = super::query(
         "INSERT INTO idempotency_keys \
          (service, key, fingerprint, status, content_type, body, created_ms) \
          VALUES ($1, $2, $3, $4, $5, $6, $7) \

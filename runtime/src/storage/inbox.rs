@@ -62,7 +62,7 @@ pub async fn record(conn: &mut Conn, entry: &Entry<'_>, redrive: bool) -> Result
     } else {
         "DO NOTHING"
     };
-    let inserted = sqlx::query(&format!(
+    let inserted = super::query(&format!(
         "INSERT INTO inbox (service, event_id, saga, event_type, topic, outcome, detail, version, handled_ms) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (service, event_id) {on_conflict}",
     ))
@@ -91,7 +91,7 @@ pub async fn seen(db: &Db, service: &str, ids: &[&str]) -> Result<HashMap<String
         "SELECT event_id, outcome FROM inbox WHERE service = $1 AND event_id IN ({})",
         super::placeholders(2, ids.len())
     );
-    let mut query = sqlx::query(&sql).bind(service);
+    let mut query = super::query(&sql).bind(service);
     for id in ids {
         query = query.bind(*id);
     }
@@ -103,7 +103,7 @@ pub async fn seen(db: &Db, service: &str, ids: &[&str]) -> Result<HashMap<String
 
 /// Dead-lettered events not re-driven since, per (logical) topic.
 pub async fn dead_letters(db: &Db) -> Result<Vec<(String, i64)>, Error> {
-    let rows = sqlx::query(
+    let rows = super::query(
         "SELECT topic, COUNT(*) AS n FROM inbox WHERE outcome = $1 GROUP BY topic ORDER BY topic",
     )
     .bind(Outcome::DeadLettered.as_str())
@@ -120,11 +120,12 @@ pub async fn outcome(
     service: &str,
     event_id: &str,
 ) -> Result<Option<(String, Option<String>)>, Error> {
-    let row = sqlx::query("SELECT outcome, detail FROM inbox WHERE service = $1 AND event_id = $2")
-        .bind(service)
-        .bind(event_id)
-        .fetch_optional(db.pool())
-        .await?;
+    let row =
+        super::query("SELECT outcome, detail FROM inbox WHERE service = $1 AND event_id = $2")
+            .bind(service)
+            .bind(event_id)
+            .fetch_optional(db.pool())
+            .await?;
     row.map(|row| Ok((row.try_get("outcome")?, row.try_get("detail")?)))
         .transpose()
 }
@@ -149,7 +150,7 @@ impl Attempt {
 /// Count one more `kind` for `entry`'s event (its outcome field is ignored); `detail` is the
 /// last reason.
 pub async fn note(conn: &mut Conn, entry: &Entry<'_>, kind: Attempt) -> Result<(), Error> {
-    sqlx::query(
+    super::query(
         "INSERT INTO saga_attempts (service, event_id, outcome, saga, event_type, topic, version,          times, last_ms, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9)          ON CONFLICT (service, event_id, outcome) DO UPDATE SET times = saga_attempts.times + 1,          last_ms = excluded.last_ms, version = excluded.version, detail = excluded.detail",
     )
     .bind(entry.service)
@@ -217,7 +218,7 @@ pub async fn recent(db: &Db, filter: &SagaFilter<'_>) -> Result<Vec<SagaSummary>
          {expired} AS expired FROM inbox WHERE saga <> '' AND handled_ms >= $1 {by_service} \
          GROUP BY saga {having} ORDER BY last_ms DESC LIMIT $2"
     );
-    let mut query = sqlx::query(&sql)
+    let mut query = super::query(&sql)
         .bind(filter.since_ms)
         .bind(filter.limit as i64);
     if let Some(service) = filter.service {
@@ -267,7 +268,7 @@ pub struct Handled {
 /// Every event of `saga` any service handled, in the order they were handled, with the failed
 /// attempts and duplicate deliveries.
 pub async fn for_saga(db: &Db, saga: &str) -> Result<Vec<Handled>, Error> {
-    let rows = sqlx::query(
+    let rows = super::query(
         "SELECT handled_ms, service, version, event_id, event_type, topic, outcome, detail, \
          NULL AS times FROM inbox WHERE saga = $1 \
          UNION ALL SELECT last_ms, service, version, event_id, event_type, topic, outcome, \

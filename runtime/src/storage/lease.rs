@@ -13,7 +13,7 @@ pub async fn acquire(
     now_ms: i64,
     ttl_ms: i64,
 ) -> Result<bool, Error> {
-    let affected = sqlx::query(
+    let affected = super::query(
         "INSERT INTO leases (name, holder, expires_ms) VALUES ($1, $2, $3) \
          ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms \
          WHERE leases.holder = excluded.holder OR leases.expires_ms < $4",
@@ -30,7 +30,7 @@ pub async fn acquire(
 
 /// Give the lease up so a successor need not wait for it to expire.
 pub async fn release(db: &Db, name: &str, holder: &str) -> Result<(), Error> {
-    sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+    super::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
         .bind(name)
         .bind(holder)
         .execute(db.pool())
@@ -41,7 +41,7 @@ pub async fn release(db: &Db, name: &str, holder: &str) -> Result<(), Error> {
 /// How many leases starting with `prefix` are held (unexpired) at `now_ms`.
 pub async fn count_held(db: &Db, prefix: &str, now_ms: i64) -> Result<i64, Error> {
     Ok(
-        sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE name LIKE $1 AND expires_ms >= $2")
+        super::query_scalar("SELECT COUNT(*) FROM leases WHERE name LIKE $1 AND expires_ms >= $2")
             .bind(format!("{prefix}%"))
             .bind(now_ms)
             .fetch_one(db.pool())

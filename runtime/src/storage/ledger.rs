@@ -35,7 +35,7 @@ pub async fn forward(
     saga: &str,
     now_ms: i64,
 ) -> Result<Verdict, Error> {
-    let row = sqlx::query(
+    let row = super::query(
         "INSERT INTO saga_ledger (service, saga, forward_steps, touched_ms) VALUES ($1, $2, 1, $3) \
          ON CONFLICT (service, saga) DO UPDATE SET forward_steps = saga_ledger.forward_steps + 1, \
          touched_ms = $3 RETURNING compensated_by",
@@ -59,7 +59,7 @@ pub async fn compensate(
     event_id: &str,
     now_ms: i64,
 ) -> Result<Verdict, Error> {
-    let row = sqlx::query(
+    let row = super::query(
         "INSERT INTO saga_ledger \
          (service, saga, forward_steps, compensated_by, compensated_ms, touched_ms) \
          VALUES ($1, $2, 0, $3, $4, $4) \
@@ -87,7 +87,7 @@ pub async fn compensate(
 
 /// Whether `service` has ever used the ledger (a version of it declared compensations).
 pub async fn used(db: &Db, service: &str) -> Result<bool, Error> {
-    let row = sqlx::query("SELECT 1 FROM saga_ledger WHERE service = $1 LIMIT 1")
+    let row = super::query("SELECT 1 FROM saga_ledger WHERE service = $1 LIMIT 1")
         .bind(service)
         .fetch_optional(db.pool())
         .await?;
@@ -108,7 +108,7 @@ pub async fn closed(
          WHERE service = $1 AND compensated_by IS NOT NULL AND saga IN ({})",
         super::placeholders(2, sagas.len())
     );
-    let mut query = sqlx::query(&sql).bind(service);
+    let mut query = super::query(&sql).bind(service);
     for saga in sagas {
         query = query.bind(*saga);
     }

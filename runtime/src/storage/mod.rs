@@ -20,9 +20,10 @@ pub mod recordings;
 pub mod sagas;
 pub mod state;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Transaction};
 
 pub type Tx = Transaction<'static, Any>;
@@ -170,11 +171,42 @@ impl Db {
     /// Begin a write transaction. SQLite takes the write lock up front (`BEGIN IMMEDIATE`), so
     /// two writers queue on the busy timeout instead of failing on a lock upgrade.
     pub async fn begin(&self) -> Result<Tx, Error> {
+        count(2);
         Ok(match self.dialect {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Dialect::Postgres => self.pool.begin().await?,
         })
     }
+}
+
+/// SQL statements this process sent: every query made through [`query`] or [`query_scalar`],
+/// and each write transaction's begin and its commit or rollback (savepoints and the
+/// migrations not counted). `GET /_saga/stats` and `/metrics` report it; the benchmark divides
+/// it by the events handled. One relaxed atomic add per statement.
+static STATEMENTS: AtomicU64 = AtomicU64::new(0);
+
+/// The statements this process sent so far (see [`STATEMENTS`]).
+pub fn statements() -> u64 {
+    STATEMENTS.load(Ordering::Relaxed)
+}
+
+fn count(n: u64) {
+    STATEMENTS.fetch_add(n, Ordering::Relaxed);
+}
+
+/// `sqlx::query`, counted.
+pub fn query(sql: &str) -> sqlx::query::Query<'_, Any, AnyArguments<'_>> {
+    count(1);
+    sqlx::query(sql)
+}
+
+/// `sqlx::query_scalar`, counted.
+pub fn query_scalar<'q, O>(sql: &'q str) -> sqlx::query::QueryScalar<'q, Any, O, AnyArguments<'q>>
+where
+    (O,): for<'r> sqlx::FromRow<'r, AnyRow>,
+{
+    count(1);
+    sqlx::query_scalar(sql)
 }
 
 /// Milliseconds since the Unix epoch of a [`std::time::SystemTime`].

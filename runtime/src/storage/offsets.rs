@@ -27,7 +27,7 @@ pub async fn advance(
              THEN excluded.next_offset ELSE consumer_offsets.next_offset END",
             values.join(", ")
         );
-        let mut query = sqlx::query(&sql).bind(service);
+        let mut query = super::query(&sql).bind(service);
         for (topic, partition, next) in chunk {
             query = query.bind(*topic).bind(*partition).bind(*next);
         }
@@ -38,7 +38,7 @@ pub async fn advance(
 
 /// Every stored position of `service`.
 pub async fn load(db: &Db, service: &str) -> Result<HashMap<(String, i32), i64>, Error> {
-    let rows = sqlx::query(
+    let rows = super::query(
         "SELECT topic, partition, next_offset FROM consumer_offsets WHERE service = $1",
     )
     .bind(service)
@@ -57,7 +57,7 @@ pub async fn load(db: &Db, service: &str) -> Result<HashMap<(String, i32), i64>,
 /// Note that the broker's connections dropped at `lost_ms` (wall clock), unless a later loss
 /// is noted already: one row for the cluster, whichever instance saw it.
 pub async fn note_broker_loss(db: &Db, lost_ms: i64) -> Result<(), Error> {
-    sqlx::query(
+    super::query(
         "INSERT INTO broker_losses (broker, lost_ms) VALUES ('kafka', $1) \
          ON CONFLICT (broker) DO UPDATE SET lost_ms = excluded.lost_ms \
          WHERE excluded.lost_ms > broker_losses.lost_ms",
@@ -71,7 +71,7 @@ pub async fn note_broker_loss(db: &Db, lost_ms: i64) -> Result<(), Error> {
 /// When any instance last noted the broker's connections dropping (wall clock), if ever.
 pub async fn broker_lost_ms(db: &Db) -> Result<Option<i64>, Error> {
     Ok(
-        sqlx::query_scalar("SELECT lost_ms FROM broker_losses WHERE broker = 'kafka'")
+        super::query_scalar("SELECT lost_ms FROM broker_losses WHERE broker = 'kafka'")
             .fetch_optional(db.pool())
             .await?,
     )

@@ -41,7 +41,7 @@ pub fn bucket(key: &str) -> u32 {
 
 pub async fn insert(conn: &mut Conn, message: &Message, created_ms: i64) -> Result<(), Error> {
     let headers = serde_json::to_string(&message.headers).expect("string pairs serialise");
-    sqlx::query(
+    super::query(
         "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms, bucket) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
@@ -68,7 +68,7 @@ impl Message {
 /// The oldest `limit` rows of relay slot `slot` of `slots` (the buckets equal to `slot`
 /// modulo `slots`), in storage order.
 pub async fn fetch(db: &Db, slot: u32, slots: u32, limit: u32) -> Result<Vec<Row>, Error> {
-    let rows = sqlx::query(
+    let rows = super::query(
         "SELECT id, event_id, topic, msg_key, headers, payload, created_ms FROM outbox \
          WHERE published_ms IS NULL AND bucket % $1 = $2 ORDER BY id LIMIT $3",
     )
@@ -113,7 +113,7 @@ pub struct Parked {
 /// Move a row out of the outbox into `outbox_parked` with `reason`, in one transaction.
 pub async fn park(db: &Db, id: i64, reason: &str, now_ms: i64) -> Result<(), Error> {
     let mut tx = db.begin().await?;
-    sqlx::query(
+    super::query(
         "INSERT INTO outbox_parked \
          (id, event_id, topic, msg_key, headers, payload, created_ms, parked_ms, reason, bucket) \
          SELECT id, event_id, topic, msg_key, headers, payload, created_ms, $2, $3, bucket \
@@ -124,7 +124,7 @@ pub async fn park(db: &Db, id: i64, reason: &str, now_ms: i64) -> Result<(), Err
     .bind(reason)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM outbox WHERE id = $1")
+    super::query("DELETE FROM outbox WHERE id = $1")
         .bind(id)
         .execute(&mut *tx)
         .await?;
@@ -134,7 +134,7 @@ pub async fn park(db: &Db, id: i64, reason: &str, now_ms: i64) -> Result<(), Err
 
 /// Parked rows in id order, `limit` at a time after `after` (a cursor: the last id seen).
 pub async fn parked(db: &Db, after: i64, limit: u32) -> Result<Vec<Parked>, Error> {
-    let rows = sqlx::query(
+    let rows = super::query(
         "SELECT id, event_id, topic, msg_key, headers, payload, created_ms, parked_ms, reason \
          FROM outbox_parked WHERE id > $1 ORDER BY id LIMIT $2",
     )
@@ -165,7 +165,7 @@ pub async fn unpark(db: &Db, ids: Option<&[i64]>, now_ms: i64) -> Result<u64, Er
         Some([]) => return Ok(0),
         Some(ids) => ids.to_vec(),
         None => {
-            sqlx::query_scalar("SELECT id FROM outbox_parked ORDER BY id")
+            super::query_scalar("SELECT id FROM outbox_parked ORDER BY id")
                 .fetch_all(db.pool())
                 .await?
         }
@@ -179,7 +179,7 @@ pub async fn unpark(db: &Db, ids: Option<&[i64]>, now_ms: i64) -> Result<u64, Er
              WHERE id IN ({}) ORDER BY id",
             super::placeholders(2, chunk.len())
         );
-        let mut query = sqlx::query(&insert).bind(now_ms);
+        let mut query = super::query(&insert).bind(now_ms);
         for id in chunk {
             query = query.bind(*id);
         }
@@ -188,7 +188,7 @@ pub async fn unpark(db: &Db, ids: Option<&[i64]>, now_ms: i64) -> Result<u64, Er
             "DELETE FROM outbox_parked WHERE id IN ({})",
             super::placeholders(1, chunk.len())
         );
-        let mut query = sqlx::query(&delete);
+        let mut query = super::query(&delete);
         for id in chunk {
             query = query.bind(*id);
         }
@@ -206,7 +206,7 @@ pub async fn published(db: &Db, ids: &[i64], now_ms: i64) -> Result<(), Error> {
 /// Mark the rows of relay slot `slot` of `slots` published at or after `since_ms` waiting
 /// again (the broker may have lost them). How many.
 pub async fn unpublish(db: &Db, slot: u32, slots: u32, since_ms: i64) -> Result<u64, Error> {
-    let done = sqlx::query(
+    let done = super::query(
         "UPDATE outbox SET published_ms = NULL \
          WHERE published_ms >= $1 AND bucket % $2 = $3",
     )
@@ -220,7 +220,7 @@ pub async fn unpublish(db: &Db, slot: u32, slots: u32, since_ms: i64) -> Result<
 
 /// Delete the rows of relay slot `slot` of `slots` published before `before_ms`. How many.
 pub async fn sweep(db: &Db, slot: u32, slots: u32, before_ms: i64) -> Result<u64, Error> {
-    let done = sqlx::query("DELETE FROM outbox WHERE published_ms < $1 AND bucket % $2 = $3")
+    let done = super::query("DELETE FROM outbox WHERE published_ms < $1 AND bucket % $2 = $3")
         .bind(before_ms)
         .bind(i64::from(slots.max(1)))
         .bind(i64::from(slot))
@@ -242,7 +242,7 @@ async fn by_ids(db: &Db, statement: &str, first: Option<i64>, ids: &[i64]) -> Re
             "{statement} WHERE id IN ({})",
             super::placeholders(from, chunk.len())
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = super::query(&sql);
         if let Some(first) = first {
             query = query.bind(first);
         }
@@ -256,7 +256,7 @@ async fn by_ids(db: &Db, statement: &str, first: Option<i64>, ids: &[i64]) -> Re
 
 /// How many rows wait and when the oldest was committed (`None` if none wait).
 pub async fn depth(db: &Db) -> Result<(i64, Option<i64>), Error> {
-    let row = sqlx::query(
+    let row = super::query(
         "SELECT COUNT(*) AS n, MIN(created_ms) AS oldest FROM outbox WHERE published_ms IS NULL",
     )
     .fetch_one(db.pool())
@@ -267,7 +267,7 @@ pub async fn depth(db: &Db) -> Result<(i64, Option<i64>), Error> {
 /// How many rows wait for the relay (published ones kept for the window not counted).
 pub async fn len(db: &Db) -> Result<i64, Error> {
     Ok(
-        sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_ms IS NULL")
+        super::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_ms IS NULL")
             .fetch_one(db.pool())
             .await?,
     )

@@ -25,7 +25,7 @@ pub async fn save(db: &Db, rows: &[Recorded], keep: usize) -> Result<(), Error> 
     }
     let mut tx = db.begin().await?;
     for r in rows {
-        sqlx::query(
+        super::query(
             "INSERT INTO recordings (service, event_id, recorded_ms, instance, version, body) \
              VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (service, event_id) DO UPDATE SET recorded_ms = excluded.recorded_ms, \
@@ -44,7 +44,7 @@ pub async fn save(db: &Db, rows: &[Recorded], keep: usize) -> Result<(), Error> 
     services.sort_unstable();
     services.dedup();
     for service in services {
-        sqlx::query(
+        super::query(
             "DELETE FROM recordings WHERE service = $1 AND event_id NOT IN \
              (SELECT event_id FROM recordings WHERE service = $2 \
               ORDER BY recorded_ms DESC, event_id DESC LIMIT $3)",
@@ -61,7 +61,7 @@ pub async fn save(db: &Db, rows: &[Recorded], keep: usize) -> Result<(), Error> 
 
 /// The newest `limit` recordings of `service`, oldest first.
 pub async fn recent(db: &Db, service: &str, limit: usize) -> Result<Vec<Recorded>, Error> {
-    let rows = sqlx::query(
+    let rows = super::query(
         "SELECT service, event_id, recorded_ms, instance, version, body FROM recordings \
          WHERE service = $1 ORDER BY recorded_ms DESC, event_id DESC LIMIT $2",
     )

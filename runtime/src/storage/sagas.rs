@@ -13,7 +13,7 @@ use super::{Conn, Error};
 
 /// Make sure `saga` has a row (when a deadline is set for it).
 pub async fn open(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<(), Error> {
-    sqlx::query(
+    super::query(
         "INSERT INTO sagas (saga, expired_ms, steps, touched_ms, opened_ms) \
          VALUES ($1, NULL, 0, $2, $2) \
          ON CONFLICT (saga) DO UPDATE SET touched_ms = excluded.touched_ms",
@@ -27,7 +27,7 @@ pub async fn open(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<(), Error>
 
 /// Mark `saga` expired at `now_ms` (the first expiry wins); when it was opened, if known.
 pub async fn expire(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<Option<i64>, Error> {
-    let opened: Option<i64> = sqlx::query_scalar(
+    let opened: Option<i64> = super::query_scalar(
         "INSERT INTO sagas (saga, expired_ms, steps, touched_ms) VALUES ($1, $2, 0, $2) \
          ON CONFLICT (saga) DO UPDATE SET \
          expired_ms = COALESCE(sagas.expired_ms, excluded.expired_ms), touched_ms = $2 \
@@ -42,7 +42,7 @@ pub async fn expire(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<Option<i
 
 /// Record a forward step of `saga` and return when it expired, if it has.
 pub async fn step(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<Option<i64>, Error> {
-    let expired: Option<Option<i64>> = sqlx::query_scalar(
+    let expired: Option<Option<i64>> = super::query_scalar(
         "UPDATE sagas SET steps = steps + 1, touched_ms = $2 WHERE saga = $1 RETURNING expired_ms",
     )
     .bind(saga)
@@ -76,7 +76,7 @@ pub async fn expiry(
          WHERE status = 'PENDING' AND due_ms <= ${} AND saga IN ({list}) GROUP BY saga",
         sagas.len() + 1
     );
-    let mut query = sqlx::query(&sql);
+    let mut query = super::query(&sql);
     for saga in sagas {
         query = query.bind(*saga);
     }

@@ -12,7 +12,7 @@ use crate::wasm::{ReadSet, StateReader, Versioned};
 
 /// Read one key's value and version (version 0: never written).
 pub async fn get(db: &Db, service: &str, key: &str) -> Result<Versioned, Error> {
-    let row = sqlx::query("SELECT value, version FROM state WHERE service = $1 AND key = $2")
+    let row = super::query("SELECT value, version FROM state WHERE service = $1 AND key = $2")
         .bind(service)
         .bind(key)
         .fetch_optional(db.pool())
@@ -52,7 +52,7 @@ pub async fn scan(
          WHERE service = $1 AND key > $2 AND key < $3 AND value IS NOT NULL \
          ORDER BY key LIMIT $4"
     };
-    let rows = sqlx::query(sql)
+    let rows = super::query(sql)
         .bind(service)
         .bind(from)
         .bind(prefix_end(prefix))
@@ -118,7 +118,7 @@ pub async fn apply(
             continue;
         }
         if postgres && seen == 0 {
-            sqlx::query(
+            super::query(
                 "INSERT INTO state (service, key, value, version, touched_ms) \
                  VALUES ($1, $2, NULL, 0, $3) ON CONFLICT (service, key) DO NOTHING",
             )
@@ -134,7 +134,7 @@ pub async fn apply(
         } else {
             "SELECT version FROM state WHERE service = $1 AND key = $2"
         };
-        let current: Option<i64> = sqlx::query_scalar(check)
+        let current: Option<i64> = super::query_scalar(check)
             .bind(service)
             .bind(key)
             .fetch_optional(&mut *conn)
@@ -148,7 +148,7 @@ pub async fn apply(
         let value = value.map(<[u8]>::to_vec);
         let affected = match reads.0.get(key) {
             // Read as never written: there may be no row, or a placeholder of version 0.
-            Some(0) => sqlx::query(
+            Some(0) => super::query(
                 "INSERT INTO state (service, key, value, version, touched_ms) \
                  VALUES ($1, $2, $3, 1, $4) ON CONFLICT (service, key) DO UPDATE \
                  SET value = excluded.value, version = 1, touched_ms = excluded.touched_ms \
@@ -162,7 +162,7 @@ pub async fn apply(
             .await
             .map_err(|e| failed(key, e))?
             .rows_affected(),
-            Some(&seen) => sqlx::query(
+            Some(&seen) => super::query(
                 "UPDATE state SET value = $3, version = version + 1, touched_ms = $5 \
                  WHERE service = $1 AND key = $2 AND version = $4",
             )
@@ -176,7 +176,7 @@ pub async fn apply(
             .map_err(|e| failed(key, e))?
             .rows_affected(),
             // A blind write (never read) cannot conflict; it just bumps the version.
-            None => sqlx::query(
+            None => super::query(
                 "INSERT INTO state (service, key, value, version, touched_ms) \
                  VALUES ($1, $2, $3, 1, $4) ON CONFLICT (service, key) DO UPDATE \
                  SET value = excluded.value, version = state.version + 1, \
