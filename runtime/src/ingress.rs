@@ -594,7 +594,7 @@ async fn fence(
     new_id: &str,
     now_ms: i64,
 ) -> Result<Option<Fenced>, crate::storage::Error> {
-    use crate::storage::{ledger, sagas};
+    use crate::storage::{door, ledger, sagas};
     let mut continued: Vec<&str> = fx
         .emits
         .iter()
@@ -605,10 +605,12 @@ async fn fence(
     continued.dedup();
     for saga in continued {
         let fired = sagas::step(conn, saga, now_ms).await?;
-        let due = sagas::expiry(conn, &[saga], now_ms)
-            .await?
-            .remove(saga)
-            .flatten();
+        let ask = door::Ask {
+            now_ms,
+            timed: &[saga],
+            ..door::Ask::default()
+        };
+        let due = door::read(conn, &ask).await?.expiry.remove(saga).flatten();
         if let Some(at) = fired.or(due) {
             return Ok(Some(Fenced::Refused(format!(
                 "saga {saga} expired {} ms ago; the command was not applied",

@@ -219,7 +219,9 @@ async fn the_inbox_records_an_event_once(backend: Backend) {
         "dedup is per service"
     );
     tx.commit().await.unwrap();
-    let seen = inbox::seen(&db, "svc", &["e1", "e2"]).await.unwrap();
+    let seen = door(&db, "svc", |ask| ask.events = &["e1", "e2"])
+        .await
+        .seen;
     assert_eq!(
         seen.into_iter().collect::<Vec<_>>(),
         [("e1".to_string(), "applied".to_string())]
@@ -491,14 +493,14 @@ async fn the_ledger_applies_one_compensation_and_no_step_after_it(backend: Backe
         applied
     );
     tx.commit().await.unwrap();
-    let closed_now = ledger::closed(&db, "point", &["s1", "s2", "s3"])
+    let closed_now = door(&db, "point", |ask| ask.ledger = &["s1", "s2", "s3"])
         .await
-        .unwrap();
+        .closed;
     assert_eq!(closed_now.len(), 2, "{closed_now:?}");
     assert_eq!(closed_now["s2"], "undo-3");
-    assert!(ledger::closed(&db, "order", &["s2"])
+    assert!(door(&db, "order", |ask| ask.ledger = &["s2"])
         .await
-        .unwrap()
+        .closed
         .is_empty());
     t.drop_db().await;
 }
@@ -667,3 +669,18 @@ on_both_backends!(
     published_rows_wait_again_after_a_loss_and_are_swept_after_the_window,
     a_lease_has_one_holder_until_it_expires,
 );
+
+/// The door check's one statement, asking only what `ask` sets for `service`.
+async fn door(
+    db: &Db,
+    service: &'static str,
+    ask: impl FnOnce(&mut saga_runtime::storage::door::Ask<'static>),
+) -> saga_runtime::storage::door::Found {
+    let mut asked = saga_runtime::storage::door::Ask::default();
+    ask(&mut asked);
+    asked.service = service;
+    let mut conn = db.pool().acquire().await.unwrap();
+    saga_runtime::storage::door::read(&mut conn, &asked)
+        .await
+        .unwrap()
+}

@@ -2,8 +2,6 @@
 //! same transaction as the event's effects; its primary key (service, event id) is what makes a
 //! redelivered event a no-op.
 
-use std::collections::HashMap;
-
 use sqlx::Row as _;
 
 use super::{Conn, Db, Error};
@@ -79,26 +77,6 @@ pub async fn record(conn: &mut Conn, entry: &Entry<'_>, redrive: bool) -> Result
     .await?
     .rows_affected();
     Ok(inserted == 1)
-}
-
-/// Which of `ids` the service has already handled, with the outcome recorded: lets the worker
-/// skip the guest call for duplicates. (The authoritative check is [`record`], in the commit.)
-pub async fn seen(db: &Db, service: &str, ids: &[&str]) -> Result<HashMap<String, String>, Error> {
-    if ids.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let sql = format!(
-        "SELECT event_id, outcome FROM inbox WHERE service = $1 AND event_id IN ({})",
-        super::placeholders(2, ids.len())
-    );
-    let mut query = super::query(&sql).bind(service);
-    for id in ids {
-        query = query.bind(*id);
-    }
-    let rows = query.fetch_all(db.pool()).await?;
-    rows.into_iter()
-        .map(|row| Ok((row.try_get("event_id")?, row.try_get("outcome")?)))
-        .collect()
 }
 
 /// Dead-lettered events not re-driven since, per (logical) topic.

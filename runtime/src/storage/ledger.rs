@@ -13,8 +13,6 @@
 //! the guest call) and inside the commit as a row write, so that a forward step and its
 //! compensation committing concurrently (on two instances) serialise on the row.
 
-use std::collections::HashMap;
-
 use sqlx::Row as _;
 
 use super::{Conn, Db, Error};
@@ -92,28 +90,4 @@ pub async fn used(db: &Db, service: &str) -> Result<bool, Error> {
         .fetch_optional(db.pool())
         .await?;
     Ok(row.is_some())
-}
-
-/// Which of `sagas` are closed at `service`, and by which compensation: the door check.
-pub async fn closed(
-    db: &Db,
-    service: &str,
-    sagas: &[&str],
-) -> Result<HashMap<String, String>, Error> {
-    if sagas.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let sql = format!(
-        "SELECT saga, compensated_by FROM saga_ledger \
-         WHERE service = $1 AND compensated_by IS NOT NULL AND saga IN ({})",
-        super::placeholders(2, sagas.len())
-    );
-    let mut query = super::query(&sql).bind(service);
-    for saga in sagas {
-        query = query.bind(*saga);
-    }
-    let rows = query.fetch_all(db.pool()).await?;
-    rows.into_iter()
-        .map(|row| Ok((row.try_get("saga")?, row.try_get("compensated_by")?)))
-        .collect()
 }

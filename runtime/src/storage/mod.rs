@@ -8,6 +8,7 @@
 
 pub mod deadlines;
 pub mod deployments;
+pub mod door;
 pub mod generations;
 pub mod held;
 pub mod idempotency;

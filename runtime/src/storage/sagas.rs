@@ -5,10 +5,6 @@
 //! back. In PostgreSQL both are row writes, so they serialise on the row lock: whichever
 //! commits second sees the other. (SQLite serialises all writers.)
 
-use std::collections::HashMap;
-
-use sqlx::Row as _;
-
 use super::{Conn, Error};
 
 /// Make sure `saga` has a row (when a deadline is set for it).
@@ -50,44 +46,4 @@ pub async fn step(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<Option<i64
     .fetch_optional(&mut *conn)
     .await?;
     Ok(expired.flatten())
-}
-
-/// The door half of the expiry check for a batch, from what the database knows: of `sagas`,
-/// `Some(at)` for those expired at `now_ms` (a firing marked them, or one of their pending
-/// deadlines is due, since `at`) and `None` for those whose deadlines are cancelled or moved
-/// later. A saga without a row (no deadline was ever set for it here) is absent: the caller
-/// falls back to the deadline its event carries.
-pub async fn expiry(
-    conn: &mut Conn,
-    sagas: &[&str],
-    now_ms: i64,
-) -> Result<HashMap<String, Option<i64>>, Error> {
-    let mut out = HashMap::new();
-    if sagas.is_empty() {
-        return Ok(out);
-    }
-    // One statement: the sagas' rows (`due` NULL), then their earliest pending deadline
-    // already due (`due` set).
-    let list = super::placeholders(1, sagas.len());
-    let sql = format!(
-        "SELECT saga, expired_ms AS at, NULL AS due FROM sagas WHERE saga IN ({list}) \
-         UNION ALL \
-         SELECT saga, NULL AS at, MIN(due_ms) AS due FROM deadlines \
-         WHERE status = 'PENDING' AND due_ms <= ${} AND saga IN ({list}) GROUP BY saga",
-        sagas.len() + 1
-    );
-    let mut query = super::query(&sql);
-    for saga in sagas {
-        query = query.bind(*saga);
-    }
-    for row in query.bind(now_ms).fetch_all(&mut *conn).await? {
-        let saga: String = row.try_get("saga")?;
-        let fired: Option<i64> = row.try_get("at")?;
-        let due: Option<i64> = row.try_get("due")?;
-        let at = out.entry(saga).or_insert(None);
-        for t in [fired, due].into_iter().flatten() {
-            *at = Some(at.map_or(t, |a: i64| a.min(t)));
-        }
-    }
-    Ok(out)
 }

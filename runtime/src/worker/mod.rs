@@ -33,7 +33,7 @@ use crate::kafka::dead_letter::headers as dlt_headers;
 use crate::node::Shared;
 use crate::registry::{Service, Step};
 use crate::stats::Stats;
-use crate::storage::{self, inbox, ledger};
+use crate::storage::{self, inbox};
 use crate::verify::{Recorder, Recording};
 use crate::wasm::bindings::{Context, Effects, Event, FailurePolicy};
 use crate::wasm::{Called, Failure};
@@ -135,7 +135,7 @@ struct Door {
     /// Sagas of the batch's compensations with a step held (on any instance), and until when.
     held: HashMap<String, i64>,
     closed: HashMap<String, String>,
-    /// What the database says of the expiry of the batch's sagas (`storage::sagas::expiry`).
+    /// What the database says of the expiry of the batch's sagas (`storage::door`).
     expiry: HashMap<String, Option<i64>>,
 }
 
@@ -364,16 +364,13 @@ impl Worker {
 
     async fn door(&self, service: &Service, items: &[Item<'_>]) -> Result<Door, storage::Error> {
         let ids: Vec<String> = items.iter().map(Item::inbox_id).collect();
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let seen = inbox::seen(&self.shared.db, &self.service, &refs).await?;
+        let events: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut sagas: Vec<&str> = items.iter().filter_map(Item::saga).collect();
         sagas.sort_unstable();
         sagas.dedup();
-        let closed = if service.keeps_ledger() {
-            ledger::closed(&self.shared.db, &self.service, &sagas).await?
-        } else {
-            HashMap::new()
-        };
+        if !service.keeps_ledger() {
+            sagas.clear();
+        }
         // Sagas of forward events that carry a deadline: their expiry, as stored.
         let mut timed: Vec<&str> = items
             .iter()
@@ -397,20 +394,21 @@ impl Worker {
             .collect();
         compensated.sort_unstable();
         compensated.dedup();
-        let now = self.shared.clock.now_ms();
-        let held =
-            storage::held::pending(&self.shared.db, &self.service, &compensated, now).await?;
-        let expiry = if timed.is_empty() {
-            HashMap::new()
-        } else {
-            let mut conn = self.shared.db.pool().acquire().await?;
-            storage::sagas::expiry(&mut conn, &timed, now).await?
+        let ask = storage::door::Ask {
+            service: &self.service,
+            now_ms: self.shared.clock.now_ms(),
+            events: &events,
+            ledger: &sagas,
+            held: &compensated,
+            timed: &timed,
         };
+        let mut conn = self.shared.db.pool().acquire().await?;
+        let found = storage::door::read(&mut conn, &ask).await?;
         Ok(Door {
-            seen,
-            held,
-            closed,
-            expiry,
+            seen: found.seen,
+            held: found.held,
+            closed: found.closed,
+            expiry: found.expiry,
         })
     }
 

@@ -1,0 +1,148 @@
+//! The door check's reads of one batch, in one statement (on SQLite every statement is a round
+//! trip to the connection's thread): which events the service handled before (`inbox`), which
+//! sagas it closed by a compensation (`saga_ledger`), which have a step held (`held_steps`),
+//! and what the sagas' expiry is (`sagas`, `deadlines`). A part whose list is empty is left
+//! out. The authoritative checks are the writes in the commit (`inbox::record`,
+//! `ledger::forward`, `sagas::step`); this lets the worker skip or refuse before a guest call.
+
+use std::collections::HashMap;
+
+use sqlx::Row as _;
+
+use super::{Conn, Error};
+
+/// What to look up for one service at `now_ms`.
+#[derive(Debug, Default)]
+pub struct Ask<'a> {
+    pub service: &'a str,
+    pub now_ms: i64,
+    /// Inbox ids of the batch's events.
+    pub events: &'a [&'a str],
+    /// Sagas whose closing compensation at this service matters.
+    pub ledger: &'a [&'a str],
+    /// Sagas of the batch's compensations: is a step of theirs held (on any instance)?
+    pub held: &'a [&'a str],
+    /// Sagas of forward events that carry a deadline: their expiry.
+    pub timed: &'a [&'a str],
+}
+
+/// The answers, per part.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Events handled before, with the outcome recorded.
+    pub seen: HashMap<String, String>,
+    /// Sagas closed here, and by which compensation.
+    pub closed: HashMap<String, String>,
+    /// Sagas with a step held, and until when.
+    pub held: HashMap<String, i64>,
+    /// Of the timed sagas, `Some(at)` for those expired at `now_ms` (a firing marked them, or
+    /// one of their pending deadlines is due, since `at`) and `None` for those whose deadlines
+    /// are cancelled or moved later. A saga without a row (no deadline was ever set for it
+    /// here) is absent: the caller falls back to the deadline its event carries.
+    pub expiry: HashMap<String, Option<i64>>,
+}
+
+/// One statement: the parts of `ask` with a non-empty list, as `(kind, key, text, num)` rows.
+pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
+    let mut found = Found::default();
+    let mut parts: Vec<String> = Vec::new();
+    let mut binds = Binds::default();
+    if !ask.events.is_empty() {
+        let service = binds.one(Bind::Text(ask.service));
+        let ids = binds.list(ask.events);
+        parts.push(format!(
+            "SELECT 'seen' AS kind, event_id AS key, outcome AS text, CAST(NULL AS BIGINT) AS num \
+             FROM inbox WHERE service = {service} AND event_id IN ({ids})"
+        ));
+    }
+    if !ask.ledger.is_empty() {
+        let service = binds.one(Bind::Text(ask.service));
+        let sagas = binds.list(ask.ledger);
+        parts.push(format!(
+            "SELECT 'closed', saga, compensated_by, CAST(NULL AS BIGINT) FROM saga_ledger \
+             WHERE service = {service} AND compensated_by IS NOT NULL AND saga IN ({sagas})"
+        ));
+    }
+    if !ask.held.is_empty() {
+        let service = binds.one(Bind::Text(ask.service));
+        let now = binds.one(Bind::Int(ask.now_ms));
+        let sagas = binds.list(ask.held);
+        parts.push(format!(
+            "SELECT 'held', saga, CAST(NULL AS TEXT), until_ms FROM held_steps \
+             WHERE service = {service} AND until_ms > {now} AND saga IN ({sagas})"
+        ));
+    }
+    if !ask.timed.is_empty() {
+        let sagas = binds.list(ask.timed);
+        let now = binds.one(Bind::Int(ask.now_ms));
+        parts.push(format!(
+            "SELECT 'expired', saga, CAST(NULL AS TEXT), expired_ms FROM sagas \
+             WHERE saga IN ({sagas})"
+        ));
+        parts.push(format!(
+            "SELECT 'due', saga, CAST(NULL AS TEXT), MIN(due_ms) FROM deadlines \
+             WHERE status = 'PENDING' AND due_ms <= {now} AND saga IN ({sagas}) GROUP BY saga"
+        ));
+    }
+    if parts.is_empty() {
+        return Ok(found);
+    }
+    let sql = parts.join(" UNION ALL ");
+    let mut query = super::query(&sql);
+    for bind in binds.0 {
+        query = match bind {
+            Bind::Text(t) => query.bind(t),
+            Bind::Int(n) => query.bind(n),
+        };
+    }
+    for row in query.fetch_all(&mut *conn).await? {
+        let kind: String = row.try_get(0)?;
+        let key: String = row.try_get(1)?;
+        let text: Option<String> = row.try_get(2)?;
+        let num: Option<i64> = row.try_get(3)?;
+        match kind.as_str() {
+            "seen" => {
+                found.seen.insert(key, text.unwrap_or_default());
+            }
+            "closed" => {
+                found.closed.insert(key, text.unwrap_or_default());
+            }
+            "held" => {
+                if let Some(until) = num {
+                    found.held.insert(key, until);
+                }
+            }
+            _ => {
+                let at = found.expiry.entry(key).or_insert(None);
+                if let Some(t) = num {
+                    *at = Some(at.map_or(t, |a| a.min(t)));
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A value bound to the statement.
+enum Bind<'a> {
+    Text(&'a str),
+    Int(i64),
+}
+
+/// The values bound to the statement, in the order of their `$n`.
+#[derive(Default)]
+struct Binds<'a>(Vec<Bind<'a>>);
+
+impl<'a> Binds<'a> {
+    /// Bind `value`; its placeholder.
+    fn one(&mut self, value: Bind<'a>) -> String {
+        self.0.push(value);
+        format!("${}", self.0.len())
+    }
+
+    /// Bind each of `keys`; their placeholders, for an `IN (…)`.
+    fn list(&mut self, keys: &[&'a str]) -> String {
+        let names: Vec<String> = keys.iter().map(|k| self.one(Bind::Text(k))).collect();
+        names.join(", ")
+    }
+}
