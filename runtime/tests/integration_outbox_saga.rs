@@ -569,7 +569,14 @@ async fn a_compensation_waits_for_its_step_held_on_another_instance() {
             .fetch_optional(db.pool())
             .await
             .unwrap();
-            held.map(|_| ()).ok_or_else(|| "not held yet".to_string())
+            match held {
+                Some(_) => Ok(()),
+                // What happened to the order so far, for a run that never sees the hold.
+                None => Err(format!(
+                    "order {n} ({id}) not held yet; its saga: {:?}",
+                    timeline(&rt, &id).await
+                )),
+            }
         })
         .await;
         let data = serde_json::json!({ "orderId": id });
