@@ -319,6 +319,9 @@ impl Consumer {
                     None => break,
                 }
             }
+            if let Some(rest) = &self.rest {
+                self.await_ends(rest, &mut batch, max).await;
+            }
             if self.reread_after_loss() {
                 continue; // these come again, after what they follow
             }
@@ -330,6 +333,25 @@ impl Consumer {
                     self.maybe_rest(rest);
                 }
                 return Ok(batch);
+            }
+        }
+    }
+
+    /// Before a batch goes to the worker, wait briefly (at most [`ENDS_WAIT`]) for the fetch
+    /// that brought it to report the end of every partition resumed, taking what else arrives:
+    /// the consumer may rest only once they are answered, and one that cannot goes on fetching
+    /// the whole time the worker handles the batch (noida-db answers every fetch at once).
+    async fn await_ends(&self, rest: &Rest, batch: &mut Vec<Record>, max: usize) {
+        let until = tokio::time::Instant::now() + ENDS_WAIT;
+        while !self.answered(rest) && batch.len() < max {
+            match tokio::time::timeout_at(until, self.inner.recv()).await {
+                Ok(Ok(m)) => batch.push(detach(&m)),
+                Ok(Err(KafkaError::PartitionEOF(_))) => self.reached_end(),
+                Ok(Err(e)) => {
+                    tracing::warn!("kafka consumer error while draining a batch: {e}");
+                    break;
+                }
+                Err(_) => break,
             }
         }
     }
@@ -742,6 +764,9 @@ impl Consumer {
 
 /// How often a lane notes where it is, for reading again after a connection loss.
 const HISTORY_STEP: Duration = Duration::from_secs(1);
+
+/// How long a batch waits for its partitions' ends before it goes to the worker.
+const ENDS_WAIT: Duration = Duration::from_millis(1);
 
 /// How long after its broker connections dropped a consumer does not rest.
 const CALM_AFTER_LOSS: Duration = Duration::from_secs(10);
