@@ -44,7 +44,7 @@
 //! it: a resume leaves the broker thread asleep (up to 1 s), so the rest seeks after resuming,
 //! which wakes it; and a pause drops the fetch under way, so a consumer rests again only after
 //! `enable.partition.eof` reported the end of every partition it resumed; a batch waits up to
-//! [`ENDS_WAIT`] for those ends before it goes to the worker, so the consumer rests while the
+//! `ENDS_WAIT` (1 ms) for those ends before it goes to the worker, so the consumer rests while the
 //! worker handles it instead of fetching all along. On by default
 //! (`kafka.rest_ms = 25`); set 0 on Kafka, which holds fetches itself (README, "Fetches
 //! answered at once").

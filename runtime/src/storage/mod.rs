@@ -186,7 +186,7 @@ impl Db {
 /// it by the events handled. One relaxed atomic add per statement.
 static STATEMENTS: AtomicU64 = AtomicU64::new(0);
 
-/// The statements this process sent so far (see [`STATEMENTS`]).
+/// The statements this process sent so far (see `STATEMENTS`).
 pub fn statements() -> u64 {
     STATEMENTS.load(Ordering::Relaxed)
 }
