@@ -20,6 +20,8 @@
 //! sees in the database (`storage::offsets::note_broker_loss`), and a partition taken within
 //! `kafka.reread_after_loss_ms` of the last one starts at the first record stamped that long
 //! before the loss, when that lies below its stored position; the inbox drops what was handled.
+//! If the broker cannot answer that lookup within `LOOKUP_TIMEOUT`, the partition starts at its
+//! stored position (logged) rather than wait unread.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -30,6 +32,10 @@ use tokio_util::sync::CancellationToken;
 use crate::kafka::consumer::Consumer;
 use crate::node::Shared;
 use crate::storage::{self, lease, offsets};
+
+/// How long ownership waits for the broker to say where a partition taken soon after a
+/// broker loss should start.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The prefix of the instances' membership leases, heartbeated by ownership.
 pub const MEMBERS: &str = "member/";
@@ -112,9 +118,7 @@ impl Ownership {
         }
         if held != self.held {
             let mut stored = offsets::load(db, &self.service).await?;
-            if !self.start_before_loss(&held, &mut stored).await? {
-                return Ok(());
-            }
+            self.start_before_loss(&held, &mut stored).await?;
             let parts: Vec<(String, i32, Option<i64>)> = held
                 .iter()
                 .map(|(t, p)| (t.clone(), *p, stored.get(&(t.clone(), *p)).copied()))
@@ -155,12 +159,14 @@ impl Ownership {
 
     /// Move the stored positions of the partitions `held` adds, if taken soon after a broker
     /// loss, back to the first record stamped `reread_after_loss_ms` before it (module docs).
-    /// `false` if the broker could not say where that is: try again next tick.
+    /// If the broker cannot say where that is within [`LOOKUP_TIMEOUT`], they start at their
+    /// stored positions (logged): a lookup retried tick after tick held them unread while
+    /// their leases kept anyone else off (a short fault-suite run stalled for 15 s so).
     async fn start_before_loss(
         &self,
         held: &BTreeSet<(String, i32)>,
         stored: &mut HashMap<(String, i32), i64>,
-    ) -> Result<bool, storage::Error> {
+    ) -> Result<(), storage::Error> {
         let window = self.consumer.reread_window().as_millis() as i64;
         let taken: Vec<(String, i32)> = held
             .difference(&self.held)
@@ -168,17 +174,17 @@ impl Ownership {
             .cloned()
             .collect();
         if window == 0 || taken.is_empty() {
-            return Ok(true);
+            return Ok(());
         }
         let Some(lost) = offsets::broker_lost_ms(&self.shared.db).await? else {
-            return Ok(true);
+            return Ok(());
         };
         if self.shared.clock.now_ms() - lost >= window {
-            return Ok(true);
+            return Ok(());
         }
         let consumer = self.consumer.clone();
         let found = tokio::task::spawn_blocking(move || {
-            consumer.offsets_since(&taken, lost - window, Duration::from_secs(5))
+            consumer.offsets_since(&taken, lost - window, LOOKUP_TIMEOUT)
         })
         .await;
         let found = match found {
@@ -186,11 +192,12 @@ impl Ownership {
             Ok(Err(e)) => {
                 tracing::warn!(
                     service = %self.service,
-                    "partitions taken after a broker loss: where to read again from: {e}"
+                    "partitions taken after a broker loss start at their stored positions: \
+                     where to read again from: {e}"
                 );
-                return Ok(false);
+                return Ok(());
             }
-            Err(_) => return Ok(false),
+            Err(_) => return Ok(()),
         };
         for (part, from) in found {
             if let Some(at) = stored.get_mut(&part).filter(|at| from < **at) {
@@ -202,7 +209,7 @@ impl Ownership {
                 *at = from;
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Consumer lag per partition of the service, for `GET /metrics`: what it reads here, 0
