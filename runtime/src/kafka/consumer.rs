@@ -311,14 +311,11 @@ impl Consumer {
             let mut batch = vec![detach(&first)];
             drop(first);
             while batch.len() < max {
-                match self.inner.recv().now_or_never() {
-                    Some(Ok(m)) => batch.push(detach(&m)),
-                    Some(Err(KafkaError::PartitionEOF(_))) => self.reached_end(),
-                    Some(Err(e)) => {
-                        tracing::warn!("kafka consumer error while draining a batch: {e}");
-                        break;
-                    }
-                    None => break,
+                let Some(got) = self.inner.recv().now_or_never() else {
+                    break;
+                };
+                if !self.took(got, &mut batch) {
+                    break;
                 }
             }
             if let Some(rest) = &self.rest {
@@ -346,16 +343,31 @@ impl Consumer {
     async fn await_ends(&self, rest: &Rest, batch: &mut Vec<Record>, max: usize) {
         let until = tokio::time::Instant::now() + ENDS_WAIT;
         while !self.answered(rest) && batch.len() < max {
-            match tokio::time::timeout_at(until, self.inner.recv()).await {
-                Ok(Ok(m)) => batch.push(detach(&m)),
-                Ok(Err(KafkaError::PartitionEOF(_))) => self.reached_end(),
-                Ok(Err(e)) => {
-                    tracing::warn!("kafka consumer error while draining a batch: {e}");
-                    break;
-                }
-                Err(_) => break,
+            let Ok(got) = tokio::time::timeout_at(until, self.inner.recv()).await else {
+                break;
+            };
+            if !self.took(got, batch) {
+                break;
             }
         }
+    }
+
+    /// Add what a receive got to a batch being drained: a record, or a partition's end noted;
+    /// `false` on an error, which ends the draining.
+    fn took(
+        &self,
+        got: Result<rdkafka::message::BorrowedMessage<'_>, KafkaError>,
+        batch: &mut Vec<Record>,
+    ) -> bool {
+        match got {
+            Ok(m) => batch.push(detach(&m)),
+            Err(KafkaError::PartitionEOF(_)) => self.reached_end(),
+            Err(e) => {
+                tracing::warn!("kafka consumer error while draining a batch: {e}");
+                return false;
+            }
+        }
+        true
     }
 
     /// Begin a rest (pause every partition not held) if every partition answered since the

@@ -127,17 +127,9 @@ enum Rerun {
     Stopping,
 }
 
-/// What the batch reads before any guest runs: events already handled, and sagas closed by a
-/// compensation at this service.
-struct Door {
-    /// Inbox outcomes of the batch's events that were handled before.
-    seen: HashMap<String, String>,
-    /// Sagas of the batch's compensations with a step held (on any instance), and until when.
-    held: HashMap<String, i64>,
-    closed: HashMap<String, String>,
-    /// What the database says of the expiry of the batch's sagas (`storage::door`).
-    expiry: HashMap<String, Option<i64>>,
-}
+/// What the batch reads before any guest runs (`storage::door`): events already handled, sagas
+/// closed by a compensation at this service, steps held, sagas expired.
+use storage::door::Found as Door;
 
 /// Why the ledger refuses an event of a saga compensated at this service by `by`.
 fn closed_reason(step: Step, by: &str) -> String {
@@ -403,13 +395,7 @@ impl Worker {
             timed: &timed,
         };
         let mut conn = self.shared.db.pool().acquire().await?;
-        let found = storage::door::read(&mut conn, &ask).await?;
-        Ok(Door {
-            seen: found.seen,
-            held: found.held,
-            closed: found.closed,
-            expiry: found.expiry,
-        })
+        storage::door::read(&mut conn, &ask).await
     }
 
     /// The inbox entry of `item` as handled by `service` now: outcome `applied`, no detail;
