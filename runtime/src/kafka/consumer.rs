@@ -43,9 +43,7 @@
 //! handed out (prefetched records are dropped and fetched again). Two librdkafka facts shape
 //! it: a resume leaves the broker thread asleep (up to 1 s), so the rest seeks after resuming,
 //! which wakes it; and a pause drops the fetch under way, so a consumer rests again only after
-//! `enable.partition.eof` reported the end of every partition it resumed; a batch waits up to
-//! `ENDS_WAIT` (1 ms) for those ends before it goes to the worker, so the consumer rests while the
-//! worker handles it instead of fetching all along. On by default
+//! `enable.partition.eof` reported the end of every partition it resumed. On by default
 //! (`kafka.rest_ms = 25`); set 0 on Kafka, which holds fetches itself (README, "Fetches
 //! answered at once").
 
@@ -318,9 +316,6 @@ impl Consumer {
                     break;
                 }
             }
-            if let Some(rest) = &self.rest {
-                self.await_ends(rest, &mut batch, max).await;
-            }
             if self.reread_after_loss() {
                 continue; // these come again, after what they follow
             }
@@ -332,22 +327,6 @@ impl Consumer {
                     self.maybe_rest(rest);
                 }
                 return Ok(batch);
-            }
-        }
-    }
-
-    /// Before a batch goes to the worker, wait briefly (at most [`ENDS_WAIT`]) for the fetch
-    /// that brought it to report the end of every partition resumed, taking what else arrives:
-    /// the consumer may rest only once they are answered, and one that cannot goes on fetching
-    /// the whole time the worker handles the batch (noida-db answers every fetch at once).
-    async fn await_ends(&self, rest: &Rest, batch: &mut Vec<Record>, max: usize) {
-        let until = tokio::time::Instant::now() + ENDS_WAIT;
-        while !self.answered(rest) && batch.len() < max {
-            let Ok(got) = tokio::time::timeout_at(until, self.inner.recv()).await else {
-                break;
-            };
-            if !self.took(got, batch) {
-                break;
             }
         }
     }
@@ -778,9 +757,6 @@ impl Consumer {
 
 /// How often a lane notes where it is, for reading again after a connection loss.
 const HISTORY_STEP: Duration = Duration::from_secs(1);
-
-/// How long a batch waits for its partitions' ends before it goes to the worker.
-const ENDS_WAIT: Duration = Duration::from_millis(1);
 
 /// How long after its broker connections dropped a consumer does not rest.
 const CALM_AFTER_LOSS: Duration = Duration::from_secs(10);
