@@ -203,7 +203,11 @@ pub async fn verify(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         Ok(service) => Arc::new(service),
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("refused: {e}")),
     };
-    let recordings = match shared.recordings.of(&shared, service.name()).await {
+    let recordings = match shared
+        .recordings
+        .of(&shared.db, &shared.config.instance_id, service.name())
+        .await
+    {
         Ok(recordings) => recordings,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };

@@ -18,11 +18,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-use crate::kafka::cloudevents;
-use crate::node::Shared;
+use crate::clock::Clock;
+use crate::kafka::{self, cloudevents};
+use crate::metrics::Metrics;
+use crate::relay;
 use crate::stats::Stats;
-use crate::storage::{self, deadlines, outbox};
+use crate::storage::{self, deadlines, outbox, Db};
 use crate::wasm::bindings::{Emit, Payload};
 
 /// `ce_type` of the event a fired deadline delivers.
@@ -77,23 +80,30 @@ impl Alarm {
     }
 }
 
+/// The scheduler's loop and what it reaches: the database, its alarm, and the relay it wakes.
 pub struct Scheduler {
-    shared: Arc<Shared>,
+    pub db: Db,
+    pub clock: Arc<dyn Clock>,
+    /// Where fired deadlines are published (the topic names).
+    pub kafka: kafka::Settings,
+    /// How often it looks for deadlines set by other instances.
+    pub poll: Duration,
+    pub alarm: Arc<Alarm>,
+    pub relay: relay::Handle,
+    pub metrics: Arc<Metrics>,
+    pub stats: Arc<Stats>,
+    pub stop: CancellationToken,
 }
 
 impl Scheduler {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Scheduler { shared }
-    }
-
     pub async fn run(self) {
-        let poll = Duration::from_millis(self.shared.config.relay.poll_interval_ms.max(1));
-        let alarm = &self.shared.deadline_alarm;
-        while !self.shared.shutdown.is_cancelled() {
+        let poll = self.poll.max(Duration::from_millis(1));
+        let alarm = &self.alarm;
+        while !self.stop.is_cancelled() {
             alarm.looking();
             let wait = match self.fire_due().await {
                 Ok(next) => {
-                    let now = self.shared.clock.now_ms();
+                    let now = self.clock.now_ms();
                     next.map_or(poll, |due| {
                         Duration::from_millis(due.saturating_sub(now).max(0) as u64).min(poll)
                     })
@@ -103,9 +113,9 @@ impl Scheduler {
                     poll
                 }
             };
-            let until = self.shared.clock.now_ms() + wait.as_millis() as i64;
+            let until = self.clock.now_ms() + wait.as_millis() as i64;
             tokio::select! {
-                _ = self.shared.shutdown.cancelled() => {}
+                _ = self.stop.cancelled() => {}
                 _ = alarm.sleep(until) => {}
                 _ = tokio::time::sleep(wait) => {}
             }
@@ -114,9 +124,9 @@ impl Scheduler {
 
     /// Fire everything due now; return when the next pending deadline is due.
     async fn fire_due(&self) -> Result<Option<i64>, storage::Error> {
-        let db = &self.shared.db;
+        let db = &self.db;
         loop {
-            let now = self.shared.clock.now_ms();
+            let now = self.clock.now_ms();
             let due = deadlines::due(db, now, 100).await?;
             if due.is_empty() {
                 return deadlines::next_due(db).await;
@@ -145,14 +155,14 @@ impl Scheduler {
                 tx.commit().await?;
                 drop(span);
                 let ran = opened.map(|opened| now - opened);
-                let metrics = &self.shared.metrics;
+                let metrics = &self.metrics;
                 metrics.sagas_ended(&d.service, "expired", ran.as_slice());
-                Stats::add(&self.shared.stats.deadlines_fired, 1);
+                Stats::add(&self.stats.deadlines_fired, 1);
                 let lag = (now - d.due_ms).max(0) as f64 / 1000.0;
-                self.shared.metrics.deadline_lag.record(lag);
+                metrics.deadline_lag.record(lag);
                 tracing::info!(service = %d.service, saga = %d.saga, name = %d.name, lag_ms = now - d.due_ms, "deadline fired");
             }
-            self.shared.relay.wake();
+            self.relay.wake();
         }
     }
 
@@ -174,7 +184,7 @@ impl Scheduler {
                 data: serde_json::to_vec(&data).expect("JSON"),
             },
         };
-        let kafka = &self.shared.config.kafka;
+        let kafka = &self.kafka;
         cloudevents::encode(
             "deadlines",
             kafka.topic(&emit.topic),

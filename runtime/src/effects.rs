@@ -68,7 +68,7 @@ pub struct Context<'a> {
     pub now_ms: i64,
     /// The saga deadline of the causing event, carried to the events emitted for that saga.
     pub cause_deadline_ms: Option<i64>,
-    /// Deadline for `after-ms: none` (`Shared::saga_deadline_ms`).
+    /// Deadline for `after-ms: none` (`Service::saga_deadline_ms`).
     pub saga_deadline_ms: u64,
     /// The id of the causing event or request, recorded with deadlines it sets.
     pub cause_id: &'a str,

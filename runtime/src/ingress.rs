@@ -521,7 +521,7 @@ async fn run(
         kafka: &shared.config.kafka,
         now_ms,
         cause_deadline_ms: None,
-        saga_deadline_ms: shared.saga_deadline_ms(service),
+        saga_deadline_ms: service.saga_deadline_ms(&shared.config),
         cause_id: new_id,
         trace: &trace,
     };

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
@@ -61,28 +62,28 @@ impl Error {
 
 /// State shared by the tasks of one instance.
 pub struct Shared {
-    pub config: Config,
+    pub config: Arc<Config>,
     pub db: Db,
     pub sandbox: Sandbox,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub reader: Arc<dyn StateReader>,
     pub clock: Arc<dyn Clock>,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
     /// The HTTP ingress's flow control; workers report their lag to it.
-    pub door: crate::admission::Door,
+    pub door: Arc<crate::admission::Door>,
     /// Held queries (`Prefer: wait`), woken by the commits that change what they read.
-    pub changes: crate::watch::Changes,
+    pub changes: Arc<crate::watch::Changes>,
     /// What `GET /readyz` reports; ownership and the relay write their lines.
-    pub health: crate::health::Board,
+    pub health: Arc<crate::health::Board>,
     /// Recent events with their inputs and effects, per service, for `deploy --verify`,
     /// until `verify::flush` writes them to the database.
     pub recordings: Arc<crate::verify::Recordings>,
     /// Woken after every commit that wrote outbox rows.
     pub relay: relay::Handle,
     /// Prometheus metrics (`GET /metrics`).
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Told by every commit that set a deadline (the scheduler's handle).
-    pub deadline_alarm: crate::deadline::Alarm,
+    pub deadline_alarm: Arc<crate::deadline::Alarm>,
     pub shutdown: CancellationToken,
     /// The instance's tasks; installing a service adds its worker and partition ownership.
     tasks: Arc<tokio::sync::Mutex<JoinSet<()>>>,
@@ -93,19 +94,6 @@ pub struct Shared {
     /// reading the recorded deployments to applying them: otherwise `follow` could read the
     /// history just before a change is recorded and undo the change it has not seen yet.
     pub lifecycle: tokio::sync::Mutex<()>,
-}
-
-impl Shared {
-    /// The saga deadline of `service` for `after-ms: none`: the config's per-service value,
-    /// else what the service declares, else the config default.
-    pub fn saga_deadline_ms(&self, service: &Service) -> u64 {
-        self.config
-            .saga_deadlines
-            .get(service.name())
-            .copied()
-            .or(service.guest.manifest.saga_deadline_ms)
-            .unwrap_or(self.config.worker.default_saga_deadline_ms)
-    }
 }
 
 /// Wraps the state reader guests read through (a test's fault seam).
@@ -148,20 +136,20 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     );
     let relay = relay::Handle::new(config.relay.slots);
     let shared = Arc::new(Shared {
-        door,
-        changes: crate::watch::Changes::default(),
-        health: crate::health::Board::default(),
-        config,
+        door: Arc::new(door),
+        changes: Arc::default(),
+        health: Arc::default(),
+        config: Arc::new(config),
         db,
         sandbox,
-        registry: Registry::default(),
+        registry: Arc::default(),
         reader,
         clock: options.clock,
-        stats: Stats::default(),
+        stats: Arc::default(),
         recordings,
         relay,
-        metrics: crate::metrics::Metrics::new(),
-        deadline_alarm: crate::deadline::Alarm::default(),
+        metrics: Arc::new(crate::metrics::Metrics::new()),
+        deadline_alarm: Arc::default(),
         shutdown: CancellationToken::new(),
         tasks: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),
         runs: tokio::sync::Mutex::new(HashMap::new()),
@@ -212,18 +200,45 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         source,
     })?;
     let mut tasks = shared.tasks.lock().await;
-    tasks.spawn(Relays::new(shared.clone(), options.relay_faults).run());
-    tasks.spawn(crate::deadline::Scheduler::new(shared.clone()).run());
+    let relay = relay::Context {
+        config: shared.config.clone(),
+        db: shared.db.clone(),
+        clock: shared.clock.clone(),
+        handle: shared.relay.clone(),
+        door: shared.door.clone(),
+        health: shared.health.clone(),
+        metrics: shared.metrics.clone(),
+        stats: shared.stats.clone(),
+        shutdown: shared.shutdown.clone(),
+    };
+    tasks.spawn(Relays::new(Arc::new(relay), options.relay_faults).run());
+    let scheduler = crate::deadline::Scheduler {
+        db: shared.db.clone(),
+        clock: shared.clock.clone(),
+        kafka: shared.config.kafka.clone(),
+        poll: Duration::from_millis(shared.config.relay.poll_interval_ms),
+        alarm: shared.deadline_alarm.clone(),
+        relay: shared.relay.clone(),
+        metrics: shared.metrics.clone(),
+        stats: shared.stats.clone(),
+        stop: shared.shutdown.clone(),
+    };
+    tasks.spawn(scheduler.run());
     tasks.spawn(crate::follow::run(shared.clone(), memory));
-    tasks.spawn(crate::verify::flush(shared.clone()));
+    tasks.spawn(crate::verify::flush(
+        shared.recordings.clone(),
+        shared.db.clone(),
+        shared.config.instance_id.clone(),
+        shared.shutdown.clone(),
+    ));
     let cleaner = crate::retention::Cleaner {
         db: shared.db.clone(),
         clock: shared.clock.clone(),
         settings: shared.config.retention.clone(),
         stop: shared.shutdown.clone(),
         deleted: {
-            let shared = shared.clone();
-            Box::new(move |n| Stats::add(&shared.stats.retention_deleted, n))
+            let stats = shared.stats.clone();
+            Box::new(move |n| Stats::add(&stats.retention_deleted, n))
         },
     };
     tasks.spawn(cleaner.run());
@@ -390,7 +405,7 @@ pub async fn install_validated(
     let service = shared.registry.install(service)?;
     let stop = shared.shutdown.child_token();
     let mut ownership = Ownership::new(
-        shared.clone(),
+        ownership_context(shared),
         service.name(),
         consumer.clone(),
         partitions,
@@ -399,7 +414,7 @@ pub async fn install_validated(
     if let Err(e) = ownership.tick().await {
         tracing::warn!(service = service.name(), "partition ownership: {e}");
     }
-    let worker = Worker::new(shared.clone(), service.name(), stop.clone());
+    let worker = Worker::new(worker_context(shared), service.name(), stop.clone());
     let (finished, done) = oneshot::channel();
     shared.tasks.lock().await.spawn(async move {
         tokio::join!(worker.run(consumer.clone()), ownership.run());
@@ -419,6 +434,38 @@ pub async fn install_validated(
         service,
         replaced: old,
     })
+}
+
+/// What a service's worker reaches of the instance.
+fn worker_context(shared: &Shared) -> Arc<crate::worker::Context> {
+    Arc::new(crate::worker::Context {
+        config: shared.config.clone(),
+        db: shared.db.clone(),
+        clock: shared.clock.clone(),
+        registry: shared.registry.clone(),
+        reader: shared.reader.clone(),
+        stats: shared.stats.clone(),
+        metrics: shared.metrics.clone(),
+        door: shared.door.clone(),
+        changes: shared.changes.clone(),
+        recordings: shared.recordings.clone(),
+        relay: shared.relay.clone(),
+        deadline_alarm: shared.deadline_alarm.clone(),
+    })
+}
+
+/// What a service's partition ownership reaches of the instance.
+fn ownership_context(shared: &Shared) -> crate::ownership::Context {
+    crate::ownership::Context {
+        db: shared.db.clone(),
+        clock: shared.clock.clone(),
+        instance_id: shared.config.instance_id.clone(),
+        lease_ms: shared.config.worker.partition_lease_ms,
+        kafka: shared.config.kafka.clone(),
+        health: shared.health.clone(),
+        metrics: shared.metrics.clone(),
+        shutdown: shared.shutdown.clone(),
+    }
 }
 
 /// A consumer for the topics `service` consumes, and their partitions.

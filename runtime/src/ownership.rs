@@ -29,9 +29,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka::consumer::Consumer;
-use crate::node::Shared;
-use crate::storage::{self, lease, offsets};
+use crate::clock::Clock;
+use crate::health::Board;
+use crate::kafka::{self, consumer::Consumer};
+use crate::metrics::Metrics;
+use crate::storage::{self, lease, offsets, Db};
 
 /// How long ownership waits for the broker to say where a partition taken soon after a
 /// broker loss should start.
@@ -40,9 +42,25 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The prefix of the instances' membership leases, heartbeated by ownership.
 pub const MEMBERS: &str = "member/";
 
+/// What ownership reaches of its instance; one per instance, cloned for each service.
+#[derive(Clone)]
+pub struct Context {
+    pub db: Db,
+    pub clock: Arc<dyn Clock>,
+    pub instance_id: String,
+    /// `worker.partition_lease_ms`: how long a partition lease lasts unrenewed.
+    pub lease_ms: u64,
+    /// Topic names, for the lag metric's labels.
+    pub kafka: kafka::Settings,
+    pub health: Arc<Board>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the whole instance shuts down: its membership is given back then.
+    pub shutdown: CancellationToken,
+}
+
 /// The partition leases of one service on this instance.
 pub struct Ownership {
-    shared: Arc<Shared>,
+    ctx: Context,
     service: String,
     consumer: Arc<Consumer>,
     /// (physical topic, partition) of every topic the service consumes.
@@ -56,7 +74,7 @@ pub struct Ownership {
 
 impl Ownership {
     pub fn new(
-        shared: Arc<Shared>,
+        ctx: Context,
         service: &str,
         consumer: Arc<Consumer>,
         mut partitions: Vec<(String, i32)>,
@@ -64,8 +82,7 @@ impl Ownership {
     ) -> Self {
         // Start the search for free partitions at a different place on each instance, so that
         // instances starting together do not all contend for the same first ones.
-        let spin = shared
-            .config
+        let spin = ctx
             .instance_id
             .bytes()
             .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
@@ -74,7 +91,7 @@ impl Ownership {
             partitions.rotate_left(n);
         }
         Ownership {
-            shared,
+            ctx,
             service: service.to_string(),
             consumer,
             partitions,
@@ -91,10 +108,10 @@ impl Ownership {
     /// One round of renew, give back, take; re-assigns the consumer if the set changed.
     pub async fn tick(&mut self) -> Result<(), storage::Error> {
         self.note_loss().await?;
-        let db = &self.shared.db;
-        let me = &self.shared.config.instance_id;
-        let ttl = self.shared.config.worker.partition_lease_ms as i64;
-        let now = self.shared.clock.now_ms();
+        let db = &self.ctx.db;
+        let me = &self.ctx.instance_id;
+        let ttl = self.ctx.lease_ms as i64;
+        let now = self.ctx.clock.now_ms();
         lease::acquire(db, &format!("{MEMBERS}{me}"), me, now, ttl).await?;
         let members = lease::count_held(db, MEMBERS, now).await?.max(1) as usize;
         let share = self.partitions.len().div_ceil(members);
@@ -136,7 +153,7 @@ impl Ownership {
                 }
             }
         }
-        let health = &self.shared.health;
+        let health = &self.ctx.health;
         health.assigned(&self.service, self.held.len(), self.partitions.len());
         self.report_lag();
         Ok(())
@@ -147,12 +164,12 @@ impl Ownership {
         let Some(ago) = self.consumer.lost_ago() else {
             return Ok(());
         };
-        let at = self.shared.clock.now_ms() - ago.as_millis() as i64;
+        let at = self.ctx.clock.now_ms() - ago.as_millis() as i64;
         // The same loss, computed again a tick later, may differ by a millisecond or two.
         if self.noted_loss.is_some_and(|noted| at < noted + 1000) {
             return Ok(());
         }
-        offsets::note_broker_loss(&self.shared.db, at).await?;
+        offsets::note_broker_loss(&self.ctx.db, at).await?;
         self.noted_loss = Some(at);
         Ok(())
     }
@@ -176,10 +193,10 @@ impl Ownership {
         if window == 0 || taken.is_empty() {
             return Ok(());
         }
-        let Some(lost) = offsets::broker_lost_ms(&self.shared.db).await? else {
+        let Some(lost) = offsets::broker_lost_ms(&self.ctx.db).await? else {
             return Ok(());
         };
-        if self.shared.clock.now_ms() - lost >= window {
+        if self.ctx.clock.now_ms() - lost >= window {
             return Ok(());
         }
         let consumer = self.consumer.clone();
@@ -216,14 +233,14 @@ impl Ownership {
     /// for the rest (another instance reports those).
     fn report_lag(&self) {
         let lag = self.consumer.lag();
-        let kafka = &self.shared.config.kafka;
+        let kafka = &self.ctx.kafka;
         for (topic, partition) in &self.partitions {
             let here = lag
                 .iter()
                 .find(|(t, p, _)| t == topic && p == partition)
                 .filter(|_| self.held.contains(&(topic.clone(), *partition)))
                 .map_or(0, |(_, _, lag)| *lag);
-            self.shared
+            self.ctx
                 .metrics
                 .consumer_lag(&self.service, kafka.logical(topic), *partition)
                 .set(here as f64);
@@ -233,11 +250,10 @@ impl Ownership {
     /// Tick until the service stops, then give its leases back so the others take over at
     /// once (and the instance's membership too if the whole instance is shutting down).
     pub async fn run(mut self) {
-        self.shared
+        self.ctx
             .health
             .consuming(&self.service, self.consumer.fetched());
-        let every =
-            Duration::from_millis((self.shared.config.worker.partition_lease_ms / 3).max(10));
+        let every = Duration::from_millis((self.ctx.lease_ms / 3).max(10));
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => break,
@@ -249,13 +265,13 @@ impl Ownership {
                 tracing::warn!(service = %self.service, "partition ownership: {e}");
             }
         }
-        self.shared.health.stopped(&self.service);
-        let me = &self.shared.config.instance_id;
+        self.ctx.health.stopped(&self.service);
+        let me = &self.ctx.instance_id;
         for p in &self.held {
-            let _ = lease::release(&self.shared.db, &self.lease_name(p), me).await;
+            let _ = lease::release(&self.ctx.db, &self.lease_name(p), me).await;
         }
-        if self.shared.shutdown.is_cancelled() {
-            let _ = lease::release(&self.shared.db, &format!("{MEMBERS}{me}"), me).await;
+        if self.ctx.shutdown.is_cancelled() {
+            let _ = lease::release(&self.ctx.db, &format!("{MEMBERS}{me}"), me).await;
         }
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
+use crate::config::Config;
 use crate::wasm::bindings::FailurePolicy;
 use crate::wasm::Guest;
 
@@ -58,6 +59,17 @@ pub struct Service {
 }
 
 impl Service {
+    /// The saga deadline for `after-ms: none`: the config's value for this service, else what
+    /// the service declares, else the config default.
+    pub fn saga_deadline_ms(&self, config: &Config) -> u64 {
+        config
+            .saga_deadlines
+            .get(self.name())
+            .copied()
+            .or(self.guest.manifest.saga_deadline_ms)
+            .unwrap_or(config.worker.default_saga_deadline_ms)
+    }
+
     pub fn new(guest: Guest) -> Result<Self, Error> {
         if let Some(topic) = guest.manifest.publishes.iter().find(|t| is_host_topic(t)) {
             return Err(Error::HostTopic {

@@ -46,11 +46,15 @@ use tokio_util::sync::CancellationToken;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureRecord, Producer as _, PurgeConfig};
 
+use crate::admission::Door;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::health::Board;
 use crate::kafka::doorbell::Doorbell;
 use crate::kafka::links::Links;
-use crate::node::Shared;
+use crate::metrics::Metrics;
 use crate::stats::Stats;
-use crate::storage::{generations, lease, outbox};
+use crate::storage::{generations, lease, outbox, Db};
 
 /// Points where a test can make the relay fail as if it crashed there.
 pub trait Faults: Send + Sync {
@@ -138,12 +142,27 @@ fn lease_name(slot: u32) -> String {
     format!("relay/{slot}")
 }
 
+/// What the relay reaches of its instance.
+pub struct Context {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub clock: Arc<dyn Clock>,
+    /// Its own handle: what commits wake, and the doorbell it rings.
+    pub handle: Handle,
+    /// The ingress's flow control, told how far behind the relay is.
+    pub door: Arc<Door>,
+    pub health: Arc<Board>,
+    pub metrics: Arc<Metrics>,
+    pub stats: Arc<Stats>,
+    pub shutdown: CancellationToken,
+}
+
 /// The relay slots of this instance (see the module docs): every tick (a third of
 /// `relay.lease_ttl_ms`) it renews the slot leases it holds, gives back what exceeds its fair
 /// share (slots ÷ live members, rounded up) and takes free or expired ones up to it, running
 /// one publishing loop per slot held.
 pub struct Relays {
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     faults: Arc<dyn Faults>,
     running: BTreeMap<u32, Running>,
     /// The order this instance tries free slots in: rotated by its id, so instances starting
@@ -176,9 +195,9 @@ impl Lease {
 }
 
 impl Relays {
-    pub fn new(shared: Arc<Shared>, faults: Arc<dyn Faults>) -> Self {
-        let slots = shared.relay.slots();
-        let spin = shared
+    pub fn new(ctx: Arc<Context>, faults: Arc<dyn Faults>) -> Self {
+        let slots = ctx.handle.slots();
+        let spin = ctx
             .config
             .instance_id
             .bytes()
@@ -186,7 +205,7 @@ impl Relays {
         let mut order: Vec<u32> = (0..slots).collect();
         order.rotate_left((spin % slots) as usize);
         Relays {
-            shared,
+            ctx,
             faults,
             running: BTreeMap::new(),
             order,
@@ -194,15 +213,15 @@ impl Relays {
     }
 
     pub async fn run(mut self) {
-        let ttl = self.shared.config.relay.lease_ttl_ms;
+        let ttl = self.ctx.config.relay.lease_ttl_ms;
         let every = Duration::from_millis((ttl / 3).max(10));
-        while !self.shared.shutdown.is_cancelled() {
+        while !self.ctx.shutdown.is_cancelled() {
             if let Err(e) = self.tick().await {
                 // Loops whose lease is not renewed in time stop publishing on their own.
                 tracing::warn!("relay slot leases: {e}");
             }
             tokio::select! {
-                _ = self.shared.shutdown.cancelled() => {}
+                _ = self.ctx.shutdown.cancelled() => {}
                 _ = tokio::time::sleep(every) => {}
             }
         }
@@ -214,13 +233,12 @@ impl Relays {
 
     /// One round of renew, give back, take.
     async fn tick(&mut self) -> Result<(), crate::storage::Error> {
-        let shared = self.shared.clone();
-        let db = &shared.db;
-        let me = &shared.config.instance_id;
-        let ttl = self.shared.config.relay.lease_ttl_ms as i64;
+        let ctx = self.ctx.clone();
+        let (db, me) = (&ctx.db, &ctx.config.instance_id);
+        let ttl = self.ctx.config.relay.lease_ttl_ms as i64;
         let asked = Instant::now();
-        let now = self.shared.clock.now_ms();
-        let slots = self.shared.relay.slots();
+        let now = self.ctx.clock.now_ms();
+        let slots = self.ctx.handle.slots();
         let members = lease::count_held(db, crate::ownership::MEMBERS, now)
             .await?
             .max(1) as u32;
@@ -249,18 +267,18 @@ impl Relays {
             }
         }
         let held: Vec<u32> = self.running.keys().copied().collect();
-        self.shared.metrics.relay_slots().set(held.len() as f64);
-        self.shared.health.relay(held, slots);
+        self.ctx.metrics.relay_slots().set(held.len() as f64);
+        self.ctx.health.relay(held, slots);
         Ok(())
     }
 
     fn start(&mut self, slot: u32, asked: Instant, ttl_ms: i64) {
         tracing::info!(slot, "relay slot taken");
-        let stop = self.shared.shutdown.child_token();
+        let stop = self.ctx.shutdown.child_token();
         let lease = Arc::new(Lease(std::sync::Mutex::new(Instant::now())));
         lease.renewed(asked, ttl_ms);
         let relay = Relay {
-            shared: self.shared.clone(),
+            ctx: self.ctx.clone(),
             faults: self.faults.clone(),
             links: Links::new("relay producer"),
             slot,
@@ -280,7 +298,7 @@ impl Relays {
             return;
         };
         running.stop.cancel();
-        let wait = Duration::from_millis((self.shared.config.relay.lease_ttl_ms / 3).max(10));
+        let wait = Duration::from_millis((self.ctx.config.relay.lease_ttl_ms / 3).max(10));
         if tokio::time::timeout(wait, running.task).await.is_err() {
             tracing::warn!(
                 slot,
@@ -288,8 +306,8 @@ impl Relays {
             );
             return;
         }
-        let me = &self.shared.config.instance_id;
-        if let Err(e) = lease::release(&self.shared.db, &lease_name(slot), me).await {
+        let me = &self.ctx.config.instance_id;
+        if let Err(e) = lease::release(&self.ctx.db, &lease_name(slot), me).await {
             tracing::debug!(slot, "relay lease release failed: {e}");
         }
         tracing::info!(slot, "relay slot given back");
@@ -307,13 +325,13 @@ struct Marking {
 }
 
 impl Marking {
-    fn start(&mut self, shared: &Arc<Shared>, ids: Vec<i64>, window: i64) {
+    fn start(&mut self, ctx: &Arc<Context>, ids: Vec<i64>, window: i64) {
         self.ids.extend(&ids);
-        let shared = shared.clone();
+        let ctx = ctx.clone();
         self.task = Some(tokio::spawn(async move {
             match window {
-                0 => outbox::delete(&shared.db, &ids).await,
-                _ => outbox::published(&shared.db, &ids, shared.clock.now_ms()).await,
+                0 => outbox::delete(&ctx.db, &ids).await,
+                _ => outbox::published(&ctx.db, &ids, ctx.clock.now_ms()).await,
             }
         }));
     }
@@ -336,7 +354,7 @@ impl Marking {
 
 /// The publishing loop of one relay slot, while this instance holds its lease.
 struct Relay {
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     faults: Arc<dyn Faults>,
     links: Links,
     slot: u32,
@@ -348,10 +366,10 @@ struct Relay {
 
 impl Relay {
     async fn run(self) {
-        let cfg = &self.shared.config.relay;
+        let cfg = &self.ctx.config.relay;
         let poll = Duration::from_millis(cfg.poll_interval_ms);
-        let db = &self.shared.db;
-        let slots = self.shared.relay.slots();
+        let db = &self.ctx.db;
+        let slots = self.ctx.handle.slots();
         let mut failures = 0u32;
         let window = cfg.republish_window_ms as i64;
         // The connection loss last answered (`Links::lost_ms`), and when published rows past
@@ -369,7 +387,7 @@ impl Relay {
         // nothing after it again); and the recent rows are marked waiting again.
         let _watch = {
             let (links, stop) = (self.links.clone(), self.stop.clone());
-            let (shared, slot, producer) = (self.shared.clone(), self.slot, producer.clone());
+            let (ctx, slot, producer) = (self.ctx.clone(), self.slot, producer.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
@@ -384,7 +402,7 @@ impl Relay {
                         continue;
                     }
                     let lost = links.lost_ms();
-                    if let Err(e) = publish_again(&shared, &links, slot, lost, window).await {
+                    if let Err(e) = publish_again(&ctx, &links, slot, lost, window).await {
                         tracing::warn!("relay could not mark its recent rows waiting again: {e}");
                     }
                 }
@@ -408,7 +426,7 @@ impl Relay {
                 // Again here: a batch committed just before the loss may have been marked
                 // published after the watcher marked the window waiting.
                 if window > 0 {
-                    let again = publish_again(&self.shared, &self.links, self.slot, lost, window);
+                    let again = publish_again(&self.ctx, &self.links, self.slot, lost, window);
                     if let Err(e) = again.await {
                         tracing::warn!("relay could not mark its recent rows waiting again: {e}");
                         self.idle(poll).await;
@@ -418,7 +436,7 @@ impl Relay {
                 answered = lost;
             }
             if window > 0 && swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
-                let before = self.shared.clock.now_ms() - window;
+                let before = self.ctx.clock.now_ms() - window;
                 match outbox::sweep(db, self.slot, slots, before).await {
                     Ok(_) => swept = Some(Instant::now()),
                     Err(e) => tracing::warn!("relay could not delete its old published rows: {e}"),
@@ -433,7 +451,7 @@ impl Relay {
                     // Behind only with a backlog: a full batch.
                     let oldest = rows.iter().map(|r| r.created_ms).min();
                     if let Some(oldest) = oldest.filter(|_| rows.len() >= cfg.batch_size as usize) {
-                        self.shared.door.report(&self.name, oldest);
+                        self.ctx.door.report(&self.name, oldest);
                     }
                     Ok(self.park_oversized(rows).await)
                 }
@@ -468,10 +486,10 @@ impl Relay {
                 Ok(()) => {
                     failures = 0;
                     if rows.len() < cfg.batch_size as usize {
-                        self.shared.door.caught_up(&self.name);
+                        self.ctx.door.caught_up(&self.name);
                     }
                     marking.finish().await;
-                    marking.start(&self.shared, rows.iter().map(|r| r.id).collect(), window);
+                    marking.start(&self.ctx, rows.iter().map(|r| r.id).collect(), window);
                 }
                 Err(Error::Refused { index, error }) => {
                     // One bad row must not hold up the others: set it aside, go on at once.
@@ -481,7 +499,7 @@ impl Relay {
                 }
                 Err(e) => {
                     failures += 1;
-                    Stats::add(&self.shared.stats.relay_retries, 1);
+                    Stats::add(&self.ctx.stats.relay_retries, 1);
                     tracing::warn!(rows = rows.len(), "relay batch failed, will retry: {e}");
                     // A fresh producer re-runs init_transactions, which aborts anything open.
                     forget(&producer);
@@ -497,7 +515,7 @@ impl Relay {
     /// they are sent: a refused send would abort the whole transaction. Nothing the runtime
     /// lets in is that large; rows from before a limit was lowered can be.
     async fn park_oversized(&self, rows: Vec<outbox::Row>) -> Vec<outbox::Row> {
-        let max = self.shared.config.limits.broker_message_bytes;
+        let max = self.ctx.config.limits.broker_message_bytes;
         let (fit, over): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.message.size() <= max);
         for row in &over {
             let reason = format!(
@@ -517,9 +535,9 @@ impl Relay {
             id = row.id, event = %m.event_id, topic = %m.topic, size = m.size(),
             "outbox row parked: {reason}"
         );
-        let now = self.shared.clock.now_ms();
-        match outbox::park(&self.shared.db, row.id, reason, now).await {
-            Ok(()) => Stats::add(&self.shared.stats.parked, 1),
+        let now = self.ctx.clock.now_ms();
+        match outbox::park(&self.ctx.db, row.id, reason, now).await {
+            Ok(()) => Stats::add(&self.ctx.stats.parked, 1),
             // It stays in the outbox and is tried (and parked) again.
             Err(e) => tracing::warn!(id = row.id, "could not park an outbox row: {e}"),
         }
@@ -528,10 +546,10 @@ impl Relay {
     /// A transactional producer of a new generation (see the module docs): the previous
     /// generation's id fenced and its open transaction aborted first.
     async fn producer(&self) -> Result<FutureProducer, Error> {
-        let db = &self.shared.db;
+        let db = &self.ctx.db;
         // As long as a send may take: with the broker away (a producer is made anew after
         // every connection loss) this fails, and is retried, as a batch would.
-        let ms = self.shared.config.relay.send_timeout_ms;
+        let ms = self.ctx.config.relay.send_timeout_ms;
         let wait = Duration::from_millis(ms).clamp(Duration::from_millis(100), KAFKA_TIMEOUT);
         loop {
             let previous = generations::current(db, &self.name).await?;
@@ -555,9 +573,9 @@ impl Relay {
     }
 
     fn transactional(&self, generation: i64) -> Result<FutureProducer, Error> {
-        let kafka = &self.shared.config.kafka;
-        let max = self.shared.config.limits.broker_message_bytes;
-        let send_timeout = self.shared.config.relay.send_timeout_ms.clamp(1, 60_000);
+        let kafka = &self.ctx.config.kafka;
+        let max = self.ctx.config.limits.broker_message_bytes;
+        let send_timeout = self.ctx.config.relay.send_timeout_ms.clamp(1, 60_000);
         let id = kafka.topic(&format!("saga-relay-{}-g{generation}", self.slot));
         Ok(kafka
             .client()
@@ -585,8 +603,8 @@ impl Relay {
                     p.commit_transaction(KAFKA_TIMEOUT)
                 })
                 .await?;
-                self.shared
-                    .relay
+                self.ctx
+                    .handle
                     .doorbell()
                     .ring(
                         rows.iter()
@@ -599,7 +617,7 @@ impl Relay {
             Err(e) => {
                 let p = producer.clone();
                 // Briefly: if the broker is away the next producer generation aborts it anyway.
-                let wait = Duration::from_millis(self.shared.config.relay.send_timeout_ms.max(100));
+                let wait = Duration::from_millis(self.ctx.config.relay.send_timeout_ms.max(100));
                 let wait = wait.min(KAFKA_TIMEOUT);
                 if let Err(abort) = blocking(move || p.abort_transaction(wait)).await {
                     tracing::warn!("relay could not abort its transaction: {abort}");
@@ -607,17 +625,14 @@ impl Relay {
                 return Err(e);
             }
         }
-        let stats = &self.shared.stats;
+        let stats = &self.ctx.stats;
         Stats::add(&stats.published, rows.len() as u64);
         Stats::add(&stats.relay_batches, 1);
-        self.shared.metrics.relay_rows.record(rows.len() as f64);
-        let now = self.shared.clock.now_ms();
+        self.ctx.metrics.relay_rows.record(rows.len() as f64);
+        let now = self.ctx.clock.now_ms();
         for row in rows {
             let waited = (now - row.created_ms).max(0);
-            self.shared
-                .metrics
-                .relay_delay
-                .record(waited as f64 / 1000.0);
+            self.ctx.metrics.relay_delay.record(waited as f64 / 1000.0);
         }
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         self.faults.after_commit(&ids).map_err(Error::Injected)
@@ -673,7 +688,7 @@ impl Relay {
     async fn idle(&self, d: Duration) {
         tokio::select! {
             _ = self.stop.cancelled() => {}
-            _ = self.shared.relay.woken(self.slot).notified() => {}
+            _ = self.ctx.handle.woken(self.slot).notified() => {}
             _ = tokio::time::sleep(d) => {}
         }
     }
@@ -704,15 +719,15 @@ fn forget(producer: &std::sync::Mutex<Option<FutureProducer>>) {
 /// mark the rows the slot published from `window` ms before then waiting again (see the
 /// module docs).
 async fn publish_again(
-    shared: &Shared,
+    ctx: &Context,
     links: &Links,
     slot: u32,
     lost: i64,
     window: i64,
 ) -> Result<(), Error> {
     let ago = links.now_ms() - lost;
-    let since = shared.clock.now_ms() - ago - window;
-    let rows = outbox::unpublish(&shared.db, slot, shared.relay.slots(), since).await?;
+    let since = ctx.clock.now_ms() - ago - window;
+    let rows = outbox::unpublish(&ctx.db, slot, ctx.handle.slots(), since).await?;
     if rows > 0 {
         tracing::warn!(
             slot,

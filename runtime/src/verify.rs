@@ -20,8 +20,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::node::Shared;
-use crate::storage::{self, recordings::Recorded};
+use tokio_util::sync::CancellationToken;
+
+use crate::storage::{self, recordings::Recorded, Db};
 use crate::wasm::bindings::{Context, Effects, Event};
 use crate::wasm::{Guest, StateReader, Versioned};
 
@@ -223,23 +224,24 @@ impl Recordings {
 
     /// Write what is pending to the database (serialised on a blocking thread: it is
     /// hundreds of JSON documents at a time).
-    pub async fn save(self: &Arc<Self>, shared: &Shared) -> Result<(), storage::Error> {
-        let (me, instance) = (self.clone(), shared.config.instance_id.clone());
+    pub async fn save(self: &Arc<Self>, db: &Db, instance: &str) -> Result<(), storage::Error> {
+        let (me, instance) = (self.clone(), instance.to_string());
         let rows = tokio::task::spawn_blocking(move || me.take(&instance))
             .await
             .unwrap_or_default();
-        storage::recordings::save(&shared.db, &rows, self.keep).await
+        storage::recordings::save(db, &rows, self.keep).await
     }
 
     /// The newest recordings of `service` on every instance (this one's saved first), oldest
     /// first. Rows this runtime cannot read (written by another version of it) are skipped.
     pub async fn of(
         self: &Arc<Self>,
-        shared: &Shared,
+        db: &Db,
+        instance: &str,
         service: &str,
     ) -> Result<Vec<Recording>, storage::Error> {
-        self.save(shared).await?;
-        let rows = storage::recordings::recent(&shared.db, service, self.keep).await?;
+        self.save(db, instance).await?;
+        let rows = storage::recordings::recent(db, service, self.keep).await?;
         Ok(rows
             .into_iter()
             .filter_map(|row| match serde_json::from_str(&row.body) {
@@ -255,16 +257,16 @@ impl Recordings {
 
 /// Write new recordings to the database every [`FLUSH_EVERY`] until the instance stops (and
 /// once more then). A failed write loses that batch of samples, nothing else.
-pub async fn flush(shared: Arc<Shared>) {
-    if !shared.recordings.enabled() {
+pub async fn flush(recordings: Arc<Recordings>, db: Db, instance: String, stop: CancellationToken) {
+    if !recordings.enabled() {
         return;
     }
     loop {
         let stopping = tokio::select! {
-            _ = shared.shutdown.cancelled() => true,
+            _ = stop.cancelled() => true,
             _ = tokio::time::sleep(FLUSH_EVERY) => false,
         };
-        if let Err(e) = shared.recordings.save(&shared).await {
+        if let Err(e) = recordings.save(&db, &instance).await {
             tracing::warn!("could not save recordings for deploy --verify: {e}");
         }
         if stopping {

@@ -559,28 +559,50 @@ async fn a_compensation_waits_for_its_step_held_on_another_instance() {
     let shop = Shop::of(&rt);
     shop.fund("slow-split", 100 * AMOUNT).await;
     shop.stock("plenty", 1000).await;
-    for n in 0..6 {
+    // An order whose payment is first handled more than `SLOW_MS` after it was emitted (the
+    // partitions may still be settling between the instances) is charged at once, never held:
+    // it cannot show the race, so it is counted apart and another order is placed.
+    let (mut exercised, mut charged_at_once) = (0, 0);
+    while exercised < 6 {
+        assert!(
+            charged_at_once < 10,
+            "{charged_at_once} orders were charged without a hold"
+        );
         let id = shop.order("slow-split", "plenty", 1, AMOUNT).await;
-        eventually("the payment step to be held", || async {
-            let held: Option<i64> = sqlx::query_scalar(
-                "SELECT until_ms FROM held_steps WHERE service = 'payment' AND saga = $1",
-            )
-            .bind(&id)
-            .fetch_optional(db.pool())
-            .await
-            .unwrap();
-            match held {
-                Some(_) => Ok(()),
-                // What happened to the order so far, for a run that never sees the hold.
-                None => Err(format!(
-                    "order {n} ({id}) not held yet; its saga: {:?}",
-                    timeline(&rt, &id).await
-                )),
-            }
-        })
+        let held = eventually(
+            "the payment step to be held (or charged at once)",
+            || async {
+                let held: Option<i64> = sqlx::query_scalar(
+                    "SELECT until_ms FROM held_steps WHERE service = 'payment' AND saga = $1",
+                )
+                .bind(&id)
+                .fetch_optional(db.pool())
+                .await
+                .unwrap();
+                if held.is_some() {
+                    return Ok(true);
+                }
+                let t = timeline(&rt, &id).await;
+                let charged = t.iter().any(|h| {
+                    h.service == "payment" && h.event_type == "PaymentRequested" && !h.is_attempt()
+                });
+                if charged {
+                    return Ok(false);
+                }
+                // What happened to the order so far, for a run that never sees either.
+                Err(format!(
+                    "order {id} neither held nor charged yet; its saga: {t:?}"
+                ))
+            },
+        )
         .await;
+        if !held {
+            eprintln!("order {id}: charged without a hold (its payment was handled late)");
+            charged_at_once += 1;
+            continue;
+        }
         let data = serde_json::json!({ "orderId": id });
-        let undo = format!("undo-{n}-{id}");
+        let undo = format!("undo-{exercised}-{id}");
         produce_event(
             rt.prefix(),
             "payment.compensation",
@@ -598,8 +620,13 @@ async fn a_compensation_waits_for_its_step_held_on_another_instance() {
         let charged = find(&t, "payment", "PaymentRequested").handled_ms;
         let refunded = find(&t, "payment", "PaymentCompensationRequested").handled_ms;
         assert!(charged <= refunded, "{id}: {t:?}");
+        exercised += 1;
     }
-    assert_eq!(shop.balance("slow-split").await, 100 * AMOUNT);
+    // Each exercised order was charged and refunded; each charged at once only charged.
+    assert_eq!(
+        shop.balance("slow-split").await,
+        (100 - charged_at_once) * AMOUNT
+    );
     sibling.shutdown().await;
     rt.stop().await;
 }

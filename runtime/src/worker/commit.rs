@@ -57,7 +57,7 @@ impl Worker {
             .await?
         {
             Ok(deferred) => return Ok(deferred),
-            Err(Undo) => Stats::add(&self.shared.stats.recommits, 1),
+            Err(Undo) => Stats::add(&self.ctx.stats.recommits, 1),
         }
         let committed = self
             .commit_as(Isolation::PerEvent, service, items, verdicts, &mut spans)
@@ -73,7 +73,7 @@ impl Worker {
         verdicts: &[Verdict],
         spans: &mut [Option<tracing::Span>],
     ) -> Result<Result<Vec<usize>, Undo>, storage::Error> {
-        let mut tx = self.shared.db.begin().await?;
+        let mut tx = self.ctx.db.begin().await?;
         let mut blocked: HashSet<(&str, i32)> = HashSet::new();
         let mut deferred = Vec::new();
         // Positions move with the effects: per partition, past every event handled here (a
@@ -131,7 +131,7 @@ impl Worker {
                 Ok(Some(inbox::Outcome::Ignored)) => ignored += 1,
                 Ok(None) => duplicates += 1,
                 Err(storage::Error::Conflict { .. }) => {
-                    Stats::add(&self.shared.stats.conflicts, 1);
+                    Stats::add(&self.ctx.stats.conflicts, 1);
                     blocked.insert(lane);
                     deferred.push(i);
                 }
@@ -148,10 +148,7 @@ impl Worker {
             next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
         storage::offsets::advance(&mut tx, &self.service, &positions).await?;
         tx.commit().await?;
-        let handled = self
-            .shared
-            .metrics
-            .handled(service.name(), service.version());
+        let handled = self.ctx.metrics.handled(service.name(), service.version());
         for (i, o) in outcomes {
             if let Some(span) = &spans[i] {
                 span.record(
@@ -161,10 +158,10 @@ impl Worker {
             }
             handled.record(metric_outcome(o), items[i].taken.elapsed());
         }
-        let metrics = &self.shared.metrics;
+        let metrics = &self.ctx.metrics;
         metrics.sagas_ended(service.name(), "settled", &done.settled_ms);
-        self.shared.changes.committed(&self.service, written);
-        let stats = &self.shared.stats;
+        self.ctx.changes.committed(&self.service, written);
+        let stats = &self.ctx.stats;
         Stats::add(&stats.applied, applied);
         Stats::add(&stats.duplicates, duplicates);
         Stats::add(&stats.dead_lettered, dead);
@@ -172,10 +169,10 @@ impl Worker {
         Stats::add(&stats.ignored, ignored);
         Stats::add(&stats.refused, refused);
         if applied + dead + refused > 0 {
-            self.shared.relay.wake();
+            self.ctx.relay.wake();
         }
         if let Some(due) = done.earliest_due_ms {
-            self.shared.deadline_alarm.set(due);
+            self.ctx.deadline_alarm.set(due);
         }
         Ok(Ok(deferred))
     }
@@ -192,7 +189,7 @@ impl Worker {
         done: &mut effects::Applied,
     ) -> Result<Result<Option<inbox::Outcome>, Undo>, storage::Error> {
         use sqlx::Connection as _;
-        let now_ms = self.shared.clock.now_ms();
+        let now_ms = self.ctx.clock.now_ms();
         let id = item.inbox_id();
         let handled = self.entry(service, item, &id, now_ms);
         let saga = handled.saga;
@@ -267,10 +264,10 @@ impl Worker {
             (Verdict::Apply(called), inbox::Outcome::Applied | inbox::Outcome::Compensated) => {
                 let trace = crate::telemetry::carried(&item.span);
                 let ctx = effects::Context {
-                    kafka: &self.shared.config.kafka,
+                    kafka: &self.ctx.config.kafka,
                     now_ms,
                     cause_deadline_ms: item.event.as_ref().ok().and_then(|e| e.deadline_ms),
-                    saga_deadline_ms: self.shared.saga_deadline_ms(service),
+                    saga_deadline_ms: service.saga_deadline_ms(&self.ctx.config),
                     cause_id: id,
                     trace: &trace,
                 };
@@ -347,7 +344,7 @@ impl Worker {
             service = service.name(), topic = %r.topic, partition = r.partition, offset = r.offset,
             "the database refused an event; dead-lettering it: {error}"
         );
-        let now_ms = self.shared.clock.now_ms();
+        let now_ms = self.ctx.clock.now_ms();
         let id = format!("kafka:{}:{}:{}", r.topic, r.partition, r.offset);
         let reason = limits::sanitize(
             &format!("the database refused to store this event: {error}"),
@@ -358,7 +355,7 @@ impl Worker {
             event_id: &id,
             saga: "",
             event_type: "",
-            topic: self.shared.config.kafka.logical(&r.topic),
+            topic: self.ctx.config.kafka.logical(&r.topic),
             outcome: inbox::Outcome::DeadLettered,
             detail: Some(&reason),
             version: service.version(),
@@ -384,9 +381,9 @@ impl Worker {
         reason: &str,
         attempts: u32,
     ) -> outbox::Message {
-        let kafka = &self.shared.config.kafka;
+        let kafka = &self.ctx.config.kafka;
         let r = &item.record;
-        let mut budget = self.shared.config.limits.event_headers_bytes;
+        let mut budget = self.ctx.config.limits.event_headers_bytes;
         let mut headers: Vec<(String, String)> = Vec::with_capacity(r.headers.len() + 6);
         for (k, v) in &r.headers {
             let k = limits::sanitize(k, budget);
@@ -416,7 +413,7 @@ impl Worker {
             topic: kafka.topic(&dead_letter::topic(kafka.logical(&r.topic))),
             key: limits::sanitize(
                 &String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()),
-                self.shared.config.limits.id_bytes,
+                self.ctx.config.limits.id_bytes,
             ),
             headers,
             payload: r.payload.clone(),

@@ -79,7 +79,7 @@ impl Worker {
         if let Some(carried) = event.deadline_ms.filter(|_| step == Step::Forward) {
             // The stored deadlines decide (one cancelled or moved since this event was emitted
             // is honoured); only a saga the database knows none of goes by the carried one.
-            let now = self.shared.clock.now_ms();
+            let now = self.ctx.clock.now_ms();
             let stored = item.saga().and_then(|saga| door.expiry.get(saga));
             let expired_at = match stored {
                 Some(stored) => *stored,
@@ -93,7 +93,7 @@ impl Worker {
         }
         if step == Step::Compensation {
             let now = tokio::time::Instant::now();
-            let at_least = Duration::from_millis(self.shared.config.worker.retry_backoff_ms);
+            let at_least = Duration::from_millis(self.ctx.config.worker.retry_backoff_ms);
             if let Some(until) = item.saga().and_then(|saga| holds.step_pending(saga, now)) {
                 return Some(Verdict::Held {
                     attempt: 0,
@@ -103,8 +103,8 @@ impl Worker {
             // Held on another instance (or here, before a restart).
             if let Some(&until) = item.saga().and_then(|saga| door.held.get(saga)) {
                 // Look again soon: the row goes as soon as the step is handled over there.
-                let left = (until - self.shared.clock.now_ms()).max(0) as u64;
-                let cap = self.shared.config.worker.max_backoff_ms;
+                let left = (until - self.ctx.clock.now_ms()).max(0) as u64;
+                let cap = self.ctx.config.worker.max_backoff_ms;
                 return Some(Verdict::Held {
                     attempt: 0,
                     retry_in: Duration::from_millis(left.min(cap)).max(at_least),
@@ -122,7 +122,7 @@ impl Worker {
             let started = std::time::Instant::now();
             let failure = match self.call(service, item, event, attempt).await {
                 Ok(called) => {
-                    let limits = &self.shared.config.limits;
+                    let limits = &self.ctx.config.limits;
                     match effects::validate(limits, service, scope, &called.output) {
                         Ok(()) => return Some(Verdict::Apply(called)),
                         Err(reason) => Failure::Reject(reason),
@@ -133,7 +133,7 @@ impl Worker {
             if failure.is_host() {
                 // Not the handler's attempt: wait and run it again, whatever the policy.
                 host_faults += 1;
-                Stats::add(&self.shared.stats.host_faults, 1);
+                Stats::add(&self.ctx.stats.host_faults, 1);
                 tracing::warn!(
                     service = %self.service, event = %event.id, attempt, "{failure}; retrying"
                 );
@@ -142,11 +142,8 @@ impl Worker {
                 }
                 continue;
             }
-            Stats::add(&self.shared.stats.failures, 1);
-            let handled = self
-                .shared
-                .metrics
-                .handled(service.name(), service.version());
+            Stats::add(&self.ctx.stats.failures, 1);
+            let handled = self.ctx.metrics.handled(service.name(), service.version());
             handled.record(crate::metrics::Outcome::Failed, started.elapsed());
             tracing::warn!(
                 service = %self.service, event = %event.id, attempt, "handler failed: {failure}"
@@ -182,28 +179,28 @@ impl Worker {
         event: &Event,
         attempt: u32,
     ) -> Result<Called<Effects>, Failure> {
-        let ctx = Context {
-            now_ms: self.shared.clock.now_ms(),
+        let ctx = bindings::Context {
+            now_ms: self.ctx.clock.now_ms(),
             attempt,
             new_id: item.new_id.clone(),
         };
         let waited = std::time::Instant::now();
         let slot = service.guest.slots().admit().await?;
-        self.shared
+        self.ctx
             .metrics
             .guest_wait
             .record(waited.elapsed().as_secs_f64());
         let span =
             crate::telemetry::guest_span(&item.span, service.name(), service.version(), attempt);
-        let shared = &self.shared;
+        let host = &self.ctx;
         let called = async {
-            if !shared.recordings.enabled() {
+            if !host.recordings.enabled() {
                 return service
                     .guest
-                    .on_event(&slot, shared.reader.clone(), &ctx, event)
+                    .on_event(&slot, host.reader.clone(), &ctx, event)
                     .await;
             }
-            let recorder = Arc::new(Recorder::new(shared.reader.clone()));
+            let recorder = Arc::new(Recorder::new(host.reader.clone()));
             let called = service
                 .guest
                 .on_event(&slot, recorder.clone(), &ctx, event)
@@ -216,7 +213,7 @@ impl Worker {
                     effects: called.output.clone(),
                     version: service.version().to_string(),
                 };
-                shared.recordings.add(service.name(), recording);
+                host.recordings.add(service.name(), recording);
             }
             called
         };
@@ -239,10 +236,10 @@ impl Worker {
         let id = item.inbox_id();
         let entry = inbox::Entry {
             detail: Some(&detail),
-            ..self.entry(service, item, &id, self.shared.clock.now_ms())
+            ..self.entry(service, item, &id, self.ctx.clock.now_ms())
         };
         let noted = async {
-            let mut conn = self.shared.db.pool().acquire().await?;
+            let mut conn = self.ctx.db.pool().acquire().await?;
             inbox::note(&mut conn, &entry, inbox::Attempt::Failed).await
         };
         if let Err(e) = noted.await {

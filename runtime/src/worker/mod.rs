@@ -26,17 +26,23 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::admission::Door as Admission;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::deadline::Alarm;
 use crate::effects;
 use crate::kafka::cloudevents::{self, Malformed};
 use crate::kafka::consumer::{Consumer, Record};
 use crate::kafka::dead_letter::headers as dlt_headers;
-use crate::node::Shared;
-use crate::registry::{Service, Step};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, Service, Step};
+use crate::relay;
 use crate::stats::Stats;
-use crate::storage::{self, inbox};
-use crate::verify::{Recorder, Recording};
-use crate::wasm::bindings::{Context, Effects, Event, FailurePolicy};
-use crate::wasm::{Called, Failure};
+use crate::storage::{self, inbox, Db};
+use crate::verify::{Recorder, Recording, Recordings};
+use crate::wasm::bindings::{self, Effects, Event, FailurePolicy};
+use crate::wasm::{Called, Failure, StateReader};
+use crate::watch::Changes;
 use holds::{compensations_wait_for_held_steps, hold, Hold, Holds};
 
 /// One record of a batch and what became of it.
@@ -139,8 +145,31 @@ fn closed_reason(step: Step, by: &str) -> String {
     }
 }
 
+/// What a worker reaches of its instance: one per instance, shared by its services' workers.
+pub struct Context {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub clock: Arc<dyn Clock>,
+    /// The services loaded here: a batch runs the version installed when it starts.
+    pub registry: Arc<Registry>,
+    /// What guests read their state through.
+    pub reader: Arc<dyn StateReader>,
+    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
+    /// The ingress's flow control, told how far behind the worker is.
+    pub door: Arc<Admission>,
+    /// Held queries, woken by the keys a commit wrote.
+    pub changes: Arc<Changes>,
+    /// Recent events with their inputs and effects, for `deploy --verify`.
+    pub recordings: Arc<Recordings>,
+    /// Woken by a commit that wrote outbox rows.
+    pub relay: relay::Handle,
+    /// Told by a commit that set a deadline.
+    pub deadline_alarm: Arc<Alarm>,
+}
+
 pub struct Worker {
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     service: String,
     /// Cancelled when this service stops on this instance (undeploy, a new version that
     /// consumes other topics, or the instance's shutdown).
@@ -148,16 +177,16 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, service: &str, stop: CancellationToken) -> Self {
+    pub fn new(ctx: Arc<Context>, service: &str, stop: CancellationToken) -> Self {
         Worker {
-            shared,
+            ctx,
             service: service.to_string(),
             stop,
         }
     }
 
     pub async fn run(self, consumer: Arc<Consumer>) {
-        let max = self.shared.config.worker.max_batch.max(1);
+        let max = self.ctx.config.worker.max_batch.max(1);
         let mut holds = Holds::default();
         loop {
             for h in holds.due(tokio::time::Instant::now()) {
@@ -201,7 +230,7 @@ impl Worker {
             if batch.is_empty() {
                 continue;
             }
-            let Some(service) = self.shared.registry.get(&self.service) else {
+            let Some(service) = self.ctx.registry.get(&self.service) else {
                 break;
             };
             let Some(held) = self.process(&service, &batch, &mut holds).await else {
@@ -209,7 +238,7 @@ impl Worker {
             };
             if batch.len() < max {
                 // It took all there was: however late that was, nothing waits behind it.
-                self.shared.door.caught_up(&self.service);
+                self.ctx.door.caught_up(&self.service);
             }
             for h in held {
                 tracing::info!(service = %self.service, topic = %h.topic, partition = h.partition, offset = h.offset, attempt = h.attempt, "partition held for a retry");
@@ -231,7 +260,7 @@ impl Worker {
         holds: &mut Holds,
     ) -> Option<Vec<Hold>> {
         let taken = std::time::Instant::now();
-        let taken_ms = self.shared.clock.now_ms();
+        let taken_ms = self.ctx.clock.now_ms();
         let items: Vec<Item<'_>> = batch
             .iter()
             .map(|record| Item {
@@ -255,16 +284,16 @@ impl Worker {
             .filter_map(|i| i.event.as_ref().ok().map(|e| e.time_ms))
             .filter(|&t| t > 0) // no `time` attribute
             .collect();
-        let delivered = self.shared.metrics.delivered(&self.service);
+        let delivered = self.ctx.metrics.delivered(&self.service);
         for at in &emitted {
             delivered.record((taken_ms - at).max(0) as f64 / 1000.0);
         }
         // How late this service takes its events, for the ingress's shedding, when it has a
         // backlog (a full batch; a smaller one is reported caught up after it); a partition
         // released from a hold is late by design, in a batch of its own size.
-        if items.len() >= self.shared.config.worker.max_batch.max(1) {
+        if items.len() >= self.ctx.config.worker.max_batch.max(1) {
             if let Some(&oldest) = emitted.iter().min() {
-                self.shared.door.report(&self.service, oldest);
+                self.ctx.door.report(&self.service, oldest);
             }
         }
         let mut verdicts = self.decide_all(service, &items, &door, holds).await?;
@@ -313,8 +342,8 @@ impl Worker {
             .until
             .saturating_duration_since(tokio::time::Instant::now())
             + holds::RELEASED_FOR;
-        let until = self.shared.clock.now_ms() + left.as_millis() as i64;
-        if let Err(e) = storage::held::hold(&self.shared.db, &self.service, saga, until).await {
+        let until = self.ctx.clock.now_ms() + left.as_millis() as i64;
+        if let Err(e) = storage::held::hold(&self.ctx.db, &self.service, saga, until).await {
             tracing::debug!(service = %self.service, "held step not shared: {e}");
         }
     }
@@ -332,7 +361,7 @@ impl Worker {
             saga.id = %header(cloudevents::SUBJECT),
             cloudevents.event_id = %header(cloudevents::ID),
             cloudevents.event_type = %header(cloudevents::TYPE),
-            messaging.destination.name = %self.shared.config.kafka.logical(&record.topic),
+            messaging.destination.name = %self.ctx.config.kafka.logical(&record.topic),
             messaging.destination.partition.id = record.partition,
             messaging.kafka.offset = record.offset,
             trace_id = tracing::field::Empty,
@@ -343,7 +372,7 @@ impl Worker {
 
     /// The event a record carries, within the limits (`crate::limits`), or why not.
     fn decode(&self, record: &Record) -> Result<Event, Malformed> {
-        let config = &self.shared.config;
+        let config = &self.ctx.config;
         let event = cloudevents::decode(
             config.kafka.logical(&record.topic),
             &record.headers,
@@ -388,13 +417,13 @@ impl Worker {
         compensated.dedup();
         let ask = storage::door::Ask {
             service: &self.service,
-            now_ms: self.shared.clock.now_ms(),
+            now_ms: self.ctx.clock.now_ms(),
             events: &events,
             ledger: &sagas,
             held: &compensated,
             timed: &timed,
         };
-        let mut conn = self.shared.db.pool().acquire().await?;
+        let mut conn = self.ctx.db.pool().acquire().await?;
         storage::door::read(&mut conn, &ask).await
     }
 
@@ -409,7 +438,7 @@ impl Worker {
     ) -> inbox::Entry<'a> {
         let (saga, event_type, topic) = match &item.event {
             Ok(e) => (e.subject.as_str(), e.type_.as_str(), e.topic.as_str()),
-            Err(_) => ("", "", self.shared.config.kafka.logical(&item.record.topic)),
+            Err(_) => ("", "", self.ctx.config.kafka.logical(&item.record.topic)),
         };
         inbox::Entry {
             service: service.name(),
@@ -425,7 +454,7 @@ impl Worker {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        backoff(&self.shared.config.worker, attempt)
+        backoff(&self.ctx.config.worker, attempt)
     }
 
     /// Re-run a deferred event on fresh state until it commits (or is found a duplicate), or
@@ -473,7 +502,7 @@ impl Worker {
             if conflicts == crate::backoff::CONFLICT_RERUNS {
                 tracing::warn!(service = %self.service, topic = %item.record.topic, partition = item.record.partition, offset = item.record.offset, "event keeps conflicting; re-running it at the capped pause");
             }
-            let cap = self.shared.config.worker.max_backoff_ms;
+            let cap = self.ctx.config.worker.max_backoff_ms;
             let pause = crate::backoff::conflict(conflicts, cap);
             if !self.pause(pause).await {
                 return Rerun::Stopping;
