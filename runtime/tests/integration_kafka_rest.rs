@@ -111,3 +111,47 @@ async fn records_nobody_announces_arrive_after_the_rest() {
     }
     assert_eq!(seen, ["a", "b", "c"]);
 }
+
+/// A partition given away while the consumer rests (paused with the others), then taken back
+/// when it does not rest, is read. It used to stay paused inside librdkafka: the rest's end
+/// resumes only the partitions still assigned, and an assignment does not resume a partition
+/// librdkafka holds paused. With the local relay announcing records for it, the consumer never
+/// rested again, so nothing resumed it — in the fault suite a surviving instance's exchange
+/// service stopped for good after taking back, from 0, partitions it had given up while idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_given_away_while_resting_is_read_when_taken_back() {
+    let (s, topic) = settings(20).await;
+    topics::ensure(&s, &["idle".to_string()]).await.unwrap();
+    let idle = s.topic("idle");
+    let bell = Doorbell::default();
+    let consumer = Consumer::new(&s, "rest-reader", Some(bell.clone())).unwrap();
+    let both = [(idle.clone(), 0, Some(0)), (topic.clone(), 0, Some(0))];
+    consumer.assign(&both).unwrap();
+    // Stop reading at a moment it rests (`want`) or does not: a read cancelled in its rest
+    // leaves the partitions paused until the next read.
+    let read_until = |want: bool| {
+        let consumer = &consumer;
+        async move {
+            for _ in 0..5000 {
+                let read = tokio::time::timeout(Duration::from_millis(3), consumer.next_batch(10));
+                assert!(read.await.is_err(), "nothing was committed yet");
+                if consumer.resting() == want {
+                    return;
+                }
+            }
+            panic!("the consumer never stopped with resting = {want}");
+        }
+    };
+    read_until(true).await;
+    consumer.assign(&both[..1]).unwrap();
+    read_until(false).await;
+    let offset = commit_one(&topic, "a").await;
+    consumer.assign(&both).unwrap();
+    // The local relay announces it: the consumer does not rest while it has not read it.
+    bell.ring([(topic.as_str(), 0, offset)]);
+    let batch = tokio::time::timeout(T, consumer.next_batch(10))
+        .await
+        .expect("the partition taken back was never read")
+        .unwrap();
+    assert_eq!(values(batch), ["a"]);
+}

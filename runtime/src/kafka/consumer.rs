@@ -43,7 +43,9 @@
 //! handed out (prefetched records are dropped and fetched again). Two librdkafka facts shape
 //! it: a resume leaves the broker thread asleep (up to 1 s), so the rest seeks after resuming,
 //! which wakes it; and a pause drops the fetch under way, so a consumer rests again only after
-//! `enable.partition.eof` reported the end of every partition it resumed. On by default
+//! `enable.partition.eof` reported the end of every partition it resumed. A third: a pause
+//! outlives the assignment, so every assignment resumes (or pauses, in a rest) each partition
+//! not held. On by default
 //! (`kafka.rest_ms = 25`); set 0 on Kafka, which holds fetches itself (README, "Fetches
 //! answered at once").
 
@@ -93,6 +95,10 @@ pub struct Consumer {
     fetched: Arc<AtomicBool>,
     /// When the current rest began.
     rest_began: Mutex<Instant>,
+    /// When a fetch last answered (a record or a partition's end), or partitions were
+    /// assigned; and when it last warned that none had for long.
+    answered_at: Mutex<Instant>,
+    warned: Mutex<Option<Instant>>,
     /// How far back a consumer reads again after its broker connections dropped (0: not).
     reread_after_loss: Duration,
     /// The connection loss (`Links::lost_ms`) last answered with a re-read; 0: none yet.
@@ -265,6 +271,8 @@ impl Consumer {
             resumed: Mutex::new(Instant::now()),
             fetched: Arc::new(AtomicBool::new(true)),
             rest_began: Mutex::new(Instant::now()),
+            answered_at: Mutex::new(Instant::now()),
+            warned: Mutex::new(None),
             reread_after_loss: Duration::from_millis(settings.reread_after_loss_ms),
             reread_for: AtomicI64::new(0),
         })
@@ -305,7 +313,7 @@ impl Consumer {
                 }
                 other => other?,
             };
-            self.fetched.store(true, Ordering::Relaxed);
+            self.heard();
             let mut batch = vec![detach(&first)];
             drop(first);
             while batch.len() < max {
@@ -415,10 +423,16 @@ impl Consumer {
 
     /// A fetch reached the end of a partition (which topic's, librdkafka does not say).
     fn reached_end(&self) {
-        self.fetched.store(true, Ordering::Relaxed);
+        self.heard();
         let _ = self
             .unanswered
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// A fetch answered: a record or a partition's end.
+    fn heard(&self) {
+        self.fetched.store(true, Ordering::Relaxed);
+        *self.answered_at.lock().expect("answer lock") = Instant::now();
     }
 
     /// Whether every partition resumed by the last rest (or assigned) has had a fetch reach
@@ -587,6 +601,7 @@ impl Consumer {
             *watched = now;
         }
         let mut lanes = self.lanes.lock().expect("lanes lock");
+        self.warn_if_unanswered(&lanes, now);
         let mut seeks = Vec::new();
         for ((topic, partition), lane) in lanes.iter_mut() {
             let end = end_offset(&self.inner, topic, *partition);
@@ -597,6 +612,37 @@ impl Consumer {
             }
         }
         self.seek_and_wake(seeks, "of a quiet partition");
+    }
+
+    /// Say so (at most every [`UNANSWERED_WARN`]) when the partitions this consumer fetches
+    /// have had no answer at all — no record, no partition end — for that long: the broker
+    /// is away, or librdkafka is not fetching them, which the watchdog's re-seeks (they go by
+    /// the partition's end as last heard) may not notice. This is how partitions taken back
+    /// still paused inside librdkafka showed (see [`Consumer::assign`]).
+    fn warn_if_unanswered(&self, lanes: &HashMap<(String, i32), Lane>, now: Instant) {
+        let fetching: Vec<_> = lanes.iter().filter(|(_, l)| !l.paused).collect();
+        let silent = now.saturating_duration_since(*self.answered_at.lock().expect("answer lock"));
+        if fetching.is_empty() || silent < UNANSWERED_WARN {
+            return;
+        }
+        let mut warned = self.warned.lock().expect("warned lock");
+        if warned.is_some_and(|at| now.duration_since(at) < UNANSWERED_WARN) {
+            return;
+        }
+        *warned = Some(now);
+        let lanes: Vec<String> = fetching
+            .iter()
+            .map(|((topic, partition), lane)| {
+                let end = end_offset(&self.inner, topic, *partition);
+                format!("{topic}/{partition} at {} (end {end:?})", lane.next)
+            })
+            .collect();
+        tracing::warn!(
+            silent_s = silent.as_secs(),
+            resting = self.resting(),
+            ?lanes,
+            "kafka consumer: no answer from the broker for its partitions"
+        );
     }
 
     /// Stop fetching a partition and move its position back to `offset` (a blocking
@@ -674,12 +720,14 @@ impl Consumer {
             }
         }
         self.inner.assign(&list)?;
+        *self.answered_at.lock().expect("answer lock") = Instant::now();
         let lanes = self.lanes.lock().expect("lanes lock");
         self.fetched.store(lanes.is_empty(), Ordering::Relaxed);
         self.started(lanes.len());
-        if self.resting() {
-            self.rest_all(&lanes, true);
-        }
+        // librdkafka keeps a partition's pause across assignments: one given up while paused
+        // (in a rest, or held) came back paused and was never fetched again. So each
+        // assignment pauses or resumes every partition not held as this consumer has it.
+        self.rest_all(&lanes, self.resting());
         Ok(())
     }
 
@@ -757,6 +805,9 @@ impl Consumer {
 
 /// How often a lane notes where it is, for reading again after a connection loss.
 const HISTORY_STEP: Duration = Duration::from_secs(1);
+
+/// How long a consumer's partitions may go without any answer before it says so.
+const UNANSWERED_WARN: Duration = Duration::from_secs(10);
 
 /// How long after its broker connections dropped a consumer does not rest.
 const CALM_AFTER_LOSS: Duration = Duration::from_secs(10);
