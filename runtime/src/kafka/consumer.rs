@@ -324,6 +324,9 @@ impl Consumer {
                     break;
                 }
             }
+            if let Some(rest) = &self.rest {
+                self.await_ends(rest, &mut batch, max).await;
+            }
             if self.reread_after_loss() {
                 continue; // these come again, after what they follow
             }
@@ -335,6 +338,22 @@ impl Consumer {
                     self.maybe_rest(rest);
                 }
                 return Ok(batch);
+            }
+        }
+    }
+
+    /// Before a batch goes to the worker, wait briefly (at most [`ENDS_WAIT`]) for the fetch
+    /// that brought it to report the end of every partition resumed, taking what else arrives:
+    /// the consumer may rest only once they are answered, and one that cannot goes on fetching
+    /// the whole time the worker handles the batch (noida-db answers every fetch at once).
+    async fn await_ends(&self, rest: &Rest, batch: &mut Vec<Record>, max: usize) {
+        let until = tokio::time::Instant::now() + ENDS_WAIT;
+        while !self.answered(rest) && batch.len() < max {
+            let Ok(got) = tokio::time::timeout_at(until, self.inner.recv()).await else {
+                break;
+            };
+            if !self.took(got, batch) {
+                break;
             }
         }
     }
@@ -805,6 +824,9 @@ impl Consumer {
 
 /// How often a lane notes where it is, for reading again after a connection loss.
 const HISTORY_STEP: Duration = Duration::from_secs(1);
+
+/// How long a batch waits for its partitions' ends before it goes to the worker.
+const ENDS_WAIT: Duration = Duration::from_millis(1);
 
 /// How long a consumer's partitions may go without any answer before it says so.
 const UNANSWERED_WARN: Duration = Duration::from_secs(10);
