@@ -95,8 +95,9 @@ pub struct Consumer {
     fetched: Arc<AtomicBool>,
     /// When the current rest began.
     rest_began: Mutex<Instant>,
-    /// When a fetch last answered (a record or a partition's end), or partitions were
-    /// assigned; and when it last warned that none had for long.
+    /// When a fetch last answered (a record or a partition's end), partitions were
+    /// assigned, or the worker asked for a batch; and when it last warned that none had for
+    /// long.
     answered_at: Mutex<Instant>,
     warned: Mutex<Option<Instant>>,
     /// How far back a consumer reads again after its broker connections dropped (0: not).
@@ -281,6 +282,8 @@ impl Consumer {
     /// Wait for at least one record, then take whatever else is already buffered, up to `max`.
     /// With nothing assigned it waits (the stall watchdog keeps it cheap).
     pub async fn next_batch(&self, max: usize) -> Result<Vec<Record>, Error> {
+        // Silence counts from here: a worker busy elsewhere (the database away) reads nothing.
+        *self.answered_at.lock().expect("answer lock") = Instant::now();
         let mut heard = self.rest.as_ref().map(|r| r.doorbell.listen());
         loop {
             let _ = self.reread_after_loss();
