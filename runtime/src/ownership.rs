@@ -42,8 +42,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The prefix of the instances' membership leases, heartbeated by ownership.
 pub const MEMBERS: &str = "member/";
 
-/// What ownership reaches of its instance; one per instance, cloned for each service.
-#[derive(Clone)]
+/// What ownership reaches of its instance (built in `node.rs` for each service).
 pub struct Context {
     pub db: Db,
     pub clock: Arc<dyn Clock>,

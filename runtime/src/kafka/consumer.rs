@@ -283,7 +283,7 @@ impl Consumer {
     /// With nothing assigned it waits (the stall watchdog keeps it cheap).
     pub async fn next_batch(&self, max: usize) -> Result<Vec<Record>, Error> {
         // Silence counts from here: a worker busy elsewhere (the database away) reads nothing.
-        *self.answered_at.lock().expect("answer lock") = Instant::now();
+        self.silence_from_now();
         let mut heard = self.rest.as_ref().map(|r| r.doorbell.listen());
         loop {
             let _ = self.reread_after_loss();
@@ -454,6 +454,11 @@ impl Consumer {
     /// A fetch answered: a record or a partition's end.
     fn heard(&self) {
         self.fetched.store(true, Ordering::Relaxed);
+        self.silence_from_now();
+    }
+
+    /// The silence [`Consumer::warn_if_unanswered`] measures starts now.
+    fn silence_from_now(&self) {
         *self.answered_at.lock().expect("answer lock") = Instant::now();
     }
 
@@ -642,9 +647,12 @@ impl Consumer {
     /// the partition's end as last heard) may not notice. This is how partitions taken back
     /// still paused inside librdkafka showed (see [`Consumer::assign`]).
     fn warn_if_unanswered(&self, lanes: &HashMap<(String, i32), Lane>, now: Instant) {
-        let fetching: Vec<_> = lanes.iter().filter(|(_, l)| !l.paused).collect();
         let silent = now.saturating_duration_since(*self.answered_at.lock().expect("answer lock"));
-        if fetching.is_empty() || silent < UNANSWERED_WARN {
+        if silent < UNANSWERED_WARN {
+            return;
+        }
+        let fetching: Vec<_> = lanes.iter().filter(|(_, l)| !l.paused).collect();
+        if fetching.is_empty() {
             return;
         }
         let mut warned = self.warned.lock().expect("warned lock");
@@ -742,7 +750,7 @@ impl Consumer {
             }
         }
         self.inner.assign(&list)?;
-        *self.answered_at.lock().expect("answer lock") = Instant::now();
+        self.silence_from_now();
         let lanes = self.lanes.lock().expect("lanes lock");
         self.fetched.store(lanes.is_empty(), Ordering::Relaxed);
         self.started(lanes.len());

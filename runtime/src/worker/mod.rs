@@ -145,7 +145,7 @@ fn closed_reason(step: Step, by: &str) -> String {
     }
 }
 
-/// What a worker reaches of its instance: one per instance, shared by its services' workers.
+/// What a worker reaches of its instance (built in `node.rs` for each service's worker).
 pub struct Context {
     pub config: Arc<Config>,
     pub db: Db,
