@@ -155,3 +155,32 @@ async fn a_partition_given_away_while_resting_is_read_when_taken_back() {
         .unwrap();
     assert_eq!(values(batch), ["a"]);
 }
+
+/// A partition that gets nothing while the local relay announces records for it, whatever
+/// holds it inside librdkafka, is assigned again and read. Seen once in CI: a surviving
+/// instance took over a killed one's partition and was never answered for it, and the
+/// sagas on it stayed pending; the watchdog's re-seeks did not move it. A pause behind the
+/// consumer's back stands in for that state here (rests are off, so nothing resumes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_wedged_inside_the_client_is_assigned_again() {
+    let (s, topic) = settings(0).await;
+    let bell = Doorbell::default();
+    let consumer = Consumer::new(&s, "rest-reader", Some(bell.clone())).unwrap();
+    consumer.assign(&[(topic.clone(), 0, Some(0))]).unwrap();
+    let first = commit_one(&topic, "a").await;
+    bell.ring([(topic.as_str(), 0, first)]);
+    let batch = tokio::time::timeout(T, consumer.next_batch(10))
+        .await
+        .expect("the first record did not arrive")
+        .unwrap();
+    assert_eq!(values(batch), ["a"]);
+
+    consumer.wedge_for_test(&topic, 0).unwrap();
+    let second = commit_one(&topic, "b").await;
+    bell.ring([(topic.as_str(), 0, second)]);
+    let batch = tokio::time::timeout(Duration::from_secs(20), consumer.next_batch(10))
+        .await
+        .expect("the wedged partition was never read again")
+        .unwrap();
+    assert_eq!(values(batch), ["b"]);
+}

@@ -84,6 +84,9 @@ pub struct Consumer {
     /// When the watchdog last looked at the lanes.
     watched: Mutex<Instant>,
     rest: Option<Rest>,
+    /// What the local relay committed, also without rests: the watchdog's sign of records
+    /// waiting for a partition that gets nothing.
+    doorbell: Option<Doorbell>,
     /// Its partitions are paused for a rest (changed under the lanes lock).
     resting: AtomicBool,
     /// Partitions resumed (or assigned) whose end no fetch has reported since, and when that
@@ -129,6 +132,9 @@ struct Lane {
     proven_end: Option<i64>,
     /// Held by the worker (paused): silence is expected.
     paused: bool,
+    /// When a record of it last arrived (handed out or dropped), or it was made: unlike
+    /// `progress`, not moved by the watchdog's re-seeks.
+    heard: Instant,
     /// Where librdkafka fetches next: after the last record received (handed out or
     /// dropped), or where it was last sought.
     fetch_from: i64,
@@ -149,6 +155,7 @@ impl Lane {
             step: 0,
             proven_end: None,
             paused: false,
+            heard: Instant::now(),
             fetch_from: offset,
             history: VecDeque::from([(Instant::now(), offset)]),
             reread_owed: false,
@@ -240,6 +247,7 @@ impl Consumer {
         doorbell: Option<Doorbell>,
     ) -> Result<Self, Error> {
         let rest = doorbell
+            .clone()
             .filter(|_| settings.rest_ms > 0)
             .map(|doorbell| Rest {
                 after: Duration::from_millis(settings.rest_after_ms.max(1)),
@@ -267,6 +275,7 @@ impl Consumer {
             stall_reseek: (settings.stall_reseek_ms > 0)
                 .then(|| Duration::from_millis(settings.stall_reseek_ms)),
             rest,
+            doorbell,
             resting: AtomicBool::new(false),
             unanswered: AtomicUsize::new(0),
             resumed: Mutex::new(Instant::now()),
@@ -557,6 +566,7 @@ impl Consumer {
                 return true;
             };
             lane.progress = now;
+            lane.heard = now;
             lane.fetch_from = r.offset + 1;
             if r.offset < lane.skip_below {
                 if lane.step > 0 && lane.proven_end.is_none() {
@@ -629,6 +639,7 @@ impl Consumer {
         }
         let mut lanes = self.lanes.lock().expect("lanes lock");
         self.warn_if_unanswered(&lanes, now);
+        let wedged = self.wedged(&lanes, now);
         let mut seeks = Vec::new();
         for ((topic, partition), lane) in lanes.iter_mut() {
             let end = end_offset(&self.inner, topic, *partition);
@@ -639,6 +650,71 @@ impl Consumer {
             }
         }
         self.seek_and_wake(seeks, "of a quiet partition");
+        drop(lanes);
+        if !wedged.is_empty() {
+            self.reassign(&wedged);
+        }
+    }
+
+    /// The partitions that look wedged inside librdkafka: not held, nothing of theirs arrived
+    /// for [`REASSIGN_AFTER`], and either no fetch answer ever told their end or the local
+    /// relay committed a record at or after their position. None unless the whole consumer
+    /// heard nothing for that long while its worker asked: a worker away (the database
+    /// restarting) leaves records waiting in librdkafka's queue, not wedged.
+    fn wedged(&self, lanes: &HashMap<(String, i32), Lane>, now: Instant) -> Vec<String> {
+        let silent = now.saturating_duration_since(*self.answered_at.lock().expect("answer lock"));
+        if silent < REASSIGN_AFTER {
+            return Vec::new();
+        }
+        let doorbell = self.doorbell.as_ref();
+        lanes
+            .iter()
+            .filter(|(_, lane)| {
+                !lane.paused && now.saturating_duration_since(lane.heard) >= REASSIGN_AFTER
+            })
+            .filter_map(|((topic, partition), lane)| {
+                let end = end_offset(&self.inner, topic, *partition);
+                let announced = doorbell
+                    .is_some_and(|bell| bell.beyond([(topic.as_str(), *partition, lane.next)]));
+                (end.is_none() || announced)
+                    .then(|| format!("{topic}/{partition} at {} (end {end:?})", lane.next))
+            })
+            .collect()
+    }
+
+    /// Assign again everything this consumer reads, each partition where librdkafka fetches
+    /// it, the watchdog's state kept (a re-read under way goes on): librdkafka starts each
+    /// fetch anew, and what is not held is resumed (or paused, in a rest) as in
+    /// [`Consumer::assign`]. The remedy for a partition that got nothing while records waited
+    /// for it, whatever state inside librdkafka held it: seen once in CI, a partition taken
+    /// over from a killed instance was never fetched and the sagas on it stayed pending (a
+    /// pause kept across assignments was such a state before). Repeated, if need be, every
+    /// [`REASSIGN_AFTER`].
+    fn reassign(&self, wedged: &[String]) {
+        tracing::warn!(
+            ?wedged,
+            "kafka consumer: partitions got nothing for {} s while records waited for them \
+             (or never heard their end): assigning them again",
+            REASSIGN_AFTER.as_secs()
+        );
+        let now = Instant::now();
+        let mut lanes = self.lanes.lock().expect("lanes lock");
+        let mut list = rdkafka::TopicPartitionList::new();
+        for ((topic, partition), lane) in lanes.iter_mut() {
+            lane.heard = now;
+            let at = Offset::Offset(lane.fetch_from);
+            if let Err(e) = list.add_partition_offset(topic, *partition, at) {
+                tracing::warn!("kafka consumer: cannot assign {topic}/{partition} again: {e}");
+                return;
+            }
+        }
+        if let Err(e) = self.inner.assign(&list) {
+            tracing::warn!("kafka consumer: assigning its partitions again failed: {e}");
+            return;
+        }
+        self.silence_from_now();
+        self.started(lanes.len());
+        self.rest_all(&lanes, self.resting());
     }
 
     /// Say so (at most every [`UNANSWERED_WARN`]) when the partitions this consumer fetches
@@ -673,6 +749,13 @@ impl Consumer {
             ?lanes,
             "kafka consumer: no answer from the broker for its partitions"
         );
+    }
+
+    /// Pause a partition inside librdkafka behind this consumer's back, as a fetch wedged
+    /// inside the client would stop it: a seam for tests of the watchdog's re-assignment.
+    #[doc(hidden)]
+    pub fn wedge_for_test(&self, topic: &str, partition: i32) -> Result<(), Error> {
+        Ok(self.inner.pause(&one(topic, partition))?)
     }
 
     /// Stop fetching a partition and move its position back to `offset` (a blocking
@@ -841,6 +924,10 @@ const ENDS_WAIT: Duration = Duration::from_millis(1);
 
 /// How long a consumer's partitions may go without any answer before it says so.
 const UNANSWERED_WARN: Duration = Duration::from_secs(10);
+
+/// How long a partition may get nothing while records wait for it, and the consumer hear
+/// nothing at all, before [`Consumer::reassign`] starts its fetch anew.
+const REASSIGN_AFTER: Duration = Duration::from_secs(5);
 
 /// How long after its broker connections dropped a consumer does not rest.
 const CALM_AFTER_LOSS: Duration = Duration::from_secs(10);
