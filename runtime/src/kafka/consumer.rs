@@ -764,8 +764,13 @@ impl Consumer {
     pub fn hold(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
         // Under the lanes lock, so a rest never resumes a partition being held.
         let mut lanes = self.lanes.lock().expect("lanes lock");
+        if !lanes.contains_key(&(topic.to_string(), partition)) {
+            return Ok(()); // given away meanwhile: a pause would outlive it (module docs)
+        }
         self.inner.pause(&one(topic, partition))?;
-        let at = self.rewind(&mut lanes, topic, partition, offset, true);
+        let Some(at) = self.rewind(&mut lanes, topic, partition, offset, true) else {
+            return Ok(());
+        };
         self.seek(topic, partition, at, "to hold");
         Ok(())
     }
@@ -773,11 +778,16 @@ impl Consumer {
     /// Fetch a held partition again, from `offset` (after the rest, if resting).
     pub fn release(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
         let mut lanes = self.lanes.lock().expect("lanes lock");
+        if !lanes.contains_key(&(topic.to_string(), partition)) {
+            return Ok(()); // given away meanwhile; an assignment resumes it if taken back
+        }
         let resting = self.resting();
         if !resting {
             self.inner.resume(&one(topic, partition))?;
         }
-        let at = self.rewind(&mut lanes, topic, partition, offset, false);
+        let Some(at) = self.rewind(&mut lanes, topic, partition, offset, false) else {
+            return Ok(());
+        };
         // Resting, it stays paused until the rest ends, which seeks it and wakes the thread.
         if resting {
             self.seek(topic, partition, at, "to release");
@@ -788,7 +798,8 @@ impl Consumer {
     }
 
     /// Make `offset` the partition's next record for the watchdog (or an earlier one, when it
-    /// owes a re-read): where the caller is to seek it.
+    /// owes a re-read): where the caller is to seek it; `None` if it is not assigned here (a
+    /// lane made for it would be one the watchdog re-assigns).
     fn rewind(
         &self,
         lanes: &mut HashMap<(String, i32), Lane>,
@@ -796,10 +807,10 @@ impl Consumer {
         partition: i32,
         offset: i64,
         paused: bool,
-    ) -> i64 {
+    ) -> Option<i64> {
         let key = (topic.to_string(), partition);
-        let old = lanes.remove(&key);
-        let mut lane = Lane::replacing(old, offset, paused, self.reread_after_loss);
+        let old = lanes.remove(&key)?;
+        let mut lane = Lane::replacing(Some(old), offset, paused, self.reread_after_loss);
         // Released after a connection loss it was held through: read again what the others
         // read again then.
         let offset = if lane.reread_owed && !paused {
@@ -808,7 +819,7 @@ impl Consumer {
             offset
         };
         lanes.insert(key, lane);
-        offset
+        Some(offset)
     }
 
     /// Read exactly `parts` (physical topic, partition, stored position): each from the later
