@@ -308,3 +308,48 @@ async fn a_reader_past_an_abort_marker_sees_what_a_new_producer_id_commits() {
     let past = common::committed_reader_at(&topic, 4);
     assert_eq!(next_value(&past).await.as_deref(), Some("c"));
 }
+
+/// A failover case (a suspect, not confirmed, for a CI run where a survivor never read a
+/// partition taken over at 0): an instance dies inside a relay transaction holding a
+/// partition's very first records; the successor's consumer is assigned
+/// that partition at 0 and waits behind the open transaction; the successor's relay then
+/// aborts it (`init_transactions` under the dead relay's id) and commits under a new producer
+/// id. The runtime's consumer must get what the new producer committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_at_zero_behind_a_dead_relays_transaction_gets_what_the_successor_commits() {
+    use saga_runtime::kafka::consumer::Consumer as RuntimeConsumer;
+    use saga_runtime::kafka::doorbell::Doorbell;
+    let p = prefix();
+    let mut s = make_topics(&p, &["failover"]).await;
+    s.stall_reseek_ms = 300;
+    let topic = s.topic("failover");
+    let bell = Doorbell::default();
+    let reader = RuntimeConsumer::new(&s, "failover-reader", Some(bell.clone())).unwrap();
+    reader.assign(&[(topic.clone(), 0, None)]).unwrap();
+    let dead = transactional(&format!("{p}relay-g1"));
+    dead.begin_transaction().unwrap();
+    send(&dead, &topic, "in the dead relay's transaction").await;
+    let waiting = tokio::time::timeout(Duration::from_millis(800), reader.next_batch(10)).await;
+    assert!(
+        waiting.is_err(),
+        "a record of an open transaction was visible"
+    );
+    // The successor fences the dead relay's id (aborting its transaction), then commits under
+    // a generation of its own.
+    let _fence = transactional(&format!("{p}relay-g1"));
+    let successor = transactional(&format!("{p}relay-g2"));
+    successor.begin_transaction().unwrap();
+    let delivered = successor
+        .send(FutureRecord::to(&topic).key("k").payload("after"), T)
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    successor.commit_transaction(T).unwrap();
+    bell.ring([(topic.as_str(), 0, delivered.offset)]);
+    let batch = tokio::time::timeout(Duration::from_secs(20), reader.next_batch(10))
+        .await
+        .expect("the consumer never got what the successor committed")
+        .unwrap();
+    let values: Vec<_> = batch.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(values, [b"after".to_vec()]);
+}
