@@ -193,6 +193,7 @@ async fn expire(
     before_ms: i64,
     limit: u32,
 ) -> Result<u64, crate::storage::Error> {
+    let _gate = db.write_gate().await;
     let (table, key, condition) = kept.sql();
     let sql = format!(
         "DELETE FROM {table} WHERE ({key}) IN \

@@ -15,6 +15,7 @@ pub async fn current(db: &Db, slot: &str) -> Result<i64, Error> {
 
 /// Move the slot from generation `from` to `from + 1`; `false` if someone else moved it first.
 pub async fn advance(db: &Db, slot: &str, from: i64) -> Result<bool, Error> {
+    let _gate = db.write_gate().await;
     let done = super::query(
         "INSERT INTO relay_generations (slot, generation) VALUES ($1, $2 + 1) \
          ON CONFLICT (slot) DO UPDATE SET generation = excluded.generation \

@@ -6,6 +6,7 @@ use super::{Conn, Db, Error};
 
 /// `service` is retrying a step of `saga`: a compensation of it waits until `until_ms` at most.
 pub async fn hold(db: &Db, service: &str, saga: &str, until_ms: i64) -> Result<(), Error> {
+    let _gate = db.write_gate().await;
     super::query(
         "INSERT INTO held_steps (service, saga, until_ms) VALUES ($1, $2, $3) \
          ON CONFLICT (service, saga) DO UPDATE SET until_ms = excluded.until_ms",

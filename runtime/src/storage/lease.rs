@@ -13,6 +13,7 @@ pub async fn acquire(
     now_ms: i64,
     ttl_ms: i64,
 ) -> Result<bool, Error> {
+    let _gate = db.write_gate().await;
     let affected = super::query(
         "INSERT INTO leases (name, holder, expires_ms) VALUES ($1, $2, $3) \
          ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms \
@@ -30,6 +31,7 @@ pub async fn acquire(
 
 /// Give the lease up so a successor need not wait for it to expire.
 pub async fn release(db: &Db, name: &str, holder: &str) -> Result<(), Error> {
+    let _gate = db.write_gate().await;
     super::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
         .bind(name)
         .bind(holder)

@@ -57,6 +57,7 @@ pub async fn load(db: &Db, service: &str) -> Result<HashMap<(String, i32), i64>,
 /// Note that the broker's connections dropped at `lost_ms` (wall clock), unless a later loss
 /// is noted already: one row for the cluster, whichever instance saw it.
 pub async fn note_broker_loss(db: &Db, lost_ms: i64) -> Result<(), Error> {
+    let _gate = db.write_gate().await;
     super::query(
         "INSERT INTO broker_losses (broker, lost_ms) VALUES ('kafka', $1) \
          ON CONFLICT (broker) DO UPDATE SET lost_ms = excluded.lost_ms \

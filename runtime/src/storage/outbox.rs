@@ -206,6 +206,7 @@ pub async fn published(db: &Db, ids: &[i64], now_ms: i64) -> Result<(), Error> {
 /// Mark the rows of relay slot `slot` of `slots` published at or after `since_ms` waiting
 /// again (the broker may have lost them). How many.
 pub async fn unpublish(db: &Db, slot: u32, slots: u32, since_ms: i64) -> Result<u64, Error> {
+    let _gate = db.write_gate().await;
     let done = super::query(
         "UPDATE outbox SET published_ms = NULL \
          WHERE published_ms >= $1 AND bucket % $2 = $3",
@@ -220,6 +221,7 @@ pub async fn unpublish(db: &Db, slot: u32, slots: u32, since_ms: i64) -> Result<
 
 /// Delete the rows of relay slot `slot` of `slots` published before `before_ms`. How many.
 pub async fn sweep(db: &Db, slot: u32, slots: u32, before_ms: i64) -> Result<u64, Error> {
+    let _gate = db.write_gate().await;
     let done = super::query("DELETE FROM outbox WHERE published_ms < $1 AND bucket % $2 = $3")
         .bind(before_ms)
         .bind(i64::from(slots.max(1)))
@@ -236,6 +238,7 @@ pub async fn delete(db: &Db, ids: &[i64]) -> Result<(), Error> {
 
 /// `statement WHERE id IN (…)` over `ids`, 500 at a time, with `first` bound as `$1` if given.
 async fn by_ids(db: &Db, statement: &str, first: Option<i64>, ids: &[i64]) -> Result<(), Error> {
+    let _gate = db.write_gate().await;
     let from = 1 + usize::from(first.is_some());
     for chunk in ids.chunks(500) {
         let sql = format!(

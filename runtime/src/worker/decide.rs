@@ -239,6 +239,7 @@ impl Worker {
             ..self.entry(service, item, &id, self.ctx.clock.now_ms())
         };
         let noted = async {
+            let _gate = self.ctx.db.write_gate().await;
             let mut conn = self.ctx.db.pool().acquire().await?;
             inbox::note(&mut conn, &entry, inbox::Attempt::Failed).await
         };
