@@ -101,12 +101,16 @@ impl Applied {
     }
 }
 
+/// Apply a handler's effects on `conn`. Its emitted events go into the outbox now, or, given
+/// `deferred`, are added to it for the caller to insert (`outbox::insert_all`) later in the
+/// same transaction, with the rest of its batch.
 pub async fn apply(
     conn: &mut Conn,
     ctx: &Context<'_>,
     service: &Service,
     reads: &ReadSet,
     fx: &Effects,
+    deferred: Option<&mut Vec<(outbox::Message, i64)>>,
 ) -> Result<Applied, storage::Error> {
     let mut applied = Applied::default();
     storage::state::apply(conn, service.name(), reads, &fx.writes, ctx.now_ms).await?;
@@ -137,6 +141,7 @@ pub async fn apply(
         )
         .await?;
     }
+    let mut emitted = Vec::with_capacity(fx.emits.len());
     for emit in &fx.emits {
         // A deadline set for this saga by the same handler wins over the inherited one.
         let deadline = fx
@@ -155,7 +160,11 @@ pub async fn apply(
             deadline,
             ctx.trace,
         );
-        outbox::insert(conn, &message, ctx.now_ms).await?;
+        emitted.push((message, ctx.now_ms));
+    }
+    match deferred {
+        Some(deferred) => deferred.extend(emitted),
+        None => outbox::insert_all(conn, &emitted).await?,
     }
     Ok(applied)
 }

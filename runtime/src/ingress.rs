@@ -531,8 +531,15 @@ async fn run(
             tx.rollback().await?;
             return Ok(Some(refusal));
         }
-        let applied =
-            effects::apply(&mut tx, &fx_ctx, service, &called.reads, &response.effects).await?;
+        let applied = effects::apply(
+            &mut tx,
+            &fx_ctx,
+            service,
+            &called.reads,
+            &response.effects,
+            None,
+        )
+        .await?;
         if let Some(retry) = retry {
             let reply = idempotency::Stored {
                 fingerprint: retry.fingerprint.clone(),

@@ -25,6 +25,15 @@ enum Isolation {
     PerEvent,
 }
 
+/// What a batch's committed events add up to before it commits: their effects' aftermath and,
+/// in a `Batch` attempt, the events they emit (and their dead letters), inserted in one
+/// statement after the last event instead of one per event.
+#[derive(Default)]
+struct Gathered {
+    done: effects::Applied,
+    emitted: Vec<(outbox::Message, i64)>,
+}
+
 /// A `Batch` attempt met something only a savepoint could undo: nothing of it was committed.
 struct Undo;
 
@@ -87,7 +96,7 @@ impl Worker {
         let mut outcomes = Vec::with_capacity(items.len());
         // How long the sagas whose deadline the batch cancelled ran, and when the earliest
         // deadline it set is due.
-        let mut done = effects::Applied::default();
+        let mut gathered = Gathered::default();
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
@@ -101,7 +110,7 @@ impl Worker {
                 tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty)
             });
             let outcome = self
-                .commit_one(&mut tx, isolation, service, item, verdict, &mut done)
+                .commit_one(&mut tx, isolation, service, item, verdict, &mut gathered)
                 .await;
             let outcome = match (isolation, outcome) {
                 (_, Ok(Ok(o))) => Ok(o),
@@ -144,6 +153,8 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
+        let Gathered { done, emitted } = gathered;
+        storage::outbox::insert_all(&mut tx, &emitted).await?;
         let positions: Vec<(&str, i32, i64)> =
             next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
         storage::offsets::advance(&mut tx, &self.service, &positions).await?;
@@ -186,7 +197,7 @@ impl Worker {
         service: &Service,
         item: &Item<'_>,
         verdict: &Verdict,
-        done: &mut effects::Applied,
+        gathered: &mut Gathered,
     ) -> Result<Result<Option<inbox::Outcome>, Undo>, storage::Error> {
         use sqlx::Connection as _;
         let now_ms = self.ctx.clock.now_ms();
@@ -200,11 +211,16 @@ impl Worker {
             return Ok(Ok(None));
         }
         let steps = match isolation {
-            Isolation::Batch => self.steps(tx, service, item, verdict, &id, &handled).await,
+            Isolation::Batch => {
+                let emitted = Some(&mut gathered.emitted);
+                self.steps(tx, service, item, verdict, &handled, emitted)
+                    .await
+            }
+            // In its savepoint, so that undoing the event undoes its outbox rows too.
             Isolation::PerEvent => {
                 let mut sp = tx.begin().await?;
                 let steps = self
-                    .steps(&mut sp, service, item, verdict, &id, &handled)
+                    .steps(&mut sp, service, item, verdict, &handled, None)
                     .await;
                 match &steps {
                     Ok(Steps::Done(..)) => sp.commit().await?,
@@ -215,7 +231,7 @@ impl Worker {
         };
         match (steps?, isolation) {
             (Steps::Done(outcome, applied), _) => {
-                done.absorb(applied);
+                gathered.done.absorb(applied);
                 Ok(Ok(Some(outcome)))
             }
             (Steps::Duplicate, Isolation::Batch) => Ok(Err(Undo)),
@@ -236,9 +252,10 @@ impl Worker {
         service: &Service,
         item: &Item<'_>,
         verdict: &Verdict,
-        id: &str,
         handled: &inbox::Entry<'_>,
+        emitted: Option<&mut Vec<(outbox::Message, i64)>>,
     ) -> Result<Steps, storage::Error> {
+        let id = handled.event_id;
         let now_ms = handled.handled_ms;
         let (outcome, detail) = match (verdict, &item.event) {
             (Verdict::Apply(_), Ok(event)) => {
@@ -271,11 +288,15 @@ impl Worker {
                     cause_id: id,
                     trace: &trace,
                 };
-                effects::apply(conn, &ctx, service, &called.reads, &called.output).await?
+                let fx = &called.output;
+                effects::apply(conn, &ctx, service, &called.reads, fx, emitted).await?
             }
             (Verdict::DeadLetter { reason, attempts }, _) => {
                 let message = self.dead_letter(service, item, id, reason, *attempts);
-                outbox::insert(conn, &message, now_ms).await?;
+                match emitted {
+                    Some(emitted) => emitted.push((message, now_ms)),
+                    None => outbox::insert(conn, &message, now_ms).await?,
+                }
                 effects::Applied::default()
             }
             _ => effects::Applied::default(),
