@@ -84,12 +84,17 @@ pub struct Applied {
     pub settled_ms: Vec<i64>,
     /// When the earliest deadline the effects set is due (for `deadline::Alarm::set`).
     pub earliest_due_ms: Option<i64>,
+    /// The events the effects emit (each with its creation time), in order: the caller puts
+    /// them into the outbox (`outbox::insert_all`) in the same transaction — a batch's all in
+    /// one statement after its last event.
+    pub emitted: Vec<(outbox::Message, i64)>,
 }
 
 impl Applied {
     /// Add what another commit's effects did (a batch's events, one after another).
     pub fn absorb(&mut self, other: Applied) {
         self.settled_ms.extend(other.settled_ms);
+        self.emitted.extend(other.emitted);
         if let Some(due) = other.earliest_due_ms {
             self.due(due);
         }
@@ -101,16 +106,14 @@ impl Applied {
     }
 }
 
-/// Apply a handler's effects on `conn`. Its emitted events go into the outbox now, or, given
-/// `deferred`, are added to it for the caller to insert (`outbox::insert_all`) later in the
-/// same transaction, with the rest of its batch.
+/// Apply a handler's effects on `conn`, but for its emitted events, which the caller inserts
+/// (`Applied::emitted`).
 pub async fn apply(
     conn: &mut Conn,
     ctx: &Context<'_>,
     service: &Service,
     reads: &ReadSet,
     fx: &Effects,
-    deferred: Option<&mut Vec<(outbox::Message, i64)>>,
 ) -> Result<Applied, storage::Error> {
     let mut applied = Applied::default();
     storage::state::apply(conn, service.name(), reads, &fx.writes, ctx.now_ms).await?;
@@ -141,7 +144,6 @@ pub async fn apply(
         )
         .await?;
     }
-    let mut emitted = Vec::with_capacity(fx.emits.len());
     for emit in &fx.emits {
         // A deadline set for this saga by the same handler wins over the inherited one.
         let deadline = fx
@@ -160,11 +162,7 @@ pub async fn apply(
             deadline,
             ctx.trace,
         );
-        emitted.push((message, ctx.now_ms));
-    }
-    match deferred {
-        Some(deferred) => deferred.extend(emitted),
-        None => outbox::insert_all(conn, &emitted).await?,
+        applied.emitted.push((message, ctx.now_ms));
     }
     Ok(applied)
 }

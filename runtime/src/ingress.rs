@@ -16,7 +16,7 @@ use tracing::Instrument as _;
 use crate::effects;
 use crate::node::Shared;
 use crate::registry::{percent_decode, Service};
-use crate::storage::idempotency;
+use crate::storage::{idempotency, outbox};
 use crate::wasm::bindings::{self, Context, Payload, Reply, Request};
 use crate::wasm::{Called, Failure};
 use crate::watch;
@@ -531,15 +531,9 @@ async fn run(
             tx.rollback().await?;
             return Ok(Some(refusal));
         }
-        let applied = effects::apply(
-            &mut tx,
-            &fx_ctx,
-            service,
-            &called.reads,
-            &response.effects,
-            None,
-        )
-        .await?;
+        let applied =
+            effects::apply(&mut tx, &fx_ctx, service, &called.reads, &response.effects).await?;
+        outbox::insert_all(&mut tx, &applied.emitted).await?;
         if let Some(retry) = retry {
             let reply = idempotency::Stored {
                 fingerprint: retry.fingerprint.clone(),

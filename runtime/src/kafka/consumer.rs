@@ -466,9 +466,14 @@ impl Consumer {
         self.silence_from_now();
     }
 
-    /// The silence [`Consumer::warn_if_unanswered`] measures starts now.
+    /// The silence [`Consumer::silent`] measures starts now.
     fn silence_from_now(&self) {
         *self.answered_at.lock().expect("answer lock") = Instant::now();
+    }
+
+    /// How long no fetch has answered (since assigned, or since the worker last asked).
+    fn silent(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(*self.answered_at.lock().expect("answer lock"))
     }
 
     /// Whether every partition resumed by the last rest (or assigned) has had a fetch reach
@@ -662,8 +667,7 @@ impl Consumer {
     /// heard nothing for that long while its worker asked: a worker away (the database
     /// restarting) leaves records waiting in librdkafka's queue, not wedged.
     fn wedged(&self, lanes: &HashMap<(String, i32), Lane>, now: Instant) -> Vec<String> {
-        let silent = now.saturating_duration_since(*self.answered_at.lock().expect("answer lock"));
-        if silent < REASSIGN_AFTER {
+        if self.silent(now) < REASSIGN_AFTER {
             return Vec::new();
         }
         let doorbell = self.doorbell.as_ref();
@@ -676,8 +680,7 @@ impl Consumer {
                 let end = end_offset(&self.inner, topic, *partition);
                 let announced = doorbell
                     .is_some_and(|bell| bell.beyond([(topic.as_str(), *partition, lane.next)]));
-                (end.is_none() || announced)
-                    .then(|| format!("{topic}/{partition} at {} (end {end:?})", lane.next))
+                (end.is_none() || announced).then(|| describe(topic, *partition, lane, end))
             })
             .collect()
     }
@@ -723,7 +726,7 @@ impl Consumer {
     /// the partition's end as last heard) may not notice. This is how partitions taken back
     /// still paused inside librdkafka showed (see [`Consumer::assign`]).
     fn warn_if_unanswered(&self, lanes: &HashMap<(String, i32), Lane>, now: Instant) {
-        let silent = now.saturating_duration_since(*self.answered_at.lock().expect("answer lock"));
+        let silent = self.silent(now);
         if silent < UNANSWERED_WARN {
             return;
         }
@@ -739,8 +742,12 @@ impl Consumer {
         let lanes: Vec<String> = fetching
             .iter()
             .map(|((topic, partition), lane)| {
-                let end = end_offset(&self.inner, topic, *partition);
-                format!("{topic}/{partition} at {} (end {end:?})", lane.next)
+                describe(
+                    topic,
+                    *partition,
+                    lane,
+                    end_offset(&self.inner, topic, *partition),
+                )
             })
             .collect();
         tracing::warn!(
@@ -768,9 +775,7 @@ impl Consumer {
             return Ok(()); // given away meanwhile: a pause would outlive it (module docs)
         }
         self.inner.pause(&one(topic, partition))?;
-        let Some(at) = self.rewind(&mut lanes, topic, partition, offset, true) else {
-            return Ok(());
-        };
+        let at = self.rewind(&mut lanes, topic, partition, offset, true);
         self.seek(topic, partition, at, "to hold");
         Ok(())
     }
@@ -785,9 +790,7 @@ impl Consumer {
         if !resting {
             self.inner.resume(&one(topic, partition))?;
         }
-        let Some(at) = self.rewind(&mut lanes, topic, partition, offset, false) else {
-            return Ok(());
-        };
+        let at = self.rewind(&mut lanes, topic, partition, offset, false);
         // Resting, it stays paused until the rest ends, which seeks it and wakes the thread.
         if resting {
             self.seek(topic, partition, at, "to release");
@@ -798,8 +801,8 @@ impl Consumer {
     }
 
     /// Make `offset` the partition's next record for the watchdog (or an earlier one, when it
-    /// owes a re-read): where the caller is to seek it; `None` if it is not assigned here (a
-    /// lane made for it would be one the watchdog re-assigns).
+    /// owes a re-read): where the caller is to seek it. Only for a partition assigned here (a
+    /// lane made for another would be one the watchdog assigns again).
     fn rewind(
         &self,
         lanes: &mut HashMap<(String, i32), Lane>,
@@ -807,10 +810,10 @@ impl Consumer {
         partition: i32,
         offset: i64,
         paused: bool,
-    ) -> Option<i64> {
+    ) -> i64 {
         let key = (topic.to_string(), partition);
-        let old = lanes.remove(&key)?;
-        let mut lane = Lane::replacing(Some(old), offset, paused, self.reread_after_loss);
+        let old = lanes.remove(&key);
+        let mut lane = Lane::replacing(old, offset, paused, self.reread_after_loss);
         // Released after a connection loss it was held through: read again what the others
         // read again then.
         let offset = if lane.reread_owed && !paused {
@@ -819,7 +822,7 @@ impl Consumer {
             offset
         };
         lanes.insert(key, lane);
-        Some(offset)
+        offset
     }
 
     /// Read exactly `parts` (physical topic, partition, stored position): each from the later
@@ -961,6 +964,11 @@ fn end_offset(consumer: &StreamConsumer<Links>, topic: &str, partition: i32) -> 
     };
     (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
         .then_some(high)
+}
+
+/// A lane as the consumer's warnings name it: where it is, and its end as last heard.
+fn describe(topic: &str, partition: i32, lane: &Lane, end: Option<i64>) -> String {
+    format!("{topic}/{partition} at {} (end {end:?})", lane.next)
 }
 
 /// A list of one partition, for a call and dropped right after it (field notes: lists must not

@@ -3,6 +3,8 @@
 //! published and kept for the relay's republish window (deleted at once if it is 0); a relay
 //! whose broker connections dropped marks its recent rows waiting again.
 
+use std::borrow::Borrow;
+
 use sqlx::Row as _;
 
 use super::{Conn, Db, Error};
@@ -41,22 +43,13 @@ pub fn bucket(key: &str) -> u32 {
 
 /// Insert `rows` (each a message and its creation time) in their order, in as few statements
 /// as the bind limit allows: a batch's emitted events in one round trip, not one per event.
-pub async fn insert_all(conn: &mut Conn, rows: &[(Message, i64)]) -> Result<(), Error> {
+pub async fn insert_all<M: Borrow<Message>>(
+    conn: &mut Conn,
+    rows: &[(M, i64)],
+) -> Result<(), Error> {
     for chunk in rows.chunks(INSERT_CHUNK) {
         let values: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let n = i * 7;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    n + 1,
-                    n + 2,
-                    n + 3,
-                    n + 4,
-                    n + 5,
-                    n + 6,
-                    n + 7
-                )
-            })
+            .map(|i| format!("({})", super::placeholders(1 + i * 7, 7)))
             .collect();
         let sql = format!(
             "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms, bucket) \
@@ -65,6 +58,7 @@ pub async fn insert_all(conn: &mut Conn, rows: &[(Message, i64)]) -> Result<(), 
         );
         let mut query = super::query(&sql);
         for (message, created_ms) in chunk {
+            let message = message.borrow();
             let headers = serde_json::to_string(&message.headers).expect("string pairs serialise");
             query = query
                 .bind(&message.event_id)
@@ -83,22 +77,9 @@ pub async fn insert_all(conn: &mut Conn, rows: &[(Message, i64)]) -> Result<(), 
 /// Rows per multi-row insert: 7 binds each, well under SQLite's and PostgreSQL's bind limits.
 const INSERT_CHUNK: usize = 500;
 
+/// Insert one row.
 pub async fn insert(conn: &mut Conn, message: &Message, created_ms: i64) -> Result<(), Error> {
-    let headers = serde_json::to_string(&message.headers).expect("string pairs serialise");
-    super::query(
-        "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms, bucket) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&message.event_id)
-    .bind(&message.topic)
-    .bind(&message.key)
-    .bind(headers)
-    .bind(&message.payload)
-    .bind(created_ms)
-    .bind(i64::from(bucket(&message.key)))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    insert_all(conn, &[(message, created_ms)]).await
 }
 
 impl Message {

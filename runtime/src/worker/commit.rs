@@ -25,15 +25,6 @@ enum Isolation {
     PerEvent,
 }
 
-/// What a batch's committed events add up to before it commits: their effects' aftermath and,
-/// in a `Batch` attempt, the events they emit (and their dead letters), inserted in one
-/// statement after the last event instead of one per event.
-#[derive(Default)]
-struct Gathered {
-    done: effects::Applied,
-    emitted: Vec<(outbox::Message, i64)>,
-}
-
 /// A `Batch` attempt met something only a savepoint could undo: nothing of it was committed.
 struct Undo;
 
@@ -94,9 +85,10 @@ impl Worker {
         let mut written: Vec<&str> = Vec::new();
         // Each committed event's outcome, recorded (metrics, spans) once the batch commits.
         let mut outcomes = Vec::with_capacity(items.len());
-        // How long the sagas whose deadline the batch cancelled ran, and when the earliest
-        // deadline it set is due.
-        let mut gathered = Gathered::default();
+        // How long the sagas whose deadline the batch cancelled ran, when the earliest
+        // deadline it set is due, and the events it emits (a `Batch` attempt inserts them in
+        // one statement after its last event).
+        let mut done = effects::Applied::default();
         for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
@@ -110,7 +102,7 @@ impl Worker {
                 tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty)
             });
             let outcome = self
-                .commit_one(&mut tx, isolation, service, item, verdict, &mut gathered)
+                .commit_one(&mut tx, isolation, service, item, verdict, &mut done)
                 .await;
             let outcome = match (isolation, outcome) {
                 (_, Ok(Ok(o))) => Ok(o),
@@ -153,8 +145,7 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
-        let Gathered { done, emitted } = gathered;
-        storage::outbox::insert_all(&mut tx, &emitted).await?;
+        outbox::insert_all(&mut tx, &done.emitted).await?;
         let positions: Vec<(&str, i32, i64)> =
             next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
         storage::offsets::advance(&mut tx, &self.service, &positions).await?;
@@ -197,7 +188,7 @@ impl Worker {
         service: &Service,
         item: &Item<'_>,
         verdict: &Verdict,
-        gathered: &mut Gathered,
+        done: &mut effects::Applied,
     ) -> Result<Result<Option<inbox::Outcome>, Undo>, storage::Error> {
         use sqlx::Connection as _;
         let now_ms = self.ctx.clock.now_ms();
@@ -211,17 +202,17 @@ impl Worker {
             return Ok(Ok(None));
         }
         let steps = match isolation {
-            Isolation::Batch => {
-                let emitted = Some(&mut gathered.emitted);
-                self.steps(tx, service, item, verdict, &handled, emitted)
-                    .await
-            }
-            // In its savepoint, so that undoing the event undoes its outbox rows too.
+            Isolation::Batch => self.steps(tx, service, item, verdict, &handled).await,
             Isolation::PerEvent => {
                 let mut sp = tx.begin().await?;
-                let steps = self
-                    .steps(&mut sp, service, item, verdict, &handled, None)
-                    .await;
+                let mut steps = self.steps(&mut sp, service, item, verdict, &handled).await;
+                // Its events in its savepoint, so that undoing the event undoes them too.
+                if let Ok(Steps::Done(_, applied)) = &mut steps {
+                    let emitted = std::mem::take(&mut applied.emitted);
+                    if let Err(e) = outbox::insert_all(&mut sp, &emitted).await {
+                        steps = Err(e);
+                    }
+                }
                 match &steps {
                     Ok(Steps::Done(..)) => sp.commit().await?,
                     _ => sp.rollback().await?,
@@ -231,7 +222,7 @@ impl Worker {
         };
         match (steps?, isolation) {
             (Steps::Done(outcome, applied), _) => {
-                gathered.done.absorb(applied);
+                done.absorb(applied);
                 Ok(Ok(Some(outcome)))
             }
             (Steps::Duplicate, Isolation::Batch) => Ok(Err(Undo)),
@@ -253,7 +244,6 @@ impl Worker {
         item: &Item<'_>,
         verdict: &Verdict,
         handled: &inbox::Entry<'_>,
-        emitted: Option<&mut Vec<(outbox::Message, i64)>>,
     ) -> Result<Steps, storage::Error> {
         let id = handled.event_id;
         let now_ms = handled.handled_ms;
@@ -288,16 +278,14 @@ impl Worker {
                     cause_id: id,
                     trace: &trace,
                 };
-                let fx = &called.output;
-                effects::apply(conn, &ctx, service, &called.reads, fx, emitted).await?
+                effects::apply(conn, &ctx, service, &called.reads, &called.output).await?
             }
             (Verdict::DeadLetter { reason, attempts }, _) => {
                 let message = self.dead_letter(service, item, id, reason, *attempts);
-                match emitted {
-                    Some(emitted) => emitted.push((message, now_ms)),
-                    None => outbox::insert(conn, &message, now_ms).await?,
+                effects::Applied {
+                    emitted: vec![(message, now_ms)],
+                    ..Default::default()
                 }
-                effects::Applied::default()
             }
             _ => effects::Applied::default(),
         };
