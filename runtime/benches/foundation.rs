@@ -379,7 +379,7 @@ async fn bench_hot_swap() {
     let mut call = Vec::new();
     let mut to_first = Vec::new();
     for (version, sent_ms, accepted_ms) in &swaps {
-        let first: Option<i64> = sqlx::query_scalar(
+        let first: Option<i64> = saga_runtime::storage::query_scalar(
             "SELECT MIN(handled_ms) FROM inbox \
              WHERE service = 'point' AND version = $1 AND handled_ms >= $2",
         )

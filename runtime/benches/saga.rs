@@ -486,6 +486,9 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         } else {
             Value::Null
         },
+        // The share of the run's wall time the SQLite write gate was held: near 1, the
+        // single writer is the bound (0 on PostgreSQL, which has no gate).
+        "writeGateBusy": round(delta("db_write_gate_held_us") / 1e6 / secs, 2),
         "dbTransactionsPerEvent": match (pg_before, pg_after) {
             (Some(a), Some(b)) if events > 0.0 => json!(round((b - a) as f64 / events, 2)),
             _ => Value::Null,
@@ -530,7 +533,7 @@ fn merge(into: &Mutex<Tally>, mine: Tally) {
 fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
-         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  \
+         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  write gate busy {}  \
          conflicts/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
@@ -542,7 +545,7 @@ fn print(backend: Backend, r: &Value) {
         r["errors"],
         r["runtimeCpuMsPerSaga"], r["brokerCpuMsPerSaga"],
         r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbStatementsPerEvent"],
-        r["dbTransactionsPerEvent"],
+        r["dbTransactionsPerEvent"], r["writeGateBusy"],
         r["conflictRerunsPerSaga"], r["runtimeContextSwitchesPerSaga"],
         r["stageMeanMs"]["ingressWait"], r["stageMeanMs"]["relay"],
         r["stageMeanMs"]["delivery"], r["stageMeanMs"]["handling"],

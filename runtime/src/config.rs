@@ -279,10 +279,9 @@ impl Config {
     }
 
     /// Database connections per instance: the configured number, else 4 on SQLite and 8 on
-    /// PostgreSQL. SQLite lets one writer in at a time and makes the others sleep and retry
-    /// (1, 2, 5 ms …, its busy handler); fewer connections queue them in the pool instead (the
-    /// likely mechanism). At 8 bench clients 4 connections instead of 8 made ~30 % more sagas
-    /// a second and cut host p99 about in half (README, "The saga benchmark").
+    /// PostgreSQL. SQLite lets one writer in at a time (the process's writers take turns at
+    /// its write gate, `storage::Db::write_gate`); its connections serve reads meanwhile, and
+    /// a statement holds one only while it runs.
     pub fn connections(&self) -> u32 {
         self.database_connections.unwrap_or(
             match crate::storage::Dialect::of_url(&self.database_url) {

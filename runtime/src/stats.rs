@@ -48,6 +48,9 @@ pub struct Stats {
     /// SQL statements this process sent (`crate::storage::statements`), as of the last read
     /// through [`Stats::refreshed`].
     pub db_statements: AtomicU64,
+    /// Microseconds the SQLite write gate was held (`crate::storage::write_gate_held_us`), as
+    /// of the last read through [`Stats::refreshed`].
+    pub db_write_gate_held_us: AtomicU64,
 }
 
 impl Stats {
@@ -59,6 +62,8 @@ impl Stats {
     pub fn refreshed(&self) -> &Self {
         self.db_statements
             .store(crate::storage::statements(), Ordering::Relaxed);
+        self.db_write_gate_held_us
+            .store(crate::storage::write_gate_held_us(), Ordering::Relaxed);
         self
     }
 

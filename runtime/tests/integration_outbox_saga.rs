@@ -483,11 +483,12 @@ async fn two_instances_both_relay_and_each_saga_stays_in_order() {
         sibling.config().instance_id.clone(),
     ];
     eventually("the relay slots to be split two and two", || async {
-        let holders: Vec<String> =
-            sqlx::query_scalar("SELECT holder FROM leases WHERE name LIKE 'relay/%' ORDER BY name")
-                .fetch_all(db.pool())
-                .await
-                .unwrap();
+        let holders: Vec<String> = saga_runtime::storage::query_scalar(
+            "SELECT holder FROM leases WHERE name LIKE 'relay/%' ORDER BY name",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
         let split = ids
             .iter()
             .all(|id| holders.iter().filter(|h| *h == id).count() == 2);
@@ -544,7 +545,7 @@ async fn a_compensation_waits_for_its_step_held_on_another_instance() {
         "payment.compensation/1 to move to the second instance",
         || async {
             let holder: Option<String> =
-                sqlx::query_scalar("SELECT holder FROM leases WHERE name = $1")
+                saga_runtime::storage::query_scalar("SELECT holder FROM leases WHERE name = $1")
                     .bind(&lease)
                     .fetch_optional(db.pool())
                     .await
@@ -572,7 +573,7 @@ async fn a_compensation_waits_for_its_step_held_on_another_instance() {
         let held = eventually(
             "the payment step to be held (or charged at once)",
             || async {
-                let held: Option<i64> = sqlx::query_scalar(
+                let held: Option<i64> = saga_runtime::storage::query_scalar(
                     "SELECT until_ms FROM held_steps WHERE service = 'payment' AND saga = $1",
                 )
                 .bind(&id)

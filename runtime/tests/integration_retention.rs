@@ -14,7 +14,7 @@ use serde_json::json;
 const DAY: i64 = 24 * 3600 * 1000;
 
 async fn count(db: &Db, table: &str) -> i64 {
-    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+    saga_runtime::storage::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
         .fetch_one(db.pool())
         .await
         .unwrap()
@@ -54,13 +54,15 @@ async fn old_rows_are_cleaned_up_and_recent_ones_kept(backend: Backend) {
     for table in GROWING {
         assert!(count(&db, table).await > 0, "{table} has rows to clean");
     }
-    sqlx::query("INSERT INTO leases (name, holder, expires_ms) VALUES ('member/gone', 'gone', 0)")
-        .execute(db.pool())
-        .await
-        .unwrap();
+    saga_runtime::storage::query(
+        "INSERT INTO leases (name, holder, expires_ms) VALUES ('member/gone', 'gone', 0)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
     // A deleted key's tombstone written now, and one written just before the clock's new time.
     for (key, touched) in [("user/deleted", 0), ("user/deleted-late", 9 * DAY - 1000)] {
-        sqlx::query(
+        saga_runtime::storage::query(
             "INSERT INTO state (service, key, value, version, touched_ms) \
              VALUES ('point', $1, NULL, 4, $2)",
         )
@@ -80,19 +82,21 @@ async fn old_rows_are_cleaned_up_and_recent_ones_kept(backend: Backend) {
                 left.push(format!("{table}: {n}"));
             }
         }
-        let gone: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE name = 'member/gone'")
-                .fetch_one(db.pool())
-                .await
-                .unwrap();
+        let gone: i64 = saga_runtime::storage::query_scalar(
+            "SELECT COUNT(*) FROM leases WHERE name = 'member/gone'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
         if gone > 0 {
             left.push("the stopped instance's lease".into());
         }
-        let tombstone: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM state WHERE key = 'user/deleted'")
-                .fetch_one(db.pool())
-                .await
-                .unwrap();
+        let tombstone: i64 = saga_runtime::storage::query_scalar(
+            "SELECT COUNT(*) FROM state WHERE key = 'user/deleted'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
         if tombstone > 0 {
             left.push("the old tombstone".into());
         }
@@ -104,11 +108,12 @@ async fn old_rows_are_cleaned_up_and_recent_ones_kept(backend: Backend) {
     })
     .await;
     assert_eq!(rt.get("/points/old").await["point"], 9500, "state is kept");
-    let late: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM state WHERE key = 'user/deleted-late'")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+    let late: i64 = saga_runtime::storage::query_scalar(
+        "SELECT COUNT(*) FROM state WHERE key = 'user/deleted-late'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
     assert_eq!(late, 1, "a recent tombstone is kept");
     assert!(
         count(&db, "leases").await > 0,

@@ -107,7 +107,7 @@ async fn a_handler_that_read_a_cleaned_tombstone_conflicts(backend: Backend) {
     let (t, db) = open(backend).await;
     write(&db, &[], &[put("k", "v")]).await.unwrap();
     write(&db, &[("k", 1)], &[delete("k")]).await.unwrap();
-    sqlx::query("DELETE FROM state WHERE key = 'k' AND value IS NULL")
+    saga_runtime::storage::query("DELETE FROM state WHERE key = 'k' AND value IS NULL")
         .execute(db.pool())
         .await
         .unwrap();
@@ -592,7 +592,7 @@ async fn write_skew(backend: Backend, initial: i64) {
     });
     if backend == Backend::Postgres {
         common::eventually("T2 to wait for T1's locks or to finish", || async {
-            let waiting: i64 = sqlx::query_scalar(
+            let waiting: i64 = saga_runtime::storage::query_scalar(
                 "SELECT COUNT(*) FROM pg_stat_activity \
                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
             )

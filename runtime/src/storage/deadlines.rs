@@ -69,7 +69,6 @@ pub struct Deadline {
 }
 
 fn from_row(row: &super::Row) -> Result<Deadline, Error> {
-    use sqlx::Row as _;
     Ok(Deadline {
         service: row.try_get("service")?,
         saga: row.try_get("saga")?,
@@ -85,11 +84,9 @@ const COLUMNS: &str = "service, saga, name, due_ms, status, set_by, traceparent"
 
 /// When the earliest pending deadline falls due, if any.
 pub async fn next_due(db: &super::Db) -> Result<Option<i64>, Error> {
-    Ok(
-        super::query_scalar("SELECT MIN(due_ms) FROM deadlines WHERE status = 'PENDING'")
-            .fetch_one(db.pool())
-            .await?,
-    )
+    super::query_scalar("SELECT MIN(due_ms) FROM deadlines WHERE status = 'PENDING'")
+        .fetch_one(db.pool())
+        .await
 }
 
 /// Pending deadlines due at `now_ms`, earliest first.

@@ -2,8 +2,6 @@
 //! and which digest is active per service (its latest deployment, unless that is an undeploy).
 //! Rollback and undeploy append rows too: the history is never rewritten.
 
-use sqlx::Row as _;
-
 use super::{Db, Error};
 
 /// What a row of the history did.
@@ -143,10 +141,8 @@ pub async fn rollback_target(
 
 /// The bytes of a stored component.
 pub async fn component(db: &Db, digest: &str) -> Result<Option<Vec<u8>>, Error> {
-    Ok(
-        super::query_scalar("SELECT wasm FROM components WHERE digest = $1")
-            .bind(digest)
-            .fetch_optional(db.pool())
-            .await?,
-    )
+    super::query_scalar("SELECT wasm FROM components WHERE digest = $1")
+        .bind(digest)
+        .fetch_optional(db.pool())
+        .await
 }

@@ -7,8 +7,6 @@
 
 use std::collections::HashMap;
 
-use sqlx::Row as _;
-
 use super::{Conn, Error};
 
 /// What to look up for one service at `now_ms`.

@@ -2,8 +2,6 @@
 //! the transaction of the command's effects, so a reply is stored exactly when its effects are,
 //! and read by any instance on the database.
 
-use sqlx::Row as _;
-
 use super::{Conn, Db, Error};
 
 /// A command's reply, and what identifies the request it answered.

@@ -2,8 +2,6 @@
 //! same transaction as the event's effects; its primary key (service, event id) is what makes a
 //! redelivered event a no-op.
 
-use sqlx::Row as _;
-
 use super::{Conn, Db, Error};
 
 /// How a service finished with an event.

@@ -42,11 +42,9 @@ pub async fn release(db: &Db, name: &str, holder: &str) -> Result<(), Error> {
 
 /// How many leases starting with `prefix` are held (unexpired) at `now_ms`.
 pub async fn count_held(db: &Db, prefix: &str, now_ms: i64) -> Result<i64, Error> {
-    Ok(
-        super::query_scalar("SELECT COUNT(*) FROM leases WHERE name LIKE $1 AND expires_ms >= $2")
-            .bind(format!("{prefix}%"))
-            .bind(now_ms)
-            .fetch_one(db.pool())
-            .await?,
-    )
+    super::query_scalar("SELECT COUNT(*) FROM leases WHERE name LIKE $1 AND expires_ms >= $2")
+        .bind(format!("{prefix}%"))
+        .bind(now_ms)
+        .fetch_one(db.pool())
+        .await
 }

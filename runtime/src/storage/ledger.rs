@@ -13,8 +13,6 @@
 //! the guest call) and inside the commit as a row write, so that a forward step and its
 //! compensation committing concurrently (on two instances) serialise on the row.
 
-use sqlx::Row as _;
-
 use super::{Conn, Db, Error};
 
 /// What the ledger says about an event about to be applied.

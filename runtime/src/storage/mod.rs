@@ -1,10 +1,13 @@
-//! Storage through sqlx on SQLite (embedded default) or PostgreSQL (production, several
-//! instances), chosen by the database URL.
+//! Storage on SQLite (embedded default) or PostgreSQL (production, several instances), chosen
+//! by the database URL.
 //!
-//! Design choice: one code path over `sqlx::Any`, with SQL both databases accept (`$n`
-//! placeholders, `ON CONFLICT`, savepoints) and a [`Dialect`] only where they differ (how a
-//! write transaction begins). Each table has one small module. Migrations for both live in
-//! `migrations/<dialect>/` and run at connect.
+//! Design choice: one code path ([`sql`]: `query(sql).bind(v).execute(on)`), with SQL both
+//! databases accept (`$n` placeholders, `ON CONFLICT`, savepoints) and a [`Dialect`] only
+//! where they differ (how a write transaction begins). PostgreSQL is reached through sqlx;
+//! SQLite in-process ([`native`]), each statement on the calling task, because a round trip
+//! per statement to a connection thread (sqlx's SQLite driver) was the runtime's main cost.
+//! Each table has one small module. Migrations for both live in `migrations/<dialect>/` and
+//! sqlx runs them at connect.
 
 pub mod deadlines;
 pub mod deployments;
@@ -21,49 +24,62 @@ pub mod recordings;
 pub mod sagas;
 pub mod state;
 
+mod native;
+mod sql;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyPool, Transaction};
+use sqlx::any::AnyPoolOptions;
+
+pub use sql::{
+    Bind, Column, Conn, Decode, Done, Kind, On, Pool, Query, Row, Savepoint, Scalar, Value,
+};
 
 /// A write transaction, holding this process's SQLite write gate (see [`Db::begin`]) until it
-/// commits or rolls back. Derefs to its connection, like the sqlx transaction it wraps.
+/// commits or rolls back (dropped, it rolls back). Derefs to its connection.
 pub struct Tx {
-    tx: Transaction<'static, Any>,
+    conn: Conn,
     _gate: Option<WriteGuard>,
 }
 
 impl std::ops::Deref for Tx {
     type Target = Conn;
     fn deref(&self) -> &Conn {
-        &self.tx
+        &self.conn
     }
 }
 
 impl std::ops::DerefMut for Tx {
     fn deref_mut(&mut self) -> &mut Conn {
-        &mut self.tx
+        &mut self.conn
     }
 }
 
 impl Tx {
-    pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+    pub async fn commit(self) -> Result<(), Error> {
+        self.conn.commit().await
     }
 
-    pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.tx.rollback().await
+    pub async fn rollback(self) -> Result<(), Error> {
+        self.conn.rollback().await
     }
 }
 
-/// This process's turn to write to SQLite (see [`Db::write_gate`]); `None` where there is no
-/// gate (PostgreSQL) or waiting for it took too long.
-pub type WriteGuard = tokio::sync::OwnedMutexGuard<()>;
-pub type Row = AnyRow;
-/// A connection inside a transaction or savepoint (`&mut *tx`).
-pub type Conn = sqlx::AnyConnection;
+/// This process's turn to write to SQLite (see [`Db::write_gate`]), held until dropped; the
+/// time it was held is added to [`write_gate_held_us`].
+pub struct WriteGuard {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    since: std::time::Instant,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        let held = self.since.elapsed().as_micros() as u64;
+        GATE_HELD_US.fetch_add(held, Ordering::Relaxed);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -75,6 +91,12 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A savepoint was left neither released nor rolled back (an error on the way), so the
+    /// transaction around it must not commit.
+    #[error("a savepoint was left open: the transaction is rolled back")]
+    Torn,
     /// State a handler read changed before its effects committed; re-run the handler.
     #[error("state key {key:?} of service {service:?} changed concurrently")]
     Conflict { service: String, key: String },
@@ -107,6 +129,14 @@ impl Error {
                 }
                 false
             }
+            Error::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::TooBig
+                    | rusqlite::ErrorCode::ConstraintViolation
+                    | rusqlite::ErrorCode::TypeMismatch
+                    | rusqlite::ErrorCode::ParameterOutOfRange
+            ),
+            Error::Sqlite(rusqlite::Error::ToSqlConversionFailure(_)) => true,
             _ => false,
         }
     }
@@ -133,7 +163,7 @@ impl Dialect {
 /// A connection pool and its dialect; cheap to clone.
 #[derive(Clone)]
 pub struct Db {
-    pool: AnyPool,
+    pool: Pool,
     dialect: Dialect,
     /// SQLite: one writer at a time inside this process, in arrival order (see
     /// [`Db::write_gate`]).
@@ -141,30 +171,32 @@ pub struct Db {
 }
 
 impl Db {
-    /// Connect, create the SQLite file if needed, and run the migrations.
+    /// Connect, create the SQLite file if needed, and run the migrations. SQLite is then
+    /// reached in-process ([`native`]); sqlx only creates and migrates its file.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, Error> {
         sqlx::any::install_default_drivers();
         let dialect = Dialect::of_url(url)?;
         let url_with_options = match dialect {
-            Dialect::Sqlite if !url.contains('?') && !url.contains(":memory:") => {
-                format!("{url}?mode=rwc")
-            }
+            Dialect::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
             _ => url.to_string(),
         };
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
+        let connections = match dialect {
+            Dialect::Sqlite => 1,
+            Dialect::Postgres => max_connections,
+        };
+        let sqlx_pool = AnyPoolOptions::new()
+            .max_connections(connections)
             .acquire_timeout(Duration::from_secs(30))
-            // No ping before a pooled connection is handed out: a round trip (to SQLite's
-            // worker thread, or to PostgreSQL) on every acquire, and most acquires run one
-            // statement. A connection that broke while idle fails its statement instead, a
-            // transient error every caller retries (and sqlx drops it on release).
+            // No ping before a pooled connection is handed out: a round trip on every
+            // acquire, and most acquires run one statement. A connection that broke while
+            // idle fails its statement instead, a transient error every caller retries (and
+            // sqlx drops it on release).
             .test_before_acquire(false)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
                         use sqlx::Executor;
                         conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA busy_timeout = 30000").await?;
                     }
                     Ok(())
@@ -176,33 +208,34 @@ impl Db {
                 url: url.to_string(),
                 source,
             })?;
-        let gate = (dialect == Dialect::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
-        let db = Db {
-            pool,
-            dialect,
-            gate,
-        };
-        db.migrate().await?;
-        Ok(db)
-    }
-
-    async fn migrate(&self) -> Result<(), Error> {
-        match self.dialect {
+        match dialect {
             Dialect::Sqlite => {
                 sqlx::migrate!("../migrations/sqlite")
-                    .run(&self.pool)
+                    .run(&sqlx_pool)
                     .await?
             }
             Dialect::Postgres => {
                 sqlx::migrate!("../migrations/postgres")
-                    .run(&self.pool)
+                    .run(&sqlx_pool)
                     .await?
             }
         }
-        Ok(())
+        let pool = match dialect {
+            Dialect::Sqlite => {
+                sqlx_pool.close().await;
+                Pool::Native(native::Pool::open(url, max_connections)?)
+            }
+            Dialect::Postgres => Pool::Sqlx(sqlx_pool),
+        };
+        let gate = (dialect == Dialect::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
+        Ok(Db {
+            pool,
+            dialect,
+            gate,
+        })
     }
 
-    pub fn pool(&self) -> &AnyPool {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
@@ -216,11 +249,15 @@ impl Db {
     pub async fn begin(&self) -> Result<Tx, Error> {
         count(2);
         let gate = self.write_gate().await;
-        let tx = match self.dialect {
-            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres => self.pool.begin().await?,
+        let conn = match &self.pool {
+            Pool::Native(pool) => {
+                let mut conn = pool.acquire().await?;
+                conn.finish("BEGIN IMMEDIATE").await?;
+                Conn::new(sql::Inner::Native(conn))
+            }
+            Pool::Sqlx(pool) => Conn::new(sql::Inner::Tx(pool.begin().await?)),
         };
-        Ok(Tx { tx, _gate: gate })
+        Ok(Tx { conn, _gate: gate })
     }
 
     /// Wait for this process's turn to write to SQLite; hold the guard over a write made
@@ -236,7 +273,10 @@ impl Db {
     pub async fn write_gate(&self) -> Option<WriteGuard> {
         let gate = self.gate.clone()?;
         match tokio::time::timeout(GATE_WAIT, gate.lock_owned()).await {
-            Ok(guard) => Some(guard),
+            Ok(guard) => Some(WriteGuard {
+                _guard: guard,
+                since: std::time::Instant::now(),
+            }),
             Err(_) => {
                 tracing::warn!(
                     "waited {} s for the SQLite write gate: writing without it",
@@ -263,23 +303,29 @@ pub fn statements() -> u64 {
     STATEMENTS.load(Ordering::Relaxed)
 }
 
+/// Microseconds this process held its SQLite write gate (see [`Db::write_gate`]); over wall
+/// time, how busy its single writer is (near 1: writes are the bottleneck). 0 on PostgreSQL.
+static GATE_HELD_US: AtomicU64 = AtomicU64::new(0);
+
+/// The microseconds this process held the SQLite write gate so far (see `GATE_HELD_US`).
+pub fn write_gate_held_us() -> u64 {
+    GATE_HELD_US.load(Ordering::Relaxed)
+}
+
 fn count(n: u64) {
     STATEMENTS.fetch_add(n, Ordering::Relaxed);
 }
 
-/// `sqlx::query`, counted.
-pub fn query(sql: &str) -> sqlx::query::Query<'_, Any, AnyArguments<'_>> {
+/// A statement, counted (see [`sql`]).
+pub fn query(sql: &str) -> Query<'_> {
     count(1);
-    sqlx::query(sql)
+    Query::new(sql)
 }
 
-/// `sqlx::query_scalar`, counted.
-pub fn query_scalar<'q, O>(sql: &'q str) -> sqlx::query::QueryScalar<'q, Any, O, AnyArguments<'q>>
-where
-    (O,): for<'r> sqlx::FromRow<'r, AnyRow>,
-{
+/// A statement whose rows are one column, read as `O`; counted.
+pub fn query_scalar<O: Decode>(sql: &str) -> Scalar<'_, O> {
     count(1);
-    sqlx::query_scalar(sql)
+    Scalar::new(sql)
 }
 
 /// Milliseconds since the Unix epoch of a [`std::time::SystemTime`].

@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 
-use sqlx::Row as _;
-
 use super::{Conn, Db, Error};
 
 /// Move the positions of `service` forward (never back), each `(topic, partition, next)`,
@@ -71,9 +69,7 @@ pub async fn note_broker_loss(db: &Db, lost_ms: i64) -> Result<(), Error> {
 
 /// When any instance last noted the broker's connections dropping (wall clock), if ever.
 pub async fn broker_lost_ms(db: &Db) -> Result<Option<i64>, Error> {
-    Ok(
-        super::query_scalar("SELECT lost_ms FROM broker_losses WHERE broker = 'kafka'")
-            .fetch_optional(db.pool())
-            .await?,
-    )
+    super::query_scalar("SELECT lost_ms FROM broker_losses WHERE broker = 'kafka'")
+        .fetch_optional(db.pool())
+        .await
 }

@@ -5,8 +5,6 @@
 
 use std::borrow::Borrow;
 
-use sqlx::Row as _;
-
 use super::{Conn, Db, Error};
 
 /// One event to publish: Kafka topic, key and headers (the CloudEvents attributes) and body.
@@ -294,11 +292,9 @@ pub async fn depth(db: &Db) -> Result<(i64, Option<i64>), Error> {
 
 /// How many rows wait for the relay (published ones kept for the window not counted).
 pub async fn len(db: &Db) -> Result<i64, Error> {
-    Ok(
-        super::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_ms IS NULL")
-            .fetch_one(db.pool())
-            .await?,
-    )
+    super::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_ms IS NULL")
+        .fetch_one(db.pool())
+        .await
 }
 
 #[cfg(test)]

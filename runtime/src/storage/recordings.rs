@@ -2,8 +2,6 @@
 //! every instance on the database and kept across restarts. The rows are opaque JSON here;
 //! `crate::verify` gives them meaning.
 
-use sqlx::Row as _;
-
 use super::{Db, Error};
 
 /// One recorded handler call.
@@ -81,7 +79,7 @@ pub async fn recent(db: &Db, service: &str, limit: usize) -> Result<Vec<Recorded
                 body: r.try_get("body")?,
             })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .collect::<Result<Vec<_>, Error>>()?;
     out.reverse();
     Ok(out)
 }

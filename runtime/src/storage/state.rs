@@ -4,8 +4,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use sqlx::Row as _;
-
 use super::{Conn, Db, Error};
 use crate::wasm::bindings::Write;
 use crate::wasm::{ReadSet, StateReader, Versioned};
@@ -97,7 +95,7 @@ pub async fn apply(
     writes: &[Write],
     now_ms: i64,
 ) -> Result<(), Error> {
-    let postgres = conn.backend_name() == "PostgreSQL";
+    let postgres = conn.dialect() == super::Dialect::Postgres;
     let last: BTreeMap<&str, Option<&[u8]>> = writes
         .iter()
         .map(|w| (w.key.as_str(), w.value.as_deref()))
@@ -106,11 +104,11 @@ pub async fn apply(
         service: service.to_string(),
         key: key.to_string(),
     };
-    let failed = |key: &str, e: sqlx::Error| {
+    let failed = |key: &str, e: Error| {
         if lock_conflict(&e) {
             conflict(key)
         } else {
-            Error::Sql(e)
+            e
         }
     };
     for (key, &seen) in &reads.0 {
@@ -200,8 +198,8 @@ pub async fn apply(
 
 /// Whether a statement failed because of a lock another transaction holds (PostgreSQL's
 /// deadlock detection or a serialisation failure): a conflict, re-run like any other.
-fn lock_conflict(e: &sqlx::Error) -> bool {
-    let sqlx::Error::Database(db) = e else {
+fn lock_conflict(e: &Error) -> bool {
+    let Error::Sql(sqlx::Error::Database(db)) = e else {
         return false;
     };
     matches!(db.code().as_deref(), Some("40P01" | "40001" | "55P03"))

@@ -190,7 +190,6 @@ impl Worker {
         verdict: &Verdict,
         done: &mut effects::Applied,
     ) -> Result<Result<Option<inbox::Outcome>, Undo>, storage::Error> {
-        use sqlx::Connection as _;
         let now_ms = self.ctx.clock.now_ms();
         let id = item.inbox_id();
         let handled = self.entry(service, item, &id, now_ms);
@@ -204,7 +203,7 @@ impl Worker {
         let steps = match isolation {
             Isolation::Batch => self.steps(tx, service, item, verdict, &handled).await,
             Isolation::PerEvent => {
-                let mut sp = tx.begin().await?;
+                let mut sp = tx.savepoint().await?;
                 let mut steps = self.steps(&mut sp, service, item, verdict, &handled).await;
                 // Its events in its savepoint, so that undoing the event undoes them too.
                 if let Ok(Steps::Done(_, applied)) = &mut steps {
@@ -347,7 +346,6 @@ impl Worker {
         item: &Item<'_>,
         error: &storage::Error,
     ) -> Result<(), storage::Error> {
-        use sqlx::Connection as _;
         let r = item.record;
         tracing::warn!(
             service = service.name(), topic = %r.topic, partition = r.partition, offset = r.offset,
@@ -370,7 +368,7 @@ impl Worker {
             version: service.version(),
             handled_ms: now_ms,
         };
-        let mut sp = tx.begin().await?;
+        let mut sp = tx.savepoint().await?;
         if inbox::record(&mut sp, &entry, false).await? {
             let message = self.dead_letter(service, item, &id, &reason, 0);
             outbox::insert(&mut sp, &message, now_ms).await?;
