@@ -552,15 +552,21 @@ fn any_values(row: &AnyRow) -> Result<Vec<Value>, Error> {
                     _ => Kind::Int,
                 }));
             }
+            // Decoded from the value at hand: `row.try_get` would look the column up again.
+            fn decode<'r, T: sqlx::Decode<'r, Any>>(
+                raw: sqlx::any::AnyValueRef<'r>,
+            ) -> Result<T, Error> {
+                T::decode(raw).map_err(|e| Error::Corrupt(e.to_string()))
+            }
             Ok(match kind {
-                AnyTypeInfoKind::Bool => Value::Int(i64::from(row.try_get::<bool, _>(i)?)),
-                AnyTypeInfoKind::SmallInt => Value::Int(i64::from(row.try_get::<i16, _>(i)?)),
-                AnyTypeInfoKind::Integer => Value::Int32(row.try_get(i)?),
-                AnyTypeInfoKind::BigInt => Value::Int(row.try_get(i)?),
-                AnyTypeInfoKind::Real => Value::Real(f64::from(row.try_get::<f32, _>(i)?)),
-                AnyTypeInfoKind::Double => Value::Real(row.try_get(i)?),
-                AnyTypeInfoKind::Text => Value::Text(row.try_get(i)?),
-                AnyTypeInfoKind::Blob => Value::Blob(row.try_get(i)?),
+                AnyTypeInfoKind::Bool => Value::Int(i64::from(decode::<bool>(raw)?)),
+                AnyTypeInfoKind::SmallInt => Value::Int(i64::from(decode::<i16>(raw)?)),
+                AnyTypeInfoKind::Integer => Value::Int32(decode(raw)?),
+                AnyTypeInfoKind::BigInt => Value::Int(decode(raw)?),
+                AnyTypeInfoKind::Real => Value::Real(f64::from(decode::<f32>(raw)?)),
+                AnyTypeInfoKind::Double => Value::Real(decode(raw)?),
+                AnyTypeInfoKind::Text => Value::Text(decode(raw)?),
+                AnyTypeInfoKind::Blob => Value::Blob(decode(raw)?),
                 AnyTypeInfoKind::Null => Value::Null(Kind::Int),
             })
         })
