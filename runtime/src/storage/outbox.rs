@@ -90,17 +90,29 @@ impl Message {
 
 /// The oldest `limit` rows of relay slot `slot` of `slots` (the buckets equal to `slot`
 /// modulo `slots`), in storage order.
+///
+/// On PostgreSQL through `outbox_waiting_rows` (migration 0020), which walks the waiting rows'
+/// index with a plain index scan: the entries that published rows leave behind are marked dead
+/// as it passes them, instead of visited again by every fetch until VACUUM.
 pub async fn fetch(db: &Db, slot: u32, slots: u32, limit: u32) -> Result<Vec<Row>, Error> {
-    let rows = super::query(
-        "SELECT id, event_id, topic, msg_key, headers, payload, created_ms FROM outbox \
-         WHERE published_ms IS NULL AND bucket % $1 = $2 ORDER BY id LIMIT $3",
-    )
-    .bind(i64::from(slots.max(1)))
-    .bind(i64::from(slot))
-    .bind(limit as i64)
-    .fetch_all(db.pool())
-    .await?;
+    let rows = super::query(fetch_sql(db.dialect()))
+        .bind(i64::from(slots.max(1)))
+        .bind(i64::from(slot))
+        .bind(limit as i64)
+        .fetch_all(db.pool())
+        .await?;
     rows.iter().map(decode).collect()
+}
+
+/// The statement [`fetch`] runs (slots, slot, limit bound as `$1`–`$3`).
+pub fn fetch_sql(dialect: super::Dialect) -> &'static str {
+    match dialect {
+        super::Dialect::Postgres => "SELECT * FROM outbox_waiting_rows($1, $2, $3)",
+        super::Dialect::Sqlite => {
+            "SELECT id, event_id, topic, msg_key, headers, payload, created_ms FROM outbox \
+             WHERE published_ms IS NULL AND bucket % $1 = $2 ORDER BY id LIMIT $3"
+        }
+    }
 }
 
 fn decode(row: &super::Row) -> Result<Row, Error> {
