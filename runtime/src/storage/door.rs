@@ -1,5 +1,5 @@
-//! The door check's reads of one batch, in one statement (on SQLite every statement is a round
-//! trip to the connection's thread): which events the service handled before (`inbox`), which
+//! The door check's reads of one batch, in one statement (on PostgreSQL each is a round trip):
+//! which events the service handled before (`inbox`), which
 //! sagas it closed by a compensation (`saga_ledger`), which have a step held (`held_steps`),
 //! and what the sagas' expiry is (`sagas`, `deadlines`). A part whose list is empty is left
 //! out. The authoritative checks are the writes in the commit (`inbox::record`,

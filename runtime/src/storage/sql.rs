@@ -382,12 +382,11 @@ impl Conn {
         }
     }
 
+    /// SQLite connections are native; sqlx holds only PostgreSQL's (`Db::connect`).
     pub fn dialect(&self) -> Dialect {
         match &self.inner {
             Inner::Native(_) => Dialect::Sqlite,
-            Inner::Pooled(c) if c.backend_name() == "SQLite" => Dialect::Sqlite,
-            Inner::Tx(c) if c.backend_name() == "SQLite" => Dialect::Sqlite,
-            _ => Dialect::Postgres,
+            Inner::Pooled(_) | Inner::Tx(_) => Dialect::Postgres,
         }
     }
 
@@ -442,26 +441,25 @@ pub struct Savepoint<'c> {
 
 impl Savepoint<'_> {
     /// Keep what ran on it, as part of the transaction.
-    pub async fn commit(mut self) -> Result<(), Error> {
-        self.open = false;
-        let depth = self.depth;
-        self.conn
-            .plain(&format!("RELEASE SAVEPOINT sp{depth}"))
-            .await?;
-        self.conn.savepoints = depth - 1;
-        Ok(())
+    pub async fn commit(self) -> Result<(), Error> {
+        self.close(false).await
     }
 
     /// Undo what ran on it.
-    pub async fn rollback(mut self) -> Result<(), Error> {
+    pub async fn rollback(self) -> Result<(), Error> {
+        self.close(true).await
+    }
+
+    /// Release it, after rolling back to it if `undo`.
+    async fn close(mut self, undo: bool) -> Result<(), Error> {
         self.open = false;
         let depth = self.depth;
-        self.conn
-            .plain(&format!("ROLLBACK TO SAVEPOINT sp{depth}"))
-            .await?;
-        self.conn
-            .plain(&format!("RELEASE SAVEPOINT sp{depth}"))
-            .await?;
+        if undo {
+            let rollback = format!("ROLLBACK TO SAVEPOINT sp{depth}");
+            self.conn.plain(&rollback).await?;
+        }
+        let release = format!("RELEASE SAVEPOINT sp{depth}");
+        self.conn.plain(&release).await?;
         self.conn.savepoints = depth - 1;
         Ok(())
     }

@@ -40,9 +40,9 @@ impl Worker {
     /// Commit a batch's verdicts in one transaction. Returns the indices deferred by a conflict.
     ///
     /// Most batches meet no conflict, late duplicate or refusal, so the batch is first
-    /// committed without a savepoint per event (`Isolation::Batch`: on SQLite every statement
-    /// is a round trip to the connection's thread); one that does is rolled back and
-    /// committed again with them.
+    /// committed without a savepoint per event (`Isolation::Batch`: two statements fewer per
+    /// event, each a round trip on PostgreSQL); one that does is rolled back and committed
+    /// again with them.
     pub(super) async fn commit(
         &self,
         service: &Arc<Service>,
