@@ -17,7 +17,8 @@
 //!
 //! Reported per run: sagas/s; client-side latency (POST → seen settled) and host-side latency
 //! (the order guest's `createdMs` → `updatedMs`, host clock) p50/p95/p99; HTTP errors by
-//! status; CPU of the runtime and of the broker per saga (/proc, user + system); Kafka
+//! status; CPU of the runtime, of the broker and (PostgreSQL) of the database server per saga
+//! (/proc, user + system) and how busy the whole machine was (`/proc/stat`); Kafka
 //! transactions and events handled per saga (the runtime's `/_saga/stats`); on PostgreSQL the
 //! database transactions per event (`pg_stat_database`). `--backend sqlite,postgres` (both by
 //! default), `--short` for CI's quick form.
@@ -347,6 +348,44 @@ fn broker_pids() -> Vec<u32> {
     out.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
+/// The processes of the machine's PostgreSQL server (postmaster and backends), when the run is
+/// on PostgreSQL: their CPU is the database's share of the work. Backends that start and end
+/// within the run are missed (the runtime's pool keeps its connections).
+fn postgres_pids(db: &TestDb) -> Vec<u32> {
+    if !db.url.starts_with("postgres") {
+        return Vec::new();
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "postgres")
+        })
+        .collect()
+}
+
+/// Busy and total CPU time of the whole machine so far (`/proc/stat`, in ticks): how close to
+/// saturation a run was, whatever process did the work.
+fn machine_ticks() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0.0, 0.0);
+    };
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …: idle and iowait are not busy.
+    let total: f64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}
+
 async fn pg_transactions(db: &TestDb) -> Option<i64> {
     if !db.url.starts_with("postgres") {
         return None;
@@ -385,7 +424,13 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
     let metrics_before = target.metrics().await;
     let pg_before = pg_transactions(&target.db).await;
     let brokers = broker_pids();
-    let cpu_before = (cpu_seconds(&[target.instance.pid()]), cpu_seconds(&brokers));
+    let database = postgres_pids(&target.db);
+    let cpu_before = (
+        cpu_seconds(&[target.instance.pid()]),
+        cpu_seconds(&brokers),
+        cpu_seconds(&database),
+    );
+    let machine_before = machine_ticks();
     let switches_before = context_switches(target.instance.pid());
     let started = Instant::now();
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -427,6 +472,16 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
     let secs = started.elapsed().as_secs_f64();
     let cpu_runtime = cpu_seconds(&[target.instance.pid()]) - cpu_before.0;
     let cpu_broker = cpu_seconds(&brokers) - cpu_before.1;
+    let cpu_database = cpu_seconds(&database) - cpu_before.2;
+    let machine_after = machine_ticks();
+    let machine_busy = {
+        let total = machine_after.1 - machine_before.1;
+        if total > 0.0 {
+            (machine_after.0 - machine_before.0) / total
+        } else {
+            f64::NAN
+        }
+    };
     let switches = context_switches(target.instance.pid()) - switches_before;
     let stats_after = target.stats().await;
     let metrics_after = target.metrics().await;
@@ -470,6 +525,14 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         "errors": tally.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect::<HashMap<_, _>>(),
         "runtimeCpuMsPerSaga": round(per_saga(cpu_runtime * 1000.0), 2),
         "brokerCpuMsPerSaga": round(per_saga(cpu_broker * 1000.0), 2),
+        // PostgreSQL's server processes (null on SQLite, which runs inside the runtime).
+        "databaseCpuMsPerSaga": if database.is_empty() {
+            Value::Null
+        } else {
+            json!(round(per_saga(cpu_database * 1000.0), 2))
+        },
+        // The share of the machine's CPU time in use during the run, by any process.
+        "machineBusy": round(machine_busy, 2),
         "kafkaTransactionsPerSaga": round(per_saga(delta("relay_batches")), 2),
         "eventsPerSaga": round(per_saga(events), 2),
         "conflictRerunsPerSaga": round(per_saga(delta("conflicts")), 2),
@@ -533,7 +596,7 @@ fn merge(into: &Mutex<Tally>, mine: Tally) {
 fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
-         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  write gate busy {}  \
+         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms database {} ms  machine busy {}  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  write gate busy {}  \
          conflicts/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
@@ -543,7 +606,8 @@ fn print(backend: Backend, r: &Value) {
         r["hostMs"]["p50"], r["hostMs"]["p95"], r["hostMs"]["p99"],
         r["shedAndRetried"],
         r["errors"],
-        r["runtimeCpuMsPerSaga"], r["brokerCpuMsPerSaga"],
+        r["runtimeCpuMsPerSaga"], r["brokerCpuMsPerSaga"], r["databaseCpuMsPerSaga"],
+        r["machineBusy"],
         r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbStatementsPerEvent"],
         r["dbTransactionsPerEvent"], r["writeGateBusy"],
         r["conflictRerunsPerSaga"], r["runtimeContextSwitchesPerSaga"],
