@@ -181,7 +181,11 @@ impl Kept {
             ),
             Kept::IdempotencyKeys => ("idempotency_keys", "service, key", "created_ms < $1"),
             Kept::MemberLeases => ("leases", "name", "name LIKE 'member/%' AND expires_ms < $1"),
-            Kept::Tombstones => ("state", "service, key", "value IS NULL AND touched_ms < $1"),
+            Kept::Tombstones => (
+                "state",
+                "service, key",
+                "valueless_ms IS NOT NULL AND valueless_ms < $1",
+            ),
         }
     }
 }
@@ -195,9 +199,12 @@ async fn expire(
 ) -> Result<u64, crate::storage::Error> {
     let _gate = db.write_gate().await;
     let (table, key, condition) = kept.sql();
+    // The condition again on the deleted rows themselves: a row written since the inner
+    // select read it (a tombstone given a value again) is checked anew and kept (PostgreSQL
+    // re-evaluates only the outer conditions on a row changed under it).
     let sql = format!(
         "DELETE FROM {table} WHERE ({key}) IN \
-         (SELECT {key} FROM {table} WHERE {condition} LIMIT $2)"
+         (SELECT {key} FROM {table} WHERE {condition} LIMIT $2) AND {condition}"
     );
     let done = crate::storage::query(&sql)
         .bind(before_ms)

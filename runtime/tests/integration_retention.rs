@@ -63,7 +63,7 @@ async fn old_rows_are_cleaned_up_and_recent_ones_kept(backend: Backend) {
     // A deleted key's tombstone written now, and one written just before the clock's new time.
     for (key, touched) in [("user/deleted", 0), ("user/deleted-late", 9 * DAY - 1000)] {
         saga_runtime::storage::query(
-            "INSERT INTO state (service, key, value, version, touched_ms) \
+            "INSERT INTO state (service, key, value, version, valueless_ms) \
              VALUES ('point', $1, NULL, 4, $2)",
         )
         .bind(key)

@@ -757,3 +757,141 @@ async fn door(
         .await
         .unwrap()
 }
+
+/// On PostgreSQL the rows written on every step — a state key written again and again, a
+/// saga's expiry row, its ledger row — are updated in place (HOT updates: no new entry in any
+/// of the table's indexes). Before, the tombstone index's predicate (`value IS NULL`) made every
+/// state write a full update, and `touched_ms`, indexed for retention and moved by every step,
+/// did the same to saga and ledger rows: each update added an entry to every index of the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_on_every_step_are_updated_in_place() {
+    let (t, db) = open(Backend::Postgres).await;
+    let mut tx = db.begin().await.unwrap();
+    let writes = 20;
+    for i in 0..writes {
+        let reads = read_set([("user/1".to_string(), i)]);
+        let value = format!("{{\"point\": {}}}", 10_000 - i);
+        state::apply(
+            &mut tx,
+            "point",
+            &reads,
+            &[put("user/1", &value)],
+            1_000 + i,
+        )
+        .await
+        .unwrap();
+    }
+    sagas::open(&mut tx, "saga-1", 1_000).await.unwrap();
+    for i in 0..writes {
+        sagas::step(&mut tx, "saga-1", 1_001 + i).await.unwrap();
+        ledger::forward(&mut tx, "point", "saga-1", 1_001 + i)
+            .await
+            .unwrap();
+    }
+    for table in ["state", "sagas", "saga_ledger"] {
+        let row = saga_runtime::storage::query(
+            "SELECT pg_stat_get_xact_tuples_updated(CAST($1 AS TEXT)::regclass) AS updated, \
+             pg_stat_get_xact_tuples_hot_updated(CAST($1 AS TEXT)::regclass) AS hot",
+        )
+        .bind(table)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        let updated: i64 = row.try_get("updated").unwrap();
+        let hot: i64 = row.try_get("hot").unwrap();
+        assert!(updated >= writes - 1, "{table}: {updated} updates");
+        assert_eq!(hot, updated, "{table}: every update in place");
+    }
+    tx.rollback().await.unwrap();
+    t.drop_db().await;
+}
+
+/// A forward step's fences and inbox record in one statement (`storage::step`, PostgreSQL):
+/// it writes what the three statements write (the expiry row's step count, the ledger's
+/// forward steps, the inbox record) and reports what they would have found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_steps_statements_merged_write_and_find_what_each_would() {
+    use saga_runtime::storage::step;
+    let (t, db) = open(Backend::Postgres).await;
+    let entry = |id: &'static str, saga: &'static str| inbox::Entry {
+        service: "point",
+        event_id: id,
+        saga,
+        event_type: "ExchangeSucceeded",
+        topic: "exchange",
+        outcome: inbox::Outcome::Applied,
+        detail: None,
+        version: "0.1.0",
+        handled_ms: 1_000,
+    };
+    let mut tx = db.begin().await.unwrap();
+    sagas::open(&mut tx, "s1", 500).await.unwrap();
+    let first = step::forward(&mut tx, &entry("e1", "s1"), true, true)
+        .await
+        .unwrap();
+    assert!(first.applies(), "{first:?}");
+    let again = step::forward(&mut tx, &entry("e1", "s1"), true, true)
+        .await
+        .unwrap();
+    assert!(!again.recorded, "the same event again is a duplicate");
+    let steps: i64 =
+        saga_runtime::storage::query_scalar("SELECT steps FROM sagas WHERE saga = 's1'")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(
+        steps, 2,
+        "each statement counts a step, as sagas::step does"
+    );
+    let forward: i64 = saga_runtime::storage::query_scalar(
+        "SELECT forward_steps FROM saga_ledger WHERE service = 'point' AND saga = 's1'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(forward, 2);
+    assert_eq!(
+        inbox::outcome(&db, "point", "e1").await.unwrap(),
+        None,
+        "not visible before the commit"
+    );
+    // Expired since the door check: reported, for the caller to undo.
+    sagas::expire(&mut tx, "s1", 900).await.unwrap();
+    let expired = step::forward(&mut tx, &entry("e2", "s1"), true, false)
+        .await
+        .unwrap();
+    assert_eq!(expired.expired_ms, Some(900));
+    assert!(!expired.applies());
+    // Closed by a compensation at this service: reported with the compensation's id.
+    ledger::compensate(&mut tx, "point", "s2", "undo-s2", 950)
+        .await
+        .unwrap();
+    let closed = step::forward(&mut tx, &entry("e3", "s2"), false, true)
+        .await
+        .unwrap();
+    assert_eq!(closed.closed_by.as_deref(), Some("undo-s2"));
+    assert_eq!(
+        closed.expired_ms, None,
+        "not timed: the expiry row is not read"
+    );
+    assert!(!closed.applies());
+    tx.commit().await.unwrap();
+    let recorded = inbox::outcome(&db, "point", "e1").await.unwrap();
+    assert_eq!(recorded, Some(("applied".to_string(), None)));
+    t.drop_db().await;
+}
+
+/// An in-memory SQLite database is refused at connect, naming why: each connection of the
+/// runtime's pool would open an empty database of its own (it used to connect, and then fail
+/// on the first statement of a second connection with "no such table").
+#[tokio::test]
+async fn an_in_memory_sqlite_database_is_refused_with_the_reason() {
+    for url in ["sqlite::memory:", "sqlite://saga.db?mode=memory"] {
+        let refused = Db::connect(url, 4).await.err().expect("refused");
+        assert!(
+            matches!(refused, Error::InMemorySqlite(_)),
+            "{url}: {refused}"
+        );
+        assert!(refused.to_string().contains("give a file"), "{refused}");
+    }
+}

@@ -31,11 +31,12 @@ pub async fn forward(
     saga: &str,
     now_ms: i64,
 ) -> Result<Verdict, Error> {
-    let row = super::query(
+    let row = super::query(concat!(
         "INSERT INTO saga_ledger (service, saga, forward_steps, touched_ms) VALUES ($1, $2, 1, $3) \
-         ON CONFLICT (service, saga) DO UPDATE SET forward_steps = saga_ledger.forward_steps + 1, \
-         touched_ms = $3 RETURNING compensated_by",
-    )
+         ON CONFLICT (service, saga) DO UPDATE SET forward_steps = saga_ledger.forward_steps + 1, ",
+        touch!("saga_ledger", "$3"),
+        " RETURNING compensated_by"
+    ))
     .bind(service)
     .bind(saga)
     .bind(now_ms)
@@ -55,16 +56,16 @@ pub async fn compensate(
     event_id: &str,
     now_ms: i64,
 ) -> Result<Verdict, Error> {
-    let row = super::query(
+    let row = super::query(concat!(
         "INSERT INTO saga_ledger \
          (service, saga, forward_steps, compensated_by, compensated_ms, touched_ms) \
          VALUES ($1, $2, 0, $3, $4, $4) \
          ON CONFLICT (service, saga) DO UPDATE SET \
            compensated_by = COALESCE(saga_ledger.compensated_by, excluded.compensated_by), \
-           compensated_ms = COALESCE(saga_ledger.compensated_ms, excluded.compensated_ms), \
-           touched_ms = excluded.touched_ms \
-         RETURNING compensated_by, forward_steps",
-    )
+           compensated_ms = COALESCE(saga_ledger.compensated_ms, excluded.compensated_ms), ",
+        touch!("saga_ledger", "$4"),
+        " RETURNING compensated_by, forward_steps"
+    ))
     .bind(service)
     .bind(saga)
     .bind(event_id)

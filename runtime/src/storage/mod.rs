@@ -9,6 +9,26 @@
 //! Each table has one small module. Migrations for both live in `migrations/<dialect>/` and
 //! sqlx runs them at connect.
 
+/// `touched_ms = …` in an update of a row that retention ages by its `touched_ms` (`sagas`,
+/// `saga_ledger`), `$now` being the statement's parameter for the time: moved only once it is a
+/// minute behind, so most updates leave every indexed column as it was and PostgreSQL updates
+/// the row in place (a HOT update: no new index entries). Retention counts in hours and days.
+macro_rules! touch {
+    ($table:literal, $now:literal) => {
+        concat!(
+            "touched_ms = CASE WHEN ",
+            $table,
+            ".touched_ms < ",
+            $now,
+            " - 60000 THEN ",
+            $now,
+            " ELSE ",
+            $table,
+            ".touched_ms END"
+        )
+    };
+}
+
 pub mod deadlines;
 pub mod deployments;
 pub mod door;
@@ -23,6 +43,7 @@ pub mod outbox;
 pub mod recordings;
 pub mod sagas;
 pub mod state;
+pub mod step;
 
 mod native;
 mod sql;
@@ -85,6 +106,12 @@ impl Drop for WriteGuard {
 pub enum Error {
     #[error("database URL {0:?} is neither sqlite:… nor postgres:…")]
     UnknownUrl(String),
+    #[error(
+        "database URL {0:?} names an in-memory SQLite database, which the runtime cannot use: \
+         each of its connections would open a database of its own, and nothing would survive \
+         a restart; give a file (e.g. sqlite://saga.db)"
+    )]
+    InMemorySqlite(String),
     #[error("could not connect to the database at {url}: {source}")]
     Connect { url: String, source: sqlx::Error },
     #[error("database migration failed: {0}")]
@@ -176,6 +203,9 @@ impl Db {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, Error> {
         sqlx::any::install_default_drivers();
         let dialect = Dialect::of_url(url)?;
+        if dialect == Dialect::Sqlite && (url.contains(":memory:") || url.contains("mode=memory")) {
+            return Err(Error::InMemorySqlite(url.to_string()));
+        }
         let url_with_options = match dialect {
             Dialect::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
             _ => url.to_string(),

@@ -9,11 +9,11 @@ use super::{Conn, Error};
 
 /// Make sure `saga` has a row (when a deadline is set for it).
 pub async fn open(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<(), Error> {
-    super::query(
+    super::query(concat!(
         "INSERT INTO sagas (saga, expired_ms, steps, touched_ms, opened_ms) \
-         VALUES ($1, NULL, 0, $2, $2) \
-         ON CONFLICT (saga) DO UPDATE SET touched_ms = excluded.touched_ms",
-    )
+         VALUES ($1, NULL, 0, $2, $2) ON CONFLICT (saga) DO UPDATE SET ",
+        touch!("sagas", "$2")
+    ))
     .bind(saga)
     .bind(now_ms)
     .execute(&mut *conn)
@@ -38,9 +38,11 @@ pub async fn expire(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<Option<i
 
 /// Record a forward step of `saga` and return when it expired, if it has.
 pub async fn step(conn: &mut Conn, saga: &str, now_ms: i64) -> Result<Option<i64>, Error> {
-    let expired: Option<Option<i64>> = super::query_scalar(
-        "UPDATE sagas SET steps = steps + 1, touched_ms = $2 WHERE saga = $1 RETURNING expired_ms",
-    )
+    let expired: Option<Option<i64>> = super::query_scalar(concat!(
+        "UPDATE sagas SET steps = steps + 1, ",
+        touch!("sagas", "$2"),
+        " WHERE saga = $1 RETURNING expired_ms"
+    ))
     .bind(saga)
     .bind(now_ms)
     .fetch_optional(&mut *conn)

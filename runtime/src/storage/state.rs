@@ -117,7 +117,7 @@ pub async fn apply(
         }
         if postgres && seen == 0 {
             super::query(
-                "INSERT INTO state (service, key, value, version, touched_ms) \
+                "INSERT INTO state (service, key, value, version, valueless_ms) \
                  VALUES ($1, $2, NULL, 0, $3) ON CONFLICT (service, key) DO NOTHING",
             )
             .bind(service)
@@ -143,47 +143,50 @@ pub async fn apply(
         }
     }
     for (key, value) in last {
+        // Since when the key holds no value (retention of tombstones), NULL while it holds
+        // one: a write of a value then changes no indexed column (`migrations/*/0021`).
+        let valueless = value.is_none().then_some(now_ms);
         let value = value.map(<[u8]>::to_vec);
         let affected = match reads.0.get(key) {
             // Read as never written: there may be no row, or a placeholder of version 0.
             Some(0) => super::query(
-                "INSERT INTO state (service, key, value, version, touched_ms) \
+                "INSERT INTO state (service, key, value, version, valueless_ms) \
                  VALUES ($1, $2, $3, 1, $4) ON CONFLICT (service, key) DO UPDATE \
-                 SET value = excluded.value, version = 1, touched_ms = excluded.touched_ms \
+                 SET value = excluded.value, version = 1, valueless_ms = excluded.valueless_ms \
                  WHERE state.version = 0",
             )
             .bind(service)
             .bind(key)
             .bind(value)
-            .bind(now_ms)
+            .bind(valueless)
             .execute(&mut *conn)
             .await
             .map_err(|e| failed(key, e))?
             .rows_affected(),
             Some(&seen) => super::query(
-                "UPDATE state SET value = $3, version = version + 1, touched_ms = $5 \
+                "UPDATE state SET value = $3, version = version + 1, valueless_ms = $5 \
                  WHERE service = $1 AND key = $2 AND version = $4",
             )
             .bind(service)
             .bind(key)
             .bind(value)
             .bind(seen)
-            .bind(now_ms)
+            .bind(valueless)
             .execute(&mut *conn)
             .await
             .map_err(|e| failed(key, e))?
             .rows_affected(),
             // A blind write (never read) cannot conflict; it just bumps the version.
             None => super::query(
-                "INSERT INTO state (service, key, value, version, touched_ms) \
+                "INSERT INTO state (service, key, value, version, valueless_ms) \
                  VALUES ($1, $2, $3, 1, $4) ON CONFLICT (service, key) DO UPDATE \
                  SET value = excluded.value, version = state.version + 1, \
-                 touched_ms = excluded.touched_ms",
+                 valueless_ms = excluded.valueless_ms",
             )
             .bind(service)
             .bind(key)
             .bind(value)
-            .bind(now_ms)
+            .bind(valueless)
             .execute(&mut *conn)
             .await
             .map_err(|e| failed(key, e))?

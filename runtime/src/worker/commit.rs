@@ -34,6 +34,9 @@ enum Steps {
     Done(inbox::Outcome, effects::Applied),
     /// The inbox already had it (another instance, since the door check).
     Duplicate,
+    /// Its merged statement (`storage::step`) found the saga expired or closed since the door
+    /// check: only the statement-by-statement path records that, so the attempt is undone.
+    Undo,
 }
 
 impl Worker {
@@ -201,10 +204,15 @@ impl Worker {
             return Ok(Ok(None));
         }
         let steps = match isolation {
-            Isolation::Batch => self.steps(tx, service, item, verdict, &handled).await,
+            Isolation::Batch => {
+                self.steps(tx, isolation, service, item, verdict, &handled)
+                    .await
+            }
             Isolation::PerEvent => {
                 let mut sp = tx.savepoint().await?;
-                let mut steps = self.steps(&mut sp, service, item, verdict, &handled).await;
+                let mut steps = self
+                    .steps(&mut sp, isolation, service, item, verdict, &handled)
+                    .await;
                 // Its events in its savepoint, so that undoing the event undoes them too.
                 if let Ok(Steps::Done(_, applied)) = &mut steps {
                     let emitted = std::mem::take(&mut applied.emitted);
@@ -224,7 +232,8 @@ impl Worker {
                 done.absorb(applied);
                 Ok(Ok(Some(outcome)))
             }
-            (Steps::Duplicate, Isolation::Batch) => Ok(Err(Undo)),
+            (Steps::Duplicate | Steps::Undo, Isolation::Batch) => Ok(Err(Undo)),
+            (Steps::Undo, Isolation::PerEvent) => unreachable!("steps are merged only in a batch"),
             (Steps::Duplicate, Isolation::PerEvent) => {
                 if !saga.is_empty() {
                     inbox::note(tx, &handled, inbox::Attempt::Duplicate).await?;
@@ -239,6 +248,7 @@ impl Worker {
     async fn steps(
         &self,
         conn: &mut storage::Conn,
+        isolation: Isolation,
         service: &Service,
         item: &Item<'_>,
         verdict: &Verdict,
@@ -246,26 +256,45 @@ impl Worker {
     ) -> Result<Steps, storage::Error> {
         let id = handled.event_id;
         let now_ms = handled.handled_ms;
-        let (outcome, detail) = match (verdict, &item.event) {
-            (Verdict::Apply(_), Ok(event)) => {
-                self.fence(conn, service, item.saga(), event, id, now_ms)
+        let merged = match (verdict, &item.event) {
+            (Verdict::Apply(_), Ok(event)) if isolation == Isolation::Batch && !item.redrive => {
+                self.forward_in_one(conn, service, item.saga(), event, handled)
                     .await?
             }
-            (Verdict::DeadLetter { reason, .. }, _) => {
-                (inbox::Outcome::DeadLettered, Some(reason.clone()))
+            _ => None,
+        };
+        let outcome = match merged {
+            Some(stepped) if !stepped.recorded => return Ok(Steps::Duplicate),
+            Some(stepped) if !stepped.applies() => return Ok(Steps::Undo),
+            Some(_) => inbox::Outcome::Applied,
+            None => {
+                let (outcome, detail) = match (verdict, &item.event) {
+                    (Verdict::Apply(_), Ok(event)) => {
+                        self.fence(conn, service, item.saga(), event, id, now_ms)
+                            .await?
+                    }
+                    (Verdict::DeadLetter { reason, .. }, _) => {
+                        (inbox::Outcome::DeadLettered, Some(reason.clone()))
+                    }
+                    (Verdict::Expired { reason }, _) => {
+                        (inbox::Outcome::Expired, Some(reason.clone()))
+                    }
+                    (Verdict::Ignored { reason }, _) => {
+                        (inbox::Outcome::Ignored, Some(reason.clone()))
+                    }
+                    _ => (inbox::Outcome::Applied, None),
+                };
+                let entry = inbox::Entry {
+                    outcome,
+                    detail: detail.as_deref(),
+                    ..handled.clone()
+                };
+                if !inbox::record(conn, &entry, item.redrive).await? {
+                    return Ok(Steps::Duplicate);
+                }
+                outcome
             }
-            (Verdict::Expired { reason }, _) => (inbox::Outcome::Expired, Some(reason.clone())),
-            (Verdict::Ignored { reason }, _) => (inbox::Outcome::Ignored, Some(reason.clone())),
-            _ => (inbox::Outcome::Applied, None),
         };
-        let entry = inbox::Entry {
-            outcome,
-            detail: detail.as_deref(),
-            ..handled.clone()
-        };
-        if !inbox::record(conn, &entry, item.redrive).await? {
-            return Ok(Steps::Duplicate);
-        }
         let applied = match (verdict, outcome) {
             (Verdict::Apply(called), inbox::Outcome::Applied | inbox::Outcome::Compensated) => {
                 let trace = crate::telemetry::carried(&item.span);
@@ -289,6 +318,33 @@ impl Worker {
             _ => effects::Applied::default(),
         };
         Ok(Steps::Done(outcome, applied))
+    }
+
+    /// A forward step's fences and inbox record in one statement (`storage::step`), where
+    /// that is one round trip instead of several (PostgreSQL) and the step has fences to pass;
+    /// `None` where the caller takes the statement-by-statement path (`fence`, then the record).
+    async fn forward_in_one(
+        &self,
+        conn: &mut storage::Conn,
+        service: &Service,
+        saga: Option<&str>,
+        event: &Event,
+        handled: &inbox::Entry<'_>,
+    ) -> Result<Option<storage::step::Stepped>, storage::Error> {
+        if conn.dialect() != storage::Dialect::Postgres
+            || saga.is_none()
+            || service.step(&event.topic, &event.type_) != Step::Forward
+        {
+            return Ok(None);
+        }
+        let timed = event.deadline_ms.is_some();
+        let ledger = service.keeps_ledger();
+        if !timed && !ledger {
+            return Ok(None); // the record alone: one statement either way
+        }
+        storage::step::forward(conn, handled, timed, ledger)
+            .await
+            .map(Some)
     }
 
     /// The in-commit half of the expiry and ledger checks for an event the guest handled, as
