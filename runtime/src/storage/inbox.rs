@@ -58,23 +58,30 @@ pub async fn record(conn: &mut Conn, entry: &Entry<'_>, redrive: bool) -> Result
     } else {
         "DO NOTHING"
     };
-    let inserted = super::query(&format!(
+    let sql = format!(
         "INSERT INTO inbox (service, event_id, saga, event_type, topic, outcome, detail, version, handled_ms) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (service, event_id) {on_conflict}",
-    ))
-    .bind(entry.service)
-    .bind(entry.event_id)
-    .bind(entry.saga)
-    .bind(entry.event_type)
-    .bind(entry.topic)
-    .bind(entry.outcome.as_str())
-    .bind(entry.detail)
-    .bind(entry.version)
-    .bind(entry.handled_ms)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    );
+    let inserted = bind(super::query(&sql), entry)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     Ok(inserted == 1)
+}
+
+/// `entry` bound as `$1`…`$9`, in the order of the inbox's columns `service, event_id, saga,
+/// event_type, topic, outcome, detail, version, handled_ms`.
+pub(super) fn bind<'q>(query: super::Query<'q>, entry: &Entry<'_>) -> super::Query<'q> {
+    query
+        .bind(entry.service)
+        .bind(entry.event_id)
+        .bind(entry.saga)
+        .bind(entry.event_type)
+        .bind(entry.topic)
+        .bind(entry.outcome.as_str())
+        .bind(entry.detail)
+        .bind(entry.version)
+        .bind(entry.handled_ms)
 }
 
 /// Dead-lettered events not re-driven since, per (logical) topic.

@@ -44,16 +44,7 @@ pub async fn forward(
         (false, true) => LEDGER,
         (false, false) => NEITHER,
     };
-    let row = super::query(sql)
-        .bind(entry.service)
-        .bind(entry.event_id)
-        .bind(entry.saga)
-        .bind(entry.event_type)
-        .bind(entry.topic)
-        .bind(entry.outcome.as_str())
-        .bind(entry.detail)
-        .bind(entry.version)
-        .bind(entry.handled_ms)
+    let row = inbox::bind(super::query(sql), entry)
         .fetch_one(&mut *conn)
         .await?;
     Ok(Stepped {
