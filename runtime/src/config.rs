@@ -107,6 +107,10 @@ pub struct Worker {
     /// read) and effects, in the database, for `runtime deploy --verify` to replay; 0 records
     /// nothing. Default 50.
     pub verify_recent: usize,
+    /// PostgreSQL: how many transactions a batch is committed in side by side, its partitions
+    /// shared out between them (a partition's events stay in one, in order). SQLite has one
+    /// writer: always 1 there. Default 2.
+    pub commit_lanes: usize,
 }
 
 /// The outbox relay (`[relay]`).
@@ -181,6 +185,7 @@ impl Default for Worker {
             default_saga_deadline_ms: 10_000,
             partition_lease_ms: 10_000,
             verify_recent: 50,
+            commit_lanes: 2,
         }
     }
 }

@@ -199,6 +199,35 @@ pub async fn apply(
     Ok(())
 }
 
+/// Lock the existing rows of `keys` (sorted) for update, in key order (PostgreSQL). Two
+/// transactions that lock their keys so before touching them never wait for each other in a
+/// circle over those rows.
+pub async fn lock(conn: &mut Conn, service: &str, keys: &[&str]) -> Result<(), Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "SELECT key FROM state WHERE service = $1 AND key IN ({}) ORDER BY key \
+         FOR NO KEY UPDATE",
+        super::placeholders(2, keys.len())
+    );
+    let mut query = super::query(&sql).bind(service);
+    for key in keys {
+        query = query.bind(*key);
+    }
+    query.fetch_all(&mut *conn).await.map_err(|e| {
+        if lock_conflict(&e) {
+            Error::Conflict {
+                service: service.to_string(),
+                key: keys[0].to_string(),
+            }
+        } else {
+            e
+        }
+    })?;
+    Ok(())
+}
+
 /// Whether a statement failed because of a lock another transaction holds (PostgreSQL's
 /// deadlock detection or a serialisation failure): a conflict, re-run like any other.
 fn lock_conflict(e: &Error) -> bool {

@@ -40,7 +40,8 @@ enum Steps {
 }
 
 impl Worker {
-    /// Commit a batch's verdicts in one transaction. Returns the indices deferred by a conflict.
+    /// Commit the verdicts of a batch's events `subset` (indices into `items`, in order) in
+    /// one transaction. Returns the indices deferred by a conflict.
     ///
     /// Most batches meet no conflict, late duplicate or refusal, so the batch is first
     /// committed without a savepoint per event (`Isolation::Batch`: two statements fewer per
@@ -51,19 +52,34 @@ impl Worker {
         service: &Arc<Service>,
         items: &[Item<'_>],
         verdicts: &[Verdict],
+        subset: &[usize],
     ) -> Result<Vec<usize>, storage::Error> {
         // A `commit` span per event that reaches its commit (made once, whichever attempt
         // gets there first), ending when the batch's transaction does.
         let mut spans: Vec<Option<tracing::Span>> = vec![None; items.len()];
         match self
-            .commit_as(Isolation::Batch, service, items, verdicts, &mut spans)
+            .commit_as(
+                Isolation::Batch,
+                service,
+                items,
+                verdicts,
+                subset,
+                &mut spans,
+            )
             .await?
         {
             Ok(deferred) => return Ok(deferred),
             Err(Undo) => Stats::add(&self.ctx.stats.recommits, 1),
         }
         let committed = self
-            .commit_as(Isolation::PerEvent, service, items, verdicts, &mut spans)
+            .commit_as(
+                Isolation::PerEvent,
+                service,
+                items,
+                verdicts,
+                subset,
+                &mut spans,
+            )
             .await?;
         Ok(committed.unwrap_or_else(|Undo| unreachable!("only a Batch attempt is undone")))
     }
@@ -74,9 +90,29 @@ impl Worker {
         service: &Arc<Service>,
         items: &[Item<'_>],
         verdicts: &[Verdict],
+        subset: &[usize],
         spans: &mut [Option<tracing::Span>],
     ) -> Result<Result<Vec<usize>, Undo>, storage::Error> {
         let mut tx = self.ctx.db.begin().await?;
+        if tx.dialect() == storage::Dialect::Postgres {
+            // The state rows the events read or write, locked first and in key order: a
+            // transaction committing at the same time (another lane, another instance) that
+            // shares keys with this one waits for it instead of deadlocking with it.
+            let mut keys: Vec<&str> = subset
+                .iter()
+                .filter_map(|&i| match &verdicts[i] {
+                    Verdict::Apply(c) => Some(c),
+                    _ => None,
+                })
+                .flat_map(|c| {
+                    let read = c.reads.0.keys().map(String::as_str);
+                    read.chain(c.output.writes.iter().map(|w| w.key.as_str()))
+                })
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            storage::state::lock(&mut tx, service.name(), &keys).await?;
+        }
         let mut blocked: HashSet<(&str, i32)> = HashSet::new();
         let mut deferred = Vec::new();
         // Positions move with the effects: per partition, past every event handled here (a
@@ -87,12 +123,13 @@ impl Worker {
         // State keys the batch wrote, for the held queries that read them (`crate::watch`).
         let mut written: Vec<&str> = Vec::new();
         // Each committed event's outcome, recorded (metrics, spans) once the batch commits.
-        let mut outcomes = Vec::with_capacity(items.len());
+        let mut outcomes = Vec::with_capacity(subset.len());
         // How long the sagas whose deadline the batch cancelled ran, when the earliest
         // deadline it set is due, and the events it emits (a `Batch` attempt inserts them in
         // one statement after its last event).
         let mut done = effects::Applied::default();
-        for (i, (item, verdict)) in items.iter().zip(verdicts).enumerate() {
+        for &i in subset {
+            let (item, verdict) = (&items[i], &verdicts[i]);
             let lane = (item.record.topic.as_str(), item.record.partition);
             if blocked.contains(&lane) {
                 deferred.push(i);

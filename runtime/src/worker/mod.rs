@@ -298,9 +298,15 @@ impl Worker {
         }
         let mut verdicts = self.decide_all(service, &items, &door, holds).await?;
         compensations_wait_for_held_steps(service, &items, &mut verdicts);
-        let deferred = self
-            .retry_db(|| self.commit(service, &items, &verdicts))
-            .await?;
+        let lanes = commit_lanes(&items, self.lanes());
+        let commits = lanes
+            .iter()
+            .map(|lane| self.retry_db(|| self.commit(service, &items, &verdicts, lane)));
+        let mut deferred = Vec::new();
+        for lane in futures::future::join_all(commits).await {
+            deferred.extend(lane?);
+        }
+        deferred.sort_unstable();
         let mut held: Vec<Hold> = Vec::new();
         for (i, (item, verdict)) in items.iter().zip(&verdicts).enumerate() {
             if let Verdict::Held { attempt, retry_in } = verdict {
@@ -486,6 +492,7 @@ impl Worker {
                         service,
                         std::slice::from_ref(item),
                         std::slice::from_ref(&verdict),
+                        &[0],
                     )
                 })
                 .await
@@ -507,6 +514,15 @@ impl Worker {
             if !self.pause(pause).await {
                 return Rerun::Stopping;
             }
+        }
+    }
+
+    /// How many transactions a batch is committed in (`worker.commit_lanes`; 1 on SQLite,
+    /// whose writers take turns anyway).
+    fn lanes(&self) -> usize {
+        match self.ctx.db.dialect() {
+            storage::Dialect::Sqlite => 1,
+            storage::Dialect::Postgres => self.ctx.config.worker.commit_lanes.max(1),
         }
     }
 
@@ -540,8 +556,57 @@ impl Worker {
     }
 }
 
+/// A batch's events shared out between at most `lanes` transactions: whole partitions, in
+/// turn as they first appear, each lane's events in batch order. A partition's events in one
+/// transaction keep their order; different partitions' events touch different sagas, and the
+/// keys they share (a user's points) are checked like those of another instance's commit.
+fn commit_lanes(items: &[Item<'_>], lanes: usize) -> Vec<Vec<usize>> {
+    share_out(
+        items
+            .iter()
+            .map(|i| (i.record.topic.as_str(), i.record.partition)),
+        lanes,
+    )
+}
+
+/// Indices of `keys` in at most `lanes` groups: equal keys in one group, keys dealt out in
+/// turn as they first appear, indices in order within a group.
+fn share_out<K: std::hash::Hash + Eq>(
+    keys: impl Iterator<Item = K>,
+    lanes: usize,
+) -> Vec<Vec<usize>> {
+    let mut lane_of: HashMap<K, usize> = HashMap::new();
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for (i, key) in keys.enumerate() {
+        let next = lane_of.len() % lanes.max(1);
+        let lane = *lane_of.entry(key).or_insert(next);
+        if out.len() <= lane {
+            out.resize_with(lane + 1, Vec::new);
+        }
+        out[lane].push(i);
+    }
+    out
+}
+
 /// The pause before retry `attempt + 1`: `retry_backoff_ms` doubling per attempt, capped at
 /// `max_backoff_ms`.
 fn backoff(cfg: &crate::config::Worker, attempt: u32) -> Duration {
     crate::backoff::exponential(cfg.retry_backoff_ms, attempt, cfg.max_backoff_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share_out;
+
+    #[test]
+    fn partitions_are_dealt_out_whole_and_in_order() {
+        let keys = ["a", "b", "a", "c", "b", "d", "a"];
+        assert_eq!(
+            share_out(keys.iter(), 2),
+            vec![vec![0, 2, 3, 6], vec![1, 4, 5]]
+        );
+        assert_eq!(share_out(keys.iter(), 1), vec![vec![0, 1, 2, 3, 4, 5, 6]]);
+        assert_eq!(share_out(keys.iter(), 0), vec![vec![0, 1, 2, 3, 4, 5, 6]]);
+        assert!(share_out(std::iter::empty::<&str>(), 2).is_empty());
+    }
 }
