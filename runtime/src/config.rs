@@ -107,9 +107,9 @@ pub struct Worker {
     /// read) and effects, in the database, for `runtime deploy --verify` to replay; 0 records
     /// nothing. Default 50.
     pub verify_recent: usize,
-    /// PostgreSQL: how many transactions a batch is committed in side by side, its partitions
-    /// shared out between them (a partition's events stay in one, in order). SQLite has one
-    /// writer: always 1 there. Default 2.
+    /// PostgreSQL: how many transactions a batch is committed in side by side, at most (one
+    /// per 16 events), its partitions shared out between them (a partition's events stay in
+    /// one, in order). SQLite has one writer: always 1 there. Default 2.
     pub commit_lanes: usize,
 }
 
