@@ -43,6 +43,17 @@ async fn write(db: &Db, reads: &[(&str, i64)], writes: &[Write]) -> Result<(), E
     Ok(())
 }
 
+/// Connections to this test's PostgreSQL database waiting for a lock now.
+async fn lock_waiters(db: &Db) -> i64 {
+    saga_runtime::storage::query_scalar(
+        "SELECT COUNT(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap()
+}
+
 async fn a_write_based_on_a_stale_read_is_a_conflict(backend: Backend) {
     let (t, db) = open(backend).await;
     write(&db, &[("k", 0)], &[put("k", "1")]).await.unwrap();
@@ -665,14 +676,7 @@ async fn write_skew(backend: Backend, initial: i64) {
     });
     if backend == Backend::Postgres {
         common::eventually("T2 to wait for T1's locks or to finish", || async {
-            let waiting: i64 = saga_runtime::storage::query_scalar(
-                "SELECT COUNT(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
-            if waiting > 0 || t2.is_finished() {
+            if lock_waiters(&db).await > 0 || t2.is_finished() {
                 Ok(())
             } else {
                 Err("T2 neither waits nor finished".into())
@@ -925,13 +929,7 @@ async fn transactions_that_lock_their_keys_first_wait_instead_of_deadlocking() {
     common::eventually(
         "the second transaction to wait for the first's locks",
         || async {
-            let waiting: i64 = saga_runtime::storage::query_scalar(
-                "SELECT COUNT(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+            let waiting = lock_waiters(&db).await;
             if waiting == 1 {
                 Ok(())
             } else {
