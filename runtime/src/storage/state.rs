@@ -215,16 +215,7 @@ pub async fn lock(conn: &mut Conn, service: &str, keys: &[&str]) -> Result<(), E
     for key in keys {
         query = query.bind(*key);
     }
-    query.fetch_all(&mut *conn).await.map_err(|e| {
-        if lock_conflict(&e) {
-            Error::Conflict {
-                service: service.to_string(),
-                key: keys[0].to_string(),
-            }
-        } else {
-            e
-        }
-    })?;
+    query.fetch_all(&mut *conn).await?;
     Ok(())
 }
 

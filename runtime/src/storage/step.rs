@@ -31,7 +31,7 @@ impl Stepped {
 
 /// Record forward step `entry` (its outcome as given) of saga `entry.saga`: on the expiry row
 /// if `timed` (the event carries a deadline), in the ledger if `ledger` (the service keeps
-/// one). PostgreSQL only.
+/// one), in the inbox always. PostgreSQL only.
 pub async fn forward(
     conn: &mut Conn,
     entry: &inbox::Entry<'_>,

@@ -95,22 +95,10 @@ impl Worker {
     ) -> Result<Result<Vec<usize>, Undo>, storage::Error> {
         let mut tx = self.ctx.db.begin().await?;
         if tx.dialect() == storage::Dialect::Postgres {
-            // The state rows the events read or write, locked first and in key order: a
-            // transaction committing at the same time (another lane, another instance) that
-            // shares keys with this one waits for it instead of deadlocking with it.
-            let mut keys: Vec<&str> = subset
-                .iter()
-                .filter_map(|&i| match &verdicts[i] {
-                    Verdict::Apply(c) => Some(c),
-                    _ => None,
-                })
-                .flat_map(|c| {
-                    let read = c.reads.0.keys().map(String::as_str);
-                    read.chain(c.output.writes.iter().map(|w| w.key.as_str()))
-                })
-                .collect();
-            keys.sort_unstable();
-            keys.dedup();
+            // Locked first and in key order: a transaction committing at the same time
+            // (another lane, another instance) that shares keys with this one waits for it
+            // instead of deadlocking with it.
+            let keys = state_keys(subset.iter().map(|&i| &verdicts[i]));
             storage::state::lock(&mut tx, service.name(), &keys).await?;
         }
         let mut blocked: HashSet<(&str, i32)> = HashSet::new();
@@ -295,8 +283,7 @@ impl Worker {
         let now_ms = handled.handled_ms;
         let merged = match (verdict, &item.event) {
             (Verdict::Apply(_), Ok(event)) if isolation == Isolation::Batch && !item.redrive => {
-                self.forward_in_one(conn, service, item.saga(), event, handled)
-                    .await?
+                self.forward_in_one(conn, service, event, handled).await?
             }
             _ => None,
         };
@@ -357,29 +344,24 @@ impl Worker {
         Ok(Steps::Done(outcome, applied))
     }
 
-    /// A forward step's fences and inbox record in one statement (`storage::step`), where
-    /// that is one round trip instead of several (PostgreSQL) and the step has fences to pass;
-    /// `None` where the caller takes the statement-by-statement path (`fence`, then the record).
+    /// A forward step of a saga: its fences and inbox record in one statement
+    /// (`storage::step`) where that is one round trip instead of several (PostgreSQL); `None`
+    /// where the caller takes the statement-by-statement path (`fence`, then the record).
     async fn forward_in_one(
         &self,
         conn: &mut storage::Conn,
         service: &Service,
-        saga: Option<&str>,
         event: &Event,
         handled: &inbox::Entry<'_>,
     ) -> Result<Option<storage::step::Stepped>, storage::Error> {
         if conn.dialect() != storage::Dialect::Postgres
-            || saga.is_none()
+            || handled.saga.is_empty()
             || service.step(&event.topic, &event.type_) != Step::Forward
         {
             return Ok(None);
         }
         let timed = event.deadline_ms.is_some();
-        let ledger = service.keeps_ledger();
-        if !timed && !ledger {
-            return Ok(None); // the record alone: one statement either way
-        }
-        storage::step::forward(conn, handled, timed, ledger)
+        storage::step::forward(conn, handled, timed, service.keeps_ledger())
             .await
             .map(Some)
     }
@@ -519,6 +501,23 @@ impl Worker {
             payload: r.payload.clone(),
         }
     }
+}
+
+/// The state keys the applied verdicts read or write, sorted, each once.
+fn state_keys<'v>(verdicts: impl Iterator<Item = &'v Verdict>) -> Vec<&'v str> {
+    let mut keys: Vec<&str> = verdicts
+        .filter_map(|v| match v {
+            Verdict::Apply(c) => Some(c),
+            _ => None,
+        })
+        .flat_map(|c| {
+            let read = c.reads.0.keys().map(String::as_str);
+            read.chain(c.output.writes.iter().map(|w| w.key.as_str()))
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
 }
 
 /// How the handler-duration metric labels an inbox outcome (`None`: a duplicate).
