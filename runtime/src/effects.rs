@@ -107,16 +107,20 @@ impl Applied {
 }
 
 /// Apply a handler's effects on `conn`, but for its emitted events, which the caller inserts
-/// (`Applied::emitted`).
+/// (`Applied::emitted`). State writes go to `staged` if given (a batch commit that writes
+/// them at its end, its reads already checked there), else straight to `conn`.
 pub async fn apply(
     conn: &mut Conn,
     ctx: &Context<'_>,
     service: &Service,
-    reads: &ReadSet,
+    (reads, staged): (&ReadSet, Option<&mut storage::state::Staged>),
     fx: &Effects,
 ) -> Result<Applied, storage::Error> {
     let mut applied = Applied::default();
-    storage::state::apply(conn, service.name(), reads, &fx.writes, ctx.now_ms).await?;
+    match staged {
+        Some(staged) => staged.stage(reads, &fx.writes),
+        None => storage::state::apply(conn, service.name(), reads, &fx.writes, ctx.now_ms).await?,
+    }
     // Delays are bounded by `validate` (and the config); saturate anyway, never overflow.
     let due = |after: Option<u64>| {
         let after = after.unwrap_or(ctx.saga_deadline_ms).min(i64::MAX as u64) as i64;

@@ -531,8 +531,14 @@ async fn run(
             tx.rollback().await?;
             return Ok(Some(refusal));
         }
-        let applied =
-            effects::apply(&mut tx, &fx_ctx, service, &called.reads, &response.effects).await?;
+        let applied = effects::apply(
+            &mut tx,
+            &fx_ctx,
+            service,
+            (&called.reads, None),
+            &response.effects,
+        )
+        .await?;
         outbox::insert_all(&mut tx, &applied.emitted).await?;
         if let Some(retry) = retry {
             let reply = idempotency::Stored {

@@ -66,10 +66,13 @@ async fn a_redelivered_event_is_applied_once(backend: Backend) {
 }
 
 /// Two copies of one event and a later event of its saga, published in one Kafka transaction
-/// so that the consumer sees them at once and the worker takes them as one batch. The batch is
-/// first committed without a savepoint per event; the second copy is found a duplicate only
-/// when its inbox row is written, so that attempt is undone and the batch committed again with
-/// a savepoint per event: the first copy and the later event applied, the second a duplicate.
+/// so that the consumer sees them at once and the worker takes them as one batch: the first
+/// copy and the later event applied, the second a duplicate. The batch is first committed
+/// without a savepoint per event. On SQLite the second copy is found a duplicate only when its
+/// inbox row is written, so that attempt is undone and the batch committed again with a
+/// savepoint per event. On PostgreSQL the batch checks reads in memory first
+/// (`state::Staged`): the copy read what the first copy wrote, so it is deferred with nothing
+/// written for it, and the next round's door finds it a duplicate.
 async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
     let rt = TestRuntime::start(backend, &["point"]).await;
     rt.post("/points", json!({"userId": "frank", "point": 1000}))
@@ -85,11 +88,19 @@ async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
     handled(&rt, 2, |s| &s.duplicates, 1).await;
     assert_eq!(rt.get("/points/frank").await["point"], 700);
     assert_eq!(rt.get("/transactions").await.as_array().unwrap().len(), 1);
-    assert_eq!(
-        Stats::get(&rt.handle.stats().recommits),
-        1,
-        "the batch was committed again with savepoints once"
-    );
+    let stats = rt.handle.stats();
+    let (recommits, conflicts) = (Stats::get(&stats.recommits), Stats::get(&stats.conflicts));
+    match backend {
+        Backend::Sqlite => assert_eq!(
+            recommits, 1,
+            "the batch was committed again with savepoints once"
+        ),
+        Backend::Postgres => assert_eq!(
+            (recommits, conflicts),
+            (0, 1),
+            "the copy was deferred by its reads, nothing undone"
+        ),
+    }
     rt.stop().await;
 }
 

@@ -953,3 +953,90 @@ async fn transactions_that_lock_their_keys_first_wait_instead_of_deadlocking() {
     assert_eq!((a.value.as_deref(), a.version), (Some(&b"2"[..]), 3));
     t.drop_db().await;
 }
+
+/// A batch's transaction on PostgreSQL checks its events' reads in memory against the versions
+/// `state::lock` returned and the writes staged before them, and writes all of it at its end
+/// (`state::Staged`): what it leaves is what statement-by-statement writes would leave.
+#[tokio::test]
+async fn a_batch_checks_reads_in_memory_and_writes_state_at_its_end() {
+    let (t, db) = open(Backend::Postgres).await;
+    write(&db, &[], &[put("k1", "a"), put("k2", "b")])
+        .await
+        .unwrap();
+    let mut tx = db.begin().await.unwrap();
+    let keys = ["ghost", "k1", "k2", "new"];
+    let locked = state::lock(&mut tx, "svc", &keys).await.unwrap();
+    assert_eq!(
+        locked.clone().into_iter().collect::<Vec<_>>(),
+        [("k1".to_string(), 1), ("k2".to_string(), 1)]
+    );
+    let mut staged = state::Staged::new("svc", locked, 7);
+    let first = read_set([("k1".to_string(), 1), ("ghost".to_string(), 0)]);
+    staged.check(&first).expect("nothing moved yet");
+    staged.stage(&first, &[put("k1", "a2"), put("new", "n")]);
+    // Read before the first event's write: a conflict, found without a statement.
+    let stale = read_set([("k1".to_string(), 1)]);
+    let conflict = staged.check(&stale).unwrap_err();
+    assert!(
+        matches!(&conflict, Error::Conflict { key, .. } if key == "k1"),
+        "{conflict}"
+    );
+    let after = read_set([("k1".to_string(), 2), ("k2".to_string(), 1)]);
+    staged.check(&after).expect("read after the first event");
+    staged.stage(&after, &[delete("k2")]);
+    staged.flush(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+    let got = |key: &'static str| {
+        let db = db.clone();
+        async move {
+            let v = state::get(&db, "svc", key).await.unwrap();
+            (v.value.map(|v| String::from_utf8(v).unwrap()), v.version)
+        }
+    };
+    assert_eq!(got("k1").await, (Some("a2".into()), 2));
+    assert_eq!(got("k2").await, (None, 2));
+    assert_eq!(got("new").await, (Some("n".into()), 1));
+    // The key only read as never written got a placeholder row, as `state::apply` gives it.
+    let rows: Vec<(String, i64, Option<i64>)> = saga_runtime::storage::query(
+        "SELECT key, version, valueless_ms FROM state WHERE service = 'svc' ORDER BY key",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| {
+        (
+            r.try_get("key").unwrap(),
+            r.try_get("version").unwrap(),
+            r.try_get("valueless_ms").unwrap(),
+        )
+    })
+    .collect();
+    assert_eq!(
+        rows,
+        [
+            ("ghost".to_string(), 0, Some(7)),
+            ("k1".to_string(), 2, None),
+            ("k2".to_string(), 2, Some(7)),
+            ("new".to_string(), 1, None),
+        ]
+    );
+
+    // A key without a row when locked, inserted by another transaction before the flush: the
+    // flush finds it and answers a conflict instead of overwriting it.
+    let mut tx = db.begin().await.unwrap();
+    let locked = state::lock(&mut tx, "svc", &["late"]).await.unwrap();
+    assert!(locked.is_empty());
+    let mut staged = state::Staged::new("svc", locked, 8);
+    let reads = read_set([("late".to_string(), 0)]);
+    staged.check(&reads).unwrap();
+    staged.stage(&reads, &[put("late", "mine")]);
+    write(&db, &[("late", 0)], &[put("late", "theirs")])
+        .await
+        .unwrap();
+    let conflict = staged.flush(&mut tx).await.unwrap_err();
+    assert!(matches!(conflict, Error::Conflict { .. }), "{conflict}");
+    tx.rollback().await.unwrap();
+    assert_eq!(got("late").await, (Some("theirs".into()), 1));
+    t.drop_db().await;
+}

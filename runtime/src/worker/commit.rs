@@ -94,12 +94,18 @@ impl Worker {
         spans: &mut [Option<tracing::Span>],
     ) -> Result<Result<Vec<usize>, Undo>, storage::Error> {
         let mut tx = self.ctx.db.begin().await?;
+        // A batch on PostgreSQL checks reads and gathers writes in memory (`state::Staged`).
+        let mut staged = None;
         if tx.dialect() == storage::Dialect::Postgres {
             // Locked first and in key order: a transaction committing at the same time
             // (another lane, another instance) that shares keys with this one waits for it
             // instead of deadlocking with it.
             let keys = state_keys(subset.iter().map(|&i| &verdicts[i]));
-            storage::state::lock(&mut tx, service.name(), &keys).await?;
+            let locked = storage::state::lock(&mut tx, service.name(), &keys).await?;
+            if isolation == Isolation::Batch {
+                let now_ms = self.ctx.clock.now_ms();
+                staged = Some(storage::state::Staged::new(service.name(), locked, now_ms));
+            }
         }
         let mut blocked: HashSet<(&str, i32)> = HashSet::new();
         let mut deferred = Vec::new();
@@ -129,14 +135,33 @@ impl Worker {
             spans[i].get_or_insert_with(|| {
                 tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty)
             });
-            let outcome = self
-                .commit_one(&mut tx, isolation, service, item, verdict, &mut done)
-                .await;
-            let outcome = match (isolation, outcome) {
-                (_, Ok(Ok(o))) => Ok(o),
-                (Isolation::Batch, Ok(Err(Undo)) | Err(_)) => return Ok(Err(Undo)),
-                (Isolation::PerEvent, Ok(Err(Undo))) => unreachable!("a savepoint undoes it"),
-                (Isolation::PerEvent, Err(e)) => Err(e),
+            let conflict = match (&staged, verdict) {
+                (Some(staged), Verdict::Apply(c)) => staged.check(&c.reads).err(),
+                _ => None,
+            };
+            let outcome = match conflict {
+                // It read what an event before it in this transaction wrote: deferred with
+                // nothing written for it, so nothing needs undoing.
+                Some(conflict) => Err(conflict),
+                None => {
+                    let one = self.commit_one(
+                        &mut tx,
+                        isolation,
+                        staged.as_mut(),
+                        service,
+                        item,
+                        verdict,
+                        &mut done,
+                    );
+                    match (isolation, one.await) {
+                        (_, Ok(Ok(o))) => Ok(o),
+                        (Isolation::Batch, Ok(Err(Undo)) | Err(_)) => return Ok(Err(Undo)),
+                        (Isolation::PerEvent, Ok(Err(Undo))) => {
+                            unreachable!("a savepoint undoes it")
+                        }
+                        (Isolation::PerEvent, Err(e)) => Err(e),
+                    }
+                }
             };
             if let Ok(o) = &outcome {
                 outcomes.push((i, *o));
@@ -171,6 +196,11 @@ impl Worker {
                     refused += 1;
                 }
                 Err(e) => return Err(e),
+            }
+        }
+        if let Some(staged) = staged {
+            if staged.flush(&mut tx).await.is_err() {
+                return Ok(Err(Undo)); // committed again with a savepoint per event
             }
         }
         outbox::insert_all(&mut tx, &done.emitted).await?;
@@ -209,10 +239,12 @@ impl Worker {
 
     /// One event, inside its own savepoint (`PerEvent`) or not (`Batch`: whatever would undo
     /// it is an `Undo`). `Ok(Ok(None))`: it was a duplicate.
+    #[allow(clippy::too_many_arguments)]
     async fn commit_one(
         &self,
         tx: &mut storage::Tx,
         isolation: Isolation,
+        staged: Option<&mut storage::state::Staged>,
         service: &Service,
         item: &Item<'_>,
         verdict: &Verdict,
@@ -230,13 +262,13 @@ impl Worker {
         }
         let steps = match isolation {
             Isolation::Batch => {
-                self.steps(tx, isolation, service, item, verdict, &handled)
+                self.steps(tx, isolation, staged, service, item, verdict, &handled)
                     .await
             }
             Isolation::PerEvent => {
                 let mut sp = tx.savepoint().await?;
                 let mut steps = self
-                    .steps(&mut sp, isolation, service, item, verdict, &handled)
+                    .steps(&mut sp, isolation, None, service, item, verdict, &handled)
                     .await;
                 // Its events in its savepoint, so that undoing the event undoes them too.
                 if let Ok(Steps::Done(_, applied)) = &mut steps {
@@ -270,10 +302,12 @@ impl Worker {
 
     /// An event's statements on `conn`: the fences, its inbox record, then its effects (or
     /// its dead letter). Nothing here is undone: the caller decides.
+    #[allow(clippy::too_many_arguments)]
     async fn steps(
         &self,
         conn: &mut storage::Conn,
         isolation: Isolation,
+        staged: Option<&mut storage::state::Staged>,
         service: &Service,
         item: &Item<'_>,
         verdict: &Verdict,
@@ -330,7 +364,7 @@ impl Worker {
                     cause_id: id,
                     trace: &trace,
                 };
-                effects::apply(conn, &ctx, service, &called.reads, &called.output).await?
+                effects::apply(conn, &ctx, service, (&called.reads, staged), &called.output).await?
             }
             (Verdict::DeadLetter { reason, attempts }, _) => {
                 let message = self.dead_letter(service, item, id, reason, *attempts);

@@ -4,10 +4,21 @@
 //! hold.
 
 use super::*;
+use futures::StreamExt as _;
 use tracing::Instrument as _;
 
+/// Calls of one partition's events running at once, at most, where their order does not
+/// matter (see `Worker::decide_all`).
+const CHAIN_CALLS: usize = 8;
+
 impl Worker {
-    /// Run the guests of a batch: partitions concurrently, each partition in order.
+    /// Run the guests of a batch: partitions concurrently. A partition whose subscription
+    /// blocks runs its events in order, since a failing one holds the rest. Any other runs
+    /// up to [`CHAIN_CALLS`] of its events' calls at once: only the door holds such a
+    /// partition (a compensation waiting for a held step), and what the door says needs no
+    /// call, so the events behind a hold are known before any call starts. Guests read
+    /// committed state either way: an event never sees the uncommitted effects of one before
+    /// it in its batch, and the commit checks what each read.
     pub(super) async fn decide_all(
         &self,
         service: &Arc<Service>,
@@ -22,24 +33,44 @@ impl Worker {
                 .or_default()
                 .push(i);
         }
-        let lanes = by_partition.into_values().map(|indices| async move {
-            let mut out = Vec::with_capacity(indices.len());
-            let mut held = false;
-            for i in indices {
-                let verdict = if held {
-                    Some(Verdict::Behind)
-                } else if items[i].duplicate(door.seen.get(&items[i].inbox_id())) {
-                    Some(Verdict::Duplicate)
-                } else {
-                    let decided = self.decide(service, &items[i], door, holds);
-                    decided.instrument(items[i].span.clone()).await
-                };
-                let verdict = verdict?;
-                held = verdict.waits();
-                out.push((i, verdict));
-            }
-            Some(out)
-        });
+        let lanes = by_partition
+            .into_iter()
+            .map(|((topic, _), indices)| async move {
+                let logical = self.ctx.config.kafka.logical(topic);
+                let in_order = service.policy(logical) == FailurePolicy::Blocking;
+                let mut out = Vec::with_capacity(indices.len());
+                let mut calls = Vec::new();
+                let mut held = false;
+                for i in indices {
+                    let item = &items[i];
+                    let verdict = if held {
+                        Verdict::Behind
+                    } else if item.duplicate(door.seen.get(&item.inbox_id())) {
+                        Verdict::Duplicate
+                    } else if let Some(verdict) = self.at_door(service, item, door, holds) {
+                        verdict
+                    } else if !in_order {
+                        calls.push(i);
+                        continue;
+                    } else {
+                        let called = self.decide_call(service, item);
+                        called.instrument(item.span.clone()).await?
+                    };
+                    held = verdict.waits();
+                    out.push((i, verdict));
+                }
+                let called = futures::stream::iter(calls.into_iter().map(|i| {
+                    let called = self.decide_call(service, &items[i]);
+                    async move { (i, called.instrument(items[i].span.clone()).await) }
+                }))
+                .buffer_unordered(CHAIN_CALLS)
+                .collect::<Vec<_>>()
+                .await;
+                for (i, verdict) in called {
+                    out.push((i, verdict?));
+                }
+                Some(out)
+            });
         let mut verdicts: Vec<Option<Verdict>> = (0..items.len()).map(|_| None).collect();
         for lane in futures::future::join_all(lanes).await {
             for (i, verdict) in lane? {
@@ -49,11 +80,10 @@ impl Worker {
         verdicts.into_iter().collect()
     }
 
-    /// Run the handler for one event under the subscription's failure policy.
-    /// `None` if stopping interrupted the retries.
-    pub(super) async fn decide(
+    /// What the door decides for an event without calling its handler (`None`: call it).
+    fn at_door(
         &self,
-        service: &Arc<Service>,
+        service: &Service,
         item: &Item<'_>,
         door: &Door,
         holds: &Holds,
@@ -111,6 +141,15 @@ impl Worker {
                 });
             }
         }
+        None
+    }
+
+    /// The handler's call for an event the door let through, under the subscription's
+    /// failure policy. `None` if stopping interrupted the retries.
+    async fn decide_call(&self, service: &Arc<Service>, item: &Item<'_>) -> Option<Verdict> {
+        let Ok(event) = &item.event else {
+            unreachable!("the door decides a malformed event");
+        };
         let policy = service.policy(&event.topic);
         let mut attempt = item.first_attempt;
         let mut host_faults = 0;

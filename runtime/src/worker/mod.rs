@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use crate::admission::Door as Admission;
 use crate::clock::Clock;
@@ -124,13 +123,6 @@ impl Verdict {
     fn waits(&self) -> bool {
         matches!(self, Verdict::Held { .. } | Verdict::Behind)
     }
-}
-
-/// What re-running a deferred event came to.
-enum Rerun {
-    Done,
-    Held(Hold),
-    Stopping,
 }
 
 /// What the batch reads before any guest runs (`storage::door`): events already handled, sagas
@@ -253,12 +245,60 @@ impl Worker {
 
     /// Handle a batch to the end: the partitions to hold for a retry, `None` only if
     /// stopping interrupted it.
+    ///
+    /// Events deferred by a conflict (and those behind them in their partitions) are handled
+    /// again together, in rounds, each on fresh state, until none is left: every round
+    /// commits at least the first of them unless another instance's commit got in between,
+    /// and a round that commits nothing backs off (jittered, growing for
+    /// `backoff::CONFLICT_RERUNS` rounds, then at the retry cap) so that writers contending
+    /// for the same keys take turns instead of spinning. An event cannot be given up, so none
+    /// is ever dropped here. (Re-run one by one, the deferred half of a batch of the saga
+    /// benchmark's point service — its users' balances shared by many sagas — took longer than
+    /// the rest of the batch.)
     async fn process(
         &self,
         service: &Arc<Service>,
         batch: &[Record],
         holds: &mut Holds,
     ) -> Option<Vec<Hold>> {
+        let mut held = Vec::new();
+        let mut again: Vec<Record>;
+        let mut round = batch;
+        let mut fruitless = 0;
+        loop {
+            let first = round.len() == batch.len() && fruitless == 0;
+            let (round_held, deferred) = self.round(service, round, holds, first).await?;
+            held.extend(round_held);
+            if deferred.is_empty() {
+                return Some(held);
+            }
+            if deferred.len() == round.len() {
+                fruitless += 1;
+                if fruitless == crate::backoff::CONFLICT_RERUNS {
+                    tracing::warn!(service = %self.service, events = deferred.len(), "events keep conflicting; re-running them at the capped pause");
+                }
+                let cap = self.ctx.config.worker.max_backoff_ms;
+                if !self.pause(crate::backoff::conflict(fruitless, cap)).await {
+                    return None;
+                }
+            } else {
+                fruitless = 0;
+            }
+            again = deferred;
+            round = &again;
+        }
+    }
+
+    /// One round of [`Worker::process`]: the partitions to hold and the records deferred by a
+    /// conflict (not those behind a hold), `None` only if stopping interrupted it. `first`:
+    /// the batch as taken from the consumer (its delivery is measured and reported once).
+    async fn round(
+        &self,
+        service: &Arc<Service>,
+        batch: &[Record],
+        holds: &mut Holds,
+        first: bool,
+    ) -> Option<(Vec<Hold>, Vec<Record>)> {
         let taken = std::time::Instant::now();
         let taken_ms = self.ctx.clock.now_ms();
         let items: Vec<Item<'_>> = batch
@@ -285,13 +325,13 @@ impl Worker {
             .filter(|&t| t > 0) // no `time` attribute
             .collect();
         let delivered = self.ctx.metrics.delivered(&self.service);
-        for at in &emitted {
+        for at in emitted.iter().filter(|_| first) {
             delivered.record((taken_ms - at).max(0) as f64 / 1000.0);
         }
         // How late this service takes its events, for the ingress's shedding, when it has a
         // backlog (a full batch; a smaller one is reported caught up after it); a partition
         // released from a hold is late by design, in a batch of its own size.
-        if items.len() >= self.ctx.config.worker.max_batch.max(1) {
+        if first && items.len() >= self.ctx.config.worker.max_batch.max(1) {
             if let Some(&oldest) = emitted.iter().min() {
                 self.ctx.door.report(&self.service, oldest);
             }
@@ -319,22 +359,25 @@ impl Worker {
             held.iter()
                 .any(|h| h.topic == item.record.topic && h.partition == item.record.partition)
         };
-        for i in deferred {
-            if held_lane(&held, &items[i]) {
-                continue; // behind a held event of its partition
-            }
-            match self.rerun(service, &items[i], holds).await {
-                Rerun::Done => {}
-                Rerun::Held(h) => held.push(h),
-                Rerun::Stopping => return None,
-            }
-        }
+        let deferred: Vec<Record> = deferred
+            .into_iter()
+            .filter(|&i| !held_lane(&held, &items[i])) // behind a held event of its partition
+            .map(|i| items[i].record.clone())
+            .collect();
         for item in &items {
-            if !held_lane(&held, item) {
+            let again = deferred.iter().any(|r| {
+                (r.topic.as_str(), r.partition, r.offset)
+                    == (
+                        item.record.topic.as_str(),
+                        item.record.partition,
+                        item.record.offset,
+                    )
+            });
+            if !held_lane(&held, item) && !again {
                 holds.handled(item.record);
             }
         }
-        Some(held)
+        Some((held, deferred))
     }
 
     /// Tell every instance that a step of this saga is held (a failing step, not a waiting
@@ -461,60 +504,6 @@ impl Worker {
 
     fn backoff(&self, attempt: u32) -> Duration {
         backoff(&self.ctx.config.worker, attempt)
-    }
-
-    /// Re-run a deferred event on fresh state until it commits (or is found a duplicate), or
-    /// its handler fails under a blocking policy and its partition is to be held.
-    async fn rerun(&self, service: &Arc<Service>, item: &Item<'_>, holds: &Holds) -> Rerun {
-        let mut conflicts = 0;
-        loop {
-            let Some(door) = self
-                .retry_db(|| self.door(service, std::slice::from_ref(item)))
-                .await
-            else {
-                return Rerun::Stopping;
-            };
-            let verdict = if !item.duplicate(door.seen.get(&item.inbox_id())) {
-                let decided = self.decide(service, item, &door, holds);
-                match decided.instrument(item.span.clone()).await {
-                    Some(Verdict::Held { attempt, retry_in }) => {
-                        return Rerun::Held(hold(item, attempt, retry_in))
-                    }
-                    Some(v) => v,
-                    None => return Rerun::Stopping,
-                }
-            } else {
-                Verdict::Duplicate
-            };
-            let Some(deferred) = self
-                .retry_db(|| {
-                    self.commit(
-                        service,
-                        std::slice::from_ref(item),
-                        std::slice::from_ref(&verdict),
-                        &[0],
-                    )
-                })
-                .await
-            else {
-                return Rerun::Stopping;
-            };
-            if deferred.is_empty() {
-                return Rerun::Done;
-            }
-            // Conflicted again: back off (jittered, growing for CONFLICT_RERUNS re-runs, then
-            // at the retry cap) so that writers contending for the same keys take turns
-            // instead of spinning. An event cannot be given up, so it is never dropped here.
-            conflicts += 1;
-            if conflicts == crate::backoff::CONFLICT_RERUNS {
-                tracing::warn!(service = %self.service, topic = %item.record.topic, partition = item.record.partition, offset = item.record.offset, "event keeps conflicting; re-running it at the capped pause");
-            }
-            let cap = self.ctx.config.worker.max_backoff_ms;
-            let pause = crate::backoff::conflict(conflicts, cap);
-            if !self.pause(pause).await {
-                return Rerun::Stopping;
-            }
-        }
     }
 
     /// How many transactions a batch of `events` is committed in (`worker.commit_lanes`): one
