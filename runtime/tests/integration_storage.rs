@@ -810,75 +810,90 @@ async fn rows_written_on_every_step_are_updated_in_place() {
     t.drop_db().await;
 }
 
-/// A forward step's fences and inbox record in one statement (`storage::step`, PostgreSQL):
-/// it writes what the three statements write (the expiry row's step count, the ledger's
-/// forward steps, the inbox record) and reports what they would have found.
+/// A batch's forward steps' fences and inbox records in one statement (`storage::step`,
+/// PostgreSQL): it writes what the three statements per step write (the expiry row's step
+/// count, the ledger's forward steps, the inbox record) and reports, per step and in order,
+/// what they would have found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forward_steps_statements_merged_write_and_find_what_each_would() {
-    use saga_runtime::storage::step;
+async fn a_batchs_forward_steps_in_one_statement_write_and_find_what_each_would() {
+    use saga_runtime::storage::step::{self, Forward};
     let (t, db) = open(Backend::Postgres).await;
-    let entry = |id: &'static str, saga: &'static str| inbox::Entry {
-        service: "point",
-        event_id: id,
-        saga,
-        event_type: "ExchangeSucceeded",
-        topic: "exchange",
-        outcome: inbox::Outcome::Applied,
-        detail: None,
-        version: "0.1.0",
+    let step = |id: &str, saga: &str, timed: bool, ledger: bool| Forward {
+        event_id: id.into(),
+        saga: saga.into(),
+        event_type: "ExchangeSucceeded".into(),
+        topic: "exchange".into(),
+        version: "0.1.0".into(),
         handled_ms: 1_000,
+        timed,
+        ledger,
     };
+    let scalar = |sql: &'static str| saga_runtime::storage::query_scalar::<i64>(sql);
     let mut tx = db.begin().await.unwrap();
     sagas::open(&mut tx, "s1", 500).await.unwrap();
-    let first = step::forward(&mut tx, &entry("e1", "s1"), true, true)
+    // Three steps (padded to four in the statement): two of one saga, one of another.
+    let three = [
+        step("e1", "s1", true, true),
+        step("e4", "s1", true, true),
+        step("e5", "s3", false, true),
+    ];
+    let found = step::forward_all(&mut tx, "point", 1_000, &three)
         .await
         .unwrap();
-    assert!(first.applies(), "{first:?}");
-    let again = step::forward(&mut tx, &entry("e1", "s1"), true, true)
+    assert_eq!(found.len(), 3);
+    assert!(found.iter().all(step::Stepped::applies), "{found:?}");
+    let again = step::forward_all(&mut tx, "point", 1_000, &three[..1])
         .await
         .unwrap();
-    assert!(!again.recorded, "the same event again is a duplicate");
-    let steps: i64 =
-        saga_runtime::storage::query_scalar("SELECT steps FROM sagas WHERE saga = 's1'")
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
-    assert_eq!(
-        steps, 2,
-        "each statement counts a step, as sagas::step does"
-    );
-    let forward: i64 = saga_runtime::storage::query_scalar(
-        "SELECT forward_steps FROM saga_ledger WHERE service = 'point' AND saga = 's1'",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
-    assert_eq!(forward, 2);
+    assert!(!again[0].recorded, "the same event again is a duplicate");
+    let steps = scalar("SELECT steps FROM sagas WHERE saga = 's1'")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(steps, 3, "each step counts, as sagas::step counts it");
+    let forward = scalar("SELECT forward_steps FROM saga_ledger WHERE saga = 's1'")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(forward, 3);
+    let other = scalar("SELECT forward_steps FROM saga_ledger WHERE saga = 's3'")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(other, 1);
+    let records = scalar("SELECT COUNT(*) FROM inbox")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(records, 3, "the padding wrote nothing");
     assert_eq!(
         inbox::outcome(&db, "point", "e1").await.unwrap(),
         None,
         "not visible before the commit"
     );
-    // Expired since the door check: reported, for the caller to undo.
+    // Expired since the door check, next to a step that applies: each reported in order, for
+    // the caller to undo.
     sagas::expire(&mut tx, "s1", 900).await.unwrap();
-    let expired = step::forward(&mut tx, &entry("e2", "s1"), true, false)
+    let mixed = [step("e2", "s1", true, false), step("e6", "s4", true, true)];
+    let found = step::forward_all(&mut tx, "point", 1_000, &mixed)
         .await
         .unwrap();
-    assert_eq!(expired.expired_ms, Some(900));
-    assert!(!expired.applies());
+    assert_eq!(found[0].expired_ms, Some(900));
+    assert!(!found[0].applies());
+    assert!(found[1].applies(), "{found:?}");
     // Closed by a compensation at this service: reported with the compensation's id.
     ledger::compensate(&mut tx, "point", "s2", "undo-s2", 950)
         .await
         .unwrap();
-    let closed = step::forward(&mut tx, &entry("e3", "s2"), false, true)
+    let closed = step::forward_all(&mut tx, "point", 1_000, &[step("e3", "s2", false, true)])
         .await
         .unwrap();
-    assert_eq!(closed.closed_by.as_deref(), Some("undo-s2"));
+    assert_eq!(closed[0].closed_by.as_deref(), Some("undo-s2"));
     assert_eq!(
-        closed.expired_ms, None,
+        closed[0].expired_ms, None,
         "not timed: the expiry row is not read"
     );
-    assert!(!closed.applies());
+    assert!(!closed[0].applies());
     tx.commit().await.unwrap();
     let recorded = inbox::outcome(&db, "point", "e1").await.unwrap();
     assert_eq!(recorded, Some(("applied".to_string(), None)));

@@ -1,15 +1,32 @@
-//! A forward step's in-commit statements in one: the saga's expiry row (`sagas::step`), the
-//! compensation ledger (`ledger::forward`) and the inbox record (`inbox::record`), as one
-//! PostgreSQL statement with data-modifying `WITH` parts — one round trip where there were
-//! three. SQLite, in-process, runs them one by one (it has no such statement, and a statement
-//! costs no round trip there).
+//! A batch's forward steps' in-commit statements in one: each saga's expiry row
+//! (`sagas::step`), the compensation ledger (`ledger::forward`) and the inbox records
+//! (`inbox::record`), as one PostgreSQL statement with data-modifying `WITH` parts — one round
+//! trip for a batch's forward steps where each step took three. SQLite, in-process, runs them
+//! one by one (it has no such statement, and a statement costs no round trip there).
 //!
-//! The record is written as applied before the fences' answers are known: the caller undoes
-//! the statement (its transaction or savepoint) unless [`Stepped::applies`]. The door check
-//! has already read the same answers, so that happens only when a firing deadline, a
-//! compensation or another instance committed in between.
+//! The records are written as applied before the fences' answers are known: the caller undoes
+//! the statement (its transaction) unless every step [`Stepped::applies`]. The door check has
+//! already read the same answers, so that happens only when a firing deadline, a compensation
+//! or another instance committed in between.
 
-use super::{inbox, Conn, Error};
+use super::{Conn, Error};
+
+/// A forward step of a saga to record as applied ([`forward_all`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub event_id: String,
+    pub saga: String,
+    pub event_type: String,
+    /// The topic it came from (logical).
+    pub topic: String,
+    /// The version of the service that handled it.
+    pub version: String,
+    pub handled_ms: i64,
+    /// Counted on the saga's expiry row (the event carries a deadline).
+    pub timed: bool,
+    /// Counted in the ledger (the service keeps one).
+    pub ledger: bool,
+}
 
 /// What a step's statement found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,86 +46,112 @@ impl Stepped {
     }
 }
 
-/// Record forward step `entry` (its outcome as given) of saga `entry.saga`: on the expiry row
-/// if `timed` (the event carries a deadline), in the ledger if `ledger` (the service keeps
-/// one), in the inbox always. PostgreSQL only.
-pub async fn forward(
+/// Steps per statement, at most.
+const STEPS: usize = 64;
+
+/// Record forward steps `steps` of `service` (distinct event ids: two copies of one event in
+/// one statement would both read as recorded) at `now_ms`, each in the inbox as applied, on
+/// its saga's expiry row if `timed`, in the ledger if `ledger`; what each found, in order.
+/// PostgreSQL only.
+pub async fn forward_all(
     conn: &mut Conn,
-    entry: &inbox::Entry<'_>,
-    timed: bool,
-    ledger: bool,
-) -> Result<Stepped, Error> {
-    let sql = match (timed, ledger) {
-        (true, true) => BOTH,
-        (true, false) => TIMED,
-        (false, true) => LEDGER,
-        (false, false) => NEITHER,
-    };
-    let row = inbox::bind(super::query(sql), entry)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(Stepped {
-        expired_ms: row.try_get("expired_ms")?,
-        closed_by: row.try_get("closed_by")?,
-        recorded: row.try_get::<i64, _>("recorded")? == 1,
-    })
+    service: &str,
+    now_ms: i64,
+    steps: &[Forward],
+) -> Result<Vec<Stepped>, Error> {
+    let mut found = Vec::with_capacity(steps.len());
+    for chunk in steps.chunks(STEPS) {
+        // Padded to a power of two with copies of the last step numbered -1, which write
+        // nothing: a few statement shapes serve every count and stay prepared.
+        let rows = chunk.len().next_power_of_two();
+        let values: Vec<String> = (0..rows)
+            .map(|i| {
+                let p: Vec<String> = (0..COLUMNS)
+                    .map(|c| format!("${}", 3 + COLUMNS * i + c))
+                    .collect();
+                format!("({})", p.join(", "))
+            })
+            .collect();
+        let sql = format!("{HEAD}{}{TAIL}", values.join(", "));
+        let mut query = super::query(&sql).bind(service).bind(now_ms);
+        for i in 0..rows {
+            let (n, step) = match chunk.get(i) {
+                Some(step) => (i as i64, step),
+                None => (-1, chunk.last().expect("a chunk is never empty")),
+            };
+            query = query
+                .bind(n)
+                .bind(step.event_id.as_str())
+                .bind(step.saga.as_str())
+                .bind(step.event_type.as_str())
+                .bind(step.topic.as_str())
+                .bind(step.version.as_str())
+                .bind(step.handled_ms)
+                .bind(i64::from(step.timed))
+                .bind(i64::from(step.ledger));
+        }
+        let mut stepped: Vec<(i64, Stepped)> = query
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("n")?,
+                    Stepped {
+                        expired_ms: row.try_get("expired_ms")?,
+                        closed_by: row.try_get("closed_by")?,
+                        recorded: row.try_get::<i64, _>("recorded")? == 1,
+                    },
+                ))
+            })
+            .collect::<Result<_, Error>>()?;
+        stepped.sort_by_key(|(n, _)| *n);
+        if stepped.len() != chunk.len() {
+            return Err(Error::Corrupt(format!(
+                "{} forward steps recorded, {} answers",
+                chunk.len(),
+                stepped.len()
+            )));
+        }
+        found.extend(stepped.into_iter().map(|(_, s)| s));
+    }
+    Ok(found)
 }
 
-/// The parts, with `$1` service, `$2` event id, `$3` saga, `$9` now (the rest: the record).
-macro_rules! step_sql {
-    (step: $step:expr, closing: $closing:expr) => {
+/// Parameters per step: its number, then the record's columns and the two flags.
+const COLUMNS: usize = 9;
+
+/// `$1` service, `$2` now; each step's row `(n, event_id, saga, event_type, topic, version,
+/// handled_ms, timed, ledger)` follows.
+const HEAD: &str = "WITH input (n, event_id, saga, event_type, topic, version, handled_ms, timed, \
+                    ledger) AS (VALUES ";
+
+macro_rules! tail {
+    () => {
         concat!(
-            "WITH step AS (",
-            $step,
-            "), closing AS (",
-            $closing,
-            "), entry AS (\
-             INSERT INTO inbox (service, event_id, saga, event_type, topic, outcome, detail, \
-             version, handled_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (service, event_id) DO NOTHING RETURNING 1) \
-             SELECT (SELECT expired_ms FROM step) AS expired_ms, \
-             (SELECT compensated_by FROM closing) AS closed_by, \
-             CAST((SELECT COUNT(*) FROM entry) AS BIGINT) AS recorded"
+            "), steps AS (SELECT * FROM input WHERE n >= 0), \
+             step AS (UPDATE sagas SET steps = sagas.steps + c.steps, ",
+            touch!("sagas", "$2"),
+            " FROM (SELECT saga, COUNT(*) AS steps FROM steps WHERE timed = 1 GROUP BY saga) AS c \
+             WHERE sagas.saga = c.saga RETURNING sagas.saga, sagas.expired_ms), \
+             closing AS (INSERT INTO saga_ledger (service, saga, forward_steps, touched_ms) \
+             SELECT $1, saga, COUNT(*), $2 FROM steps WHERE ledger = 1 GROUP BY saga \
+             ON CONFLICT (service, saga) DO UPDATE SET \
+             forward_steps = saga_ledger.forward_steps + excluded.forward_steps, ",
+            touch!("saga_ledger", "$2"),
+            " RETURNING saga, compensated_by), \
+             entry AS (INSERT INTO inbox (service, event_id, saga, event_type, topic, outcome, \
+             detail, version, handled_ms) SELECT $1, event_id, saga, event_type, topic, \
+             'applied', NULL, version, handled_ms FROM steps \
+             ON CONFLICT (service, event_id) DO NOTHING RETURNING event_id) \
+             SELECT steps.n, step.expired_ms, closing.compensated_by AS closed_by, \
+             CAST(CASE WHEN entry.event_id IS NULL THEN 0 ELSE 1 END AS BIGINT) AS recorded \
+             FROM steps \
+             LEFT JOIN step ON steps.timed = 1 AND step.saga = steps.saga \
+             LEFT JOIN closing ON steps.ledger = 1 AND closing.saga = steps.saga \
+             LEFT JOIN entry ON entry.event_id = steps.event_id"
         )
     };
 }
 
-macro_rules! step_part {
-    () => {
-        concat!(
-            "UPDATE sagas SET steps = steps + 1, ",
-            touch!("sagas", "$9"),
-            " WHERE saga = $3 RETURNING expired_ms"
-        )
-    };
-}
-
-macro_rules! closing_part {
-    () => {
-        concat!(
-            "INSERT INTO saga_ledger (service, saga, forward_steps, touched_ms) \
-             VALUES ($1, $3, 1, $9) ON CONFLICT (service, saga) DO UPDATE SET \
-             forward_steps = saga_ledger.forward_steps + 1, ",
-            touch!("saga_ledger", "$9"),
-            " RETURNING compensated_by"
-        )
-    };
-}
-
-/// A part that writes nothing: the same columns, no rows.
-macro_rules! no_step {
-    () => {
-        "SELECT CAST(NULL AS BIGINT) AS expired_ms WHERE false"
-    };
-}
-
-macro_rules! no_closing {
-    () => {
-        "SELECT CAST(NULL AS TEXT) AS compensated_by WHERE false"
-    };
-}
-
-const BOTH: &str = step_sql!(step: step_part!(), closing: closing_part!());
-const TIMED: &str = step_sql!(step: step_part!(), closing: no_closing!());
-const LEDGER: &str = step_sql!(step: no_step!(), closing: closing_part!());
-const NEITHER: &str = step_sql!(step: no_step!(), closing: no_closing!());
+const TAIL: &str = tail!();

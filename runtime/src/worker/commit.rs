@@ -34,9 +34,6 @@ enum Steps {
     Done(inbox::Outcome, effects::Applied),
     /// The inbox already had it (another instance, since the door check).
     Duplicate,
-    /// Its merged statement (`storage::step`) found the saga expired or closed since the door
-    /// check: only the statement-by-statement path records that, so the attempt is undone.
-    Undo,
 }
 
 impl Worker {
@@ -94,8 +91,8 @@ impl Worker {
         spans: &mut [Option<tracing::Span>],
     ) -> Result<Result<Vec<usize>, Undo>, storage::Error> {
         let mut tx = self.ctx.db.begin().await?;
-        // A batch on PostgreSQL checks reads and gathers writes in memory (`state::Staged`).
-        let mut staged = None;
+        // A batch on PostgreSQL checks reads and gathers writes in memory (`Batched`).
+        let mut batched = None;
         if tx.dialect() == storage::Dialect::Postgres {
             // Locked first and in key order: a transaction committing at the same time
             // (another lane, another instance) that shares keys with this one waits for it
@@ -104,7 +101,11 @@ impl Worker {
             let locked = storage::state::lock(&mut tx, service.name(), &keys).await?;
             if isolation == Isolation::Batch {
                 let now_ms = self.ctx.clock.now_ms();
-                staged = Some(storage::state::Staged::new(service.name(), locked, now_ms));
+                batched = Some(Batched {
+                    state: storage::state::Staged::new(service.name(), locked, now_ms),
+                    steps: Vec::new(),
+                    now_ms,
+                });
             }
         }
         let mut blocked: HashSet<(&str, i32)> = HashSet::new();
@@ -135,8 +136,8 @@ impl Worker {
             spans[i].get_or_insert_with(|| {
                 tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty)
             });
-            let conflict = match (&staged, verdict) {
-                (Some(staged), Verdict::Apply(c)) => staged.check(&c.reads).err(),
+            let conflict = match (&batched, verdict) {
+                (Some(b), Verdict::Apply(c)) => b.state.check(&c.reads).err(),
                 _ => None,
             };
             let outcome = match conflict {
@@ -147,7 +148,7 @@ impl Worker {
                     let one = self.commit_one(
                         &mut tx,
                         isolation,
-                        staged.as_mut(),
+                        batched.as_mut(),
                         service,
                         item,
                         verdict,
@@ -198,8 +199,8 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
-        if let Some(staged) = staged {
-            if staged.flush(&mut tx).await.is_err() {
+        if let Some(batched) = batched {
+            if !batched.write(&mut tx, service.name()).await {
                 return Ok(Err(Undo)); // committed again with a savepoint per event
             }
         }
@@ -244,7 +245,7 @@ impl Worker {
         &self,
         tx: &mut storage::Tx,
         isolation: Isolation,
-        staged: Option<&mut storage::state::Staged>,
+        batched: Option<&mut Batched>,
         service: &Service,
         item: &Item<'_>,
         verdict: &Verdict,
@@ -262,13 +263,13 @@ impl Worker {
         }
         let steps = match isolation {
             Isolation::Batch => {
-                self.steps(tx, isolation, staged, service, item, verdict, &handled)
+                self.steps(tx, batched, service, item, verdict, &handled)
                     .await
             }
             Isolation::PerEvent => {
                 let mut sp = tx.savepoint().await?;
                 let mut steps = self
-                    .steps(&mut sp, isolation, None, service, item, verdict, &handled)
+                    .steps(&mut sp, None, service, item, verdict, &handled)
                     .await;
                 // Its events in its savepoint, so that undoing the event undoes them too.
                 if let Ok(Steps::Done(_, applied)) = &mut steps {
@@ -289,8 +290,7 @@ impl Worker {
                 done.absorb(applied);
                 Ok(Ok(Some(outcome)))
             }
-            (Steps::Duplicate | Steps::Undo, Isolation::Batch) => Ok(Err(Undo)),
-            (Steps::Undo, Isolation::PerEvent) => unreachable!("steps are merged only in a batch"),
+            (Steps::Duplicate, Isolation::Batch) => Ok(Err(Undo)),
             (Steps::Duplicate, Isolation::PerEvent) => {
                 if !saga.is_empty() {
                     inbox::note(tx, &handled, inbox::Attempt::Duplicate).await?;
@@ -301,13 +301,13 @@ impl Worker {
     }
 
     /// An event's statements on `conn`: the fences, its inbox record, then its effects (or
-    /// its dead letter). Nothing here is undone: the caller decides.
-    #[allow(clippy::too_many_arguments)]
+    /// its dead letter). Nothing here is undone: the caller decides. With `batched` (a batch
+    /// on PostgreSQL), a forward step's fences and record and every state write are left to
+    /// the batch's end (`Batched::write`).
     async fn steps(
         &self,
         conn: &mut storage::Conn,
-        isolation: Isolation,
-        staged: Option<&mut storage::state::Staged>,
+        mut batched: Option<&mut Batched>,
         service: &Service,
         item: &Item<'_>,
         verdict: &Verdict,
@@ -315,16 +315,15 @@ impl Worker {
     ) -> Result<Steps, storage::Error> {
         let id = handled.event_id;
         let now_ms = handled.handled_ms;
-        let merged = match (verdict, &item.event) {
-            (Verdict::Apply(_), Ok(event)) if isolation == Isolation::Batch && !item.redrive => {
-                self.forward_in_one(conn, service, event, handled).await?
+        let forward = match (verdict, &item.event, batched.as_deref_mut()) {
+            (Verdict::Apply(_), Ok(event), Some(b)) if !item.redrive => {
+                forward_step(service, event, handled).map(|f| b.steps.push(f))
             }
             _ => None,
         };
-        let outcome = match merged {
-            Some(stepped) if !stepped.recorded => return Ok(Steps::Duplicate),
-            Some(stepped) if !stepped.applies() => return Ok(Steps::Undo),
-            Some(_) => inbox::Outcome::Applied,
+        let outcome = match forward {
+            // Applied as the door found it; `Batched::write` checks that it still is.
+            Some(()) => inbox::Outcome::Applied,
             None => {
                 let (outcome, detail) = match (verdict, &item.event) {
                     (Verdict::Apply(_), Ok(event)) => {
@@ -364,6 +363,7 @@ impl Worker {
                     cause_id: id,
                     trace: &trace,
                 };
+                let staged = batched.map(|b| &mut b.state);
                 effects::apply(conn, &ctx, service, (&called.reads, staged), &called.output).await?
             }
             (Verdict::DeadLetter { reason, attempts }, _) => {
@@ -376,28 +376,6 @@ impl Worker {
             _ => effects::Applied::default(),
         };
         Ok(Steps::Done(outcome, applied))
-    }
-
-    /// A forward step of a saga: its fences and inbox record in one statement
-    /// (`storage::step`) where that is one round trip instead of several (PostgreSQL); `None`
-    /// where the caller takes the statement-by-statement path (`fence`, then the record).
-    async fn forward_in_one(
-        &self,
-        conn: &mut storage::Conn,
-        service: &Service,
-        event: &Event,
-        handled: &inbox::Entry<'_>,
-    ) -> Result<Option<storage::step::Stepped>, storage::Error> {
-        if conn.dialect() != storage::Dialect::Postgres
-            || handled.saga.is_empty()
-            || service.step(&event.topic, &event.type_) != Step::Forward
-        {
-            return Ok(None);
-        }
-        let timed = event.deadline_ms.is_some();
-        storage::step::forward(conn, handled, timed, service.keeps_ledger())
-            .await
-            .map(Some)
     }
 
     /// The in-commit half of the expiry and ledger checks for an event the guest handled, as
@@ -535,6 +513,59 @@ impl Worker {
             payload: r.payload.clone(),
         }
     }
+}
+
+/// What a batch on PostgreSQL leaves to its end: its state writes, checked in memory, and its
+/// forward steps' fences and inbox records, each kind in one statement or two.
+struct Batched {
+    state: storage::state::Staged,
+    steps: Vec<storage::step::Forward>,
+    now_ms: i64,
+}
+
+impl Batched {
+    /// Write what the batch left to its end. `false`: a forward step that no longer applies as
+    /// the door found it (its saga expired or closed since, or the inbox has it: the same
+    /// event twice in the batch, or another instance), a key created by another transaction,
+    /// or an error: only the statement-by-statement path records those, so the attempt is
+    /// undone.
+    async fn write(self, tx: &mut storage::Tx, service: &str) -> bool {
+        let mut ids: Vec<&str> = self.steps.iter().map(|s| s.event_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.steps.len() {
+            return false;
+        }
+        if !self.steps.is_empty() {
+            match storage::step::forward_all(tx, service, self.now_ms, &self.steps).await {
+                Ok(stepped) if stepped.iter().all(storage::step::Stepped::applies) => {}
+                _ => return false,
+            }
+        }
+        self.state.flush(tx).await.is_ok()
+    }
+}
+
+/// A forward step of a saga, to record with the batch's others (`storage::step`); `None`
+/// for any other event, recorded statement by statement (`fence`, then the record).
+fn forward_step(
+    service: &Service,
+    event: &Event,
+    handled: &inbox::Entry<'_>,
+) -> Option<storage::step::Forward> {
+    if handled.saga.is_empty() || service.step(&event.topic, &event.type_) != Step::Forward {
+        return None;
+    }
+    Some(storage::step::Forward {
+        event_id: handled.event_id.to_string(),
+        saga: handled.saga.to_string(),
+        event_type: handled.event_type.to_string(),
+        topic: handled.topic.to_string(),
+        version: handled.version.to_string(),
+        handled_ms: handled.handled_ms,
+        timed: event.deadline_ms.is_some(),
+        ledger: service.keeps_ledger(),
+    })
 }
 
 /// The state keys the applied verdicts read or write, sorted, each once.
