@@ -57,17 +57,16 @@ pub async fn scan(
         .bind(limit as i64)
         .fetch_all(db.pool())
         .await?;
-    rows.into_iter()
-        .map(|row| {
-            Ok((
-                row.try_get("key")?,
-                Versioned {
-                    value: row.try_get("value")?,
-                    version: row.try_get("version")?,
-                },
-            ))
-        })
-        .collect()
+    rows.iter().map(keyed).collect()
+}
+
+/// A row of `key, value, version`.
+fn keyed(row: &super::Row) -> Result<(String, Versioned), Error> {
+    let versioned = Versioned {
+        value: row.try_get("value")?,
+        version: row.try_get("version")?,
+    };
+    Ok((row.try_get("key")?, versioned))
 }
 
 /// The smallest string greater than every string starting with `prefix`.
@@ -325,22 +324,11 @@ impl Staged {
         }
         for chunk in updates.chunks(GATHER_KEYS) {
             let rows = padded(chunk);
-            let values: Vec<String> = (0..rows.len())
-                .map(|i| {
-                    format!(
-                        "(${}, ${}, ${}, ${})",
-                        4 * i + 2,
-                        4 * i + 3,
-                        4 * i + 4,
-                        4 * i + 5
-                    )
-                })
-                .collect();
             let sql = format!(
                 "UPDATE state SET value = v.value, version = v.version, \
                  valueless_ms = v.valueless_ms FROM (VALUES {}) AS v(key, value, version, \
                  valueless_ms) WHERE state.service = $1 AND state.key = v.key",
-                values.join(", ")
+                row_values("", rows.len())
             );
             let mut query = super::query(&sql).bind(self.service.as_str());
             for &(key, value, version, valueless) in rows.iter() {
@@ -350,21 +338,10 @@ impl Staged {
         }
         for chunk in inserts.chunks(GATHER_KEYS) {
             let rows = padded(chunk);
-            let values: Vec<String> = (0..rows.len())
-                .map(|i| {
-                    format!(
-                        "($1, ${}, ${}, ${}, ${})",
-                        4 * i + 2,
-                        4 * i + 3,
-                        4 * i + 4,
-                        4 * i + 5
-                    )
-                })
-                .collect();
             let sql = format!(
                 "INSERT INTO state (service, key, value, version, valueless_ms) VALUES {} \
                  ON CONFLICT (service, key) DO NOTHING",
-                values.join(", ")
+                row_values("$1, ", rows.len())
             );
             let mut query = super::query(&sql).bind(self.service.as_str());
             for &(key, value, version, valueless) in rows.iter() {
@@ -381,6 +358,16 @@ impl Staged {
         }
         Ok(())
     }
+}
+
+/// `rows` groups of four parameters from `$2` on, each group led by `lead`: `(lead$2, $3, $4,
+/// $5), (lead$6, …)`.
+fn row_values(lead: &str, rows: usize) -> String {
+    let group = |i: usize| {
+        let [a, b, c, d] = [2, 3, 4, 5].map(|k| 4 * i + k);
+        format!("({lead}${a}, ${b}, ${c}, ${d})")
+    };
+    (0..rows).map(group).collect::<Vec<_>>().join(", ")
 }
 
 /// A key's value as a batch leaves it.
@@ -581,15 +568,5 @@ pub async fn get_many(
         query = query.bind(*key);
     }
     let rows = query.fetch_all(db.pool()).await?;
-    rows.into_iter()
-        .map(|row| {
-            Ok((
-                row.try_get("key")?,
-                Versioned {
-                    value: row.try_get("value")?,
-                    version: row.try_get("version")?,
-                },
-            ))
-        })
-        .collect()
+    rows.iter().map(keyed).collect()
 }
