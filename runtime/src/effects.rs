@@ -136,17 +136,15 @@ pub async fn apply(
     for d in &fx.set_deadlines {
         let due_ms = due(d.after_ms);
         applied.due(due_ms);
-        storage::sagas::open(conn, &d.subject, ctx.now_ms).await?;
-        deadlines::set(
-            conn,
-            service.name(),
-            &d.subject,
-            &d.name,
+        let set = deadlines::Set {
+            service: service.name(),
+            saga: &d.subject,
+            name: &d.name,
             due_ms,
-            ctx.cause_id,
-            crate::telemetry::traceparent(ctx.trace),
-        )
-        .await?;
+            set_by: ctx.cause_id,
+            traceparent: crate::telemetry::traceparent(ctx.trace),
+        };
+        deadlines::set(conn, &set, ctx.now_ms).await?;
     }
     for emit in &fx.emits {
         // A deadline set for this saga by the same handler wins over the inherited one.

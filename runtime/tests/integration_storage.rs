@@ -725,7 +725,48 @@ async fn a_scan_checks_the_keys_it_returned_but_not_keys_added_under_its_prefix(
     t.drop_db().await;
 }
 
+/// Setting a deadline opens its saga's expiry row (one statement on PostgreSQL): opened when
+/// first set, kept when set again, reported when the deadline is cancelled, and a step of the
+/// saga counts on it.
+async fn setting_a_deadline_opens_its_sagas_row_once(backend: Backend) {
+    use saga_runtime::storage::deadlines;
+    let (t, db) = open(backend).await;
+    let set = |name: &'static str, due_ms: i64| deadlines::Set {
+        service: "order",
+        saga: "s1",
+        name,
+        due_ms,
+        set_by: "req-1",
+        traceparent: None,
+    };
+    let mut tx = db.begin().await.unwrap();
+    deadlines::set(&mut tx, &set("approval", 10_000), 1_000)
+        .await
+        .unwrap();
+    deadlines::set(&mut tx, &set("reminder", 20_000), 5_000)
+        .await
+        .unwrap();
+    assert_eq!(sagas::step(&mut tx, "s1", 6_000).await.unwrap(), None);
+    let opened = deadlines::cancel(&mut tx, "order", "s1", "approval")
+        .await
+        .unwrap();
+    assert_eq!(opened, Some(Some(1_000)), "opened when first set");
+    tx.commit().await.unwrap();
+    let stored = deadlines::for_saga(&db, "s1").await.unwrap();
+    let pending: Vec<(&str, i64, &str)> = stored
+        .iter()
+        .map(|d| (d.name.as_str(), d.due_ms, d.status.as_str()))
+        .collect();
+    assert!(
+        pending.contains(&("reminder", 20_000, "PENDING"))
+            && pending.contains(&("approval", 10_000, "CANCELLED")),
+        "{pending:?}"
+    );
+    t.drop_db().await;
+}
+
 on_both_backends!(
+    setting_a_deadline_opens_its_sagas_row_once,
     two_handlers_reading_what_the_other_writes_cannot_both_commit,
     two_handlers_reading_absent_keys_the_other_creates_cannot_both_commit,
     a_scan_checks_the_keys_it_returned_but_not_keys_added_under_its_prefix,

@@ -3,29 +3,57 @@
 
 use super::{Conn, Error};
 
-pub async fn set(
-    conn: &mut Conn,
-    service: &str,
-    saga: &str,
-    name: &str,
-    due_ms: i64,
-    set_by: &str,
-    traceparent: Option<&str>,
-) -> Result<(), Error> {
-    super::query(
+/// The deadline's row, `$1`–`$6`.
+macro_rules! deadline_row {
+    () => {
         "INSERT INTO deadlines (service, saga, name, due_ms, status, set_by, traceparent) \
          VALUES ($1, $2, $3, $4, 'PENDING', $5, $6) \
          ON CONFLICT (service, saga, name) DO UPDATE SET due_ms = excluded.due_ms, \
-         status = 'PENDING', set_by = excluded.set_by, traceparent = excluded.traceparent",
-    )
-    .bind(service)
-    .bind(saga)
-    .bind(name)
-    .bind(due_ms)
-    .bind(set_by)
-    .bind(traceparent)
-    .execute(&mut *conn)
-    .await?;
+         status = 'PENDING', set_by = excluded.set_by, traceparent = excluded.traceparent"
+    };
+}
+
+/// A deadline a handler sets: pending, replacing one of the same name of the saga.
+#[derive(Debug, Clone, Copy)]
+pub struct Set<'a> {
+    pub service: &'a str,
+    pub saga: &'a str,
+    pub name: &'a str,
+    pub due_ms: i64,
+    /// The event or request whose handler set it.
+    pub set_by: &'a str,
+    pub traceparent: Option<&'a str>,
+}
+
+/// Store deadline `d`, and make sure its saga has an expiry row (`sagas::open`, opened at
+/// `now_ms` if it is new): one statement on PostgreSQL (each is a round trip there, and a
+/// request that starts a saga made six), two on SQLite.
+pub async fn set(conn: &mut Conn, d: &Set<'_>, now_ms: i64) -> Result<(), Error> {
+    let sql = match conn.dialect() {
+        super::Dialect::Postgres => concat!(
+            "WITH opened AS (INSERT INTO sagas (saga, expired_ms, steps, touched_ms, opened_ms) \
+             VALUES ($2, NULL, 0, $7, $7) ON CONFLICT (saga) DO UPDATE SET ",
+            touch!("sagas", "$7"),
+            ") ",
+            deadline_row!()
+        ),
+        super::Dialect::Sqlite => {
+            super::sagas::open(conn, d.saga, now_ms).await?;
+            deadline_row!()
+        }
+    };
+    let query = super::query(sql)
+        .bind(d.service)
+        .bind(d.saga)
+        .bind(d.name)
+        .bind(d.due_ms)
+        .bind(d.set_by)
+        .bind(d.traceparent);
+    let query = match conn.dialect() {
+        super::Dialect::Postgres => query.bind(now_ms), // `$7`: the saga's row
+        super::Dialect::Sqlite => query,
+    };
+    query.execute(&mut *conn).await?;
     Ok(())
 }
 
