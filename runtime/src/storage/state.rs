@@ -243,8 +243,8 @@ pub struct Staged {
     locked: BTreeMap<String, i64>,
     /// Every key's version as this transaction leaves it so far (absent: 0).
     now: BTreeMap<String, i64>,
-    /// The last write of each key.
-    writes: BTreeMap<String, StagedWrite>,
+    /// The last value written to each key (its version is in `now`).
+    writes: BTreeMap<String, Option<Vec<u8>>>,
     /// Keys without a row, read as never written and not written.
     placeholders: std::collections::BTreeSet<String>,
     now_ms: i64,
@@ -259,6 +259,11 @@ impl Staged {
             now_ms,
             ..Staged::default()
         }
+    }
+
+    /// The time its writes are stamped with (a tombstone's age, a placeholder's).
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms
     }
 
     /// Whether a handler that read `reads` could commit now: [`Error::Conflict`] naming the
@@ -292,13 +297,8 @@ impl Staged {
         for (key, value) in last {
             let version = self.now.get(key).copied().unwrap_or(0) + 1;
             self.now.insert(key.to_string(), version);
-            let valueless = value.is_none().then_some(self.now_ms);
-            let write = StagedWrite {
-                value: value.map(<[u8]>::to_vec),
-                version,
-                valueless_ms: valueless,
-            };
-            self.writes.insert(key.to_string(), write);
+            self.writes
+                .insert(key.to_string(), value.map(<[u8]>::to_vec));
         }
     }
 
@@ -308,8 +308,10 @@ impl Staged {
         type Row<'r> = (&'r str, Option<&'r [u8]>, i64, Option<i64>);
         let mut updates: Vec<Row<'_>> = Vec::new();
         let mut inserts: Vec<Row<'_>> = Vec::new();
-        for (key, w) in &self.writes {
-            let row = (key.as_str(), w.value.as_deref(), w.version, w.valueless_ms);
+        for (key, value) in &self.writes {
+            // Since when the key holds no value: NULL while it holds one.
+            let valueless = value.is_none().then_some(self.now_ms);
+            let row = (key.as_str(), value.as_deref(), self.now[key], valueless);
             match self.locked.contains_key(key) {
                 true => updates.push(row),
                 false => inserts.push(row),
@@ -368,15 +370,6 @@ fn row_values(lead: &str, rows: usize) -> String {
         format!("({lead}${a}, ${b}, ${c}, ${d})")
     };
     (0..rows).map(group).collect::<Vec<_>>().join(", ")
-}
-
-/// A key's value as a batch leaves it.
-#[derive(Debug)]
-struct StagedWrite {
-    value: Option<Vec<u8>>,
-    version: i64,
-    /// Since when the key holds no value (`None` while it holds one).
-    valueless_ms: Option<i64>,
 }
 
 /// `rows` padded to a power of two with copies of its last (a lookup, an update or an insert

@@ -104,7 +104,6 @@ impl Worker {
                 batched = Some(Batched {
                     state: storage::state::Staged::new(service.name(), locked, now_ms),
                     steps: Vec::new(),
-                    now_ms,
                 });
             }
         }
@@ -315,14 +314,15 @@ impl Worker {
     ) -> Result<Steps, storage::Error> {
         let id = handled.event_id;
         let now_ms = handled.handled_ms;
-        let forward = match (verdict, &item.event, batched.as_deref_mut()) {
+        let step = match (verdict, &item.event, batched.as_deref_mut()) {
             (Verdict::Apply(_), Ok(event), Some(b)) if !item.redrive => {
                 forward_step(service, event, handled).map(|f| b.steps.push(f))
             }
             _ => None,
         };
-        let outcome = match forward {
-            // Applied as the door found it; `Batched::write` checks that it still is.
+        let outcome = match step {
+            // Left to the batch's end: applied as the door found it, which `Batched::write`
+            // checks still holds.
             Some(()) => inbox::Outcome::Applied,
             None => {
                 let (outcome, detail) = match (verdict, &item.event) {
@@ -520,7 +520,6 @@ impl Worker {
 struct Batched {
     state: storage::state::Staged,
     steps: Vec<storage::step::Forward>,
-    now_ms: i64,
 }
 
 impl Batched {
@@ -537,7 +536,7 @@ impl Batched {
             return false;
         }
         if !self.steps.is_empty() {
-            match storage::step::forward_all(tx, service, self.now_ms, &self.steps).await {
+            match storage::step::forward_all(tx, service, self.state.now_ms(), &self.steps).await {
                 Ok(stepped) if stepped.iter().all(storage::step::Stepped::applies) => {}
                 _ => return false,
             }

@@ -261,18 +261,11 @@ impl Worker {
         batch: &[Record],
         holds: &mut Holds,
     ) -> Option<Vec<Hold>> {
-        let mut held = Vec::new();
-        let mut again: Vec<Record>;
-        let mut round = batch;
+        let (mut held, mut deferred) = self.round(service, batch, holds, true).await?;
+        let mut tried = batch.len();
         let mut fruitless = 0;
-        loop {
-            let first = round.len() == batch.len() && fruitless == 0;
-            let (round_held, deferred) = self.round(service, round, holds, first).await?;
-            held.extend(round_held);
-            if deferred.is_empty() {
-                return Some(held);
-            }
-            if deferred.len() == round.len() {
+        while !deferred.is_empty() {
+            if deferred.len() == tried {
                 fruitless += 1;
                 if fruitless == crate::backoff::CONFLICT_RERUNS {
                     tracing::warn!(service = %self.service, events = deferred.len(), "events keep conflicting; re-running them at the capped pause");
@@ -284,9 +277,13 @@ impl Worker {
             } else {
                 fruitless = 0;
             }
-            again = deferred;
-            round = &again;
+            let records = std::mem::take(&mut deferred);
+            tried = records.len();
+            let (round_held, left) = self.round(service, &records, holds, false).await?;
+            held.extend(round_held);
+            deferred = left;
         }
+        Some(held)
     }
 
     /// One round of [`Worker::process`]: the partitions to hold and the records deferred by a
@@ -359,25 +356,18 @@ impl Worker {
             held.iter()
                 .any(|h| h.topic == item.record.topic && h.partition == item.record.partition)
         };
-        let deferred: Vec<Record> = deferred
+        // Not those behind a held event of their partition: they come again after it.
+        let deferred: std::collections::BTreeSet<usize> = deferred
             .into_iter()
-            .filter(|&i| !held_lane(&held, &items[i])) // behind a held event of its partition
-            .map(|i| items[i].record.clone())
+            .filter(|&i| !held_lane(&held, &items[i]))
             .collect();
-        for item in &items {
-            let again = deferred.iter().any(|r| {
-                (r.topic.as_str(), r.partition, r.offset)
-                    == (
-                        item.record.topic.as_str(),
-                        item.record.partition,
-                        item.record.offset,
-                    )
-            });
-            if !held_lane(&held, item) && !again {
+        for (i, item) in items.iter().enumerate() {
+            if !held_lane(&held, item) && !deferred.contains(&i) {
                 holds.handled(item.record);
             }
         }
-        Some((held, deferred))
+        let deferred = deferred.into_iter().map(|i| items[i].record.clone());
+        Some((held, deferred.collect()))
     }
 
     /// Tell every instance that a step of this saga is held (a failing step, not a waiting
