@@ -13,10 +13,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tracing::Instrument as _;
 
+use crate::commands::{Command, Committed};
 use crate::effects;
 use crate::node::Shared;
 use crate::registry::{percent_decode, Service};
-use crate::storage::{idempotency, outbox};
+use crate::storage::idempotency;
 use crate::wasm::bindings::{self, Context, Payload, Reply, Request};
 use crate::wasm::{Called, Failure};
 use crate::watch;
@@ -516,125 +517,36 @@ async fn run(
             format!("the handler's effects were refused: {reason}"),
         ));
     }
-    let trace = crate::telemetry::carried(&tracing::Span::current());
-    let fx_ctx = effects::Context {
-        kafka: &shared.config.kafka,
+    let retry = retry.map(|retry| {
+        let reply = idempotency::Stored {
+            fingerprint: retry.fingerprint.clone(),
+            status: response.reply.status,
+            content_type: response.reply.body.content_type.clone(),
+            body: response.reply.body.data.clone(),
+        };
+        (retry.key.clone(), reply)
+    });
+    let command = Command {
+        service: service.clone(),
+        reads: called.reads,
+        effects: response.effects,
+        new_id: new_id.to_string(),
         now_ms,
-        cause_deadline_ms: None,
-        saga_deadline_ms: service.saga_deadline_ms(&shared.config),
-        cause_id: new_id,
-        trace: &trace,
+        trace: crate::telemetry::carried(&tracing::Span::current()),
+        retry,
     };
-    let committed = async {
-        let mut tx = shared.db.begin().await?;
-        if let Some(refusal) = fence(&mut tx, service, &response.effects, new_id, now_ms).await? {
-            tx.rollback().await?;
-            return Ok(Some(refusal));
-        }
-        let applied = effects::apply(
-            &mut tx,
-            &fx_ctx,
-            service,
-            (&called.reads, None),
-            &response.effects,
-        )
-        .await?;
-        outbox::insert_all(&mut tx, &applied.emitted).await?;
-        if let Some(retry) = retry {
-            let reply = idempotency::Stored {
-                fingerprint: retry.fingerprint.clone(),
-                status: response.reply.status,
-                content_type: response.reply.body.content_type.clone(),
-                body: response.reply.body.data.clone(),
-            };
-            let since = shared.config.retention.idempotency_since(now_ms);
-            let name = service.name();
-            if !idempotency::store(&mut tx, name, &retry.key, &reply, now_ms, since).await? {
-                tx.rollback().await?;
-                return Ok(Some(Fenced::Answered));
-            }
-        }
-        tx.commit().await?;
-        let written = response.effects.writes.iter().map(|w| w.key.as_str());
-        shared.changes.committed(service.name(), written);
-        let metrics = &shared.metrics;
-        metrics.sagas_ended(service.name(), "settled", &applied.settled_ms);
-        if let Some(due) = applied.earliest_due_ms {
-            shared.deadline_alarm.set(due);
-        }
-        Ok::<_, crate::storage::Error>(None)
-    }
-    .instrument(tracing::info_span!("commit"))
-    .await;
+    let committed = shared
+        .commands
+        .commit(command)
+        .instrument(tracing::info_span!("commit"))
+        .await;
     match committed {
-        Ok(Some(Fenced::Answered)) => Outcome::Answered,
-        Ok(Some(Fenced::Refused(reason))) => {
-            Outcome::Error(json_error(StatusCode::CONFLICT, reason))
-        }
-        Ok(None) => {
-            if !response.effects.emits.is_empty() {
-                shared.relay.wake();
-            }
-            Outcome::Reply(response.reply)
-        }
+        Ok(Committed::Done) => Outcome::Reply(response.reply),
+        Ok(Committed::Answered) => Outcome::Answered,
+        Ok(Committed::Refused(reason)) => Outcome::Error(json_error(StatusCode::CONFLICT, reason)),
         Err(crate::storage::Error::Conflict { .. }) => Outcome::Conflict,
         Err(e) => Outcome::Error(unavailable(format!("could not commit: {e}"))),
     }
-}
-
-/// Why a command's effects were not committed.
-enum Fenced {
-    /// Another request with its `Idempotency-Key` committed first.
-    Answered,
-    /// It continues a saga that expired or was compensated here (`409`).
-    Refused(String),
-}
-
-/// The fences of events, for commands: a command that continues a saga (emits an event of a
-/// saga other than the one it starts) is refused if that saga expired — a firing marked it,
-/// or a deadline of it is due — or was compensated at this service. Checked inside the
-/// commit, as row writes the firing and the compensation also write, like an event's step.
-async fn fence(
-    conn: &mut crate::storage::Conn,
-    service: &Service,
-    fx: &crate::wasm::bindings::Effects,
-    new_id: &str,
-    now_ms: i64,
-) -> Result<Option<Fenced>, crate::storage::Error> {
-    use crate::storage::{door, ledger, sagas};
-    let mut continued: Vec<&str> = fx
-        .emits
-        .iter()
-        .map(|e| e.subject.as_str())
-        .filter(|s| *s != new_id)
-        .collect();
-    continued.sort_unstable();
-    continued.dedup();
-    for saga in continued {
-        let fired = sagas::step(conn, saga, now_ms).await?;
-        let ask = door::Ask {
-            now_ms,
-            timed: &[saga],
-            ..door::Ask::default()
-        };
-        let due = door::read(conn, &ask).await?.expiry.remove(saga).flatten();
-        if let Some(at) = fired.or(due) {
-            return Ok(Some(Fenced::Refused(format!(
-                "saga {saga} expired {} ms ago; the command was not applied",
-                now_ms - at
-            ))));
-        }
-        if service.keeps_ledger() {
-            if let ledger::Verdict::Closed { by } =
-                ledger::forward(conn, service.name(), saga, now_ms).await?
-            {
-                return Ok(Some(Fenced::Refused(format!(
-                    "saga {saga} was compensated here by event {by}; the command was not applied"
-                ))));
-            }
-        }
-    }
-    Ok(None)
 }
 
 /// Which deadlines `GET /deadlines` lists.

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod admission;
 pub mod backoff;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod deadline;
 pub mod dlt;

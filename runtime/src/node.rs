@@ -80,6 +80,8 @@ pub struct Shared {
     pub recordings: Arc<crate::verify::Recordings>,
     /// Woken after every commit that wrote outbox rows.
     pub relay: relay::Handle,
+    /// Commits HTTP commands' effects, grouped.
+    pub commands: crate::commands::Handle,
     /// Prometheus metrics (`GET /metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Told by every commit that set a deadline (the scheduler's handle).
@@ -135,11 +137,24 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         options.clock.clone(),
     );
     let relay = relay::Handle::new(config.relay.slots);
+    let config = Arc::new(config);
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let changes: Arc<crate::watch::Changes> = Arc::default();
+    let deadline_alarm: Arc<crate::deadline::Alarm> = Arc::default();
+    let commands = crate::commands::Handle::start(crate::commands::Context {
+        db: db.clone(),
+        clock: options.clock.clone(),
+        config: config.clone(),
+        changes: changes.clone(),
+        metrics: metrics.clone(),
+        deadline_alarm: deadline_alarm.clone(),
+        relay: relay.clone(),
+    });
     let shared = Arc::new(Shared {
         door: Arc::new(door),
-        changes: Arc::default(),
+        changes,
         health: Arc::default(),
-        config: Arc::new(config),
+        config,
         db,
         sandbox,
         registry: Arc::default(),
@@ -148,8 +163,9 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         stats: Arc::default(),
         recordings,
         relay,
-        metrics: Arc::new(crate::metrics::Metrics::new()),
-        deadline_alarm: Arc::default(),
+        commands,
+        metrics,
+        deadline_alarm,
         shutdown: CancellationToken::new(),
         tasks: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),
         runs: tokio::sync::Mutex::new(HashMap::new()),

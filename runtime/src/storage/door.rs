@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use super::{Conn, Error};
+use super::{keyed, Conn, Error};
 
 /// What to look up for one service at `now_ms`.
 #[derive(Debug, Default)]
@@ -45,29 +45,42 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
     let mut found = Found::default();
     let mut parts: Vec<String> = Vec::new();
     let mut binds = Binds::default();
+    let dialect = conn.dialect();
     if !ask.events.is_empty() {
         let service = binds.one(Bind::Text(ask.service));
-        let ids = binds.list(ask.events);
+        let ids = binds.each(ask.events);
+        let found = keyed(
+            dialect,
+            ("inbox", "event_id, outcome"),
+            (&service, "event_id"),
+            ids,
+            "",
+        );
         parts.push(format!(
-            "SELECT 'seen' AS kind, event_id AS key, outcome AS text, CAST(NULL AS BIGINT) AS num \
-             FROM inbox WHERE service = {service} AND event_id IN ({ids})"
+            "SELECT 'seen' AS kind, found.event_id AS key, found.outcome AS text, \
+             CAST(NULL AS BIGINT) AS num FROM {found}"
         ));
     }
     if !ask.ledger.is_empty() {
         let service = binds.one(Bind::Text(ask.service));
-        let sagas = binds.list(ask.ledger);
+        let sagas = binds.each(ask.ledger);
+        let table = ("saga_ledger", "saga, compensated_by");
+        let filter = "AND compensated_by IS NOT NULL";
+        let found = keyed(dialect, table, (&service, "saga"), sagas, filter);
         parts.push(format!(
-            "SELECT 'closed', saga, compensated_by, CAST(NULL AS BIGINT) FROM saga_ledger \
-             WHERE service = {service} AND compensated_by IS NOT NULL AND saga IN ({sagas})"
+            "SELECT 'closed', found.saga, found.compensated_by, CAST(NULL AS BIGINT) \
+             FROM {found}"
         ));
     }
     if !ask.held.is_empty() {
         let service = binds.one(Bind::Text(ask.service));
         let now = binds.one(Bind::Int(ask.now_ms));
-        let sagas = binds.list(ask.held);
+        let sagas = binds.each(ask.held);
+        let table = ("held_steps", "saga, until_ms");
+        let filter = format!("AND until_ms > {now}");
+        let found = keyed(dialect, table, (&service, "saga"), sagas, &filter);
         parts.push(format!(
-            "SELECT 'held', saga, CAST(NULL AS TEXT), until_ms FROM held_steps \
-             WHERE service = {service} AND until_ms > {now} AND saga IN ({sagas})"
+            "SELECT 'held', found.saga, CAST(NULL AS TEXT), found.until_ms FROM {found}"
         ));
     }
     if !ask.timed.is_empty() {
@@ -140,7 +153,11 @@ impl<'a> Binds<'a> {
 
     /// Bind each of `keys`; their placeholders, for an `IN (…)`.
     fn list(&mut self, keys: &[&'a str]) -> String {
-        let names: Vec<String> = keys.iter().map(|k| self.one(Bind::Text(k))).collect();
-        names.join(", ")
+        self.each(keys).join(", ")
+    }
+
+    /// Bind each of `keys`; their placeholders.
+    fn each(&mut self, keys: &[&'a str]) -> Vec<String> {
+        keys.iter().map(|k| self.one(Bind::Text(k))).collect()
     }
 }

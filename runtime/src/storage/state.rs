@@ -210,10 +210,11 @@ pub async fn lock(
         return Ok(BTreeMap::new());
     }
     let keys = padded(keys);
+    // Each key looked up (and locked) on its own, in the list's order (`super::probes`).
     let sql = format!(
-        "SELECT key, version FROM state WHERE service = $1 AND key IN ({}) ORDER BY key \
-         FOR NO KEY UPDATE",
-        super::placeholders(2, keys.len())
+        "SELECT found.key, found.version FROM {}, LATERAL (SELECT key, version FROM state \
+         WHERE service = $1 AND key = probe.v OFFSET 0 FOR NO KEY UPDATE) AS found",
+        probes(keys.len())
     );
     let mut query = super::query(&sql).bind(service);
     for key in keys.iter() {
@@ -326,10 +327,14 @@ impl Staged {
         }
         for chunk in updates.chunks(GATHER_KEYS) {
             let rows = padded(chunk);
+            // Each row found through the primary key on its own (`super::probes`), then
+            // updated where it was found.
             let sql = format!(
                 "UPDATE state SET value = v.value, version = v.version, \
-                 valueless_ms = v.valueless_ms FROM (VALUES {}) AS v(key, value, version, \
-                 valueless_ms) WHERE state.service = $1 AND state.key = v.key",
+                 valueless_ms = v.valueless_ms FROM (SELECT v.*, found.at FROM (VALUES {}) \
+                 AS v(key, value, version, valueless_ms), LATERAL (SELECT ctid AS at \
+                 FROM state WHERE service = $1 AND key = v.key OFFSET 0) AS found) AS v \
+                 WHERE state.ctid = v.at",
                 row_values("", rows.len())
             );
             let mut query = super::query(&sql).bind(self.service.as_str());
@@ -360,6 +365,11 @@ impl Staged {
         }
         Ok(())
     }
+}
+
+/// The keys bound from `$2` on, one row each (`super::probes`).
+fn probes(keys: usize) -> String {
+    super::probes((2..2 + keys).map(|i| format!("${i}")))
 }
 
 /// `rows` groups of four parameters from `$2` on, each group led by `lead`: `(lead$2, $3, $4,
@@ -553,8 +563,9 @@ pub async fn get_many(
     }
     let keys = padded(keys);
     let sql = format!(
-        "SELECT key, value, version FROM state WHERE service = $1 AND key IN ({})",
-        super::placeholders(2, keys.len())
+        "SELECT found.key, found.value, found.version FROM {}, LATERAL (SELECT key, value, \
+         version FROM state WHERE service = $1 AND key = probe.v OFFSET 0) AS found",
+        probes(keys.len())
     );
     let mut query = super::query(&sql).bind(service);
     for key in keys.iter() {

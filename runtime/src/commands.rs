@@ -1,0 +1,361 @@
+//! The commits of HTTP commands, grouped. A command whose handler returned effects hands them
+//! to [`Handle::commit`] and waits for the answer. One loop takes the commands that queued
+//! while the commits before them ran and commits each service's share in one transaction
+//! ("group commit"): one `BEGIN` and `COMMIT` (one WAL flush on PostgreSQL, one turn of the
+//! SQLite write gate) and one outbox statement for all of them, and on PostgreSQL their
+//! reads checked in memory and their state written in two statements (`state::Staged`), as a
+//! batch of events is. Under load each command costs a fraction of the five round trips it
+//! made alone; a command that arrives when nothing is queued commits alone at once, as before.
+//!
+//! A group is all or nothing. A command whose reads another command of the group (or any
+//! commit since its handler read them) changed is answered [`Error::Conflict`] and re-run by
+//! its request, the rest commit. Anything else that only one command's own transaction could
+//! undo — a fence that refuses it, its `Idempotency-Key` answered meanwhile, a statement the
+//! database refuses, a key another transaction created first — rolls the group back, and each
+//! of its commands is committed alone, where that is told apart and answered as before.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::effects;
+use crate::registry::Service;
+use crate::storage::{self, door, idempotency, ledger, outbox, sagas, state, Db, Error};
+use crate::wasm::bindings::Effects;
+use crate::wasm::ReadSet;
+
+/// Commands committed together at most (in one transaction per service).
+const GROUP_MAX: usize = 64;
+/// Group transactions in flight at once: a command that arrives while one commits need not
+/// wait for it, and the next group gathers meanwhile.
+const IN_FLIGHT: usize = 2;
+/// Commands queued for a commit at most; a request waits for room (the door bounds them
+/// anyway: one per admitted command).
+const QUEUED_MAX: usize = 1024;
+
+/// A command's effects, ready to commit.
+pub struct Command {
+    pub service: Arc<Service>,
+    /// What its handler read, with the versions it saw.
+    pub reads: ReadSet,
+    pub effects: Effects,
+    /// Its `context.new-id`: the saga it may start.
+    pub new_id: String,
+    /// The time its handler was given.
+    pub now_ms: i64,
+    /// Trace context of the request's span (`telemetry::carried`).
+    pub trace: Vec<(String, String)>,
+    /// The reply to store under its `Idempotency-Key`, with the key.
+    pub retry: Option<(String, idempotency::Stored)>,
+}
+
+/// What became of a command.
+#[derive(Debug)]
+pub enum Committed {
+    Done,
+    /// Another request with its `Idempotency-Key` committed first: nothing was written.
+    Answered,
+    /// It continues a saga that expired or was compensated here (`409`): nothing was written.
+    Refused(String),
+}
+
+/// What the commits need of the instance.
+pub struct Context {
+    pub db: Db,
+    pub clock: Arc<dyn Clock>,
+    pub config: Arc<Config>,
+    /// Told the keys each commit wrote (held queries).
+    pub changes: Arc<crate::watch::Changes>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Told when the earliest deadline a commit set is due.
+    pub deadline_alarm: Arc<crate::deadline::Alarm>,
+    /// Woken after a commit that wrote outbox rows.
+    pub relay: crate::relay::Handle,
+}
+
+/// The way to the commit loop.
+#[derive(Clone)]
+pub struct Handle {
+    queue: mpsc::Sender<Ticket>,
+}
+
+struct Ticket {
+    command: Command,
+    answer: oneshot::Sender<Result<Committed, Error>>,
+}
+
+impl Handle {
+    /// Start the commit loop (a task that ends when the last handle is dropped).
+    pub fn start(ctx: Context) -> Handle {
+        let (queue, queued) = mpsc::channel(QUEUED_MAX);
+        tokio::spawn(run(Arc::new(ctx), queued));
+        Handle { queue }
+    }
+
+    /// Commit `command`'s effects, with other commands' or alone.
+    pub async fn commit(&self, command: Command) -> Result<Committed, Error> {
+        let (answer, answered) = oneshot::channel();
+        let stopped = || Error::Stopped("the command commit loop");
+        let ticket = Ticket { command, answer };
+        self.queue.send(ticket).await.map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(ctx: Arc<Context>, mut queued: mpsc::Receiver<Ticket>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queued.recv().await else {
+            return;
+        };
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match queued.try_recv() {
+                Ok(ticket) => group.push(ticket),
+                Err(_) => break,
+            }
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            commit_group(&ctx, group).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Commit a group: each service's share in a transaction of its own.
+async fn commit_group(ctx: &Context, mut group: Vec<Ticket>) {
+    while !group.is_empty() {
+        let name = group[0].command.service.name().to_string();
+        let (share, rest): (Vec<Ticket>, Vec<Ticket>) = group
+            .into_iter()
+            .partition(|t| t.command.service.name() == name);
+        group = rest;
+        commit_share(ctx, share).await;
+    }
+}
+
+/// One service's commands: together if there are several and nothing needs one undone,
+/// else each alone.
+async fn commit_share(ctx: &Context, share: Vec<Ticket>) {
+    if share.len() > 1 {
+        let commands: Vec<&Command> = share.iter().map(|t| &t.command).collect();
+        match together(ctx, &commands).await {
+            Together::Committed(outcomes) => {
+                for (ticket, outcome) in share.into_iter().zip(outcomes) {
+                    let answer = outcome.map(|applied| {
+                        settle(ctx, &ticket.command, applied);
+                        Committed::Done
+                    });
+                    let _ = ticket.answer.send(answer); // a request that gave up
+                }
+                return;
+            }
+            // The commit's outcome is unknown: committing again could apply them twice.
+            Together::Failed(e) => {
+                for ticket in share {
+                    let _ = ticket.answer.send(Err(Error::CommitUnknown(e.to_string())));
+                }
+                return;
+            }
+            Together::Undone => {}
+        }
+    }
+    for ticket in share {
+        let answer = alone(ctx, &ticket.command).await;
+        let _ = ticket.answer.send(answer);
+    }
+}
+
+/// What a group's transaction came to.
+enum Together {
+    /// Committed: each command's effects, or the [`Error::Conflict`] of one whose reads had
+    /// changed (nothing of it was written).
+    Committed(Vec<Result<effects::Applied, Error>>),
+    /// Rolled back before its commit: commit each command alone.
+    Undone,
+    /// The commit itself failed.
+    Failed(Error),
+}
+
+/// A service's commands in one transaction.
+async fn together(ctx: &Context, commands: &[&Command]) -> Together {
+    let attempt = async {
+        let service = &commands[0].service;
+        let mut tx = ctx.db.begin().await?;
+        let now_ms = ctx.clock.now_ms();
+        // On PostgreSQL, reads checked and writes gathered in memory, against rows locked in
+        // key order (as a batch of events does, so the two never wait in a circle).
+        let mut staged = None;
+        if tx.dialect() == storage::Dialect::Postgres {
+            let mut keys: Vec<&str> = commands
+                .iter()
+                .flat_map(|c| {
+                    let read = c.reads.0.keys().map(String::as_str);
+                    read.chain(c.effects.writes.iter().map(|w| w.key.as_str()))
+                })
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let locked = state::lock(&mut tx, service.name(), &keys).await?;
+            staged = Some(state::Staged::new(service.name(), locked, now_ms));
+        }
+        let mut outcomes = Vec::with_capacity(commands.len());
+        let mut emitted = Vec::new();
+        for command in commands {
+            if let Some(Err(conflict)) = staged.as_ref().map(|s| s.check(&command.reads)) {
+                outcomes.push(Err(conflict));
+                continue;
+            }
+            match steps(ctx, &mut tx, command).await? {
+                Committed::Done => {}
+                Committed::Answered | Committed::Refused(_) => return Ok(None),
+            }
+            let trace = &command.trace;
+            let mut applied = apply(ctx, &mut tx, command, trace, staged.as_mut()).await?;
+            emitted.append(&mut applied.emitted);
+            outcomes.push(Ok(applied));
+        }
+        if let Some(staged) = staged {
+            staged.flush(&mut tx).await?;
+        }
+        outbox::insert_all(&mut tx, &emitted).await?;
+        Ok::<_, Error>(Some((tx, outcomes)))
+    };
+    match attempt.await {
+        Ok(Some((tx, outcomes))) => match tx.commit().await {
+            Ok(()) => Together::Committed(outcomes),
+            Err(e) => Together::Failed(e),
+        },
+        Ok(None) | Err(_) => Together::Undone, // dropped: rolled back
+    }
+}
+
+/// A command alone in its transaction, as it always was.
+async fn alone(ctx: &Context, command: &Command) -> Result<Committed, Error> {
+    let mut tx = ctx.db.begin().await?;
+    match steps(ctx, &mut tx, command).await? {
+        Committed::Done => {}
+        other => {
+            tx.rollback().await?;
+            return Ok(other);
+        }
+    }
+    let applied = apply(ctx, &mut tx, command, &command.trace, None).await?;
+    outbox::insert_all(&mut tx, &applied.emitted).await?;
+    tx.commit().await?;
+    settle(ctx, command, applied);
+    Ok(Committed::Done)
+}
+
+/// A command's fences and its idempotency record: `Done` if its effects may follow.
+async fn steps(ctx: &Context, tx: &mut storage::Tx, command: &Command) -> Result<Committed, Error> {
+    let service = &command.service;
+    if let Some(refused) = fence(
+        tx,
+        service,
+        &command.effects,
+        &command.new_id,
+        command.now_ms,
+    )
+    .await?
+    {
+        return Ok(Committed::Refused(refused));
+    }
+    if let Some((key, reply)) = &command.retry {
+        let since = ctx.config.retention.idempotency_since(command.now_ms);
+        let stored =
+            idempotency::store(tx, service.name(), key, reply, command.now_ms, since).await?;
+        if !stored {
+            return Ok(Committed::Answered);
+        }
+    }
+    Ok(Committed::Done)
+}
+
+/// A command's effects on `tx` (its state to `staged` if given), its events returned.
+async fn apply(
+    ctx: &Context,
+    tx: &mut storage::Tx,
+    command: &Command,
+    trace: &[(String, String)],
+    staged: Option<&mut state::Staged>,
+) -> Result<effects::Applied, Error> {
+    let service = &command.service;
+    let fx_ctx = effects::Context {
+        kafka: &ctx.config.kafka,
+        now_ms: command.now_ms,
+        cause_deadline_ms: None,
+        saga_deadline_ms: service.saga_deadline_ms(&ctx.config),
+        cause_id: &command.new_id,
+        trace,
+    };
+    let reads = (&command.reads, staged);
+    effects::apply(tx, &fx_ctx, service, reads, &command.effects).await
+}
+
+/// After a command committed: held queries, the saga metric, the deadline scheduler, the relay.
+fn settle(ctx: &Context, command: &Command, applied: effects::Applied) {
+    let name = command.service.name();
+    let written = command.effects.writes.iter().map(|w| w.key.as_str());
+    ctx.changes.committed(name, written);
+    ctx.metrics
+        .sagas_ended(name, "settled", &applied.settled_ms);
+    if let Some(due) = applied.earliest_due_ms {
+        ctx.deadline_alarm.set(due);
+    }
+    if !command.effects.emits.is_empty() {
+        ctx.relay.wake();
+    }
+}
+
+/// The fences of events, for commands: a command that continues a saga (emits an event of a
+/// saga other than the one it starts) is refused if that saga expired — a firing marked it,
+/// or a deadline of it is due — or was compensated at this service. Checked inside the
+/// commit, as row writes the firing and the compensation also write, like an event's step.
+async fn fence(
+    conn: &mut storage::Conn,
+    service: &Service,
+    fx: &Effects,
+    new_id: &str,
+    now_ms: i64,
+) -> Result<Option<String>, Error> {
+    let mut continued: Vec<&str> = fx
+        .emits
+        .iter()
+        .map(|e| e.subject.as_str())
+        .filter(|s| *s != new_id)
+        .collect();
+    continued.sort_unstable();
+    continued.dedup();
+    for saga in continued {
+        let fired = sagas::step(conn, saga, now_ms).await?;
+        let ask = door::Ask {
+            now_ms,
+            timed: &[saga],
+            ..door::Ask::default()
+        };
+        let due = door::read(conn, &ask).await?.expiry.remove(saga).flatten();
+        if let Some(at) = fired.or(due) {
+            return Ok(Some(format!(
+                "saga {saga} expired {} ms ago; the command was not applied",
+                now_ms - at
+            )));
+        }
+        if service.keeps_ledger() {
+            if let ledger::Verdict::Closed { by } =
+                ledger::forward(conn, service.name(), saga, now_ms).await?
+            {
+                return Ok(Some(format!(
+                    "saga {saga} was compensated here by event {by}; the command was not applied"
+                )));
+            }
+        }
+    }
+    Ok(None)
+}
