@@ -14,6 +14,7 @@
 //! database refuses, a key another transaction created first — rolls the group back, and each
 //! of its commands is committed alone, where that is told apart and answered as before.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -22,6 +23,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::effects;
 use crate::registry::Service;
+use crate::stats::Stats;
 use crate::storage::{self, door, idempotency, ledger, outbox, sagas, state, Db, Error};
 use crate::wasm::bindings::Effects;
 use crate::wasm::ReadSet;
@@ -73,6 +75,8 @@ pub struct Context {
     pub deadline_alarm: Arc<crate::deadline::Alarm>,
     /// Woken after a commit that wrote outbox rows.
     pub relay: crate::relay::Handle,
+    /// Counts the groups (`command_groups`, `grouped_commands`).
+    pub stats: Arc<crate::stats::Stats>,
 }
 
 /// The way to the commit loop.
@@ -147,6 +151,10 @@ async fn commit_share(ctx: &Context, share: Vec<Ticket>) {
         let commands: Vec<&Command> = share.iter().map(|t| &t.command).collect();
         match together(ctx, &commands).await {
             Together::Committed(outcomes) => {
+                let stats = &ctx.stats;
+                let grouped = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
+                Stats::add(&stats.command_groups, 1);
+                Stats::add(&stats.grouped_commands, grouped);
                 for (ticket, outcome) in share.into_iter().zip(outcomes) {
                     let answer = outcome.map(|applied| {
                         settle(ctx, &ticket.command, applied);
@@ -207,11 +215,27 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
         }
         let mut outcomes = Vec::with_capacity(commands.len());
         let mut emitted = Vec::new();
+        // Keys the commands before wrote: one that read such a key read it before they did.
+        let mut written: HashSet<&str> = HashSet::new();
         for command in commands {
-            if let Some(Err(conflict)) = staged.as_ref().map(|s| s.check(&command.reads)) {
+            let read_written = command
+                .reads
+                .0
+                .keys()
+                .find(|k| written.contains(k.as_str()));
+            let conflict = match (&staged, read_written) {
+                (Some(staged), _) => staged.check(&command.reads).err(),
+                (None, Some(key)) => Some(Error::Conflict {
+                    service: service.name().to_string(),
+                    key: key.clone(),
+                }),
+                (None, None) => None,
+            };
+            if let Some(conflict) = conflict {
                 outcomes.push(Err(conflict));
                 continue;
             }
+            written.extend(command.effects.writes.iter().map(|w| w.key.as_str()));
             match steps(ctx, &mut tx, command).await? {
                 Committed::Done => {}
                 Committed::Answered | Committed::Refused(_) => return Ok(None),

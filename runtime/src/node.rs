@@ -141,6 +141,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let changes: Arc<crate::watch::Changes> = Arc::default();
     let deadline_alarm: Arc<crate::deadline::Alarm> = Arc::default();
+    let stats: Arc<Stats> = Arc::default();
     let commands = crate::commands::Handle::start(crate::commands::Context {
         db: db.clone(),
         clock: options.clock.clone(),
@@ -149,6 +150,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         metrics: metrics.clone(),
         deadline_alarm: deadline_alarm.clone(),
         relay: relay.clone(),
+        stats: stats.clone(),
     });
     let shared = Arc::new(Shared {
         door: Arc::new(door),
@@ -160,7 +162,7 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         registry: Arc::default(),
         reader,
         clock: options.clock,
-        stats: Arc::default(),
+        stats,
         recordings,
         relay,
         commands,

@@ -32,6 +32,10 @@ pub struct Stats {
     /// HTTP requests refused at the door with `503` (queue full, waited too long, or a
     /// command while the event path is behind: `crate::admission`).
     pub shed: AtomicU64,
+    /// Transactions that committed several HTTP commands together (`crate::commands`).
+    pub command_groups: AtomicU64,
+    /// HTTP commands committed in those transactions.
+    pub grouped_commands: AtomicU64,
     /// Commands answered from a stored reply (`Idempotency-Key`), without running the handler.
     pub replayed: AtomicU64,
     /// Rows the retention clean-up deleted.
