@@ -296,18 +296,29 @@ async fn saga(target: &Target, rng: &mut Rng, tally: &mut Tally) {
     tally.placed.push(Placed { id, user, amount });
 }
 
-/// user + system CPU seconds of the processes whose command line matches `pattern`, or of `pid`.
+/// user + system CPU seconds of the processes `pids`.
 fn cpu_seconds(pids: &[u32]) -> f64 {
+    cpu_by_pid(pids).values().sum()
+}
+
+/// user + system CPU seconds of each of the processes `pids` that still runs.
+fn cpu_by_pid(pids: &[u32]) -> HashMap<u32, f64> {
     let ticks = 100.0; // USER_HZ on Linux
     pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .map(|stat| {
+        .filter_map(|&pid| {
+            Some((
+                pid,
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?,
+            ))
+        })
+        .map(|(pid, stat)| {
             // The fields after the command (which may hold spaces) in parentheses.
             let rest = &stat[stat.rfind(')').unwrap_or(0) + 2..];
             let f: Vec<&str> = rest.split(' ').collect();
-            (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / ticks
+            let cpu = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
+            (pid, cpu / ticks)
         })
-        .sum()
+        .collect()
 }
 
 /// Context switches (voluntary and not) of the threads of `pid` alive now: the hand-offs
@@ -350,7 +361,8 @@ fn broker_pids() -> Vec<u32> {
 
 /// The processes of the machine's PostgreSQL server (postmaster and backends), when the run is
 /// on PostgreSQL: their CPU is the database's share of the work. Backends that start and end
-/// within the run are missed (the runtime's pool keeps its connections).
+/// within the run are missed (the runtime's pool keeps its connections); those that start in
+/// it count from their start.
 fn postgres_pids(db: &TestDb) -> Vec<u32> {
     if !db.url.starts_with("postgres") {
         return Vec::new();
@@ -424,12 +436,8 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
     let metrics_before = target.metrics().await;
     let pg_before = pg_transactions(&target.db).await;
     let brokers = broker_pids();
-    let database = postgres_pids(&target.db);
-    let cpu_before = (
-        cpu_seconds(&[target.instance.pid()]),
-        cpu_seconds(&brokers),
-        cpu_seconds(&database),
-    );
+    let database_before = cpu_by_pid(&postgres_pids(&target.db));
+    let cpu_before = (cpu_seconds(&[target.instance.pid()]), cpu_seconds(&brokers));
     let machine_before = machine_ticks();
     let switches_before = context_switches(target.instance.pid());
     let started = Instant::now();
@@ -472,7 +480,11 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
     let secs = started.elapsed().as_secs_f64();
     let cpu_runtime = cpu_seconds(&[target.instance.pid()]) - cpu_before.0;
     let cpu_broker = cpu_seconds(&brokers) - cpu_before.1;
-    let cpu_database = cpu_seconds(&database) - cpu_before.2;
+    // Backends the runtime's pool opened during the run count from their start.
+    let cpu_database: f64 = cpu_by_pid(&postgres_pids(&target.db))
+        .into_iter()
+        .map(|(pid, cpu)| cpu - database_before.get(&pid).copied().unwrap_or(0.0))
+        .sum();
     let machine_after = machine_ticks();
     let machine_busy = {
         let total = machine_after.1 - machine_before.1;
@@ -526,7 +538,7 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         "runtimeCpuMsPerSaga": round(per_saga(cpu_runtime * 1000.0), 2),
         "brokerCpuMsPerSaga": round(per_saga(cpu_broker * 1000.0), 2),
         // PostgreSQL's server processes (null on SQLite, which runs inside the runtime).
-        "databaseCpuMsPerSaga": if database.is_empty() {
+        "databaseCpuMsPerSaga": if database_before.is_empty() {
             Value::Null
         } else {
             json!(round(per_saga(cpu_database * 1000.0), 2))
