@@ -215,6 +215,7 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
         }
         let mut outcomes = Vec::with_capacity(commands.len());
         let mut emitted = Vec::new();
+        let mut deadlines = Vec::new();
         // Keys the commands before wrote: one that read such a key read it before they did.
         let mut written: HashSet<&str> = HashSet::new();
         for command in commands {
@@ -240,14 +241,15 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
                 Committed::Done => {}
                 Committed::Answered | Committed::Refused(_) => return Ok(None),
             }
-            let trace = &command.trace;
-            let mut applied = apply(ctx, &mut tx, command, trace, staged.as_mut()).await?;
+            let mut applied = apply(ctx, &mut tx, command, (staged.as_mut(), true)).await?;
             emitted.append(&mut applied.emitted);
+            deadlines.append(&mut applied.deadlines);
             outcomes.push(Ok(applied));
         }
         if let Some(staged) = staged {
             staged.flush(&mut tx).await?;
         }
+        storage::deadlines::set_all(&mut tx, &deadlines, now_ms).await?;
         outbox::insert_all(&mut tx, &emitted).await?;
         Ok::<_, Error>(Some((tx, outcomes)))
     };
@@ -270,7 +272,7 @@ async fn alone(ctx: &Context, command: &Command) -> Result<Committed, Error> {
             return Ok(other);
         }
     }
-    let applied = apply(ctx, &mut tx, command, &command.trace, None).await?;
+    let applied = apply(ctx, &mut tx, command, (None, false)).await?;
     outbox::insert_all(&mut tx, &applied.emitted).await?;
     tx.commit().await?;
     settle(ctx, command, applied);
@@ -302,13 +304,13 @@ async fn steps(ctx: &Context, tx: &mut storage::Tx, command: &Command) -> Result
     Ok(Committed::Done)
 }
 
-/// A command's effects on `tx` (its state to `staged` if given), its events returned.
+/// A command's effects on `tx`, its events returned; its state written to `staged` if given
+/// and, in a group, its deadlines returned too (`effects::Applied::deadlines`).
 async fn apply(
     ctx: &Context,
     tx: &mut storage::Tx,
     command: &Command,
-    trace: &[(String, String)],
-    staged: Option<&mut state::Staged>,
+    (staged, grouped): (Option<&mut state::Staged>, bool),
 ) -> Result<effects::Applied, Error> {
     let service = &command.service;
     let fx_ctx = effects::Context {
@@ -317,7 +319,8 @@ async fn apply(
         cause_deadline_ms: None,
         saga_deadline_ms: service.saga_deadline_ms(&ctx.config),
         cause_id: &command.new_id,
-        trace,
+        trace: &command.trace,
+        defer_deadlines: grouped,
     };
     let reads = (&command.reads, staged);
     effects::apply(tx, &fx_ctx, service, reads, &command.effects).await

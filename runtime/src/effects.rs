@@ -75,6 +75,10 @@ pub struct Context<'a> {
     /// Trace context of the span handling the cause (`telemetry::carried`): the events
     /// emitted and the deadlines set are its children.
     pub trace: &'a [(String, String)],
+    /// The caller stores the deadlines the effects set (`Applied::deadlines`,
+    /// `deadlines::set_all`) after its other calls: a group of commands, each of which touches
+    /// only the deadlines of the saga it starts, so their order does not matter.
+    pub defer_deadlines: bool,
 }
 
 /// What applying effects ended: how long each saga whose pending deadline they cancelled had
@@ -88,6 +92,8 @@ pub struct Applied {
     /// them into the outbox (`outbox::insert_all`) in the same transaction — a batch's all in
     /// one statement after its last event.
     pub emitted: Vec<(outbox::Message, i64)>,
+    /// The deadlines the effects set, left to the caller (`Context::defer_deadlines`).
+    pub deadlines: Vec<deadlines::Set>,
 }
 
 impl Applied {
@@ -95,6 +101,7 @@ impl Applied {
     pub fn absorb(&mut self, other: Applied) {
         self.settled_ms.extend(other.settled_ms);
         self.emitted.extend(other.emitted);
+        self.deadlines.extend(other.deadlines);
         if let Some(due) = other.earliest_due_ms {
             self.due(due);
         }
@@ -137,14 +144,17 @@ pub async fn apply(
         let due_ms = due(d.after_ms);
         applied.due(due_ms);
         let set = deadlines::Set {
-            service: service.name(),
-            saga: &d.subject,
-            name: &d.name,
+            service: service.name().to_string(),
+            saga: d.subject.clone(),
+            name: d.name.clone(),
             due_ms,
-            set_by: ctx.cause_id,
-            traceparent: crate::telemetry::traceparent(ctx.trace),
+            set_by: ctx.cause_id.to_string(),
+            traceparent: crate::telemetry::traceparent(ctx.trace).map(str::to_string),
         };
-        deadlines::set(conn, &set, ctx.now_ms).await?;
+        match ctx.defer_deadlines {
+            true => applied.deadlines.push(set),
+            false => deadlines::set(conn, &set, ctx.now_ms).await?,
+        }
     }
     for emit in &fx.emits {
         // A deadline set for this saga by the same handler wins over the inherited one.

@@ -731,12 +731,12 @@ async fn a_scan_checks_the_keys_it_returned_but_not_keys_added_under_its_prefix(
 async fn setting_a_deadline_opens_its_sagas_row_once(backend: Backend) {
     use saga_runtime::storage::deadlines;
     let (t, db) = open(backend).await;
-    let set = |name: &'static str, due_ms: i64| deadlines::Set {
-        service: "order",
-        saga: "s1",
-        name,
+    let set = |name: &str, due_ms: i64| deadlines::Set {
+        service: "order".into(),
+        saga: "s1".into(),
+        name: name.into(),
         due_ms,
-        set_by: "req-1",
+        set_by: "req-1".into(),
         traceparent: None,
     };
     let mut tx = db.begin().await.unwrap();
@@ -765,7 +765,75 @@ async fn setting_a_deadline_opens_its_sagas_row_once(backend: Backend) {
     t.drop_db().await;
 }
 
+/// A group's deadlines in one statement (`deadlines::set_all`): each saga's row opened once,
+/// a deadline set again replaced, the last of two of the same name in the group winning.
+async fn a_groups_deadlines_are_set_together(backend: Backend) {
+    use saga_runtime::storage::deadlines;
+    let (t, db) = open(backend).await;
+    let set = |saga: &str, name: &str, due_ms: i64| deadlines::Set {
+        service: "order".into(),
+        saga: saga.into(),
+        name: name.into(),
+        due_ms,
+        set_by: format!("req-{saga}"),
+        traceparent: Some(format!("tp-{saga}")),
+    };
+    let mut tx = db.begin().await.unwrap();
+    deadlines::set(&mut tx, &set("s0", "order", 5_000), 100)
+        .await
+        .unwrap();
+    let mut all: Vec<deadlines::Set> = (0..5)
+        .map(|i| set(&format!("s{i}"), "order", 9_000))
+        .collect();
+    all.push(set("s1", "order", 7_000)); // the same name again: this one wins
+    all.push(set("s1", "reminder", 8_000));
+    deadlines::set_all(&mut tx, &all, 1_000).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut found = Vec::new();
+    for i in 0..5 {
+        for d in deadlines::for_saga(&db, &format!("s{i}")).await.unwrap() {
+            let tp = d.traceparent.clone().unwrap_or_default();
+            found.push((d.saga, d.name, d.due_ms, d.status, tp));
+        }
+    }
+    found.sort();
+    let row = |saga: &str, name: &str, due: i64| {
+        let tp = format!("tp-{saga}");
+        (
+            saga.to_string(),
+            name.to_string(),
+            due,
+            "PENDING".to_string(),
+            tp,
+        )
+    };
+    assert_eq!(
+        found,
+        [
+            row("s0", "order", 9_000),
+            row("s1", "order", 7_000),
+            row("s1", "reminder", 8_000),
+            row("s2", "order", 9_000),
+            row("s3", "order", 9_000),
+            row("s4", "order", 9_000),
+        ]
+    );
+    // Each saga's expiry row: opened once, when first set (s0 before the group).
+    let mut tx = db.begin().await.unwrap();
+    let opened = deadlines::cancel(&mut tx, "order", "s0", "order")
+        .await
+        .unwrap();
+    assert_eq!(opened, Some(Some(100)));
+    let opened = deadlines::cancel(&mut tx, "order", "s3", "order")
+        .await
+        .unwrap();
+    assert_eq!(opened, Some(Some(1_000)));
+    tx.commit().await.unwrap();
+    t.drop_db().await;
+}
+
 on_both_backends!(
+    a_groups_deadlines_are_set_together,
     setting_a_deadline_opens_its_sagas_row_once,
     two_handlers_reading_what_the_other_writes_cannot_both_commit,
     two_handlers_reading_absent_keys_the_other_creates_cannot_both_commit,

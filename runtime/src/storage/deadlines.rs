@@ -14,21 +14,21 @@ macro_rules! deadline_row {
 }
 
 /// A deadline a handler sets: pending, replacing one of the same name of the saga.
-#[derive(Debug, Clone, Copy)]
-pub struct Set<'a> {
-    pub service: &'a str,
-    pub saga: &'a str,
-    pub name: &'a str,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub service: String,
+    pub saga: String,
+    pub name: String,
     pub due_ms: i64,
     /// The event or request whose handler set it.
-    pub set_by: &'a str,
-    pub traceparent: Option<&'a str>,
+    pub set_by: String,
+    pub traceparent: Option<String>,
 }
 
 /// Store deadline `d`, and make sure its saga has an expiry row (`sagas::open`, opened at
 /// `now_ms` if it is new): one statement on PostgreSQL (each is a round trip there, and a
 /// request that starts a saga made six), two on SQLite.
-pub async fn set(conn: &mut Conn, d: &Set<'_>, now_ms: i64) -> Result<(), Error> {
+pub async fn set(conn: &mut Conn, d: &Set, now_ms: i64) -> Result<(), Error> {
     let sql = match conn.dialect() {
         super::Dialect::Postgres => concat!(
             "WITH opened AS (INSERT INTO sagas (saga, expired_ms, steps, touched_ms, opened_ms) \
@@ -38,22 +38,90 @@ pub async fn set(conn: &mut Conn, d: &Set<'_>, now_ms: i64) -> Result<(), Error>
             deadline_row!()
         ),
         super::Dialect::Sqlite => {
-            super::sagas::open(conn, d.saga, now_ms).await?;
+            super::sagas::open(conn, &d.saga, now_ms).await?;
             deadline_row!()
         }
     };
     let query = super::query(sql)
-        .bind(d.service)
-        .bind(d.saga)
-        .bind(d.name)
+        .bind(d.service.as_str())
+        .bind(d.saga.as_str())
+        .bind(d.name.as_str())
         .bind(d.due_ms)
-        .bind(d.set_by)
-        .bind(d.traceparent);
+        .bind(d.set_by.as_str())
+        .bind(d.traceparent.as_deref());
     let query = match conn.dialect() {
         super::Dialect::Postgres => query.bind(now_ms), // `$7`: the saga's row
         super::Dialect::Sqlite => query,
     };
     query.execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Deadlines per statement, at most ([`set_all`]).
+const SET_ROWS: usize = 64;
+
+/// Store deadlines `all` as [`set`] does each, the last of any two of the same name of a saga
+/// winning: one statement per [`SET_ROWS`] on PostgreSQL (a group of commands' deadlines, see
+/// `crate::commands`), one by one on SQLite.
+pub async fn set_all(conn: &mut Conn, all: &[Set], now_ms: i64) -> Result<(), Error> {
+    if conn.dialect() == super::Dialect::Sqlite {
+        for d in all {
+            set(conn, d, now_ms).await?;
+        }
+        return Ok(());
+    }
+    // The last of each name of a saga: one statement may not update a row twice.
+    let mut last: std::collections::HashMap<(&str, &str, &str), &Set> = Default::default();
+    let mut order = Vec::new();
+    for d in all {
+        let key = (d.service.as_str(), d.saga.as_str(), d.name.as_str());
+        if last.insert(key, d).is_none() {
+            order.push(key);
+        }
+    }
+    let rows: Vec<&Set> = order.into_iter().map(|k| last[&k]).collect();
+    for chunk in rows.chunks(SET_ROWS) {
+        // Padded to a power of two with copies of the last (`DISTINCT` drops them): a few
+        // statement shapes serve every count and stay prepared.
+        let n = chunk.len().next_power_of_two();
+        let values: Vec<String> = (0..n)
+            .map(|i| {
+                let p: Vec<String> = (0..6).map(|c| format!("${}", 2 + 6 * i + c)).collect();
+                format!("({})", p.join(", "))
+            })
+            .collect();
+        let sql = format!(
+            concat!(
+                "WITH input (service, saga, name, due_ms, set_by, traceparent) AS \
+                 (SELECT DISTINCT * FROM (VALUES {}) AS v), \
+                 opened AS (INSERT INTO sagas (saga, expired_ms, steps, touched_ms, opened_ms) \
+                 SELECT DISTINCT saga, CAST(NULL AS BIGINT), 0, $1, $1 FROM input \
+                 ON CONFLICT (saga) DO UPDATE SET ",
+                touch!("sagas", "$1"),
+                ") INSERT INTO deadlines (service, saga, name, due_ms, status, set_by, \
+                 traceparent) SELECT service, saga, name, due_ms, 'PENDING', set_by, traceparent \
+                 FROM input ON CONFLICT (service, saga, name) DO UPDATE SET \
+                 due_ms = excluded.due_ms, status = 'PENDING', set_by = excluded.set_by, \
+                 traceparent = excluded.traceparent"
+            ),
+            values.join(", ")
+        );
+        let mut query = super::query(&sql).bind(now_ms);
+        for i in 0..n {
+            let d = chunk
+                .get(i)
+                .or(chunk.last())
+                .expect("a chunk is never empty");
+            query = query
+                .bind(d.service.as_str())
+                .bind(d.saga.as_str())
+                .bind(d.name.as_str())
+                .bind(d.due_ms)
+                .bind(d.set_by.as_str())
+                .bind(d.traceparent.as_deref());
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

@@ -362,6 +362,7 @@ impl Worker {
                     saga_deadline_ms: service.saga_deadline_ms(&self.ctx.config),
                     cause_id: id,
                     trace: &trace,
+                    defer_deadlines: false,
                 };
                 let staged = batched.map(|b| &mut b.state);
                 effects::apply(conn, &ctx, service, (&called.reads, staged), &called.output).await?
