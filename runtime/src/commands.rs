@@ -193,10 +193,10 @@ enum Together {
 
 /// A service's commands in one transaction.
 async fn together(ctx: &Context, commands: &[&Command]) -> Together {
+    let now_ms = ctx.clock.now_ms();
     let attempt = async {
         let service = &commands[0].service;
         let mut tx = ctx.db.begin().await?;
-        let now_ms = ctx.clock.now_ms();
         // On PostgreSQL, reads checked and writes gathered in memory, against rows locked in
         // key order (as a batch of events does, so the two never wait in a circle).
         let mut staged = None;
@@ -249,13 +249,19 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
         if let Some(staged) = staged {
             staged.flush(&mut tx).await?;
         }
-        storage::deadlines::set_all(&mut tx, &deadlines, now_ms).await?;
+        let opened = storage::deadlines::apply_all(&mut tx, &deadlines, now_ms).await?;
         outbox::insert_all(&mut tx, &emitted).await?;
-        Ok::<_, Error>(Some((tx, outcomes)))
+        Ok::<_, Error>(Some((tx, outcomes, opened)))
     };
     match attempt.await {
-        Ok(Some((tx, outcomes))) => match tx.commit().await {
-            Ok(()) => Together::Committed(outcomes),
+        Ok(Some((tx, outcomes, opened))) => match tx.commit().await {
+            Ok(()) => {
+                // The sagas whose deadlines the group cancelled: how long each ran.
+                let ran: Vec<i64> = opened.iter().map(|at| now_ms - at).collect();
+                let name = commands[0].service.name();
+                ctx.metrics.sagas_ended(name, "settled", &ran);
+                Together::Committed(outcomes)
+            }
             Err(e) => Together::Failed(e),
         },
         Ok(None) | Err(_) => Together::Undone, // dropped: rolled back

@@ -75,9 +75,10 @@ pub struct Context<'a> {
     /// Trace context of the span handling the cause (`telemetry::carried`): the events
     /// emitted and the deadlines set are its children.
     pub trace: &'a [(String, String)],
-    /// The caller stores the deadlines the effects set (`Applied::deadlines`,
-    /// `deadlines::set_all`) after its other calls: a group of commands, each of which touches
-    /// only the deadlines of the saga it starts, so their order does not matter.
+    /// The caller sets and cancels the effects' deadlines (`Applied::deadlines`,
+    /// `deadlines::apply_all`) at the end of its transaction, with those of the other handlers
+    /// there: a batch of events or a group of commands (deadline rows are written only by such
+    /// effects and by the firing, so their order against the other statements does not matter).
     pub defer_deadlines: bool,
 }
 
@@ -92,8 +93,9 @@ pub struct Applied {
     /// them into the outbox (`outbox::insert_all`) in the same transaction — a batch's all in
     /// one statement after its last event.
     pub emitted: Vec<(outbox::Message, i64)>,
-    /// The deadlines the effects set, left to the caller (`Context::defer_deadlines`).
-    pub deadlines: Vec<deadlines::Set>,
+    /// The deadlines the effects set and cancel, in order, left to the caller
+    /// (`Context::defer_deadlines`); the sagas they settle are then the caller's to count.
+    pub deadlines: Vec<deadlines::Op>,
 }
 
 impl Applied {
@@ -134,6 +136,14 @@ pub async fn apply(
         ctx.now_ms.saturating_add(after)
     };
     for d in &fx.cancel_deadlines {
+        if ctx.defer_deadlines {
+            applied.deadlines.push(deadlines::Op::Cancel {
+                service: service.name().to_string(),
+                saga: d.subject.clone(),
+                name: d.name.clone(),
+            });
+            continue;
+        }
         if let Some(opened) = deadlines::cancel(conn, service.name(), &d.subject, &d.name).await? {
             applied
                 .settled_ms
@@ -152,7 +162,7 @@ pub async fn apply(
             traceparent: crate::telemetry::traceparent(ctx.trace).map(str::to_string),
         };
         match ctx.defer_deadlines {
-            true => applied.deadlines.push(set),
+            true => applied.deadlines.push(deadlines::Op::Set(set)),
             false => deadlines::set(conn, &set, ctx.now_ms).await?,
         }
     }

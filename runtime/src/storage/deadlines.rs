@@ -125,6 +125,99 @@ pub async fn set_all(conn: &mut Conn, all: &[Set], now_ms: i64) -> Result<(), Er
     Ok(())
 }
 
+/// What a handler's effects do to a deadline, left to the end of its transaction
+/// ([`apply_all`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Set(Set),
+    Cancel {
+        service: String,
+        saga: String,
+        name: String,
+    },
+}
+
+impl Op {
+    fn key(&self) -> (&str, &str, &str) {
+        match self {
+            Op::Set(d) => (&d.service, &d.saga, &d.name),
+            Op::Cancel {
+                service,
+                saga,
+                name,
+            } => (service, saga, name),
+        }
+    }
+}
+
+/// Carry out `ops` (in the order the handlers asked for them) with what they leave: per
+/// deadline, the last set (if any) and then a cancel if one came after it — a cancel followed
+/// by a set leaves only the set. When each cancelled saga was opened (for the sagas it
+/// settled), as [`cancel`] answers. On PostgreSQL one statement for the sets ([`set_all`]) and
+/// one for the cancels, per 64; on SQLite each in turn.
+pub async fn apply_all(conn: &mut Conn, ops: &[Op], now_ms: i64) -> Result<Vec<i64>, Error> {
+    let mut opened = Vec::new();
+    if conn.dialect() == super::Dialect::Sqlite {
+        for op in ops {
+            match op {
+                Op::Set(d) => set(conn, d, now_ms).await?,
+                Op::Cancel {
+                    service,
+                    saga,
+                    name,
+                } => {
+                    if let Some(at) = cancel(conn, service, saga, name).await? {
+                        opened.extend(at);
+                    }
+                }
+            }
+        }
+        return Ok(opened);
+    }
+    // Per deadline: its last set, and whether a cancel came after it.
+    let mut last: std::collections::HashMap<(&str, &str, &str), (Option<&Set>, bool)> =
+        Default::default();
+    let mut order = Vec::new();
+    for op in ops {
+        let entry = last.entry(op.key()).or_insert_with(|| {
+            order.push(op.key());
+            (None, false)
+        });
+        *entry = match op {
+            Op::Set(d) => (Some(d), false),
+            Op::Cancel { .. } => (entry.0, true),
+        };
+    }
+    let sets: Vec<Set> = order.iter().filter_map(|k| last[k].0.cloned()).collect();
+    set_all(conn, &sets, now_ms).await?;
+    let cancels: Vec<(&str, &str, &str)> = order.into_iter().filter(|k| last[k].1).collect();
+    for chunk in cancels.chunks(SET_ROWS) {
+        // Each row found through the primary key on its own (`super::probes`), then updated
+        // where it was found, if still pending. Padded as `set_all` is: a row met twice is
+        // updated once.
+        let n = chunk.len().next_power_of_two();
+        let values: Vec<String> = (0..n)
+            .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+            .collect();
+        let sql = format!(
+            "UPDATE deadlines SET status = 'CANCELLED' FROM (SELECT found.at FROM (VALUES {}) \
+             AS v(service, saga, name), LATERAL (SELECT ctid AS at FROM deadlines \
+             WHERE service = v.service AND saga = v.saga AND name = v.name \
+             AND status = 'PENDING' OFFSET 0) AS found) AS v \
+             WHERE deadlines.ctid = v.at AND deadlines.status = 'PENDING' \
+             RETURNING (SELECT opened_ms FROM sagas WHERE sagas.saga = deadlines.saga)",
+            values.join(", ")
+        );
+        let mut query = super::query_scalar::<Option<i64>>(&sql);
+        for i in 0..n {
+            let (service, saga, name) = chunk.get(i).or(chunk.last()).expect("never empty");
+            query = query.bind(*service).bind(*saga).bind(*name);
+        }
+        opened.extend(query.fetch_all(&mut *conn).await?.into_iter().flatten());
+    }
+    Ok(opened)
+}
+
 /// Cancel a pending deadline: `None` if there was none pending, else when its saga was opened
 /// (if the database knows).
 pub async fn cancel(

@@ -202,6 +202,12 @@ impl Worker {
             if !batched.write(&mut tx, service.name()).await {
                 return Ok(Err(Undo)); // committed again with a savepoint per event
             }
+            let ops = std::mem::take(&mut done.deadlines);
+            let now_ms = self.ctx.clock.now_ms();
+            match storage::deadlines::apply_all(&mut tx, &ops, now_ms).await {
+                Ok(opened) => done.settled_ms.extend(opened.iter().map(|at| now_ms - at)),
+                Err(_) => return Ok(Err(Undo)),
+            }
         }
         outbox::insert_all(&mut tx, &done.emitted).await?;
         let positions: Vec<(&str, i32, i64)> =
@@ -362,7 +368,8 @@ impl Worker {
                     saga_deadline_ms: service.saga_deadline_ms(&self.ctx.config),
                     cause_id: id,
                     trace: &trace,
-                    defer_deadlines: false,
+                    // A batch on PostgreSQL sets and cancels its deadlines at its end.
+                    defer_deadlines: batched.is_some(),
                 };
                 let staged = batched.map(|b| &mut b.state);
                 effects::apply(conn, &ctx, service, (&called.reads, staged), &called.output).await?
