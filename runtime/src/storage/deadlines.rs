@@ -25,6 +25,20 @@ pub struct Set {
     pub traceparent: Option<String>,
 }
 
+impl Set {
+    /// `query` with this deadline's six columns bound next: service, saga, name, due time,
+    /// set by, trace context.
+    fn bound<'q>(&self, query: super::Query<'q>) -> super::Query<'q> {
+        query
+            .bind(self.service.as_str())
+            .bind(self.saga.as_str())
+            .bind(self.name.as_str())
+            .bind(self.due_ms)
+            .bind(self.set_by.as_str())
+            .bind(self.traceparent.as_deref())
+    }
+}
+
 /// Store deadline `d`, and make sure its saga has an expiry row (`sagas::open`, opened at
 /// `now_ms` if it is new): one statement on PostgreSQL (each is a round trip there, and a
 /// request that starts a saga made six), two on SQLite.
@@ -42,13 +56,7 @@ pub async fn set(conn: &mut Conn, d: &Set, now_ms: i64) -> Result<(), Error> {
             deadline_row!()
         }
     };
-    let query = super::query(sql)
-        .bind(d.service.as_str())
-        .bind(d.saga.as_str())
-        .bind(d.name.as_str())
-        .bind(d.due_ms)
-        .bind(d.set_by.as_str())
-        .bind(d.traceparent.as_deref());
+    let query = d.bound(super::query(sql));
     let query = match conn.dialect() {
         super::Dialect::Postgres => query.bind(now_ms), // `$7`: the saga's row
         super::Dialect::Sqlite => query,
@@ -112,13 +120,7 @@ pub async fn set_all(conn: &mut Conn, all: &[Set], now_ms: i64) -> Result<(), Er
                 .get(i)
                 .or(chunk.last())
                 .expect("a chunk is never empty");
-            query = query
-                .bind(d.service.as_str())
-                .bind(d.saga.as_str())
-                .bind(d.name.as_str())
-                .bind(d.due_ms)
-                .bind(d.set_by.as_str())
-                .bind(d.traceparent.as_deref());
+            query = d.bound(query);
         }
         query.execute(&mut *conn).await?;
     }
