@@ -199,6 +199,18 @@ const COUNTERS: &[CounterRow] = &[
         |s| &s.replayed,
     ),
     (
+        "saga_ingress_command_groups_total",
+        &[],
+        "Transactions that committed several HTTP commands together",
+        |s| &s.command_groups,
+    ),
+    (
+        "saga_ingress_grouped_commands_total",
+        &[],
+        "HTTP commands committed together with others",
+        |s| &s.grouped_commands,
+    ),
+    (
         "saga_retention_deleted_total",
         &[],
         "Rows the retention clean-up deleted",
