@@ -17,7 +17,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -94,7 +94,16 @@ impl Handle {
     /// Start the commit loop (a task that ends when the last handle is dropped).
     pub fn start(ctx: Context) -> Handle {
         let (queue, queued) = mpsc::channel(QUEUED_MAX);
-        tokio::spawn(run(Arc::new(ctx), queued));
+        let ctx = Arc::new(ctx);
+        tokio::spawn(crate::grouped::serve(
+            queued,
+            IN_FLIGHT,
+            GROUP_MAX,
+            move |group| {
+                let ctx = ctx.clone();
+                async move { commit_group(&ctx, group).await }
+            },
+        ));
         Handle { queue }
     }
 
@@ -105,30 +114,6 @@ impl Handle {
         let ticket = Ticket { command, answer };
         self.queue.send(ticket).await.map_err(|_| stopped())?;
         answered.await.map_err(|_| stopped())?
-    }
-}
-
-async fn run(ctx: Arc<Context>, mut queued: mpsc::Receiver<Ticket>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = queued.recv().await else {
-            return;
-        };
-        let mut group = vec![first];
-        while group.len() < GROUP_MAX {
-            match queued.try_recv() {
-                Ok(ticket) => group.push(ticket),
-                Err(_) => break,
-            }
-        }
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            commit_group(&ctx, group).await;
-            drop(slot);
-        });
     }
 }
 
@@ -201,15 +186,7 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
         // key order (as a batch of events does, so the two never wait in a circle).
         let mut staged = None;
         if tx.dialect() == storage::Dialect::Postgres {
-            let mut keys: Vec<&str> = commands
-                .iter()
-                .flat_map(|c| {
-                    let read = c.reads.0.keys().map(String::as_str);
-                    read.chain(c.effects.writes.iter().map(|w| w.key.as_str()))
-                })
-                .collect();
-            keys.sort_unstable();
-            keys.dedup();
+            let keys = state::touched(commands.iter().map(|c| (&c.reads, &c.effects.writes[..])));
             let locked = state::lock(&mut tx, service.name(), &keys).await?;
             staged = Some(state::Staged::new(service.name(), locked, now_ms));
         }

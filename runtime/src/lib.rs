@@ -12,6 +12,7 @@ pub mod deadline;
 pub mod dlt;
 pub mod effects;
 pub mod follow;
+pub mod grouped;
 pub mod health;
 pub mod ingress;
 pub mod kafka;

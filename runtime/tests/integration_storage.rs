@@ -765,19 +765,25 @@ async fn setting_a_deadline_opens_its_sagas_row_once(backend: Backend) {
     t.drop_db().await;
 }
 
-/// A group's deadlines in one statement (`deadlines::set_all`): each saga's row opened once,
-/// a deadline set again replaced, the last of two of the same name in the group winning.
-async fn a_groups_deadlines_are_set_together(backend: Backend) {
-    use saga_runtime::storage::deadlines;
-    let (t, db) = open(backend).await;
-    let set = |saga: &str, name: &str, due_ms: i64| deadlines::Set {
+/// Deadline `name` of saga `saga` of service `order`, due at `due_ms`, set by `req-{saga}`
+/// with trace context `tp-{saga}`.
+fn deadline(saga: &str, name: &str, due_ms: i64) -> saga_runtime::storage::deadlines::Set {
+    saga_runtime::storage::deadlines::Set {
         service: "order".into(),
         saga: saga.into(),
         name: name.into(),
         due_ms,
         set_by: format!("req-{saga}"),
         traceparent: Some(format!("tp-{saga}")),
-    };
+    }
+}
+
+/// A group's deadlines in one statement (`deadlines::set_all`): each saga's row opened once,
+/// a deadline set again replaced, the last of two of the same name in the group winning.
+async fn a_groups_deadlines_are_set_together(backend: Backend) {
+    use saga_runtime::storage::deadlines;
+    let (t, db) = open(backend).await;
+    let set = deadline;
     let mut tx = db.begin().await.unwrap();
     deadlines::set(&mut tx, &set("s0", "order", 5_000), 100)
         .await
@@ -838,14 +844,7 @@ async fn a_groups_deadlines_are_set_together(backend: Backend) {
 async fn a_batchs_deadline_effects_leave_what_one_by_one_would(backend: Backend) {
     use saga_runtime::storage::deadlines::{self, Op};
     let (t, db) = open(backend).await;
-    let set = |saga: &str, name: &str, due_ms: i64| deadlines::Set {
-        service: "order".into(),
-        saga: saga.into(),
-        name: name.into(),
-        due_ms,
-        set_by: "req".into(),
-        traceparent: None,
-    };
+    let set = deadline;
     let cancel = |saga: &str, name: &str| Op::Cancel {
         service: "order".into(),
         saga: saga.into(),

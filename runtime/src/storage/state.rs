@@ -198,6 +198,21 @@ pub async fn apply(
     Ok(())
 }
 
+/// The keys the handler calls `calls` (what each read, what each writes) touch, sorted, each
+/// once: what a transaction committing them locks first ([`lock`]).
+pub fn touched<'c>(calls: impl IntoIterator<Item = (&'c ReadSet, &'c [Write])>) -> Vec<&'c str> {
+    let mut keys: Vec<&str> = calls
+        .into_iter()
+        .flat_map(|(reads, writes)| {
+            let read = reads.0.keys().map(String::as_str);
+            read.chain(writes.iter().map(|w| w.key.as_str()))
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
 /// Lock the existing rows of `keys` (sorted) for update, in key order (PostgreSQL), and return
 /// their versions. Two transactions that lock their keys so before touching them never wait
 /// for each other in a circle over those rows.
@@ -447,6 +462,8 @@ impl StateReader for DbReader {
 /// Statements of gathered reads on their way at once: while all are, new reads wait and go
 /// together in the next.
 const GATHER_IN_FLIGHT: usize = 2;
+/// Reads queued at most; a reader waits for room (each waits for its answer anyway).
+const GATHER_QUEUED: usize = 4096;
 /// Keys one gathered statement asks for, at most.
 const GATHER_KEYS: usize = 64;
 
@@ -461,7 +478,7 @@ const GATHER_KEYS: usize = 64;
 /// Design choice: no timer gathers reads (that would delay every read at low load); the
 /// statements on their way are the only wait.
 pub struct Gatherer {
-    asks: tokio::sync::mpsc::UnboundedSender<Ask>,
+    asks: tokio::sync::mpsc::Sender<Ask>,
 }
 
 struct Ask {
@@ -473,8 +490,17 @@ struct Ask {
 impl Gatherer {
     /// Start the task that gathers reads; it ends when the gatherer is dropped.
     pub fn start(db: &Db) -> Self {
-        let (asks, queue) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(gather(db.clone(), queue));
+        let (asks, queue) = tokio::sync::mpsc::channel(GATHER_QUEUED);
+        let db = db.clone();
+        tokio::spawn(crate::grouped::serve(
+            queue,
+            GATHER_IN_FLIGHT,
+            GATHER_KEYS,
+            move |asks| {
+                let db = db.clone();
+                async move { answer(&db, asks).await }
+            },
+        ));
         Gatherer { asks }
     }
 
@@ -487,34 +513,11 @@ impl Gatherer {
         };
         self.asks
             .send(ask)
+            .await
             .map_err(|_| "state reads have stopped".to_string())?;
         answered
             .await
             .map_err(|_| "a state read was dropped unanswered".to_string())?
-    }
-}
-
-async fn gather(db: Db, mut queue: tokio::sync::mpsc::UnboundedReceiver<Ask>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(GATHER_IN_FLIGHT));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = queue.recv().await else {
-            return;
-        };
-        let mut asks = vec![first];
-        while asks.len() < GATHER_KEYS {
-            match queue.try_recv() {
-                Ok(ask) => asks.push(ask),
-                Err(_) => break,
-            }
-        }
-        let db = db.clone();
-        tokio::spawn(async move {
-            answer(&db, asks).await;
-            drop(slot);
-        });
     }
 }
 

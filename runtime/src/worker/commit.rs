@@ -97,7 +97,11 @@ impl Worker {
             // Locked first and in key order: a transaction committing at the same time
             // (another lane, another instance) that shares keys with this one waits for it
             // instead of deadlocking with it.
-            let keys = state_keys(subset.iter().map(|&i| &verdicts[i]));
+            let calls = subset.iter().filter_map(|&i| match &verdicts[i] {
+                Verdict::Apply(c) => Some((&c.reads, &c.output.writes[..])),
+                _ => None,
+            });
+            let keys = storage::state::touched(calls);
             let locked = storage::state::lock(&mut tx, service.name(), &keys).await?;
             if isolation == Isolation::Batch {
                 let now_ms = self.ctx.clock.now_ms();
@@ -573,23 +577,6 @@ fn forward_step(
         timed: event.deadline_ms.is_some(),
         ledger: service.keeps_ledger(),
     })
-}
-
-/// The state keys the applied verdicts read or write, sorted, each once.
-fn state_keys<'v>(verdicts: impl Iterator<Item = &'v Verdict>) -> Vec<&'v str> {
-    let mut keys: Vec<&str> = verdicts
-        .filter_map(|v| match v {
-            Verdict::Apply(c) => Some(c),
-            _ => None,
-        })
-        .flat_map(|c| {
-            let read = c.reads.0.keys().map(String::as_str);
-            read.chain(c.output.writes.iter().map(|w| w.key.as_str()))
-        })
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    keys
 }
 
 /// How the handler-duration metric labels an inbox outcome (`None`: a duplicate).
