@@ -130,6 +130,9 @@ fn args() -> Args {
 struct Sample {
     client_ms: f64,
     host_ms: f64,
+    /// The order's id and when the host created it (its `createdMs`), for the hops.
+    id: String,
+    created_ms: i64,
 }
 
 #[derive(Default)]
@@ -292,6 +295,8 @@ async fn saga(target: &Target, rng: &mut Rng, tally: &mut Tally) {
     tally.samples.push(Sample {
         client_ms: started.elapsed().as_secs_f64() * 1000.0,
         host_ms: host as f64,
+        id: id.clone(),
+        created_ms: settled["createdMs"].as_i64().unwrap_or(0),
     });
     tally.placed.push(Placed { id, user, amount });
 }
@@ -548,6 +553,8 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         "kafkaTransactionsPerSaga": round(per_saga(delta("relay_batches")), 2),
         "eventsPerSaga": round(per_saga(events), 2),
         "conflictRerunsPerSaga": round(per_saga(delta("conflicts")), 2),
+        // Batches committed again with a savepoint per event (`Isolation::PerEvent`).
+        "recommitsPerSaga": round(per_saga(delta("recommits")), 3),
         "runtimeContextSwitchesPerSaga": round(per_saga(switches as f64), 1),
         "stageMeanMs": {
             "ingressWait": stage("saga_ingress_wait_seconds", ""),
@@ -569,8 +576,58 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
             _ => Value::Null,
         },
     });
+    let mut report = report;
+    report["hopsP50Ms"] = hops(target, &tally.samples).await;
     target.placed.lock().unwrap().extend(tally.placed);
     report
+}
+
+/// Sagas sampled for the hops.
+const HOP_SAMPLES: usize = 100;
+
+/// Where a saga's host-side time goes: from the order's creation, each step one service
+/// handled (`service:type`, in the order they were handled) after the step before, p50 over
+/// the sagas that took the most common path, among up to `HOP_SAMPLES` of the run's sagas
+/// spread over it (their timelines, `GET /sagas/{id}`, read after the run).
+async fn hops(target: &Target, samples: &[Sample]) -> Value {
+    let every = samples.len().div_ceil(HOP_SAMPLES).max(1);
+    let mut paths: HashMap<Vec<String>, Vec<Vec<f64>>> = HashMap::new();
+    for s in samples.iter().step_by(every) {
+        let url = format!("/sagas/{}", s.id);
+        let timeline = common::get_json(&target.http, &target.instance.base, &url).await;
+        let Some(events) = timeline["events"].as_array() else {
+            continue;
+        };
+        let (mut names, mut times, mut before) = (Vec::new(), Vec::new(), s.created_ms);
+        for e in events
+            .iter()
+            .filter(|e| e["outcome"] != "duplicate" && e["outcome"] != "failed")
+        {
+            let at = e["handledMs"].as_i64().unwrap_or(before);
+            names.push(format!(
+                "{}:{}",
+                e["service"].as_str().unwrap_or(""),
+                e["eventType"].as_str().unwrap_or("")
+            ));
+            times.push((at - before) as f64);
+            before = at;
+        }
+        paths.entry(names).or_default().push(times);
+    }
+    let sampled: usize = paths.values().map(Vec::len).sum();
+    let Some((names, sagas)) = paths.into_iter().max_by_key(|(_, sagas)| sagas.len()) else {
+        return Value::Null;
+    };
+    let hops: Vec<Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut v: Vec<f64> = sagas.iter().map(|t| t[i]).collect();
+            v.sort_by(f64::total_cmp);
+            json!([name, round1(percentile(&v, 0.50))])
+        })
+        .collect();
+    json!({"sagas": sagas.len(), "of": sampled, "hops": hops})
 }
 
 /// The `_sum` and `_count` of histogram `name` in a Prometheus exposition, added over its
@@ -609,7 +666,7 @@ fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
          shed {}  errors {}  cpu/saga runtime {} ms broker {} ms database {} ms  machine busy {}  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  write gate busy {}  \
-         conflicts/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}",
+         conflicts/saga {}  recommits/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}  hops p50 ms {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
         r["sagas"],
@@ -622,9 +679,10 @@ fn print(backend: Backend, r: &Value) {
         r["machineBusy"],
         r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbStatementsPerEvent"],
         r["dbTransactionsPerEvent"], r["writeGateBusy"],
-        r["conflictRerunsPerSaga"], r["runtimeContextSwitchesPerSaga"],
+        r["conflictRerunsPerSaga"], r["recommitsPerSaga"], r["runtimeContextSwitchesPerSaga"],
         r["stageMeanMs"]["ingressWait"], r["stageMeanMs"]["relay"],
         r["stageMeanMs"]["delivery"], r["stageMeanMs"]["handling"],
+        r["hopsP50Ms"],
     );
 }
 

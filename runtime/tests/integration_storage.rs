@@ -986,9 +986,10 @@ async fn rows_written_on_every_step_are_updated_in_place() {
 /// what they would have found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batchs_forward_steps_in_one_statement_write_and_find_what_each_would() {
-    use saga_runtime::storage::step::{self, Forward};
+    use saga_runtime::storage::step::{self, Kind, Step};
     let (t, db) = open(Backend::Postgres).await;
-    let step = |id: &str, saga: &str, timed: bool, ledger: bool| Forward {
+    let step = |id: &str, saga: &str, timed: bool, ledger: bool| Step {
+        kind: Kind::Forward,
         event_id: id.into(),
         saga: saga.into(),
         event_type: "ExchangeSucceeded".into(),
@@ -1007,12 +1008,12 @@ async fn a_batchs_forward_steps_in_one_statement_write_and_find_what_each_would(
         step("e4", "s1", true, true),
         step("e5", "s3", false, true),
     ];
-    let found = step::forward_all(&mut tx, "point", 1_000, &three)
+    let found = step::record_all(&mut tx, "point", 1_000, &three)
         .await
         .unwrap();
     assert_eq!(found.len(), 3);
     assert!(found.iter().all(step::Stepped::applies), "{found:?}");
-    let again = step::forward_all(&mut tx, "point", 1_000, &three[..1])
+    let again = step::record_all(&mut tx, "point", 1_000, &three[..1])
         .await
         .unwrap();
     assert!(!again[0].recorded, "the same event again is a duplicate");
@@ -1045,7 +1046,7 @@ async fn a_batchs_forward_steps_in_one_statement_write_and_find_what_each_would(
     // the caller to undo.
     sagas::expire(&mut tx, "s1", 900).await.unwrap();
     let mixed = [step("e2", "s1", true, false), step("e6", "s4", true, true)];
-    let found = step::forward_all(&mut tx, "point", 1_000, &mixed)
+    let found = step::record_all(&mut tx, "point", 1_000, &mixed)
         .await
         .unwrap();
     assert_eq!(found[0].expired_ms, Some(900));
@@ -1055,7 +1056,7 @@ async fn a_batchs_forward_steps_in_one_statement_write_and_find_what_each_would(
     ledger::compensate(&mut tx, "point", "s2", "undo-s2", 950)
         .await
         .unwrap();
-    let closed = step::forward_all(&mut tx, "point", 1_000, &[step("e3", "s2", false, true)])
+    let closed = step::record_all(&mut tx, "point", 1_000, &[step("e3", "s2", false, true)])
         .await
         .unwrap();
     assert_eq!(closed[0].closed_by.as_deref(), Some("undo-s2"));
@@ -1067,6 +1068,80 @@ async fn a_batchs_forward_steps_in_one_statement_write_and_find_what_each_would(
     tx.commit().await.unwrap();
     let recorded = inbox::outcome(&db, "point", "e1").await.unwrap();
     assert_eq!(recorded, Some(("applied".to_string(), None)));
+    t.drop_db().await;
+}
+
+/// A batch's compensations recorded in the same statement (`storage::step`, PostgreSQL): each
+/// closes its saga in the ledger as `ledger::compensate` would, its record says `compensated`
+/// (a tombstone when no forward step came before it), and one that finds its saga closed by
+/// another compensation, or a forward step of a saga a compensation closed, does not apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_compensations_in_one_statement_close_the_ledger_as_each_would() {
+    use saga_runtime::storage::step::{self, Kind, Step};
+    let (t, db) = open(Backend::Postgres).await;
+    let step = |kind: Kind, id: &str, saga: &str| Step {
+        kind,
+        event_id: id.into(),
+        saga: saga.into(),
+        event_type: "OrderRejected".into(),
+        topic: "order".into(),
+        version: "0.1.0".into(),
+        handled_ms: 1_000,
+        timed: false,
+        ledger: true,
+    };
+    let scalar = |sql: &'static str| saga_runtime::storage::query_scalar::<i64>(sql);
+    let mut tx = db.begin().await.unwrap();
+    // s1 had a forward step here; s2 had none (its compensation is a tombstone).
+    ledger::forward(&mut tx, "exchange", "s1", 900)
+        .await
+        .unwrap();
+    let batch = [
+        step(Kind::Compensation, "undo-1", "s1"),
+        step(Kind::Forward, "f-3", "s3"),
+        step(Kind::Compensation, "undo-2", "s2"),
+    ];
+    let found = step::record_all(&mut tx, "exchange", 1_000, &batch)
+        .await
+        .unwrap();
+    assert!(found.iter().all(step::Stepped::applies), "{found:?}");
+    // A second compensation of s1 (another event), and a forward step of s2 after its
+    // compensation: neither applies, each names the compensation that closed the saga.
+    let late = [
+        step(Kind::Compensation, "undo-1b", "s1"),
+        step(Kind::Forward, "f-2", "s2"),
+    ];
+    let found = step::record_all(&mut tx, "exchange", 1_000, &late)
+        .await
+        .unwrap();
+    assert_eq!(found[0].closed_by.as_deref(), Some("undo-1"), "{found:?}");
+    assert_eq!(found[1].closed_by.as_deref(), Some("undo-2"), "{found:?}");
+    assert!(!found[0].applies() && !found[1].applies());
+    let closed = scalar(
+        "SELECT COUNT(*) FROM saga_ledger WHERE service = 'exchange' \
+         AND compensated_by IS NOT NULL AND compensated_ms = 1000",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(closed, 2, "s1 and s2 closed, at the step's time");
+    tx.commit().await.unwrap();
+    let recorded = |id: &'static str| inbox::outcome(&db, "exchange", id);
+    assert_eq!(
+        recorded("undo-1").await.unwrap(),
+        Some(("compensated".to_string(), None))
+    );
+    assert_eq!(
+        recorded("undo-2").await.unwrap(),
+        Some((
+            "compensated".to_string(),
+            Some(ledger::TOMBSTONE.to_string())
+        ))
+    );
+    assert_eq!(
+        recorded("f-3").await.unwrap(),
+        Some(("applied".to_string(), None))
+    );
     t.drop_db().await;
 }
 

@@ -15,6 +15,9 @@
 
 use super::{Conn, Db, Error};
 
+/// The inbox record's detail of a compensation applied as a tombstone.
+pub const TOMBSTONE: &str = "tombstone: no forward step of this saga before it";
+
 /// What the ledger says about an event about to be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {

@@ -1,19 +1,32 @@
-//! A batch's forward steps' in-commit statements in one: each saga's expiry row
-//! (`sagas::step`), the compensation ledger (`ledger::forward`) and the inbox records
-//! (`inbox::record`), as one PostgreSQL statement with data-modifying `WITH` parts — one round
-//! trip for a batch's forward steps where each step took three. SQLite, in-process, runs them
-//! one by one (it has no such statement, and a statement costs no round trip there).
+//! A batch's saga steps' in-commit statements in one: for a forward step, its saga's expiry
+//! row (`sagas::step`), the compensation ledger (`ledger::forward`) and its inbox record; for
+//! a compensation, the ledger's closing (`ledger::compensate`) and its inbox record
+//! (`inbox::record`) — as one PostgreSQL statement with data-modifying `WITH` parts: one round
+//! trip for a batch's steps where each took two or three. SQLite, in-process, runs them one by
+//! one (it has no such statement, and a statement costs no round trip there).
 //!
-//! The records are written as applied before the fences' answers are known: the caller undoes
-//! the statement (its transaction) unless every step [`Stepped::applies`]. The door check has
-//! already read the same answers, so that happens only when a firing deadline, a compensation
-//! or another instance committed in between.
+//! The records are written as applied (compensated) before the fences' answers are known: the
+//! caller undoes the statement (its transaction) unless every step [`Stepped::applies`]. The
+//! door check has already read the same answers, so that happens only when a firing deadline,
+//! a compensation or another instance committed in between.
 
 use super::{Conn, Error};
 
-/// A forward step of a saga to record as applied ([`forward_all`]).
+/// Which kind of saga step ([`Step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Recorded as `applied`; counted on the expiry row if `timed`, in the ledger if `ledger`.
+    Forward,
+    /// Recorded as `compensated`; closes the saga in the ledger, or finds it closed by an
+    /// earlier compensation (then it does not apply). With no forward step before it, its
+    /// record says it is a tombstone ([`super::ledger::TOMBSTONE`]).
+    Compensation,
+}
+
+/// A step of a saga to record ([`record_all`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Forward {
+pub struct Step {
+    pub kind: Kind,
     pub event_id: String,
     pub saga: String,
     pub event_type: String,
@@ -22,25 +35,26 @@ pub struct Forward {
     /// The version of the service that handled it.
     pub version: String,
     pub handled_ms: i64,
-    /// Counted on the saga's expiry row (the event carries a deadline).
+    /// Counted on the saga's expiry row (a forward step whose event carries a deadline).
     pub timed: bool,
-    /// Counted in the ledger (the service keeps one).
+    /// Counted in the ledger (the service keeps one; a compensation always is).
     pub ledger: bool,
 }
 
 /// What a step's statement found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stepped {
-    /// When the saga expired, if its row says so.
+    /// When the saga expired, if its row says so (forward steps that are timed).
     pub expired_ms: Option<i64>,
-    /// The compensation that closed the saga at this service, if one did.
+    /// The compensation that closed the saga at this service, if another event did.
     pub closed_by: Option<String>,
     /// Whether the inbox took the record (`false`: the event is a duplicate).
     pub recorded: bool,
 }
 
 impl Stepped {
-    /// Whether the step is applied as recorded: not expired, not closed, not a duplicate.
+    /// Whether the step is applied as recorded: not expired, not closed (by another
+    /// compensation), not a duplicate.
     pub fn applies(&self) -> bool {
         self.expired_ms.is_none() && self.closed_by.is_none() && self.recorded
     }
@@ -49,15 +63,15 @@ impl Stepped {
 /// Steps per statement, at most.
 const STEPS: usize = 64;
 
-/// Record forward steps `steps` of `service` (distinct event ids: two copies of one event in
-/// one statement would both read as recorded) at `now_ms`, each in the inbox as applied, on
-/// its saga's expiry row if `timed`, in the ledger if `ledger`; what each found, in order.
-/// PostgreSQL only.
-pub async fn forward_all(
+/// Record saga steps `steps` of `service` at `now_ms`, each as its [`Kind`] says; what each
+/// found, in order. Distinct event ids (two copies of one event in one statement would both
+/// read as recorded), and a compensation's saga in no other step (one statement cannot write
+/// a ledger row twice). PostgreSQL only.
+pub async fn record_all(
     conn: &mut Conn,
     service: &str,
     now_ms: i64,
-    steps: &[Forward],
+    steps: &[Step],
 ) -> Result<Vec<Stepped>, Error> {
     let mut found = Vec::with_capacity(steps.len());
     for chunk in steps.chunks(STEPS) {
@@ -67,13 +81,16 @@ pub async fn forward_all(
         let values: Vec<String> = (0..rows)
             .map(|i| {
                 let p: Vec<String> = (0..COLUMNS)
-                    .map(|c| format!("${}", 3 + COLUMNS * i + c))
+                    .map(|c| format!("${}", 4 + COLUMNS * i + c))
                     .collect();
                 format!("({})", p.join(", "))
             })
             .collect();
         let sql = format!("{HEAD}{}{TAIL}", values.join(", "));
-        let mut query = super::query(&sql).bind(service).bind(now_ms);
+        let mut query = super::query(&sql)
+            .bind(service)
+            .bind(now_ms)
+            .bind(super::ledger::TOMBSTONE);
         for i in 0..rows {
             let (n, step) = match chunk.get(i) {
                 Some(step) => (i as i64, step),
@@ -88,7 +105,8 @@ pub async fn forward_all(
                 .bind(step.version.as_str())
                 .bind(step.handled_ms)
                 .bind(i64::from(step.timed))
-                .bind(i64::from(step.ledger));
+                .bind(i64::from(step.ledger))
+                .bind(i64::from(step.kind == Kind::Compensation));
         }
         let mut stepped: Vec<(i64, Stepped)> = query
             .fetch_all(&mut *conn)
@@ -108,7 +126,7 @@ pub async fn forward_all(
         stepped.sort_by_key(|(n, _)| *n);
         if stepped.len() != chunk.len() {
             return Err(Error::Corrupt(format!(
-                "{} forward steps recorded, {} answers",
+                "{} saga steps recorded, {} answers",
                 chunk.len(),
                 stepped.len()
             )));
@@ -118,13 +136,13 @@ pub async fn forward_all(
     Ok(found)
 }
 
-/// Parameters per step: its number, then the record's columns and the two flags.
-const COLUMNS: usize = 9;
+/// Parameters per step: its number, then the record's columns and the three flags.
+const COLUMNS: usize = 10;
 
-/// `$1` service, `$2` now; each step's row `(n, event_id, saga, event_type, topic, version,
-/// handled_ms, timed, ledger)` follows.
+/// `$1` service, `$2` now, `$3` a tombstone's record detail; each step's row `(n, event_id,
+/// saga, event_type, topic, version, handled_ms, timed, ledger, compensation)` follows.
 const HEAD: &str = "WITH input (n, event_id, saga, event_type, topic, version, handled_ms, timed, \
-                    ledger) AS (VALUES ";
+                    ledger, compensation) AS (VALUES ";
 
 macro_rules! tail {
     () => {
@@ -135,20 +153,36 @@ macro_rules! tail {
             " FROM (SELECT saga, COUNT(*) AS steps FROM steps WHERE timed = 1 GROUP BY saga) AS c \
              WHERE sagas.saga = c.saga RETURNING sagas.saga, sagas.expired_ms), \
              closing AS (INSERT INTO saga_ledger (service, saga, forward_steps, touched_ms) \
-             SELECT $1, saga, COUNT(*), $2 FROM steps WHERE ledger = 1 GROUP BY saga \
+             SELECT $1, saga, COUNT(*), $2 FROM steps \
+             WHERE ledger = 1 AND compensation = 0 GROUP BY saga \
              ON CONFLICT (service, saga) DO UPDATE SET \
              forward_steps = saga_ledger.forward_steps + excluded.forward_steps, ",
             touch!("saga_ledger", "$2"),
             " RETURNING saga, compensated_by), \
+             undoing AS (INSERT INTO saga_ledger \
+             (service, saga, forward_steps, compensated_by, compensated_ms, touched_ms) \
+             SELECT $1, saga, 0, event_id, $2, $2 FROM steps WHERE compensation = 1 \
+             ON CONFLICT (service, saga) DO UPDATE SET \
+             compensated_by = COALESCE(saga_ledger.compensated_by, excluded.compensated_by), \
+             compensated_ms = COALESCE(saga_ledger.compensated_ms, excluded.compensated_ms), ",
+            touch!("saga_ledger", "$2"),
+            " RETURNING saga, compensated_by, forward_steps), \
              entry AS (INSERT INTO inbox (service, event_id, saga, event_type, topic, outcome, \
-             detail, version, handled_ms) SELECT $1, event_id, saga, event_type, topic, \
-             'applied', NULL, version, handled_ms FROM steps \
+             detail, version, handled_ms) SELECT $1, steps.event_id, steps.saga, event_type, \
+             topic, CASE WHEN compensation = 1 THEN 'compensated' ELSE 'applied' END, \
+             CASE WHEN undoing.forward_steps = 0 THEN CAST($3 AS TEXT) END, version, handled_ms \
+             FROM steps LEFT JOIN undoing ON steps.compensation = 1 AND undoing.saga = steps.saga \
              ON CONFLICT (service, event_id) DO NOTHING RETURNING event_id) \
-             SELECT steps.n, step.expired_ms, closing.compensated_by AS closed_by, \
+             SELECT steps.n, step.expired_ms, \
+             CASE WHEN steps.compensation = 1 \
+             THEN NULLIF(undoing.compensated_by, steps.event_id) \
+             ELSE closing.compensated_by END AS closed_by, \
              CAST(CASE WHEN entry.event_id IS NULL THEN 0 ELSE 1 END AS BIGINT) AS recorded \
              FROM steps \
              LEFT JOIN step ON steps.timed = 1 AND step.saga = steps.saga \
-             LEFT JOIN closing ON steps.ledger = 1 AND closing.saga = steps.saga \
+             LEFT JOIN closing ON steps.ledger = 1 AND steps.compensation = 0 \
+             AND closing.saga = steps.saga \
+             LEFT JOIN undoing ON steps.compensation = 1 AND undoing.saga = steps.saga \
              LEFT JOIN entry ON entry.event_id = steps.event_id"
         )
     };

@@ -326,14 +326,17 @@ impl Worker {
         let now_ms = handled.handled_ms;
         let step = match (verdict, &item.event, batched.as_deref_mut()) {
             (Verdict::Apply(_), Ok(event), Some(b)) if !item.redrive => {
-                forward_step(service, event, handled).map(|f| b.steps.push(f))
+                saga_step(service, event, handled).map(|(step, outcome)| {
+                    b.steps.push(step);
+                    outcome
+                })
             }
             _ => None,
         };
         let outcome = match step {
-            // Left to the batch's end: applied as the door found it, which `Batched::write`
-            // checks still holds.
-            Some(()) => inbox::Outcome::Applied,
+            // Left to the batch's end: applied (compensated) as the door found it, which
+            // `Batched::write` checks still holds.
+            Some(outcome) => outcome,
             None => {
                 let (outcome, detail) = match (verdict, &item.event) {
                     (Verdict::Apply(_), Ok(event)) => {
@@ -429,7 +432,7 @@ impl Worker {
             }
             ledger::Verdict::Apply { tombstone } if step == Step::Compensation => (
                 inbox::Outcome::Compensated,
-                tombstone.then(|| "tombstone: no forward step of this saga before it".to_string()),
+                tombstone.then(|| ledger::TOMBSTONE.to_string()),
             ),
             ledger::Verdict::Apply { .. } => (inbox::Outcome::Applied, None),
         })
@@ -528,18 +531,18 @@ impl Worker {
 }
 
 /// What a batch on PostgreSQL leaves to its end: its state writes, checked in memory, and its
-/// forward steps' fences and inbox records, each kind in one statement or two.
+/// saga steps' fences and inbox records, each kind in one statement or two.
 struct Batched {
     state: storage::state::Staged,
-    steps: Vec<storage::step::Forward>,
+    steps: Vec<storage::step::Step>,
 }
 
 impl Batched {
-    /// Write what the batch left to its end. `false`: a forward step that no longer applies as
-    /// the door found it (its saga expired or closed since, or the inbox has it: the same
-    /// event twice in the batch, or another instance), a key created by another transaction,
-    /// or an error: only the statement-by-statement path records those, so the attempt is
-    /// undone.
+    /// Write what the batch left to its end. `false`: a step that no longer applies as the
+    /// door found it (its saga expired or closed since, or the inbox has it: the same event
+    /// twice in the batch, or another instance), a compensation whose saga has another step in
+    /// the batch (their order matters), a key created by another transaction, or an error:
+    /// only the statement-by-statement path records those, so the attempt is undone.
     async fn write(self, tx: &mut storage::Tx, service: &str) -> bool {
         let mut ids: Vec<&str> = self.steps.iter().map(|s| s.event_id.as_str()).collect();
         ids.sort_unstable();
@@ -547,8 +550,18 @@ impl Batched {
         if ids.len() != self.steps.len() {
             return false;
         }
+        let compensated: HashSet<&str> = self
+            .steps
+            .iter()
+            .filter(|s| s.kind == storage::step::Kind::Compensation)
+            .map(|s| s.saga.as_str())
+            .collect();
+        let sharing = |s: &&storage::step::Step| compensated.contains(s.saga.as_str());
+        if self.steps.iter().filter(sharing).count() != compensated.len() {
+            return false;
+        }
         if !self.steps.is_empty() {
-            match storage::step::forward_all(tx, service, self.state.now_ms(), &self.steps).await {
+            match storage::step::record_all(tx, service, self.state.now_ms(), &self.steps).await {
                 Ok(stepped) if stepped.iter().all(storage::step::Stepped::applies) => {}
                 _ => return false,
             }
@@ -557,26 +570,38 @@ impl Batched {
     }
 }
 
-/// A forward step of a saga, to record with the batch's others (`storage::step`); `None`
-/// for any other event, recorded statement by statement (`fence`, then the record).
-fn forward_step(
+/// A forward step or a compensation of a saga, to record with the batch's others
+/// (`storage::step`), with the outcome it is recorded with; `None` for any other event (and
+/// for a compensation at a service without a ledger), recorded statement by statement
+/// (`fence`, then the record).
+fn saga_step(
     service: &Service,
     event: &Event,
     handled: &inbox::Entry<'_>,
-) -> Option<storage::step::Forward> {
-    if handled.saga.is_empty() || service.step(&event.topic, &event.type_) != Step::Forward {
+) -> Option<(storage::step::Step, inbox::Outcome)> {
+    use storage::step::Kind;
+    if handled.saga.is_empty() {
         return None;
     }
-    Some(storage::step::Forward {
+    let (kind, outcome) = match service.step(&event.topic, &event.type_) {
+        Step::Forward => (Kind::Forward, inbox::Outcome::Applied),
+        Step::Compensation if service.keeps_ledger() => {
+            (Kind::Compensation, inbox::Outcome::Compensated)
+        }
+        _ => return None,
+    };
+    let step = storage::step::Step {
+        kind,
         event_id: handled.event_id.to_string(),
         saga: handled.saga.to_string(),
         event_type: handled.event_type.to_string(),
         topic: handled.topic.to_string(),
         version: handled.version.to_string(),
         handled_ms: handled.handled_ms,
-        timed: event.deadline_ms.is_some(),
+        timed: kind == Kind::Forward && event.deadline_ms.is_some(),
         ledger: service.keeps_ledger(),
-    })
+    };
+    Some((step, outcome))
 }
 
 /// How the handler-duration metric labels an inbox outcome (`None`: a duplicate).
