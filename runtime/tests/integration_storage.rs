@@ -1145,6 +1145,37 @@ async fn a_batchs_compensations_in_one_statement_close_the_ledger_as_each_would(
     t.drop_db().await;
 }
 
+/// A PostgreSQL connection keeps more prepared statements than sqlx's default of 100
+/// (`storage::STATEMENT_CACHE`): the runtime's statement shapes outnumber it, and each one
+/// evicted is prepared again (a round trip and a plan) the next time it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_connection_keeps_every_statement_shape_prepared() {
+    let (t, db) = open(Backend::Postgres).await;
+    let mut tx = db.begin().await.unwrap();
+    let shapes = 300;
+    for k in 0..shapes {
+        let sql = format!("SELECT CAST($1 AS BIGINT) + {k} AS n");
+        let n = saga_runtime::storage::query_scalar::<i64>(&sql)
+            .bind(1_i64)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 1 + k);
+    }
+    let prepared = saga_runtime::storage::query_scalar::<i64>(
+        "SELECT COUNT(*) FROM pg_prepared_statements WHERE statement LIKE 'SELECT CAST($1%'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(
+        prepared, shapes,
+        "every shape still prepared on the connection"
+    );
+    tx.rollback().await.unwrap();
+    t.drop_db().await;
+}
+
 /// An in-memory SQLite database is refused at connect, naming why: each connection of the
 /// runtime's pool would open an empty database of its own (it used to connect, and then fail
 /// on the first statement of a second connection with "no such table").
