@@ -181,6 +181,12 @@ const COUNTERS: &[CounterRow] = &[
         |s| &s.recommits,
     ),
     (
+        "saga_state_reads_ahead_total",
+        &[],
+        "Handlers' state reads answered from the keys the door check read ahead with its statement",
+        |s| &s.reads_ahead,
+    ),
+    (
         "saga_outbox_parked_total",
         &[],
         "Outbox rows the broker refused for good, parked",

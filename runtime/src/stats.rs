@@ -20,6 +20,8 @@ pub struct Stats {
     /// Batches committed a second time, with a savepoint per event, because the first
     /// attempt (without) met a conflict, a late duplicate or a refusal.
     pub recommits: AtomicU64,
+    /// Handlers' state reads answered from what the door check read ahead (PostgreSQL).
+    pub reads_ahead: AtomicU64,
     /// Failed handler attempts (errors, traps, time and memory limits).
     pub failures: AtomicU64,
     /// Handler calls that failed on the host's side (a state read the database refused, no

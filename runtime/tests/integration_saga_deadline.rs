@@ -163,3 +163,50 @@ on_both_backends!(
     a_malformed_command_is_refused_with_the_reason,
     the_relay_is_woken_by_commits_not_by_polling,
 );
+
+/// PostgreSQL: once a handler read keys named after its event's saga (`exchange/<id>`,
+/// `tx/<id>`, `order/<id>`), the next events of its type have those keys read ahead by the
+/// door check's statement, and their calls read them from its answer (`worker::ahead`) — the
+/// same values a read would have found: approvals, compensations and points come out as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_named_after_the_saga_are_read_ahead_with_the_door_check() {
+    let rt = TestRuntime::start(Backend::Postgres, SERVICES).await;
+    rt.post("/points", json!({"userId": "carol", "point": 10000}))
+        .await;
+    // Placed one after another: each saga's handlers ran before the next one's.
+    for amount in [500, 500, 50000, 500, 500] {
+        let (status, order) = rt
+            .post(
+                "/orders",
+                json!({"holderId": "carol", "currencyId": 1, "amount": amount}),
+            )
+            .await;
+        assert_eq!(status, 201, "{order}");
+        let order = settled_order(&rt, order["id"].as_str().unwrap()).await;
+        let expected = if amount == 50000 {
+            "REJECTED"
+        } else {
+            "APPROVED"
+        };
+        assert_eq!(order["status"], expected, "{order}");
+    }
+    assert_eq!(rt.get("/points/carol").await["point"], 8000);
+    eventually(
+        "the rejected order's exchange to be compensated",
+        || async {
+            let exchanges = rt.get("/exchanges").await;
+            match exchanges.as_array().map(Vec::len) {
+                Some(4) => Ok(()),
+                _ => Err(exchanges.to_string()),
+            }
+        },
+    )
+    .await;
+    let stats = rt.get("/_saga/stats").await;
+    let ahead = stats["reads_ahead"].as_u64().unwrap_or(0);
+    assert!(
+        ahead >= 4,
+        "reads answered from the door's read-ahead: {stats}"
+    );
+    rt.stop().await;
+}

@@ -1,13 +1,16 @@
 //! The door check's reads of one batch, in one statement (on PostgreSQL each is a round trip):
 //! which events the service handled before (`inbox`), which
 //! sagas it closed by a compensation (`saga_ledger`), which have a step held (`held_steps`),
-//! and what the sagas' expiry is (`sagas`, `deadlines`). A part whose list is empty is left
-//! out. The authoritative checks are the writes in the commit (`inbox::record`,
+//! and what the sagas' expiry is (`sagas`, `deadlines`); and the state keys the batch's
+//! handlers are expected to read (`state`, the worker's read-ahead). A part whose list is
+//! empty is left out. The authoritative checks are the writes in the commit (`inbox::record`,
 //! `ledger::forward`, `sagas::step`); this lets the worker skip or refuse before a guest call.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::{keyed, Conn, Error};
+use crate::wasm::Versioned;
 
 /// What to look up for one service at `now_ms`.
 #[derive(Debug, Default)]
@@ -22,6 +25,8 @@ pub struct Ask<'a> {
     pub held: &'a [&'a str],
     /// Sagas of forward events that carry a deadline: their expiry.
     pub timed: &'a [&'a str],
+    /// State keys of the service to read ahead (distinct).
+    pub state: &'a [&'a str],
 }
 
 /// The answers, per part.
@@ -38,9 +43,13 @@ pub struct Found {
     /// are cancelled or moved later. A saga without a row (no deadline was ever set for it
     /// here) is absent: the caller falls back to the deadline its event carries.
     pub expiry: HashMap<String, Option<i64>>,
+    /// The state keys read ahead, as a state read finds them (a key never written: no value,
+    /// version 0).
+    pub state: Arc<HashMap<String, Versioned>>,
 }
 
-/// One statement: the parts of `ask` with a non-empty list, as `(kind, key, text, num)` rows.
+/// One statement: the parts of `ask` with a non-empty list, as `(kind, key, text, num, bytes)`
+/// rows.
 pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
     let mut found = Found::default();
     let mut parts: Vec<String> = Vec::new();
@@ -58,7 +67,7 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         );
         parts.push(format!(
             "SELECT 'seen' AS kind, found.event_id AS key, found.outcome AS text, \
-             CAST(NULL AS BIGINT) AS num FROM {found}"
+             CAST(NULL AS BIGINT) AS num, CAST(NULL AS BYTEA) AS bytes FROM {found}"
         ));
     }
     if !ask.ledger.is_empty() {
@@ -68,8 +77,8 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         let filter = "AND compensated_by IS NOT NULL";
         let found = keyed(dialect, table, (&service, "saga"), sagas, filter);
         parts.push(format!(
-            "SELECT 'closed', found.saga, found.compensated_by, CAST(NULL AS BIGINT) \
-             FROM {found}"
+            "SELECT 'closed', found.saga, found.compensated_by, CAST(NULL AS BIGINT), \
+             CAST(NULL AS BYTEA) FROM {found}"
         ));
     }
     if !ask.held.is_empty() {
@@ -80,19 +89,31 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         let filter = format!("AND until_ms > {now}");
         let found = keyed(dialect, table, (&service, "saga"), sagas, &filter);
         parts.push(format!(
-            "SELECT 'held', found.saga, CAST(NULL AS TEXT), found.until_ms FROM {found}"
+            "SELECT 'held', found.saga, CAST(NULL AS TEXT), found.until_ms, \
+             CAST(NULL AS BYTEA) FROM {found}"
         ));
     }
     if !ask.timed.is_empty() {
         let sagas = binds.list(ask.timed);
         let now = binds.one(Bind::Int(ask.now_ms));
         parts.push(format!(
-            "SELECT 'expired', saga, CAST(NULL AS TEXT), expired_ms FROM sagas \
-             WHERE saga IN ({sagas})"
+            "SELECT 'expired', saga, CAST(NULL AS TEXT), expired_ms, CAST(NULL AS BYTEA) \
+             FROM sagas WHERE saga IN ({sagas})"
         ));
         parts.push(format!(
-            "SELECT 'due', saga, CAST(NULL AS TEXT), MIN(due_ms) FROM deadlines \
-             WHERE status = 'PENDING' AND due_ms <= {now} AND saga IN ({sagas}) GROUP BY saga"
+            "SELECT 'due', saga, CAST(NULL AS TEXT), MIN(due_ms), CAST(NULL AS BYTEA) \
+             FROM deadlines WHERE status = 'PENDING' AND due_ms <= {now} AND saga IN ({sagas}) \
+             GROUP BY saga"
+        ));
+    }
+    if !ask.state.is_empty() {
+        let service = binds.one(Bind::Text(ask.service));
+        let keys = binds.each(ask.state);
+        let table = ("state", "key, value, version");
+        let found = keyed(dialect, table, (&service, "key"), keys, "");
+        parts.push(format!(
+            "SELECT 'state', found.key, CAST(NULL AS TEXT), found.version, found.value \
+             FROM {found}"
         ));
     }
     if parts.is_empty() {
@@ -106,12 +127,28 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
             Bind::Int(n) => query.bind(n),
         };
     }
+    let mut state: HashMap<String, Versioned> = ask
+        .state
+        .iter()
+        .map(|k| {
+            let never = Versioned {
+                value: None,
+                version: 0,
+            };
+            (k.to_string(), never)
+        })
+        .collect();
     for row in query.fetch_all(&mut *conn).await? {
         let kind: String = row.try_get(0)?;
         let key: String = row.try_get(1)?;
         let text: Option<String> = row.try_get(2)?;
         let num: Option<i64> = row.try_get(3)?;
         match kind.as_str() {
+            "state" => {
+                let value: Option<Vec<u8>> = row.try_get(4)?;
+                let version = num.unwrap_or(0);
+                state.insert(key, Versioned { value, version });
+            }
             "seen" => {
                 found.seen.insert(key, text.unwrap_or_default());
             }
@@ -131,6 +168,7 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
             }
         }
     }
+    found.state = Arc::new(state);
     Ok(found)
 }
 

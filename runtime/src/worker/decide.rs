@@ -53,14 +53,14 @@ impl Worker {
                         calls.push(i);
                         continue;
                     } else {
-                        let called = self.decide_call(service, item);
+                        let called = self.decide_call(service, item, door);
                         called.instrument(item.span.clone()).await?
                     };
                     held = verdict.waits();
                     out.push((i, verdict));
                 }
                 let called = futures::stream::iter(calls.into_iter().map(|i| {
-                    let called = self.decide_call(service, &items[i]);
+                    let called = self.decide_call(service, &items[i], door);
                     async move { (i, called.instrument(items[i].span.clone()).await) }
                 }))
                 .buffer_unordered(CHAIN_CALLS)
@@ -146,7 +146,12 @@ impl Worker {
 
     /// The handler's call for an event the door let through, under the subscription's
     /// failure policy. `None` if stopping interrupted the retries.
-    async fn decide_call(&self, service: &Arc<Service>, item: &Item<'_>) -> Option<Verdict> {
+    async fn decide_call(
+        &self,
+        service: &Arc<Service>,
+        item: &Item<'_>,
+        door: &Door,
+    ) -> Option<Verdict> {
         let Ok(event) = &item.event else {
             unreachable!("the door decides a malformed event");
         };
@@ -157,10 +162,16 @@ impl Worker {
             saga: item.saga(),
             new_id: &item.new_id,
         };
+        // The door's read-ahead serves the first run only: a run again after a failure or a
+        // host fault reads what is committed by then.
+        let mut ahead = Some(door);
         loop {
             let started = std::time::Instant::now();
-            let failure = match self.call(service, item, event, attempt).await {
+            let failure = match self.call(service, item, event, attempt, ahead.take()).await {
                 Ok(called) => {
+                    let read = called.reads.0.keys().map(String::as_str);
+                    self.ahead
+                        .learn(&event.topic, &event.type_, &event.subject, read);
                     let limits = &self.ctx.config.limits;
                     match effects::validate(limits, service, scope, &called.output) {
                         Ok(()) => return Some(Verdict::Apply(called)),
@@ -217,6 +228,7 @@ impl Worker {
         item: &Item<'_>,
         event: &Event,
         attempt: u32,
+        door: Option<&Door>,
     ) -> Result<Called<Effects>, Failure> {
         let ctx = bindings::Context {
             now_ms: self.ctx.clock.now_ms(),
@@ -232,14 +244,21 @@ impl Worker {
         let span =
             crate::telemetry::guest_span(&item.span, service.name(), service.version(), attempt);
         let host = &self.ctx;
+        // Keys read ahead at the door come from its answer (`ahead`).
+        let reader: Arc<dyn StateReader> = match door.filter(|d| !d.state.is_empty()) {
+            None => host.reader.clone(),
+            Some(door) => Arc::new(super::ahead::Ahead {
+                service: service.name().to_string(),
+                read: door.state.clone(),
+                inner: host.reader.clone(),
+                stats: host.stats.clone(),
+            }),
+        };
         let called = async {
             if !host.recordings.enabled() {
-                return service
-                    .guest
-                    .on_event(&slot, host.reader.clone(), &ctx, event)
-                    .await;
+                return service.guest.on_event(&slot, reader, &ctx, event).await;
             }
-            let recorder = Arc::new(Recorder::new(host.reader.clone()));
+            let recorder = Arc::new(Recorder::new(reader));
             let called = service
                 .guest
                 .on_event(&slot, recorder.clone(), &ctx, event)

@@ -15,6 +15,7 @@
 //!   bounded); a blocking one retries until it succeeds and holds only its partition meanwhile
 //!   ([`holds`]).
 
+mod ahead;
 mod commit;
 mod decide;
 mod holds;
@@ -166,6 +167,8 @@ pub struct Worker {
     /// Cancelled when this service stops on this instance (undeploy, a new version that
     /// consumes other topics, or the instance's shutdown).
     stop: CancellationToken,
+    /// The keys its handlers read, learned to be read ahead at the door (PostgreSQL).
+    ahead: ahead::ReadAhead,
 }
 
 impl Worker {
@@ -174,6 +177,7 @@ impl Worker {
             ctx,
             service: service.to_string(),
             stop,
+            ahead: ahead::ReadAhead::default(),
         }
     }
 
@@ -454,6 +458,16 @@ impl Worker {
             .collect();
         compensated.sort_unstable();
         compensated.dedup();
+        // The keys the handlers read last time for events of these types and subjects.
+        let mut ahead: Vec<String> = Vec::new();
+        if self.ctx.db.dialect() == storage::Dialect::Postgres {
+            for event in items.iter().filter_map(|i| i.event.as_ref().ok()) {
+                ahead.extend(self.ahead.keys(&event.topic, &event.type_, &event.subject));
+            }
+            ahead.sort_unstable();
+            ahead.dedup();
+        }
+        let ahead: Vec<&str> = ahead.iter().map(String::as_str).collect();
         let ask = storage::door::Ask {
             service: &self.service,
             now_ms: self.ctx.clock.now_ms(),
@@ -461,6 +475,7 @@ impl Worker {
             ledger: &sagas,
             held: &compensated,
             timed: &timed,
+            state: &ahead,
         };
         let mut conn = self.ctx.db.pool().acquire().await?;
         storage::door::read(&mut conn, &ask).await
