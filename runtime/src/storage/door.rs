@@ -130,13 +130,7 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
     let mut state: HashMap<String, Versioned> = ask
         .state
         .iter()
-        .map(|k| {
-            let never = Versioned {
-                value: None,
-                version: 0,
-            };
-            (k.to_string(), never)
-        })
+        .map(|k| (k.to_string(), Versioned::never_written()))
         .collect();
     for row in query.fetch_all(&mut *conn).await? {
         let kind: String = row.try_get(0)?;

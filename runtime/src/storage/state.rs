@@ -20,10 +20,7 @@ pub async fn get(db: &Db, service: &str, key: &str) -> Result<Versioned, Error> 
             value: row.try_get("value")?,
             version: row.try_get("version")?,
         },
-        None => Versioned {
-            value: None,
-            version: 0,
-        },
+        None => Versioned::never_written(),
     })
 }
 
@@ -536,10 +533,7 @@ async fn answer(db: &Db, asks: Vec<Ask>) {
             Ok(rows) => Ok(rows
                 .get(&(ask.service.clone(), ask.key.clone()))
                 .cloned()
-                .unwrap_or(Versioned {
-                    value: None,
-                    version: 0,
-                })),
+                .unwrap_or_else(Versioned::never_written)),
             Err(e) => Err(e.clone()),
         })
         .collect();

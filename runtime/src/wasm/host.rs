@@ -20,6 +20,16 @@ pub struct Versioned {
     pub version: i64,
 }
 
+impl Versioned {
+    /// What a read finds for a key never written: no value, version 0.
+    pub fn never_written() -> Self {
+        Versioned {
+            value: None,
+            version: 0,
+        }
+    }
+}
+
 /// The seam between guests and storage: reads of one service's committed state. Served on the
 /// calling task: a guest waiting for a read yields its thread to other tasks.
 #[async_trait::async_trait]
@@ -65,10 +75,7 @@ pub(super) struct EmptyState;
 #[async_trait::async_trait]
 impl StateReader for EmptyState {
     async fn get(&self, _: &str, _: &str) -> Result<Versioned, String> {
-        Ok(Versioned {
-            value: None,
-            version: 0,
-        })
+        Ok(Versioned::never_written())
     }
     async fn scan(
         &self,

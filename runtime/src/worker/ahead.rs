@@ -32,11 +32,16 @@ const MIN_SUBJECT: usize = 8;
 /// A key a handler read, as the text before and after its event's subject.
 type Template = (String, String);
 
-/// What one service's handlers read, per event topic and type: templates around the event's
-/// subject.
+/// What one service's handlers read, per event topic, then type: templates around the event's
+/// subject. Looked up by `&str` (no allocation per event).
 #[derive(Default)]
 pub(super) struct ReadAhead {
-    learned: Mutex<HashMap<(String, String), Vec<Template>>>,
+    learned: Mutex<HashMap<String, HashMap<String, Vec<Template>>>>,
+}
+
+/// Whether `key` is `template` around some subject.
+fn fits((prefix, suffix): &Template, key: &str) -> bool {
+    key.len() > prefix.len() + suffix.len() && key.starts_with(prefix) && key.ends_with(suffix)
 }
 
 impl ReadAhead {
@@ -46,7 +51,7 @@ impl ReadAhead {
             return Vec::new();
         }
         let learned = self.learned.lock().expect("read-ahead lock");
-        let Some(templates) = learned.get(&(topic.to_string(), event_type.to_string())) else {
+        let Some(templates) = learned.get(topic).and_then(|types| types.get(event_type)) else {
             return Vec::new();
         };
         templates
@@ -55,7 +60,8 @@ impl ReadAhead {
             .collect()
     }
 
-    /// A handler of `(topic, type)` for an event of `subject` read `keys`.
+    /// A handler of `(topic, type)` for an event of `subject` read `keys`. Once a type's
+    /// templates are known this only looks: nothing is allocated.
     pub(super) fn learn<'k>(
         &self,
         topic: &str,
@@ -66,23 +72,29 @@ impl ReadAhead {
         if subject.len() < MIN_SUBJECT {
             return;
         }
-        let found: Vec<Template> = keys
+        let mut learned = self.learned.lock().expect("read-ahead lock");
+        let known = learned.get(topic).and_then(|types| types.get(event_type));
+        let new: Vec<Template> = keys
             .into_iter()
+            .filter(|key| known.is_none_or(|t| !t.iter().any(|t| fits(t, key))))
             .filter_map(|key| {
                 let at = key.find(subject)?;
                 Some((key[..at].to_string(), key[at + subject.len()..].to_string()))
             })
             .collect();
-        if found.is_empty() {
+        if new.is_empty() {
             return;
         }
-        let mut learned = self.learned.lock().expect("read-ahead lock");
-        let id = (topic.to_string(), event_type.to_string());
-        if !learned.contains_key(&id) && learned.len() >= TYPES {
+        let types: usize = learned.values().map(HashMap::len).sum();
+        if known.is_none() && types >= TYPES {
             return;
         }
-        let templates = learned.entry(id).or_default();
-        for template in found {
+        let templates = learned
+            .entry(topic.to_string())
+            .or_default()
+            .entry(event_type.to_string())
+            .or_default();
+        for template in new {
             if !templates.contains(&template) && templates.len() < TEMPLATES {
                 templates.push(template);
             }

@@ -169,9 +169,10 @@ impl Worker {
             let started = std::time::Instant::now();
             let failure = match self.call(service, item, event, attempt, ahead.take()).await {
                 Ok(called) => {
-                    let read = called.reads.0.keys().map(String::as_str);
-                    self.ahead
-                        .learn(&event.topic, &event.type_, &event.subject, read);
+                    if let Some(learned) = &self.ahead {
+                        let read = called.reads.0.keys().map(String::as_str);
+                        learned.learn(&event.topic, &event.type_, &event.subject, read);
+                    }
                     let limits = &self.ctx.config.limits;
                     match effects::validate(limits, service, scope, &called.output) {
                         Ok(()) => return Some(Verdict::Apply(called)),

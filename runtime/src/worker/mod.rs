@@ -167,17 +167,19 @@ pub struct Worker {
     /// Cancelled when this service stops on this instance (undeploy, a new version that
     /// consumes other topics, or the instance's shutdown).
     stop: CancellationToken,
-    /// The keys its handlers read, learned to be read ahead at the door (PostgreSQL).
-    ahead: ahead::ReadAhead,
+    /// The keys its handlers read, learned to be read ahead at the door; PostgreSQL only (on
+    /// SQLite a read is no round trip).
+    ahead: Option<ahead::ReadAhead>,
 }
 
 impl Worker {
     pub fn new(ctx: Arc<Context>, service: &str, stop: CancellationToken) -> Self {
+        let reads_ahead = ctx.db.dialect() == storage::Dialect::Postgres;
         Worker {
             ctx,
             service: service.to_string(),
             stop,
-            ahead: ahead::ReadAhead::default(),
+            ahead: reads_ahead.then(Default::default),
         }
     }
 
@@ -460,9 +462,9 @@ impl Worker {
         compensated.dedup();
         // The keys the handlers read last time for events of these types and subjects.
         let mut ahead: Vec<String> = Vec::new();
-        if self.ctx.db.dialect() == storage::Dialect::Postgres {
+        if let Some(learned) = &self.ahead {
             for event in items.iter().filter_map(|i| i.event.as_ref().ok()) {
-                ahead.extend(self.ahead.keys(&event.topic, &event.type_, &event.subject));
+                ahead.extend(learned.keys(&event.topic, &event.type_, &event.subject));
             }
             ahead.sort_unstable();
             ahead.dedup();
