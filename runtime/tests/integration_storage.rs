@@ -1332,6 +1332,123 @@ async fn a_batch_checks_reads_in_memory_and_writes_state_at_its_end() {
     t.drop_db().await;
 }
 
+/// A batch's end on PostgreSQL in one statement (`storage::joint`): its saga steps, staged
+/// state, deadlines, outbox rows and consumer positions write what their statements one by one
+/// write, the cancelled deadlines' sagas' opening times come back with it, and a step that no
+/// longer applies comes back as unexpected, for the caller to roll back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_end_in_one_statement_writes_what_its_statements_would() {
+    use saga_runtime::storage::deadlines::{self, Op};
+    use saga_runtime::storage::joint::Joint;
+    use saga_runtime::storage::offsets;
+    use saga_runtime::storage::step::{self, Kind, Step};
+    let (t, db) = open(Backend::Postgres).await;
+    write(&db, &[], &[put("k1", "a")]).await.unwrap();
+    let mut tx = db.begin().await.unwrap();
+    sagas::open(&mut tx, "s1", 500).await.unwrap();
+    deadlines::set(&mut tx, &deadline("s9", "order", 9_000), 300)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let forward = |id: &str| Step {
+        kind: Kind::Forward,
+        event_id: id.into(),
+        saga: "s1".into(),
+        event_type: "ExchangeSucceeded".into(),
+        topic: "exchange".into(),
+        version: "0.1.0".into(),
+        handled_ms: 1_000,
+        timed: true,
+        ledger: true,
+    };
+    let message = |id: &str| outbox::Message {
+        event_id: id.into(),
+        topic: "order".into(),
+        key: "s1".into(),
+        headers: vec![("ce_type".into(), "PointUsed".into())],
+        payload: b"{}".to_vec(),
+    };
+    let ops = [
+        Op::Cancel {
+            service: "order".into(),
+            saga: "s9".into(),
+            name: "order".into(),
+        },
+        Op::Set(deadline("s5", "order", 20_000)),
+    ];
+    let mut tx = db.begin().await.unwrap();
+    let locked = state::lock(&mut tx, "svc", &["k1", "new"]).await.unwrap();
+    let mut staged = state::Staged::new("svc", locked, 1_000);
+    let reads = read_set([("k1".to_string(), 1), ("new".to_string(), 0)]);
+    staged.check(&reads).unwrap();
+    staged.stage(&reads, &[put("k1", "a2"), put("new", "n")]);
+    let mut joint = Joint::new();
+    assert!(step::join(&mut joint, "point", 1_000, &[forward("e1")]));
+    assert!(staged.join(&mut joint));
+    // Three rows and three positions: padded to four in the statement.
+    let emitted = ["out-1", "out-2", "out-3"].map(|id| (message(id), 1_000));
+    assert!(outbox::join_all(&mut joint, &emitted));
+    let positions = [("exchange", 0, 42), ("exchange", 1, 7), ("order", 0, 3)];
+    assert!(offsets::join(&mut joint, "point", &positions));
+    // A deadline set for a saga another part's step moves is left to its own statement.
+    let mut other = Joint::new();
+    assert!(deadlines::join_all(&mut other, &ops, 1_000, |saga| saga == "s5").is_none());
+    let cancelled = deadlines::join_all(&mut joint, &ops, 1_000, |saga| saga == "s1").unwrap();
+    let answers = joint.run(&mut tx).await.unwrap().unwrap();
+    assert_eq!(answers.get(cancelled), [Some(300)], "s9 was opened at 300");
+    tx.commit().await.unwrap();
+
+    let got = |key: &'static str| {
+        let db = db.clone();
+        async move {
+            let v = state::get(&db, "svc", key).await.unwrap();
+            (v.value.map(|v| String::from_utf8(v).unwrap()), v.version)
+        }
+    };
+    assert_eq!(got("k1").await, (Some("a2".into()), 2));
+    assert_eq!(got("new").await, (Some("n".into()), 1));
+    let scalar = |sql: &'static str| saga_runtime::storage::query_scalar::<i64>(sql);
+    let steps = scalar("SELECT steps FROM sagas WHERE saga = 's1'");
+    assert_eq!(steps.fetch_one(db.pool()).await.unwrap(), 1);
+    let forward_steps = scalar("SELECT forward_steps FROM saga_ledger WHERE saga = 's1'");
+    assert_eq!(forward_steps.fetch_one(db.pool()).await.unwrap(), 1);
+    assert_eq!(
+        inbox::outcome(&db, "point", "e1").await.unwrap(),
+        Some(("applied".to_string(), None))
+    );
+    let status = |saga: &'static str| {
+        let db = db.clone();
+        async move {
+            let all = deadlines::for_saga(&db, saga).await.unwrap();
+            all.iter().map(|d| d.status.clone()).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(status("s9").await, ["CANCELLED"]);
+    assert_eq!(status("s5").await, ["PENDING"]);
+    let opened = scalar("SELECT opened_ms FROM sagas WHERE saga = 's5'");
+    assert_eq!(opened.fetch_one(db.pool()).await.unwrap(), 1_000);
+    let rows = outbox::fetch(&db, 0, 1, 10).await.unwrap();
+    let stored: Vec<_> = rows.into_iter().map(|r| r.message).collect();
+    assert_eq!(stored, emitted.map(|(m, _)| m), "each row once, in order");
+    let stored = offsets::load(&db, "point").await.unwrap();
+    assert_eq!(stored.len(), 3, "{stored:?}");
+    for (topic, partition, next) in positions {
+        assert_eq!(stored[&(topic.to_string(), partition)], next);
+    }
+
+    // The same step again (a duplicate) beside another outbox row: unexpected, and rolled
+    // back, nothing of it stays.
+    let mut tx = db.begin().await.unwrap();
+    let mut joint = Joint::new();
+    assert!(step::join(&mut joint, "point", 1_000, &[forward("e1")]));
+    assert!(outbox::join_all(&mut joint, &[(message("out-4"), 1_000)]));
+    let unexpected = joint.run(&mut tx).await.unwrap();
+    assert!(unexpected.is_err(), "a duplicate step must not pass");
+    tx.rollback().await.unwrap();
+    assert_eq!(outbox::fetch(&db, 0, 1, 10).await.unwrap().len(), 3);
+    t.drop_db().await;
+}
+
 /// Rows of `table` this transaction has read so far, by any scan (PostgreSQL's own counters
 /// of the transaction, `pg_stat_xact_user_tables`).
 async fn rows_read(tx: &mut saga_runtime::storage::Tx, table: &str) -> i64 {

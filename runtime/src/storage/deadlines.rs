@@ -1,7 +1,20 @@
 //! Deadlines set and cancelled by handlers, stored in the same transaction as their other
 //! effects.
 
+use super::joint::{Answer, Joint};
+use super::sql::Query;
 use super::{Conn, Error};
+
+/// The rest of [`cancel_sql`] after its rows `v(service, saga, name)`.
+macro_rules! cancel_lookup {
+    () => {
+        "LATERAL (SELECT ctid AS at FROM deadlines \
+         WHERE service = v.service AND saga = v.saga AND name = v.name \
+         AND status = 'PENDING' OFFSET 0) AS found) AS v \
+         WHERE deadlines.ctid = v.at AND deadlines.status = 'PENDING' \
+         RETURNING (SELECT opened_ms FROM sagas WHERE sagas.saga = deadlines.saga) AS opened_ms"
+    };
+}
 
 /// The deadline's row, `$1`–`$6`.
 macro_rules! deadline_row {
@@ -89,42 +102,87 @@ pub async fn set_all(conn: &mut Conn, all: &[Set], now_ms: i64) -> Result<(), Er
     }
     let rows: Vec<&Set> = order.into_iter().map(|k| last[&k]).collect();
     for chunk in rows.chunks(SET_ROWS) {
-        // Padded to a power of two with copies of the last (`DISTINCT` drops them): a few
-        // statement shapes serve every count and stay prepared.
-        let n = chunk.len().next_power_of_two();
-        let values: Vec<String> = (0..n)
-            .map(|i| {
-                let p: Vec<String> = (0..6).map(|c| format!("${}", 2 + 6 * i + c)).collect();
-                format!("({})", p.join(", "))
-            })
-            .collect();
-        let sql = format!(
-            concat!(
-                "WITH input (service, saga, name, due_ms, set_by, traceparent) AS \
-                 (SELECT DISTINCT * FROM (VALUES {}) AS v), \
-                 opened AS (INSERT INTO sagas (saga, expired_ms, steps, touched_ms, opened_ms) \
-                 SELECT DISTINCT saga, CAST(NULL AS BIGINT), 0, $1, $1 FROM input \
-                 ON CONFLICT (saga) DO UPDATE SET ",
-                touch!("sagas", "$1"),
-                ") INSERT INTO deadlines (service, saga, name, due_ms, status, set_by, \
-                 traceparent) SELECT service, saga, name, due_ms, 'PENDING', set_by, traceparent \
-                 FROM input ON CONFLICT (service, saga, name) DO UPDATE SET \
-                 due_ms = excluded.due_ms, status = 'PENDING', set_by = excluded.set_by, \
-                 traceparent = excluded.traceparent"
-            ),
-            values.join(", ")
-        );
-        let mut query = super::query(&sql).bind(now_ms);
-        for i in 0..n {
-            let d = chunk
-                .get(i)
-                .or(chunk.last())
-                .expect("a chunk is never empty");
-            query = d.bound(query);
-        }
-        query.execute(&mut *conn).await?;
+        let sql = format!("WITH {} {SET_INSERT}", set_ctes(chunk.len()));
+        set_bound(super::query(&sql), chunk, now_ms)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
+}
+
+/// The `WITH` entries of [`set_all`]'s statement for `rows` deadlines (distinct), padded to a
+/// power of two with copies of the last (`DISTINCT` drops them): a few statement shapes serve
+/// every count and stay prepared.
+fn set_ctes(rows: usize) -> String {
+    let values: Vec<String> = (0..rows.next_power_of_two())
+        .map(|i| {
+            let p: Vec<String> = (0..6).map(|c| format!("${}", 2 + 6 * i + c)).collect();
+            format!("({})", p.join(", "))
+        })
+        .collect();
+    format!(
+        "set_input (service, saga, name, due_ms, set_by, traceparent) AS \
+         (SELECT DISTINCT * FROM (VALUES {}) AS v), {SET_OPENED}",
+        values.join(", ")
+    )
+}
+
+/// Each saga of `set_input` gets its expiry row (`sagas::open`), opened at `$1` if new.
+const SET_OPENED: &str = concat!(
+    "set_opened AS (INSERT INTO sagas (saga, expired_ms, steps, touched_ms, opened_ms) \
+     SELECT DISTINCT saga, CAST(NULL AS BIGINT), 0, $1, $1 FROM set_input \
+     ON CONFLICT (saga) DO UPDATE SET ",
+    touch!("sagas", "$1"),
+    ")"
+);
+
+/// [`join_all`]'s entries for the sets: [`set_ctes`]' with the deadlines from one JSON
+/// parameter (`$2`), one statement shape for any count.
+static JOINED_SETS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "set_input AS (SELECT DISTINCT * FROM json_to_recordset(CAST($2 AS json)) AS \
+         v(service text, saga text, name text, due_ms bigint, set_by text, traceparent text)), \
+         {SET_OPENED}, deadlines_set AS ({SET_INSERT})"
+    )
+});
+
+/// [`cancel_sql`] as [`join_all`]'s entry, the deadlines from one JSON parameter.
+const JOINED_CANCELS: &str = concat!(
+    "deadlines_cancelled AS (UPDATE deadlines SET status = 'CANCELLED' FROM (SELECT found.at \
+     FROM json_to_recordset(CAST($1 AS json)) AS v(service text, saga text, name text), ",
+    cancel_lookup!(),
+    ")"
+);
+
+/// A deadline as [`join_all`] sends it, one object of a JSON parameter.
+#[derive(serde::Serialize)]
+struct JsonDeadline<'d> {
+    service: &'d str,
+    saga: &'d str,
+    name: &'d str,
+    due_ms: Option<i64>,
+    set_by: Option<&'d str>,
+    traceparent: Option<&'d str>,
+}
+
+/// [`set_all`]'s deadlines, over [`set_ctes`].
+const SET_INSERT: &str = "INSERT INTO deadlines (service, saga, name, due_ms, status, set_by, \
+     traceparent) SELECT service, saga, name, due_ms, 'PENDING', set_by, traceparent \
+     FROM set_input ON CONFLICT (service, saga, name) DO UPDATE SET \
+     due_ms = excluded.due_ms, status = 'PENDING', set_by = excluded.set_by, \
+     traceparent = excluded.traceparent";
+
+/// `query` with the parameters of [`set_ctes`] for `rows` bound.
+fn set_bound<'q>(query: super::Query<'q>, rows: &[&Set], now_ms: i64) -> super::Query<'q> {
+    let mut query = query.bind(now_ms);
+    for i in 0..rows.len().next_power_of_two() {
+        query = rows
+            .get(i)
+            .or(rows.last())
+            .expect("never empty")
+            .bound(query);
+    }
+    query
 }
 
 /// What a handler's effects do to a deadline, left to the end of its transaction
@@ -176,6 +234,81 @@ pub async fn apply_all(conn: &mut Conn, ops: &[Op], now_ms: i64) -> Result<Vec<i
         }
         return Ok(opened);
     }
+    let (sets, cancels) = collapse(ops);
+    let sets: Vec<Set> = sets.into_iter().cloned().collect();
+    set_all(conn, &sets, now_ms).await?;
+    for chunk in cancels.chunks(SET_ROWS) {
+        let sql = cancel_sql(chunk.len());
+        let rows = cancel_bound(super::query(&sql), chunk).fetch_all(&mut *conn);
+        for row in rows.await? {
+            opened.extend(row.try_get::<Option<i64>, _>("opened_ms")?);
+        }
+    }
+    Ok(opened)
+}
+
+/// Join what [`apply_all`] does on PostgreSQL to `joint` (`set_input`, `set_opened`,
+/// `deadlines_set`, `deadlines_cancelled`), with an answer that yields when each cancelled
+/// saga was opened. `None` (nothing joined): too many for one statement, a deadline both set
+/// and cancelled, or one set for a saga whose expiry row `busy` says another part of the
+/// joint writes (the parts of a joint must not write one row twice).
+pub fn join_all(
+    joint: &mut Joint,
+    ops: &[Op],
+    now_ms: i64,
+    busy: impl Fn(&str) -> bool,
+) -> Option<Answer> {
+    let (sets, cancels) = collapse(ops);
+    let crossed = || {
+        let set: std::collections::HashSet<_> = sets
+            .iter()
+            .map(|d| (&*d.service, &*d.saga, &*d.name))
+            .collect();
+        cancels.iter().any(|k| set.contains(k))
+    };
+    if sets.len() > SET_ROWS
+        || cancels.len() > SET_ROWS
+        || sets.iter().any(|d| busy(&d.saga))
+        || crossed()
+    {
+        return None;
+    }
+    if !sets.is_empty() {
+        let rows: Vec<JsonDeadline<'_>> = sets
+            .iter()
+            .map(|d| JsonDeadline {
+                service: &d.service,
+                saga: &d.saga,
+                name: &d.name,
+                due_ms: Some(d.due_ms),
+                set_by: Some(&d.set_by),
+                traceparent: d.traceparent.as_deref(),
+            })
+            .collect();
+        let query = Query::new(&JOINED_SETS).bind(now_ms);
+        joint.with(query.bind(super::joint::json(&rows)));
+    }
+    if cancels.is_empty() {
+        return Some(joint.answer("SELECT CAST(NULL AS BIGINT) WHERE FALSE"));
+    }
+    let rows: Vec<JsonDeadline<'_>> = cancels
+        .iter()
+        .map(|&(service, saga, name)| JsonDeadline {
+            service,
+            saga,
+            name,
+            due_ms: None,
+            set_by: None,
+            traceparent: None,
+        })
+        .collect();
+    joint.with(Query::new(JOINED_CANCELS).bind(super::joint::json(&rows)));
+    Some(joint.answer("SELECT opened_ms FROM deadlines_cancelled"))
+}
+
+/// What `ops` leave per deadline, in the order first named: the sets (the last of each), and
+/// the deadlines cancelled after their last set.
+fn collapse(ops: &[Op]) -> (Vec<&Set>, Vec<(&str, &str, &str)>) {
     // Per deadline: its last set, and whether a cancel came after it.
     let mut last: std::collections::HashMap<(&str, &str, &str), (Option<&Set>, bool)> =
         Default::default();
@@ -190,34 +323,35 @@ pub async fn apply_all(conn: &mut Conn, ops: &[Op], now_ms: i64) -> Result<Vec<i
             Op::Cancel { .. } => (entry.0, true),
         };
     }
-    let sets: Vec<Set> = order.iter().filter_map(|k| last[k].0.cloned()).collect();
-    set_all(conn, &sets, now_ms).await?;
-    let cancels: Vec<(&str, &str, &str)> = order.into_iter().filter(|k| last[k].1).collect();
-    for chunk in cancels.chunks(SET_ROWS) {
-        // Each row found through the primary key on its own (`super::probes`), then updated
-        // where it was found, if still pending. Padded as `set_all` is: a row met twice is
-        // updated once.
-        let n = chunk.len().next_power_of_two();
-        let values: Vec<String> = (0..n)
-            .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-            .collect();
-        let sql = format!(
+    let sets = order.iter().filter_map(|k| last[k].0).collect();
+    let cancels = order.into_iter().filter(|k| last[k].1).collect();
+    (sets, cancels)
+}
+
+/// Cancel `rows` pending deadlines, answering when each one's saga was opened (`opened_ms`).
+/// Each row found through the primary key on its own (`super::probes`), then updated where it
+/// was found, if still pending. Padded as [`set_ctes`] is: a row met twice is updated once.
+fn cancel_sql(rows: usize) -> String {
+    let values: Vec<String> = (0..rows.next_power_of_two())
+        .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+        .collect();
+    format!(
+        concat!(
             "UPDATE deadlines SET status = 'CANCELLED' FROM (SELECT found.at FROM (VALUES {}) \
-             AS v(service, saga, name), LATERAL (SELECT ctid AS at FROM deadlines \
-             WHERE service = v.service AND saga = v.saga AND name = v.name \
-             AND status = 'PENDING' OFFSET 0) AS found) AS v \
-             WHERE deadlines.ctid = v.at AND deadlines.status = 'PENDING' \
-             RETURNING (SELECT opened_ms FROM sagas WHERE sagas.saga = deadlines.saga)",
-            values.join(", ")
-        );
-        let mut query = super::query_scalar::<Option<i64>>(&sql);
-        for i in 0..n {
-            let (service, saga, name) = chunk.get(i).or(chunk.last()).expect("never empty");
-            query = query.bind(*service).bind(*saga).bind(*name);
-        }
-        opened.extend(query.fetch_all(&mut *conn).await?.into_iter().flatten());
+             AS v(service, saga, name), ",
+            cancel_lookup!()
+        ),
+        values.join(", ")
+    )
+}
+
+/// `query` with the parameters of [`cancel_sql`] for `rows` bound.
+fn cancel_bound<'q>(mut query: super::Query<'q>, rows: &[(&str, &str, &str)]) -> super::Query<'q> {
+    for i in 0..rows.len().next_power_of_two() {
+        let (service, saga, name) = rows.get(i).or(rows.last()).expect("never empty");
+        query = query.bind(*service).bind(*saga).bind(*name);
     }
-    Ok(opened)
+    query
 }
 
 /// Cancel a pending deadline: `None` if there was none pending, else when its saga was opened

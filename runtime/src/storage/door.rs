@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{keyed, Conn, Error};
+use super::{keyed, Conn, Dialect, Error, Keys};
 use crate::wasm::Versioned;
 
 /// What to look up for one service at `now_ms`.
@@ -57,7 +57,7 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
     let dialect = conn.dialect();
     if !ask.events.is_empty() {
         let service = binds.one(Bind::Text(ask.service));
-        let ids = binds.each(ask.events);
+        let ids = binds.keys(dialect, ask.events);
         let found = keyed(
             dialect,
             ("inbox", "event_id, outcome"),
@@ -72,7 +72,7 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
     }
     if !ask.ledger.is_empty() {
         let service = binds.one(Bind::Text(ask.service));
-        let sagas = binds.each(ask.ledger);
+        let sagas = binds.keys(dialect, ask.ledger);
         let table = ("saga_ledger", "saga, compensated_by");
         let filter = "AND compensated_by IS NOT NULL";
         let found = keyed(dialect, table, (&service, "saga"), sagas, filter);
@@ -84,7 +84,7 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
     if !ask.held.is_empty() {
         let service = binds.one(Bind::Text(ask.service));
         let now = binds.one(Bind::Int(ask.now_ms));
-        let sagas = binds.each(ask.held);
+        let sagas = binds.keys(dialect, ask.held);
         let table = ("held_steps", "saga, until_ms");
         let filter = format!("AND until_ms > {now}");
         let found = keyed(dialect, table, (&service, "saga"), sagas, &filter);
@@ -94,23 +94,50 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         ));
     }
     if !ask.timed.is_empty() {
-        let sagas = binds.list(ask.timed);
         let now = binds.one(Bind::Int(ask.now_ms));
+        // Each saga looked up on its own (`super::probes`) on PostgreSQL.
+        let (expired, due) = match dialect {
+            Dialect::Postgres => {
+                let probes = binds.keys(dialect, ask.timed).probes();
+                (
+                    format!(
+                        "{probes}, LATERAL (SELECT saga, expired_ms FROM sagas \
+                         WHERE saga = probe.v OFFSET 0) AS found"
+                    ),
+                    format!(
+                        "{probes}, LATERAL (SELECT saga, due_ms FROM deadlines \
+                         WHERE saga = probe.v AND status = 'PENDING' AND due_ms <= {now} \
+                         OFFSET 0) AS found"
+                    ),
+                )
+            }
+            Dialect::Sqlite => {
+                let sagas = binds.list(ask.timed);
+                (
+                    format!(
+                        "(SELECT saga, expired_ms FROM sagas WHERE saga IN ({sagas})) AS found"
+                    ),
+                    format!(
+                        "(SELECT saga, due_ms FROM deadlines WHERE status = 'PENDING' \
+                         AND due_ms <= {now} AND saga IN ({sagas})) AS found"
+                    ),
+                )
+            }
+        };
         parts.push(format!(
-            "SELECT 'expired', saga, CAST(NULL AS TEXT), expired_ms, CAST(NULL AS BYTEA) \
-             FROM sagas WHERE saga IN ({sagas})"
+            "SELECT 'expired', found.saga, CAST(NULL AS TEXT), found.expired_ms, \
+             CAST(NULL AS BYTEA) FROM {expired}"
         ));
         parts.push(format!(
-            "SELECT 'due', saga, CAST(NULL AS TEXT), MIN(due_ms), CAST(NULL AS BYTEA) \
-             FROM deadlines WHERE status = 'PENDING' AND due_ms <= {now} AND saga IN ({sagas}) \
-             GROUP BY saga"
+            "SELECT 'due', found.saga, CAST(NULL AS TEXT), MIN(found.due_ms), \
+             CAST(NULL AS BYTEA) FROM {due} GROUP BY found.saga"
         ));
     }
     if !ask.state.is_empty() {
         let service = binds.one(Bind::Text(ask.service));
-        let keys = binds.each(ask.state);
+        let state = binds.keys(dialect, ask.state);
         let table = ("state", "key, value, version");
-        let found = keyed(dialect, table, (&service, "key"), keys, "");
+        let found = keyed(dialect, table, (&service, "key"), state, "");
         parts.push(format!(
             "SELECT 'state', found.key, CAST(NULL AS TEXT), found.version, found.value \
              FROM {found}"
@@ -125,6 +152,7 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         query = match bind {
             Bind::Text(t) => query.bind(t),
             Bind::Int(n) => query.bind(n),
+            Bind::Json(j) => query.bind(j),
         };
     }
     let mut state: HashMap<String, Versioned> = ask
@@ -170,6 +198,8 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
 enum Bind<'a> {
     Text(&'a str),
     Int(i64),
+    /// A list, as a JSON array.
+    Json(String),
 }
 
 /// The values bound to the statement, in the order of their `$n`.
@@ -181,6 +211,15 @@ impl<'a> Binds<'a> {
     fn one(&mut self, value: Bind<'a>) -> String {
         self.0.push(value);
         format!("${}", self.0.len())
+    }
+
+    /// Bind `keys` as a lookup takes them: on PostgreSQL as one JSON parameter, so that the
+    /// statement has one shape per combination of parts whatever their counts.
+    fn keys(&mut self, dialect: Dialect, keys: &[&'a str]) -> Keys {
+        match dialect {
+            Dialect::Postgres => Keys::Json(self.one(Bind::Json(super::joint::json(keys)))),
+            Dialect::Sqlite => Keys::Each(self.each(keys)),
+        }
     }
 
     /// Bind each of `keys`; their placeholders, for an `IN (…)`.

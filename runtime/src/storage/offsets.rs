@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use super::joint::Joint;
 use super::{Conn, Db, Error};
 
 /// Move the positions of `service` forward (never back), each `(topic, partition, next)`,
@@ -12,26 +13,86 @@ pub async fn advance(
     service: &str,
     positions: &[(&str, i32, i64)],
 ) -> Result<(), Error> {
-    // 3 parameters per position and the service: well inside every database's limit in
-    // chunks of 1000.
-    for chunk in positions.chunks(1000) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
-            .collect();
-        let sql = format!(
-            "INSERT INTO consumer_offsets (service, topic, partition, next_offset) VALUES {} \
-             ON CONFLICT (service, topic, partition) DO UPDATE SET \
-             next_offset = CASE WHEN excluded.next_offset > consumer_offsets.next_offset \
-             THEN excluded.next_offset ELSE consumer_offsets.next_offset END",
-            values.join(", ")
-        );
-        let mut query = super::query(&sql).bind(service);
-        for (topic, partition, next) in chunk {
-            query = query.bind(*topic).bind(*partition).bind(*next);
-        }
-        query.execute(&mut *conn).await?;
+    for chunk in positions.chunks(CHUNK) {
+        let sql = advance_sql(chunk.len());
+        bound(super::query(&sql), service, chunk)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
+}
+
+/// Join what [`advance`] writes to `joint` (`positions_advanced`). `false`: too many
+/// positions for one statement (nothing joined).
+pub fn join(joint: &mut Joint, service: &str, positions: &[(&str, i32, i64)]) -> bool {
+    if positions.len() > CHUNK {
+        return false;
+    }
+    if positions.is_empty() {
+        return true;
+    }
+    // As one JSON parameter: one statement shape for any count.
+    let rows: Vec<JsonPosition<'_>> = positions
+        .iter()
+        .map(|&(topic, partition, next_offset)| JsonPosition {
+            topic,
+            partition,
+            next_offset,
+        })
+        .collect();
+    let query = super::sql::Query::new(&JOINED).bind(service);
+    joint.with(query.bind(super::joint::json(&rows)));
+    true
+}
+
+/// [`join`]'s entry: the positions from one JSON parameter (`$2`).
+static JOINED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "positions_advanced AS (INSERT INTO consumer_offsets (service, topic, partition, \
+         next_offset) SELECT $1, v.topic, v.partition, v.next_offset FROM \
+         json_to_recordset(CAST($2 AS json)) AS v(topic text, partition integer, \
+         next_offset bigint) {UPSERT})"
+    )
+});
+
+/// A position as [`join`] sends it, one object of its JSON parameter.
+#[derive(serde::Serialize)]
+struct JsonPosition<'p> {
+    topic: &'p str,
+    partition: i32,
+    next_offset: i64,
+}
+
+/// A position stored over an older one, never over a newer one.
+const UPSERT: &str = "ON CONFLICT (service, topic, partition) DO UPDATE SET \
+     next_offset = CASE WHEN excluded.next_offset > consumer_offsets.next_offset \
+     THEN excluded.next_offset ELSE consumer_offsets.next_offset END";
+
+/// Positions per statement: 3 parameters each and the service, well inside every database's
+/// limit.
+const CHUNK: usize = 1000;
+
+fn advance_sql(positions: usize) -> String {
+    let values: Vec<String> = (0..positions)
+        .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+        .collect();
+    format!(
+        "INSERT INTO consumer_offsets (service, topic, partition, next_offset) VALUES {} {UPSERT}",
+        values.join(", ")
+    )
+}
+
+/// `query` with the parameters of [`advance_sql`] bound.
+fn bound<'q>(
+    query: super::Query<'q>,
+    service: &str,
+    positions: &[(&str, i32, i64)],
+) -> super::Query<'q> {
+    let mut query = query.bind(service);
+    for (topic, partition, next) in positions {
+        query = query.bind(*topic).bind(*partition).bind(*next);
+    }
+    query
 }
 
 /// Every stored position of `service`.

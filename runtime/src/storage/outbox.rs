@@ -5,6 +5,7 @@
 
 use std::borrow::Borrow;
 
+use super::joint::Joint;
 use super::{Conn, Db, Error};
 
 /// One event to publish: Kafka topic, key and headers (the CloudEvents attributes) and body.
@@ -46,30 +47,93 @@ pub async fn insert_all<M: Borrow<Message>>(
     rows: &[(M, i64)],
 ) -> Result<(), Error> {
     for chunk in rows.chunks(INSERT_CHUNK) {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| format!("({})", super::placeholders(1 + i * 7, 7)))
-            .collect();
-        let sql = format!(
-            "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms, bucket) \
-             VALUES {}",
-            values.join(", ")
-        );
-        let mut query = super::query(&sql);
-        for (message, created_ms) in chunk {
-            let message = message.borrow();
-            let headers = serde_json::to_string(&message.headers).expect("string pairs serialise");
-            query = query
-                .bind(&message.event_id)
-                .bind(&message.topic)
-                .bind(&message.key)
-                .bind(headers)
-                .bind(&message.payload)
-                .bind(*created_ms)
-                .bind(i64::from(bucket(&message.key)));
-        }
-        query.execute(&mut *conn).await?;
+        let sql = insert_sql(chunk.len());
+        bound(super::query(&sql), chunk).execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// Join what [`insert_all`] inserts to `joint` (`outbox_inserted`), PostgreSQL: the rows as
+/// one JSON parameter, one statement shape for any count, inserted in their order (ids follow
+/// it). `false`: too many rows for one statement (nothing joined).
+pub fn join_all<M: Borrow<Message>>(joint: &mut Joint, rows: &[(M, i64)]) -> bool {
+    if rows.len() > INSERT_CHUNK {
+        return false;
+    }
+    if rows.is_empty() {
+        return true;
+    }
+    let rows: Vec<JsonRow<'_>> = rows
+        .iter()
+        .enumerate()
+        .map(|(n, (message, created_ms))| {
+            let m = message.borrow();
+            JsonRow {
+                n: n as i64,
+                event_id: &m.event_id,
+                topic: &m.topic,
+                msg_key: &m.key,
+                headers: serde_json::to_string(&m.headers).expect("string pairs serialise"),
+                payload: super::joint::hex(&m.payload),
+                created_ms: *created_ms,
+                bucket: i64::from(bucket(&m.key)),
+            }
+        })
+        .collect();
+    joint.with(super::sql::Query::new(JOINED).bind(super::joint::json(&rows)));
+    true
+}
+
+/// [`join_all`]'s entry: the rows from one JSON parameter, in order.
+const JOINED: &str = "outbox_inserted AS (INSERT INTO outbox (event_id, topic, msg_key, \
+     headers, payload, created_ms, bucket) SELECT v.event_id, v.topic, v.msg_key, v.headers, \
+     decode(v.payload, 'hex'), v.created_ms, v.bucket FROM json_to_recordset(CAST($1 AS json)) \
+     AS v(n bigint, event_id text, topic text, msg_key text, headers text, payload text, \
+     created_ms bigint, bucket integer) ORDER BY v.n)";
+
+/// A row as [`join_all`] sends it, one object of its JSON parameter (the payload in hex).
+#[derive(serde::Serialize)]
+struct JsonRow<'m> {
+    n: i64,
+    event_id: &'m str,
+    topic: &'m str,
+    msg_key: &'m str,
+    headers: String,
+    payload: String,
+    created_ms: i64,
+    bucket: i64,
+}
+
+/// Insert `rows` rows, 7 parameters each.
+fn insert_sql(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|i| format!("({})", super::placeholders(1 + i * 7, 7)))
+        .collect();
+    format!(
+        "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms, bucket) \
+         VALUES {}",
+        values.join(", ")
+    )
+}
+
+/// `query` with the parameters of [`insert_sql`] for `rows` bound.
+fn bound<'q, M: Borrow<Message>>(
+    mut query: super::Query<'q>,
+    rows: &[(M, i64)],
+) -> super::Query<'q> {
+    for (message, created_ms) in rows {
+        let message = message.borrow();
+        let headers = serde_json::to_string(&message.headers).expect("string pairs serialise");
+        query = query
+            .bind(&message.event_id)
+            .bind(&message.topic)
+            .bind(&message.key)
+            .bind(headers)
+            .bind(&message.payload)
+            .bind(*created_ms)
+            .bind(i64::from(bucket(&message.key)));
+    }
+    query
 }
 
 /// Rows per multi-row insert: 7 binds each, well under SQLite's and PostgreSQL's bind limits.

@@ -236,6 +236,17 @@ impl<'q> Query<'q> {
         self
     }
 
+    /// Bind a value as it is.
+    pub(super) fn bind_value(mut self, v: Value) -> Self {
+        self.args.push(v);
+        self
+    }
+
+    /// Its text and its parameters (`super::joint`).
+    pub(super) fn into_parts(self) -> (&'q str, Vec<Value>) {
+        (self.sql, self.args)
+    }
+
     pub async fn execute<'c>(self, on: impl Into<On<'c>>) -> Result<Done, Error> {
         let out = self.run(on.into(), Want::Done).await?;
         Ok(Done {

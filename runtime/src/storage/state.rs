@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::joint::Joint;
+use super::sql::Query;
 use super::{Conn, Db, Error};
 use crate::wasm::bindings::Write;
 use crate::wasm::{ReadSet, StateReader, Versioned};
@@ -318,9 +320,68 @@ impl Staged {
     /// Write what was staged: rows that existed updated in one statement, new rows and
     /// placeholders inserted in another.
     pub async fn flush(self, conn: &mut Conn) -> Result<(), Error> {
-        type Row<'r> = (&'r str, Option<&'r [u8]>, i64, Option<i64>);
-        let mut updates: Vec<Row<'_>> = Vec::new();
-        let mut inserts: Vec<Row<'_>> = Vec::new();
+        let (updates, inserts) = self.rows();
+        for chunk in updates.chunks(GATHER_KEYS) {
+            let sql = update_sql(padded(chunk).len());
+            bound(super::query(&sql), &self.service, chunk)
+                .execute(&mut *conn)
+                .await?;
+        }
+        for chunk in inserts.chunks(GATHER_KEYS) {
+            let sql = insert_sql(padded(chunk).len());
+            let inserted = bound(super::query(&sql), &self.service, chunk)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            if inserted != chunk.len() as u64 {
+                // Inserted by another transaction since this one locked its keys.
+                return Err(Error::Conflict {
+                    service: self.service.clone(),
+                    key: chunk[0].0.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Join what [`Staged::flush`] writes to `joint` (`state_updated`, `state_inserted`), with
+    /// the check that every new row was inserted. `false`: too many keys for one statement
+    /// (nothing joined).
+    pub fn join(&self, joint: &mut Joint) -> bool {
+        let (updates, inserts) = self.rows();
+        if updates.len() > GATHER_KEYS || inserts.len() > GATHER_KEYS {
+            return false;
+        }
+        // Each kind's rows as one JSON parameter: one statement shape for any count.
+        let json = |rows: &[StagedRow<'_>]| {
+            let rows: Vec<JsonRow<'_>> = rows
+                .iter()
+                .map(|&(key, value, version, valueless_ms)| JsonRow {
+                    key,
+                    value: value.map(super::joint::hex),
+                    version,
+                    valueless_ms,
+                })
+                .collect();
+            super::joint::json(&rows)
+        };
+        if !updates.is_empty() {
+            let query = Query::new(JOINED_UPDATE).bind(self.service.as_str());
+            joint.with(query.bind(json(&updates)));
+        }
+        if !inserts.is_empty() {
+            let query = Query::new(JOINED_INSERT).bind(self.service.as_str());
+            joint.with(query.bind(json(&inserts)));
+            joint.expect("SELECT COUNT(*) FROM state_inserted", inserts.len());
+        }
+        true
+    }
+
+    /// The staged rows: those that existed (to update) and the new ones (to insert), each
+    /// `(key, value, version, valueless_ms)`.
+    fn rows(&self) -> (Vec<StagedRow<'_>>, Vec<StagedRow<'_>>) {
+        let mut updates: Vec<StagedRow<'_>> = Vec::new();
+        let mut inserts: Vec<StagedRow<'_>> = Vec::new();
         for (key, value) in &self.writes {
             // Since when the key holds no value: NULL while it holds one.
             let valueless = value.is_none().then_some(self.now_ms);
@@ -337,46 +398,77 @@ impl Staged {
         {
             inserts.push((key.as_str(), None, 0, Some(self.now_ms)));
         }
-        for chunk in updates.chunks(GATHER_KEYS) {
-            let rows = padded(chunk);
-            // Each row found through the primary key on its own (`super::probes`), then
-            // updated where it was found.
-            let sql = format!(
-                "UPDATE state SET value = v.value, version = v.version, \
-                 valueless_ms = v.valueless_ms FROM (SELECT v.*, found.at FROM (VALUES {}) \
-                 AS v(key, value, version, valueless_ms), LATERAL (SELECT ctid AS at \
-                 FROM state WHERE service = $1 AND key = v.key OFFSET 0) AS found) AS v \
-                 WHERE state.ctid = v.at",
-                row_values("", rows.len())
-            );
-            let mut query = super::query(&sql).bind(self.service.as_str());
-            for &(key, value, version, valueless) in rows.iter() {
-                query = query.bind(key).bind(value).bind(version).bind(valueless);
-            }
-            query.execute(&mut *conn).await?;
-        }
-        for chunk in inserts.chunks(GATHER_KEYS) {
-            let rows = padded(chunk);
-            let sql = format!(
-                "INSERT INTO state (service, key, value, version, valueless_ms) VALUES {} \
-                 ON CONFLICT (service, key) DO NOTHING",
-                row_values("$1, ", rows.len())
-            );
-            let mut query = super::query(&sql).bind(self.service.as_str());
-            for &(key, value, version, valueless) in rows.iter() {
-                query = query.bind(key).bind(value).bind(version).bind(valueless);
-            }
-            let inserted = query.execute(&mut *conn).await?.rows_affected();
-            if inserted != chunk.len() as u64 {
-                // Inserted by another transaction since this one locked its keys.
-                return Err(Error::Conflict {
-                    service: self.service.clone(),
-                    key: chunk[0].0.to_string(),
-                });
-            }
-        }
-        Ok(())
+        (updates, inserts)
     }
+}
+
+/// A staged row as [`Staged::join`] sends it, one object of a JSON parameter (the value in hex).
+#[derive(serde::Serialize)]
+struct JsonRow<'r> {
+    key: &'r str,
+    value: Option<String>,
+    version: i64,
+    valueless_ms: Option<i64>,
+}
+
+/// [`Staged::join`]'s rows of a JSON parameter (`$2`).
+macro_rules! json_rows {
+    () => {
+        "json_to_recordset(CAST($2 AS json)) AS v(key text, value text, version bigint, \
+         valueless_ms bigint)"
+    };
+}
+
+/// [`update_sql`] as [`Staged::join`]'s entry, its rows from a JSON parameter.
+const JOINED_UPDATE: &str = concat!(
+    "state_updated AS (UPDATE state SET value = v.value, version = v.version, \
+     valueless_ms = v.valueless_ms FROM (SELECT v.key, decode(v.value, 'hex') AS value, \
+     v.version, v.valueless_ms, found.at FROM ",
+    json_rows!(),
+    ", LATERAL (SELECT ctid AS at FROM state WHERE service = $1 AND key = v.key OFFSET 0) \
+     AS found) AS v WHERE state.ctid = v.at)"
+);
+
+/// [`insert_sql`] as [`Staged::join`]'s entry, its rows from a JSON parameter.
+const JOINED_INSERT: &str = concat!(
+    "state_inserted AS (INSERT INTO state (service, key, value, version, valueless_ms) \
+     SELECT $1, v.key, decode(v.value, 'hex'), v.version, v.valueless_ms FROM ",
+    json_rows!(),
+    " ON CONFLICT (service, key) DO NOTHING RETURNING 1)"
+);
+
+/// A staged row: `(key, value, version, valueless_ms)`.
+type StagedRow<'r> = (&'r str, Option<&'r [u8]>, i64, Option<i64>);
+
+/// Update `rows` existing rows (`$1` the service, then [`row_values`]): each found through the
+/// primary key on its own (`super::probes`), then updated where it was found.
+fn update_sql(rows: usize) -> String {
+    format!(
+        "UPDATE state SET value = v.value, version = v.version, \
+         valueless_ms = v.valueless_ms FROM (SELECT v.*, found.at FROM (VALUES {}) \
+         AS v(key, value, version, valueless_ms), LATERAL (SELECT ctid AS at \
+         FROM state WHERE service = $1 AND key = v.key OFFSET 0) AS found) AS v \
+         WHERE state.ctid = v.at",
+        row_values("", rows)
+    )
+}
+
+/// Insert `rows` new rows (`$1` the service, then [`row_values`]), none over a row that exists.
+fn insert_sql(rows: usize) -> String {
+    format!(
+        "INSERT INTO state (service, key, value, version, valueless_ms) VALUES {} \
+         ON CONFLICT (service, key) DO NOTHING",
+        row_values("$1, ", rows)
+    )
+}
+
+/// `query` with the service and `rows`, [`padded`], bound.
+fn bound<'q>(query: Query<'q>, service: &str, rows: &[StagedRow<'_>]) -> Query<'q> {
+    let mut query = query.bind(service);
+    for &(key, value, version, valueless) in padded(rows).iter() {
+        query = query.bind(key).bind(value).bind(version).bind(valueless);
+    }
+    query
 }
 
 /// The keys bound from `$2` on, one row each (`super::probes`).

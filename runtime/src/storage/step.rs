@@ -10,6 +10,8 @@
 //! door check has already read the same answers, so that happens only when a firing deadline,
 //! a compensation or another instance committed in between.
 
+use super::joint::Joint;
+use super::sql::Query;
 use super::{Conn, Error};
 
 /// Which kind of saga step ([`Step`]).
@@ -77,37 +79,8 @@ pub async fn record_all(
     for chunk in steps.chunks(STEPS) {
         // Padded to a power of two with copies of the last step numbered -1, which write
         // nothing: a few statement shapes serve every count and stay prepared.
-        let rows = chunk.len().next_power_of_two();
-        let values: Vec<String> = (0..rows)
-            .map(|i| {
-                let p: Vec<String> = (0..COLUMNS)
-                    .map(|c| format!("${}", 4 + COLUMNS * i + c))
-                    .collect();
-                format!("({})", p.join(", "))
-            })
-            .collect();
-        let sql = format!("{HEAD}{}{TAIL}", values.join(", "));
-        let mut query = super::query(&sql)
-            .bind(service)
-            .bind(now_ms)
-            .bind(super::ledger::TOMBSTONE);
-        for i in 0..rows {
-            let (n, step) = match chunk.get(i) {
-                Some(step) => (i as i64, step),
-                None => (-1, chunk.last().expect("a chunk is never empty")),
-            };
-            query = query
-                .bind(n)
-                .bind(step.event_id.as_str())
-                .bind(step.saga.as_str())
-                .bind(step.event_type.as_str())
-                .bind(step.topic.as_str())
-                .bind(step.version.as_str())
-                .bind(step.handled_ms)
-                .bind(i64::from(step.timed))
-                .bind(i64::from(step.ledger))
-                .bind(i64::from(step.kind == Kind::Compensation));
-        }
+        let sql = format!("WITH {} {FINAL}", ctes(chunk.len()));
+        let query = bound(super::query(&sql), service, now_ms, chunk);
         let mut stepped: Vec<(i64, Stepped)> = query
             .fetch_all(&mut *conn)
             .await?
@@ -136,18 +109,97 @@ pub async fn record_all(
     Ok(found)
 }
 
+/// Join the recording of `steps` (at most [`STEPS`]) to `joint`, as [`record_all`] would
+/// record them, with the check that every step applies ([`Stepped::applies`]). `false`: too
+/// many for one statement (nothing joined).
+pub fn join(joint: &mut Joint, service: &str, now_ms: i64, steps: &[Step]) -> bool {
+    if steps.is_empty() || steps.len() > STEPS {
+        return steps.is_empty();
+    }
+    // The steps as one JSON parameter: one statement shape for any count.
+    let rows: Vec<JsonStep<'_>> = steps
+        .iter()
+        .enumerate()
+        .map(|(n, s)| JsonStep {
+            n: n as i64,
+            event_id: &s.event_id,
+            saga: &s.saga,
+            event_type: &s.event_type,
+            topic: &s.topic,
+            version: &s.version,
+            handled_ms: s.handled_ms,
+            timed: i64::from(s.timed),
+            ledger: i64::from(s.ledger),
+            compensation: i64::from(s.kind == Kind::Compensation),
+        })
+        .collect();
+    let query = Query::new(&JOINED)
+        .bind(service)
+        .bind(now_ms)
+        .bind(super::ledger::TOMBSTONE)
+        .bind(super::joint::json(&rows));
+    joint.with(query);
+    joint.expect(
+        "SELECT COUNT(*) FROM stepped WHERE expired_ms IS NULL AND closed_by IS NULL \
+         AND recorded = 1",
+        steps.len(),
+    );
+    true
+}
+
+/// The `WITH` entries for `steps` steps, padded to a power of two with copies of the last
+/// step numbered -1, which write nothing: a few statement shapes serve every count and stay
+/// prepared.
+fn ctes(steps: usize) -> String {
+    let values: Vec<String> = (0..steps.next_power_of_two())
+        .map(|i| {
+            let p: Vec<String> = (0..COLUMNS)
+                .map(|c| format!("${}", 4 + COLUMNS * i + c))
+                .collect();
+            format!("({})", p.join(", "))
+        })
+        .collect();
+    format!("{HEAD}{}){CTES}", values.join(", "))
+}
+
+/// `query` with the parameters of [`ctes`] for `steps` bound.
+fn bound<'q>(mut query: Query<'q>, service: &str, now_ms: i64, steps: &[Step]) -> Query<'q> {
+    query = query
+        .bind(service)
+        .bind(now_ms)
+        .bind(super::ledger::TOMBSTONE);
+    for i in 0..steps.len().next_power_of_two() {
+        let (n, step) = match steps.get(i) {
+            Some(step) => (i as i64, step),
+            None => (-1, steps.last().expect("never empty")),
+        };
+        query = query
+            .bind(n)
+            .bind(step.event_id.as_str())
+            .bind(step.saga.as_str())
+            .bind(step.event_type.as_str())
+            .bind(step.topic.as_str())
+            .bind(step.version.as_str())
+            .bind(step.handled_ms)
+            .bind(i64::from(step.timed))
+            .bind(i64::from(step.ledger))
+            .bind(i64::from(step.kind == Kind::Compensation));
+    }
+    query
+}
+
 /// Parameters per step: its number, then the record's columns and the three flags.
 const COLUMNS: usize = 10;
 
 /// `$1` service, `$2` now, `$3` a tombstone's record detail; each step's row `(n, event_id,
 /// saga, event_type, topic, version, handled_ms, timed, ledger, compensation)` follows.
-const HEAD: &str = "WITH input (n, event_id, saga, event_type, topic, version, handled_ms, timed, \
+const HEAD: &str = "step_input (n, event_id, saga, event_type, topic, version, handled_ms, timed, \
                     ledger, compensation) AS (VALUES ";
 
-macro_rules! tail {
+macro_rules! ctes {
     () => {
         concat!(
-            "), steps AS (SELECT * FROM input WHERE n >= 0), \
+            ", steps AS (SELECT * FROM step_input WHERE n >= 0), \
              step AS (UPDATE sagas SET steps = sagas.steps + c.steps, ",
             touch!("sagas", "$2"),
             " FROM (SELECT saga, COUNT(*) AS steps FROM steps WHERE timed = 1 GROUP BY saga) AS c \
@@ -172,8 +224,13 @@ macro_rules! tail {
              topic, CASE WHEN compensation = 1 THEN 'compensated' ELSE 'applied' END, \
              CASE WHEN undoing.forward_steps = 0 THEN CAST($3 AS TEXT) END, version, handled_ms \
              FROM steps LEFT JOIN undoing ON steps.compensation = 1 AND undoing.saga = steps.saga \
-             ON CONFLICT (service, event_id) DO NOTHING RETURNING event_id) \
-             SELECT steps.n, step.expired_ms, \
+             ON CONFLICT (service, event_id) DO NOTHING RETURNING event_id)"
+        )
+    };
+}
+
+/// What each step found, over the entries of [`CTES`].
+const FINAL: &str = "SELECT steps.n, step.expired_ms, \
              CASE WHEN steps.compensation = 1 \
              THEN NULLIF(undoing.compensated_by, steps.event_id) \
              ELSE closing.compensated_by END AS closed_by, \
@@ -183,9 +240,32 @@ macro_rules! tail {
              LEFT JOIN closing ON steps.ledger = 1 AND steps.compensation = 0 \
              AND closing.saga = steps.saga \
              LEFT JOIN undoing ON steps.compensation = 1 AND undoing.saga = steps.saga \
-             LEFT JOIN entry ON entry.event_id = steps.event_id"
-        )
-    };
-}
+             LEFT JOIN entry ON entry.event_id = steps.event_id";
 
-const TAIL: &str = tail!();
+const CTES: &str = ctes!();
+
+/// [`join`]'s entries: the steps from one JSON parameter (`$4`), then [`CTES`] and what each
+/// step found (`stepped`).
+static JOINED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "step_input AS (SELECT * FROM json_to_recordset(CAST($4 AS json)) AS v(n bigint, \
+         event_id text, saga text, event_type text, topic text, version text, \
+         handled_ms bigint, timed bigint, ledger bigint, compensation bigint)){CTES}, \
+         stepped AS ({FINAL})"
+    )
+});
+
+/// A step as [`join`] sends it, one object of its JSON parameter.
+#[derive(serde::Serialize)]
+struct JsonStep<'s> {
+    n: i64,
+    event_id: &'s str,
+    saga: &'s str,
+    event_type: &'s str,
+    topic: &'s str,
+    version: &'s str,
+    handled_ms: i64,
+    timed: i64,
+    ledger: i64,
+    compensation: i64,
+}

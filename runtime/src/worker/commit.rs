@@ -202,21 +202,32 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
-        if let Some(batched) = batched {
-            if !batched.write(&mut tx, service.name()).await {
-                return Ok(Err(Undo)); // committed again with a savepoint per event
-            }
-            let ops = std::mem::take(&mut done.deadlines);
-            let now_ms = self.ctx.clock.now_ms();
-            match storage::deadlines::apply_all(&mut tx, &ops, now_ms).await {
-                Ok(opened) => done.settled_ms.extend(opened.iter().map(|at| now_ms - at)),
-                Err(_) => return Ok(Err(Undo)),
-            }
-        }
-        outbox::insert_all(&mut tx, &done.emitted).await?;
         let positions: Vec<(&str, i32, i64)> =
             next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
-        storage::offsets::advance(&mut tx, &self.service, &positions).await?;
+        match batched {
+            Some(batched) => {
+                let ops = std::mem::take(&mut done.deadlines);
+                let now_ms = batched.state.now_ms();
+                let end = storage::end::End {
+                    service: service.name(),
+                    steps: &batched.steps,
+                    state: batched.state,
+                    deadlines: &ops,
+                    emitted: &done.emitted,
+                    consumer: &self.service,
+                    positions: &positions,
+                };
+                match storage::end::write(&mut tx, end).await {
+                    Ok(Ok(opened)) => done.settled_ms.extend(opened.iter().map(|at| now_ms - at)),
+                    // Committed again with a savepoint per event, which tells what it was.
+                    Ok(Err(_)) | Err(_) => return Ok(Err(Undo)),
+                }
+            }
+            None => {
+                outbox::insert_all(&mut tx, &done.emitted).await?;
+                storage::offsets::advance(&mut tx, &self.service, &positions).await?;
+            }
+        }
         tx.commit().await?;
         let handled = self.ctx.metrics.handled(service.name(), service.version());
         for (i, o) in outcomes {
@@ -530,44 +541,11 @@ impl Worker {
     }
 }
 
-/// What a batch on PostgreSQL leaves to its end: its state writes, checked in memory, and its
-/// saga steps' fences and inbox records, each kind in one statement or two.
+/// What a batch on PostgreSQL leaves to its end (`storage::end`): its state writes, checked
+/// in memory, and its saga steps' fences and inbox records.
 struct Batched {
     state: storage::state::Staged,
     steps: Vec<storage::step::Step>,
-}
-
-impl Batched {
-    /// Write what the batch left to its end. `false`: a step that no longer applies as the
-    /// door found it (its saga expired or closed since, or the inbox has it: the same event
-    /// twice in the batch, or another instance), a compensation whose saga has another step in
-    /// the batch (their order matters), a key created by another transaction, or an error:
-    /// only the statement-by-statement path records those, so the attempt is undone.
-    async fn write(self, tx: &mut storage::Tx, service: &str) -> bool {
-        let mut ids: Vec<&str> = self.steps.iter().map(|s| s.event_id.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        if ids.len() != self.steps.len() {
-            return false;
-        }
-        let compensated: HashSet<&str> = self
-            .steps
-            .iter()
-            .filter(|s| s.kind == storage::step::Kind::Compensation)
-            .map(|s| s.saga.as_str())
-            .collect();
-        let sharing = |s: &&storage::step::Step| compensated.contains(s.saga.as_str());
-        if self.steps.iter().filter(sharing).count() != compensated.len() {
-            return false;
-        }
-        if !self.steps.is_empty() {
-            match storage::step::record_all(tx, service, self.state.now_ms(), &self.steps).await {
-                Ok(stepped) if stepped.iter().all(storage::step::Stepped::applies) => {}
-                _ => return false,
-            }
-        }
-        self.state.flush(tx).await.is_ok()
-    }
 }
 
 /// A forward step or a compensation of a saga, to record with the batch's others

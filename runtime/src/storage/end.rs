@@ -1,0 +1,115 @@
+//! The end of a write transaction on PostgreSQL that checked its reads and staged its state in
+//! memory (a batch of events, `crate::worker`; a group of commands, `crate::commands`): its
+//! saga steps, state, deadlines, outbox rows and consumer positions, written in one statement
+//! ([`super::joint`]) when they fit, else one statement per kind.
+
+use std::collections::HashSet;
+
+use super::joint::{Joint, Unexpected};
+use super::{deadlines, offsets, outbox, state, step, Conn, Error};
+
+/// What a transaction writes at its end.
+pub struct End<'e> {
+    /// The service whose steps and state these are.
+    pub service: &'e str,
+    /// Saga steps to record (`step::record_all`): distinct events, and a compensation's saga in
+    /// no other step.
+    pub steps: &'e [step::Step],
+    pub state: state::Staged,
+    pub deadlines: &'e [deadlines::Op],
+    pub emitted: &'e [(outbox::Message, i64)],
+    /// Whose consumer positions `positions` are.
+    pub consumer: &'e str,
+    pub positions: &'e [(&'e str, i32, i64)],
+}
+
+/// Write `end` on `conn`; when each saga whose deadline it cancelled was opened.
+/// `Ok(Err(Unexpected))`: a step that no longer applies as the caller found it (its saga
+/// expired or closed since, or the inbox has it), steps that break [`End::steps`]' rule, or a
+/// key another transaction created; the transaction must be rolled back (and its work done the
+/// statement-by-statement way, which tells what it was).
+pub async fn write(conn: &mut Conn, end: End<'_>) -> Result<Result<Vec<i64>, Unexpected>, Error> {
+    if let Err(broken) = check(end.steps) {
+        return Ok(Err(broken));
+    }
+    let now_ms = end.state.now_ms();
+    let mut joint = Joint::new();
+    let joined = step::join(&mut joint, end.service, now_ms, end.steps)
+        && end.state.join(&mut joint)
+        && outbox::join_all(&mut joint, end.emitted)
+        && offsets::join(&mut joint, end.consumer, end.positions);
+    if !joined {
+        return apart(conn, end).await;
+    }
+    // A deadline set for a saga whose expiry row a timed step moves is set apart: the parts of
+    // a joint must not write one row twice.
+    let timed: HashSet<&str> = end
+        .steps
+        .iter()
+        .filter(|s| s.timed)
+        .map(|s| s.saga.as_str())
+        .collect();
+    let cancelled = match end.deadlines {
+        [] => None,
+        ops => deadlines::join_all(&mut joint, ops, now_ms, |saga| timed.contains(saga)),
+    };
+    let answers = match joint.run(conn).await? {
+        Ok(answers) => answers,
+        Err(unexpected) => return Ok(Err(unexpected)),
+    };
+    Ok(Ok(match cancelled {
+        Some(answer) => answers.get(answer).iter().flatten().copied().collect(),
+        None => deadlines::apply_all(conn, end.deadlines, now_ms).await?,
+    }))
+}
+
+/// [`write`] with each kind in its own statement: an end too large for one.
+async fn apart(conn: &mut Conn, end: End<'_>) -> Result<Result<Vec<i64>, Unexpected>, Error> {
+    let now_ms = end.state.now_ms();
+    if !end.steps.is_empty() {
+        let stepped = step::record_all(conn, end.service, now_ms, end.steps).await?;
+        if let Some(s) = stepped.iter().find(|s| !s.applies()) {
+            return Ok(Err(Unexpected(format!(
+                "a saga step no longer applies: {s:?}"
+            ))));
+        }
+    }
+    match end.state.flush(conn).await {
+        Err(Error::Conflict { key, .. }) => {
+            return Ok(Err(Unexpected(format!(
+                "state key {key:?} was created meanwhile"
+            ))))
+        }
+        flushed => flushed?,
+    }
+    let opened = deadlines::apply_all(conn, end.deadlines, now_ms).await?;
+    outbox::insert_all(conn, end.emitted).await?;
+    offsets::advance(conn, end.consumer, end.positions).await?;
+    Ok(Ok(opened))
+}
+
+/// Whether `steps` keep [`End::steps`]' rule: two copies of one event in one statement would
+/// both read as recorded, and one statement cannot write a ledger row twice.
+fn check(steps: &[step::Step]) -> Result<(), Unexpected> {
+    let mut ids: Vec<&str> = steps.iter().map(|s| s.event_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() != steps.len() {
+        return Err(Unexpected("an event twice among the steps".into()));
+    }
+    let compensated: HashSet<&str> = steps
+        .iter()
+        .filter(|s| s.kind == step::Kind::Compensation)
+        .map(|s| s.saga.as_str())
+        .collect();
+    let sharing = steps
+        .iter()
+        .filter(|s| compensated.contains(s.saga.as_str()))
+        .count();
+    if sharing != compensated.len() {
+        return Err(Unexpected(
+            "a compensation's saga has another step among them".into(),
+        ));
+    }
+    Ok(())
+}
