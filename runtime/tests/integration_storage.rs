@@ -43,6 +43,12 @@ async fn write(db: &Db, reads: &[(&str, i64)], writes: &[Write]) -> Result<(), E
     Ok(())
 }
 
+/// Key `key` of service `svc` as stored: its value as text, and its version.
+async fn stored(db: &Db, key: &str) -> (Option<String>, i64) {
+    let v = state::get(db, "svc", key).await.unwrap();
+    (v.value.map(|v| String::from_utf8(v).unwrap()), v.version)
+}
+
 /// Connections to this test's PostgreSQL database waiting for a lock now.
 async fn lock_waiters(db: &Db) -> i64 {
     saga_runtime::storage::query_scalar(
@@ -1277,13 +1283,7 @@ async fn a_batch_checks_reads_in_memory_and_writes_state_at_its_end() {
     staged.stage(&after, &[delete("k2")]);
     staged.flush(&mut tx).await.unwrap();
     tx.commit().await.unwrap();
-    let got = |key: &'static str| {
-        let db = db.clone();
-        async move {
-            let v = state::get(&db, "svc", key).await.unwrap();
-            (v.value.map(|v| String::from_utf8(v).unwrap()), v.version)
-        }
-    };
+    let got = |key: &'static str| stored(&db, key);
     assert_eq!(got("k1").await, (Some("a2".into()), 2));
     assert_eq!(got("k2").await, (None, 2));
     assert_eq!(got("new").await, (Some("n".into()), 1));
@@ -1398,13 +1398,7 @@ async fn a_batchs_end_in_one_statement_writes_what_its_statements_would() {
     assert_eq!(answers.get(cancelled), [Some(300)], "s9 was opened at 300");
     tx.commit().await.unwrap();
 
-    let got = |key: &'static str| {
-        let db = db.clone();
-        async move {
-            let v = state::get(&db, "svc", key).await.unwrap();
-            (v.value.map(|v| String::from_utf8(v).unwrap()), v.version)
-        }
-    };
+    let got = |key: &'static str| stored(&db, key);
     assert_eq!(got("k1").await, (Some("a2".into()), 2));
     assert_eq!(got("new").await, (Some("n".into()), 1));
     let scalar = |sql: &'static str| saga_runtime::storage::query_scalar::<i64>(sql);
