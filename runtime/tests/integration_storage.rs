@@ -1008,7 +1008,7 @@ async fn a_batchs_forward_steps_in_one_statement_write_and_find_what_each_would(
     let scalar = |sql: &'static str| saga_runtime::storage::query_scalar::<i64>(sql);
     let mut tx = db.begin().await.unwrap();
     sagas::open(&mut tx, "s1", 500).await.unwrap();
-    // Three steps (padded to four in the statement): two of one saga, one of another.
+    // Three steps: two of one saga, one of another.
     let three = [
         step("e1", "s1", true, true),
         step("e4", "s1", true, true),
@@ -1042,7 +1042,7 @@ async fn a_batchs_forward_steps_in_one_statement_write_and_find_what_each_would(
         .fetch_one(&mut *tx)
         .await
         .unwrap();
-    assert_eq!(records, 3, "the padding wrote nothing");
+    assert_eq!(records, 3, "each step recorded once");
     assert_eq!(
         inbox::outcome(&db, "point", "e1").await.unwrap(),
         None,
@@ -1385,7 +1385,7 @@ async fn a_batchs_end_in_one_statement_writes_what_its_statements_would() {
     let mut joint = Joint::new();
     assert!(step::join(&mut joint, "point", 1_000, &[forward("e1")]));
     assert!(staged.join(&mut joint));
-    // Three rows and three positions: padded to four in the statement.
+    // Three rows and three positions, each part's rows one JSON parameter.
     let emitted = ["out-1", "out-2", "out-3"].map(|id| (message(id), 1_000));
     assert!(outbox::join_all(&mut joint, &emitted));
     let positions = [("exchange", 0, 42), ("exchange", 1, 7), ("order", 0, 3)];

@@ -5,10 +5,14 @@ use super::joint::{Answer, Joint};
 use super::sql::Query;
 use super::{Conn, Error};
 
-/// The rest of [`cancel_sql`] after its rows `v(service, saga, name)`.
-macro_rules! cancel_lookup {
+/// Cancel pending deadlines (`$1`, [`cancels_json`]), answering when each one's saga was
+/// opened (`opened_ms`): each row found through the primary key on its own (`super::probes`),
+/// then updated where it was found, if still pending.
+macro_rules! cancel {
     () => {
-        "LATERAL (SELECT ctid AS at FROM deadlines \
+        "UPDATE deadlines SET status = 'CANCELLED' FROM (SELECT found.at \
+         FROM json_to_recordset(CAST($1 AS json)) AS v(service text, saga text, name text), \
+         LATERAL (SELECT ctid AS at FROM deadlines \
          WHERE service = v.service AND saga = v.saga AND name = v.name \
          AND status = 'PENDING' OFFSET 0) AS found) AS v \
          WHERE deadlines.ctid = v.at AND deadlines.status = 'PENDING' \
@@ -102,30 +106,15 @@ pub async fn set_all(conn: &mut Conn, all: &[Set], now_ms: i64) -> Result<(), Er
     }
     let rows: Vec<&Set> = order.into_iter().map(|k| last[&k]).collect();
     for chunk in rows.chunks(SET_ROWS) {
-        let sql = format!("WITH {} {SET_INSERT}", set_ctes(chunk.len()));
-        set_bound(super::query(&sql), chunk, now_ms)
-            .execute(&mut *conn)
-            .await?;
+        let query = super::query(&SETS).bind(now_ms).bind(sets_json(chunk));
+        query.execute(&mut *conn).await?;
     }
     Ok(())
 }
 
-/// The `WITH` entries of [`set_all`]'s statement for `rows` deadlines (distinct), padded to a
-/// power of two with copies of the last (`DISTINCT` drops them): a few statement shapes serve
-/// every count and stay prepared.
-fn set_ctes(rows: usize) -> String {
-    let values: Vec<String> = (0..rows.next_power_of_two())
-        .map(|i| {
-            let p: Vec<String> = (0..6).map(|c| format!("${}", 2 + 6 * i + c)).collect();
-            format!("({})", p.join(", "))
-        })
-        .collect();
-    format!(
-        "set_input (service, saga, name, due_ms, set_by, traceparent) AS \
-         (SELECT DISTINCT * FROM (VALUES {}) AS v), {SET_OPENED}",
-        values.join(", ")
-    )
-}
+/// The deadlines of [`set_all`]'s statement: `$2`, [`sets_json`] (`DISTINCT`: no two alike).
+const SET_INPUT: &str = "set_input AS (SELECT DISTINCT * FROM json_to_recordset(CAST($2 AS json)) \
+     AS v(service text, saga text, name text, due_ms bigint, set_by text, traceparent text))";
 
 /// Each saga of `set_input` gets its expiry row (`sagas::open`), opened at `$1` if new.
 const SET_OPENED: &str = concat!(
@@ -136,23 +125,17 @@ const SET_OPENED: &str = concat!(
     ")"
 );
 
-/// [`join_all`]'s entries for the sets: [`set_ctes`]' with the deadlines from one JSON
-/// parameter (`$2`), one statement shape for any count.
+/// [`set_all`]'s statement: one shape for any count.
+static SETS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("WITH {SET_INPUT}, {SET_OPENED} {SET_INSERT}"));
+
+/// [`SETS`] as [`join_all`]'s entries.
 static JOINED_SETS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "set_input AS (SELECT DISTINCT * FROM json_to_recordset(CAST($2 AS json)) AS \
-         v(service text, saga text, name text, due_ms bigint, set_by text, traceparent text)), \
-         {SET_OPENED}, deadlines_set AS ({SET_INSERT})"
-    )
+    format!("{SET_INPUT}, {SET_OPENED}, deadlines_set AS ({SET_INSERT})")
 });
 
-/// [`cancel_sql`] as [`join_all`]'s entry, the deadlines from one JSON parameter.
-const JOINED_CANCELS: &str = concat!(
-    "deadlines_cancelled AS (UPDATE deadlines SET status = 'CANCELLED' FROM (SELECT found.at \
-     FROM json_to_recordset(CAST($1 AS json)) AS v(service text, saga text, name text), ",
-    cancel_lookup!(),
-    ")"
-);
+/// [`cancel!`] as [`join_all`]'s entry.
+const JOINED_CANCELS: &str = concat!("deadlines_cancelled AS (", cancel!(), ")");
 
 /// A deadline as [`join_all`] sends it, one object of a JSON parameter.
 #[derive(serde::Serialize)]
@@ -165,25 +148,12 @@ struct JsonDeadline<'d> {
     traceparent: Option<&'d str>,
 }
 
-/// [`set_all`]'s deadlines, over [`set_ctes`].
+/// [`set_all`]'s deadlines, over [`SET_INPUT`].
 const SET_INSERT: &str = "INSERT INTO deadlines (service, saga, name, due_ms, status, set_by, \
      traceparent) SELECT service, saga, name, due_ms, 'PENDING', set_by, traceparent \
      FROM set_input ON CONFLICT (service, saga, name) DO UPDATE SET \
      due_ms = excluded.due_ms, status = 'PENDING', set_by = excluded.set_by, \
      traceparent = excluded.traceparent";
-
-/// `query` with the parameters of [`set_ctes`] for `rows` bound.
-fn set_bound<'q>(query: super::Query<'q>, rows: &[&Set], now_ms: i64) -> super::Query<'q> {
-    let mut query = query.bind(now_ms);
-    for i in 0..rows.len().next_power_of_two() {
-        query = rows
-            .get(i)
-            .or(rows.last())
-            .expect("never empty")
-            .bound(query);
-    }
-    query
-}
 
 /// What a handler's effects do to a deadline, left to the end of its transaction
 /// ([`apply_all`]).
@@ -238,9 +208,8 @@ pub async fn apply_all(conn: &mut Conn, ops: &[Op], now_ms: i64) -> Result<Vec<i
     let sets: Vec<Set> = sets.into_iter().cloned().collect();
     set_all(conn, &sets, now_ms).await?;
     for chunk in cancels.chunks(SET_ROWS) {
-        let sql = cancel_sql(chunk.len());
-        let rows = cancel_bound(super::query(&sql), chunk).fetch_all(&mut *conn);
-        for row in rows.await? {
+        let query = super::query(cancel!()).bind(cancels_json(chunk));
+        for row in query.fetch_all(&mut *conn).await? {
             opened.extend(row.try_get::<Option<i64>, _>("opened_ms")?);
         }
     }
@@ -274,35 +243,13 @@ pub fn join_all(
         return None;
     }
     if !sets.is_empty() {
-        let rows: Vec<JsonDeadline<'_>> = sets
-            .iter()
-            .map(|d| JsonDeadline {
-                service: &d.service,
-                saga: &d.saga,
-                name: &d.name,
-                due_ms: Some(d.due_ms),
-                set_by: Some(&d.set_by),
-                traceparent: d.traceparent.as_deref(),
-            })
-            .collect();
         let query = Query::new(&JOINED_SETS).bind(now_ms);
-        joint.with(query.bind(super::joint::json(&rows)));
+        joint.with(query.bind(sets_json(&sets)));
     }
     if cancels.is_empty() {
         return Some(joint.answer("SELECT CAST(NULL AS BIGINT) WHERE FALSE"));
     }
-    let rows: Vec<JsonDeadline<'_>> = cancels
-        .iter()
-        .map(|&(service, saga, name)| JsonDeadline {
-            service,
-            saga,
-            name,
-            due_ms: None,
-            set_by: None,
-            traceparent: None,
-        })
-        .collect();
-    joint.with(Query::new(JOINED_CANCELS).bind(super::joint::json(&rows)));
+    joint.with(Query::new(JOINED_CANCELS).bind(cancels_json(&cancels)));
     Some(joint.answer("SELECT opened_ms FROM deadlines_cancelled"))
 }
 
@@ -328,30 +275,36 @@ fn collapse(ops: &[Op]) -> (Vec<&Set>, Vec<(&str, &str, &str)>) {
     (sets, cancels)
 }
 
-/// Cancel `rows` pending deadlines, answering when each one's saga was opened (`opened_ms`).
-/// Each row found through the primary key on its own (`super::probes`), then updated where it
-/// was found, if still pending. Padded as [`set_ctes`] is: a row met twice is updated once.
-fn cancel_sql(rows: usize) -> String {
-    let values: Vec<String> = (0..rows.next_power_of_two())
-        .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+/// Deadlines to set as one JSON parameter ([`SET_INPUT`]): one statement shape for any count.
+fn sets_json(rows: &[&Set]) -> String {
+    let rows: Vec<JsonDeadline<'_>> = rows
+        .iter()
+        .map(|d| JsonDeadline {
+            service: &d.service,
+            saga: &d.saga,
+            name: &d.name,
+            due_ms: Some(d.due_ms),
+            set_by: Some(&d.set_by),
+            traceparent: d.traceparent.as_deref(),
+        })
         .collect();
-    format!(
-        concat!(
-            "UPDATE deadlines SET status = 'CANCELLED' FROM (SELECT found.at FROM (VALUES {}) \
-             AS v(service, saga, name), ",
-            cancel_lookup!()
-        ),
-        values.join(", ")
-    )
+    super::joint::json(&rows)
 }
 
-/// `query` with the parameters of [`cancel_sql`] for `rows` bound.
-fn cancel_bound<'q>(mut query: super::Query<'q>, rows: &[(&str, &str, &str)]) -> super::Query<'q> {
-    for i in 0..rows.len().next_power_of_two() {
-        let (service, saga, name) = rows.get(i).or(rows.last()).expect("never empty");
-        query = query.bind(*service).bind(*saga).bind(*name);
-    }
-    query
+/// Deadlines to cancel as one JSON parameter ([`cancel!`]).
+fn cancels_json(rows: &[(&str, &str, &str)]) -> String {
+    let rows: Vec<JsonDeadline<'_>> = rows
+        .iter()
+        .map(|&(service, saga, name)| JsonDeadline {
+            service,
+            saga,
+            name,
+            due_ms: None,
+            set_by: None,
+            traceparent: None,
+        })
+        .collect();
+    super::joint::json(&rows)
 }
 
 /// Cancel a pending deadline: `None` if there was none pending, else when its saga was opened

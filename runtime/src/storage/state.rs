@@ -318,18 +318,17 @@ impl Staged {
     }
 
     /// Write what was staged: rows that existed updated in one statement, new rows and
-    /// placeholders inserted in another.
+    /// placeholders inserted in another (per [`GATHER_KEYS`]).
     pub async fn flush(self, conn: &mut Conn) -> Result<(), Error> {
         let (updates, inserts) = self.rows();
         for chunk in updates.chunks(GATHER_KEYS) {
-            let sql = update_sql(padded(chunk).len());
-            bound(super::query(&sql), &self.service, chunk)
-                .execute(&mut *conn)
-                .await?;
+            let query = super::query(UPDATE).bind(self.service.as_str());
+            query.bind(json(chunk)).execute(&mut *conn).await?;
         }
         for chunk in inserts.chunks(GATHER_KEYS) {
-            let sql = insert_sql(padded(chunk).len());
-            let inserted = bound(super::query(&sql), &self.service, chunk)
+            let query = super::query(INSERT).bind(self.service.as_str());
+            let inserted = query
+                .bind(json(chunk))
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
@@ -352,19 +351,6 @@ impl Staged {
         if updates.len() > GATHER_KEYS || inserts.len() > GATHER_KEYS {
             return false;
         }
-        // Each kind's rows as one JSON parameter: one statement shape for any count.
-        let json = |rows: &[StagedRow<'_>]| {
-            let rows: Vec<JsonRow<'_>> = rows
-                .iter()
-                .map(|&(key, value, version, valueless_ms)| JsonRow {
-                    key,
-                    value: value.map(super::joint::hex),
-                    version,
-                    valueless_ms,
-                })
-                .collect();
-            super::joint::json(&rows)
-        };
         if !updates.is_empty() {
             let query = Query::new(JOINED_UPDATE).bind(self.service.as_str());
             joint.with(query.bind(json(&updates)));
@@ -411,79 +397,57 @@ struct JsonRow<'r> {
     valueless_ms: Option<i64>,
 }
 
-/// [`Staged::join`]'s rows of a JSON parameter (`$2`).
-macro_rules! json_rows {
+/// Staged rows as one JSON parameter (values in hex): one statement shape for any count.
+fn json(rows: &[StagedRow<'_>]) -> String {
+    let rows: Vec<JsonRow<'_>> = rows
+        .iter()
+        .map(|&(key, value, version, valueless_ms)| JsonRow {
+            key,
+            value: value.map(super::joint::hex),
+            version,
+            valueless_ms,
+        })
+        .collect();
+    super::joint::json(&rows)
+}
+
+/// Update existing rows (`$1` the service, `$2` the rows, [`json`]): each found through the
+/// primary key on its own (`super::probes`), then updated where it was found.
+macro_rules! update {
     () => {
-        "json_to_recordset(CAST($2 AS json)) AS v(key text, value text, version bigint, \
-         valueless_ms bigint)"
+        "UPDATE state SET value = v.value, version = v.version, \
+         valueless_ms = v.valueless_ms FROM (SELECT v.key, decode(v.value, 'hex') AS value, \
+         v.version, v.valueless_ms, found.at FROM json_to_recordset(CAST($2 AS json)) \
+         AS v(key text, value text, version bigint, valueless_ms bigint), \
+         LATERAL (SELECT ctid AS at FROM state WHERE service = $1 AND key = v.key OFFSET 0) \
+         AS found) AS v WHERE state.ctid = v.at"
     };
 }
 
-/// [`update_sql`] as [`Staged::join`]'s entry, its rows from a JSON parameter.
-const JOINED_UPDATE: &str = concat!(
-    "state_updated AS (UPDATE state SET value = v.value, version = v.version, \
-     valueless_ms = v.valueless_ms FROM (SELECT v.key, decode(v.value, 'hex') AS value, \
-     v.version, v.valueless_ms, found.at FROM ",
-    json_rows!(),
-    ", LATERAL (SELECT ctid AS at FROM state WHERE service = $1 AND key = v.key OFFSET 0) \
-     AS found) AS v WHERE state.ctid = v.at)"
-);
+/// Insert new rows (`$1` the service, `$2` the rows, [`json`]), none over a row that exists.
+macro_rules! insert {
+    () => {
+        "INSERT INTO state (service, key, value, version, valueless_ms) \
+         SELECT $1, v.key, decode(v.value, 'hex'), v.version, v.valueless_ms \
+         FROM json_to_recordset(CAST($2 AS json)) \
+         AS v(key text, value text, version bigint, valueless_ms bigint) \
+         ON CONFLICT (service, key) DO NOTHING"
+    };
+}
 
-/// [`insert_sql`] as [`Staged::join`]'s entry, its rows from a JSON parameter.
-const JOINED_INSERT: &str = concat!(
-    "state_inserted AS (INSERT INTO state (service, key, value, version, valueless_ms) \
-     SELECT $1, v.key, decode(v.value, 'hex'), v.version, v.valueless_ms FROM ",
-    json_rows!(),
-    " ON CONFLICT (service, key) DO NOTHING RETURNING 1)"
-);
+const UPDATE: &str = update!();
+const INSERT: &str = insert!();
+/// [`UPDATE`] as [`Staged::join`]'s entry.
+const JOINED_UPDATE: &str = concat!("state_updated AS (", update!(), ")");
+/// [`INSERT`] as [`Staged::join`]'s entry, a row per key inserted.
+const JOINED_INSERT: &str = concat!("state_inserted AS (", insert!(), " RETURNING 1)");
 
 /// A staged row: `(key, value, version, valueless_ms)`.
 type StagedRow<'r> = (&'r str, Option<&'r [u8]>, i64, Option<i64>);
 
-/// Update `rows` existing rows (`$1` the service, then [`row_values`]): each found through the
-/// primary key on its own (`super::probes`), then updated where it was found.
-fn update_sql(rows: usize) -> String {
-    format!(
-        "UPDATE state SET value = v.value, version = v.version, \
-         valueless_ms = v.valueless_ms FROM (SELECT v.*, found.at FROM (VALUES {}) \
-         AS v(key, value, version, valueless_ms), LATERAL (SELECT ctid AS at \
-         FROM state WHERE service = $1 AND key = v.key OFFSET 0) AS found) AS v \
-         WHERE state.ctid = v.at",
-        row_values("", rows)
-    )
-}
-
-/// Insert `rows` new rows (`$1` the service, then [`row_values`]), none over a row that exists.
-fn insert_sql(rows: usize) -> String {
-    format!(
-        "INSERT INTO state (service, key, value, version, valueless_ms) VALUES {} \
-         ON CONFLICT (service, key) DO NOTHING",
-        row_values("$1, ", rows)
-    )
-}
-
-/// `query` with the service and `rows`, [`padded`], bound.
-fn bound<'q>(query: Query<'q>, service: &str, rows: &[StagedRow<'_>]) -> Query<'q> {
-    let mut query = query.bind(service);
-    for &(key, value, version, valueless) in padded(rows).iter() {
-        query = query.bind(key).bind(value).bind(version).bind(valueless);
-    }
-    query
-}
-
 /// The keys bound from `$2` on, one row each (`super::probes`).
 fn probes(keys: usize) -> String {
     super::probes((2..2 + keys).map(|i| format!("${i}")))
-}
-
-/// `rows` groups of four parameters from `$2` on, each group led by `lead`: `(lead$2, $3, $4,
-/// $5), (lead$6, …)`.
-fn row_values(lead: &str, rows: usize) -> String {
-    let group = |i: usize| {
-        let [a, b, c, d] = [2, 3, 4, 5].map(|k| 4 * i + k);
-        format!("({lead}${a}, ${b}, ${c}, ${d})")
-    };
-    (0..rows).map(group).collect::<Vec<_>>().join(", ")
 }
 
 /// `rows` padded to a power of two with copies of its last (a lookup, an update or an insert

@@ -77,10 +77,7 @@ pub async fn record_all(
 ) -> Result<Vec<Stepped>, Error> {
     let mut found = Vec::with_capacity(steps.len());
     for chunk in steps.chunks(STEPS) {
-        // Padded to a power of two with copies of the last step numbered -1, which write
-        // nothing: a few statement shapes serve every count and stay prepared.
-        let sql = format!("WITH {} {FINAL}", ctes(chunk.len()));
-        let query = bound(super::query(&sql), service, now_ms, chunk);
+        let query = bound(super::query(&ALONE), service, now_ms, chunk);
         let mut stepped: Vec<(i64, Stepped)> = query
             .fetch_all(&mut *conn)
             .await?
@@ -116,7 +113,18 @@ pub fn join(joint: &mut Joint, service: &str, now_ms: i64, steps: &[Step]) -> bo
     if steps.is_empty() || steps.len() > STEPS {
         return steps.is_empty();
     }
-    // The steps as one JSON parameter: one statement shape for any count.
+    joint.with(bound(Query::new(&JOINED), service, now_ms, steps));
+    joint.expect(
+        "SELECT COUNT(*) FROM stepped WHERE expired_ms IS NULL AND closed_by IS NULL \
+         AND recorded = 1",
+        steps.len(),
+    );
+    true
+}
+
+/// `query` with the parameters of [`INPUT`] for `steps` bound: the steps as one JSON
+/// parameter, one statement shape for any count.
+fn bound<'q>(query: Query<'q>, service: &str, now_ms: i64, steps: &[Step]) -> Query<'q> {
     let rows: Vec<JsonStep<'_>> = steps
         .iter()
         .enumerate()
@@ -133,73 +141,23 @@ pub fn join(joint: &mut Joint, service: &str, now_ms: i64, steps: &[Step]) -> bo
             compensation: i64::from(s.kind == Kind::Compensation),
         })
         .collect();
-    let query = Query::new(&JOINED)
+    query
         .bind(service)
         .bind(now_ms)
         .bind(super::ledger::TOMBSTONE)
-        .bind(super::joint::json(&rows));
-    joint.with(query);
-    joint.expect(
-        "SELECT COUNT(*) FROM stepped WHERE expired_ms IS NULL AND closed_by IS NULL \
-         AND recorded = 1",
-        steps.len(),
-    );
-    true
+        .bind(super::joint::json(&rows))
 }
 
-/// The `WITH` entries for `steps` steps, padded to a power of two with copies of the last
-/// step numbered -1, which write nothing: a few statement shapes serve every count and stay
-/// prepared.
-fn ctes(steps: usize) -> String {
-    let values: Vec<String> = (0..steps.next_power_of_two())
-        .map(|i| {
-            let p: Vec<String> = (0..COLUMNS)
-                .map(|c| format!("${}", 4 + COLUMNS * i + c))
-                .collect();
-            format!("({})", p.join(", "))
-        })
-        .collect();
-    format!("{HEAD}{}){CTES}", values.join(", "))
-}
-
-/// `query` with the parameters of [`ctes`] for `steps` bound.
-fn bound<'q>(mut query: Query<'q>, service: &str, now_ms: i64, steps: &[Step]) -> Query<'q> {
-    query = query
-        .bind(service)
-        .bind(now_ms)
-        .bind(super::ledger::TOMBSTONE);
-    for i in 0..steps.len().next_power_of_two() {
-        let (n, step) = match steps.get(i) {
-            Some(step) => (i as i64, step),
-            None => (-1, steps.last().expect("never empty")),
-        };
-        query = query
-            .bind(n)
-            .bind(step.event_id.as_str())
-            .bind(step.saga.as_str())
-            .bind(step.event_type.as_str())
-            .bind(step.topic.as_str())
-            .bind(step.version.as_str())
-            .bind(step.handled_ms)
-            .bind(i64::from(step.timed))
-            .bind(i64::from(step.ledger))
-            .bind(i64::from(step.kind == Kind::Compensation));
-    }
-    query
-}
-
-/// Parameters per step: its number, then the record's columns and the three flags.
-const COLUMNS: usize = 10;
-
-/// `$1` service, `$2` now, `$3` a tombstone's record detail; each step's row `(n, event_id,
-/// saga, event_type, topic, version, handled_ms, timed, ledger, compensation)` follows.
-const HEAD: &str = "step_input (n, event_id, saga, event_type, topic, version, handled_ms, timed, \
-                    ledger, compensation) AS (VALUES ";
+/// `$1` service, `$2` now, `$3` a tombstone's record detail, `$4` the steps (JSON, each
+/// `{n, event_id, saga, event_type, topic, version, handled_ms, timed, ledger, compensation}`).
+const INPUT: &str = "step_input AS (SELECT * FROM json_to_recordset(CAST($4 AS json)) AS \
+     v(n bigint, event_id text, saga text, event_type text, topic text, version text, \
+     handled_ms bigint, timed bigint, ledger bigint, compensation bigint))";
 
 macro_rules! ctes {
     () => {
         concat!(
-            ", steps AS (SELECT * FROM step_input WHERE n >= 0), \
+            ", steps AS (SELECT * FROM step_input), \
              step AS (UPDATE sagas SET steps = sagas.steps + c.steps, ",
             touch!("sagas", "$2"),
             " FROM (SELECT saga, COUNT(*) AS steps FROM steps WHERE timed = 1 GROUP BY saga) AS c \
@@ -244,16 +202,13 @@ const FINAL: &str = "SELECT steps.n, step.expired_ms, \
 
 const CTES: &str = ctes!();
 
-/// [`join`]'s entries: the steps from one JSON parameter (`$4`), then [`CTES`] and what each
-/// step found (`stepped`).
-static JOINED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "step_input AS (SELECT * FROM json_to_recordset(CAST($4 AS json)) AS v(n bigint, \
-         event_id text, saga text, event_type text, topic text, version text, \
-         handled_ms bigint, timed bigint, ledger bigint, compensation bigint)){CTES}, \
-         stepped AS ({FINAL})"
-    )
-});
+/// [`record_all`]'s statement.
+static ALONE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("WITH {INPUT}{CTES} {FINAL}"));
+
+/// [`join`]'s entries: [`record_all`]'s, what each step found as `stepped`.
+static JOINED: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{INPUT}{CTES}, stepped AS ({FINAL})"));
 
 /// A step as [`join`] sends it, one object of its JSON parameter.
 #[derive(serde::Serialize)]
