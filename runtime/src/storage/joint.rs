@@ -1,7 +1,7 @@
 //! Several data-modifying statements sent to PostgreSQL as one: each part becomes one or more
 //! `WITH` entries of a single statement, its parameters renumbered after the parts before it.
 //! A batch's commit on PostgreSQL (`crate::worker`) writes its saga steps, state, deadlines,
-//! outbox rows and consumer positions so: one round trip where each took one.
+//! outbox rows and consumer positions so: one round trip where each kind of row took one.
 //!
 //! The parts run on one snapshot and cannot see each other's rows, so they must touch disjoint
 //! rows (PostgreSQL does not define which of two changes of one row in one statement wins):
@@ -47,11 +47,6 @@ pub struct Unexpected(pub String);
 impl Joint {
     pub fn new() -> Self {
         Joint::default()
-    }
-
-    /// Whether nothing was joined yet.
-    pub fn is_empty(&self) -> bool {
-        self.with.is_empty()
     }
 
     /// Add `part`: one or more `name AS (…)` entries, its parameters `$1`, `$2`, … bound in
