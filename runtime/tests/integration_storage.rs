@@ -1443,6 +1443,131 @@ async fn a_batchs_end_in_one_statement_writes_what_its_statements_would() {
     t.drop_db().await;
 }
 
+/// What cannot share a batch's one statement is written apart, with the same result
+/// (`storage::end`): a deadline set for a saga whose expiry row a step of the batch moves goes
+/// in its own statement after it, and a batch with more steps than one statement takes is
+/// written kind by kind — where a step that no longer applies is unexpected too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_end_sets_apart_what_cannot_share_its_statement() {
+    use saga_runtime::storage::deadlines::Op;
+    use saga_runtime::storage::end::{self, End};
+    use saga_runtime::storage::step::{Kind, Step};
+    let (t, db) = open(Backend::Postgres).await;
+    let mut tx = db.begin().await.unwrap();
+    sagas::open(&mut tx, "s1", 500).await.unwrap();
+    tx.commit().await.unwrap();
+    let step = |id: String, saga: &str| Step {
+        kind: Kind::Forward,
+        event_id: id,
+        saga: saga.into(),
+        event_type: "ExchangeSucceeded".into(),
+        topic: "exchange".into(),
+        version: "0.1.0".into(),
+        handled_ms: 1_000,
+        timed: saga == "s1",
+        ledger: true,
+    };
+    let message = |id: &str| outbox::Message {
+        event_id: id.into(),
+        topic: "order".into(),
+        key: "s1".into(),
+        headers: vec![],
+        payload: b"{}".to_vec(),
+    };
+    let staged = |key: &str, tx_locked| {
+        let mut staged = state::Staged::new("svc", tx_locked, 1_000);
+        let reads = read_set([(key.to_string(), 0)]);
+        staged.stage(&reads, &[put(key, "v")]);
+        staged
+    };
+    let scalar = |sql: &'static str| saga_runtime::storage::query_scalar::<i64>(sql);
+
+    // A deadline set for s1, whose expiry row the batch's timed step moves.
+    let mut tx = db.begin().await.unwrap();
+    let locked = state::lock(&mut tx, "svc", &["a"]).await.unwrap();
+    let ops = [Op::Set(deadline("s1", "reminder", 20_000))];
+    let emitted = [(message("out-a"), 1_000)];
+    let written = end::write(
+        &mut tx,
+        End {
+            service: "point",
+            steps: &[step("e1".into(), "s1")],
+            state: staged("a", locked),
+            deadlines: &ops,
+            emitted: &emitted,
+            consumer: "point",
+            positions: &[("exchange", 0, 5)],
+        },
+    )
+    .await
+    .unwrap();
+    assert!(written.is_ok(), "{written:?}");
+    tx.commit().await.unwrap();
+    let steps = scalar("SELECT steps FROM sagas WHERE saga = 's1'");
+    assert_eq!(steps.fetch_one(db.pool()).await.unwrap(), 1);
+    let set = saga_runtime::storage::deadlines::for_saga(&db, "s1")
+        .await
+        .unwrap();
+    assert_eq!(set.len(), 1);
+    assert_eq!(
+        (set[0].name.as_str(), set[0].status.as_str()),
+        ("reminder", "PENDING")
+    );
+    assert_eq!(stored(&db, "a").await, (Some("v".into()), 1));
+
+    // 65 steps, more than one statement takes: written kind by kind.
+    let many: Vec<Step> = (0..65).map(|i| step(format!("m{i}"), "s2")).collect();
+    let mut tx = db.begin().await.unwrap();
+    let locked = state::lock(&mut tx, "svc", &["b"]).await.unwrap();
+    let emitted = [(message("out-b"), 1_000)];
+    let written = end::write(
+        &mut tx,
+        End {
+            service: "point",
+            steps: &many,
+            state: staged("b", locked),
+            deadlines: &[],
+            emitted: &emitted,
+            consumer: "point",
+            positions: &[("exchange", 0, 70)],
+        },
+    )
+    .await
+    .unwrap();
+    assert!(written.is_ok(), "{written:?}");
+    tx.commit().await.unwrap();
+    let records = scalar("SELECT COUNT(*) FROM inbox");
+    assert_eq!(records.fetch_one(db.pool()).await.unwrap(), 66);
+    assert_eq!(stored(&db, "b").await, (Some("v".into()), 1));
+    assert_eq!(outbox::fetch(&db, 0, 1, 10).await.unwrap().len(), 2);
+    let positions = saga_runtime::storage::offsets::load(&db, "point")
+        .await
+        .unwrap();
+    assert_eq!(positions[&("exchange".to_string(), 0)], 70);
+
+    // The same 65 again: every step a duplicate, unexpected, and nothing of it stays.
+    let mut tx = db.begin().await.unwrap();
+    let locked = state::lock(&mut tx, "svc", &["c"]).await.unwrap();
+    let written = end::write(
+        &mut tx,
+        End {
+            service: "point",
+            steps: &many,
+            state: staged("c", locked),
+            deadlines: &[],
+            emitted: &[],
+            consumer: "point",
+            positions: &[],
+        },
+    )
+    .await
+    .unwrap();
+    assert!(written.is_err(), "duplicates must not pass");
+    tx.rollback().await.unwrap();
+    assert_eq!(stored(&db, "c").await, (None, 0));
+    t.drop_db().await;
+}
+
 /// Rows of `table` this transaction has read so far, by any scan (PostgreSQL's own counters
 /// of the transaction, `pg_stat_xact_user_tables`).
 async fn rows_read(tx: &mut saga_runtime::storage::Tx, table: &str) -> i64 {
