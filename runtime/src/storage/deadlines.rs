@@ -105,6 +105,11 @@ pub async fn set_all(conn: &mut Conn, all: &[Set], now_ms: i64) -> Result<(), Er
         }
     }
     let rows: Vec<&Set> = order.into_iter().map(|k| last[&k]).collect();
+    set_distinct(conn, &rows, now_ms).await
+}
+
+/// [`set_all`] on PostgreSQL for deadlines of which no two share a name of a saga.
+async fn set_distinct(conn: &mut Conn, rows: &[&Set], now_ms: i64) -> Result<(), Error> {
     for chunk in rows.chunks(SET_ROWS) {
         let query = super::query(&SETS).bind(now_ms).bind(sets_json(chunk));
         query.execute(&mut *conn).await?;
@@ -205,8 +210,7 @@ pub async fn apply_all(conn: &mut Conn, ops: &[Op], now_ms: i64) -> Result<Vec<i
         return Ok(opened);
     }
     let (sets, cancels) = collapse(ops);
-    let sets: Vec<Set> = sets.into_iter().cloned().collect();
-    set_all(conn, &sets, now_ms).await?;
+    set_distinct(conn, &sets, now_ms).await?;
     for chunk in cancels.chunks(SET_ROWS) {
         let query = super::query(cancel!()).bind(cancels_json(chunk));
         for row in query.fetch_all(&mut *conn).await? {

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{keyed, Conn, Dialect, Error, Keys};
+use super::{json_probes, keyed, Conn, Dialect, Error, Keys};
 use crate::wasm::Versioned;
 
 /// What to look up for one service at `now_ms`.
@@ -59,7 +59,6 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         let service = binds.one(Bind::Text(ask.service));
         let ids = binds.keys(dialect, ask.events);
         let found = keyed(
-            dialect,
             ("inbox", "event_id, outcome"),
             (&service, "event_id"),
             ids,
@@ -75,7 +74,7 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         let sagas = binds.keys(dialect, ask.ledger);
         let table = ("saga_ledger", "saga, compensated_by");
         let filter = "AND compensated_by IS NOT NULL";
-        let found = keyed(dialect, table, (&service, "saga"), sagas, filter);
+        let found = keyed(table, (&service, "saga"), sagas, filter);
         parts.push(format!(
             "SELECT 'closed', found.saga, found.compensated_by, CAST(NULL AS BIGINT), \
              CAST(NULL AS BYTEA) FROM {found}"
@@ -87,7 +86,7 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         let sagas = binds.keys(dialect, ask.held);
         let table = ("held_steps", "saga, until_ms");
         let filter = format!("AND until_ms > {now}");
-        let found = keyed(dialect, table, (&service, "saga"), sagas, &filter);
+        let found = keyed(table, (&service, "saga"), sagas, &filter);
         parts.push(format!(
             "SELECT 'held', found.saga, CAST(NULL AS TEXT), found.until_ms, \
              CAST(NULL AS BYTEA) FROM {found}"
@@ -98,7 +97,8 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         // Each saga looked up on its own (`super::probes`) on PostgreSQL.
         let (expired, due) = match dialect {
             Dialect::Postgres => {
-                let probes = binds.keys(dialect, ask.timed).probes();
+                let sagas = binds.one(Bind::Json(super::joint::json(ask.timed)));
+                let probes = json_probes(&sagas);
                 (
                     format!(
                         "{probes}, LATERAL (SELECT saga, expired_ms FROM sagas \
@@ -137,7 +137,7 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         let service = binds.one(Bind::Text(ask.service));
         let state = binds.keys(dialect, ask.state);
         let table = ("state", "key, value, version");
-        let found = keyed(dialect, table, (&service, "key"), state, "");
+        let found = keyed(table, (&service, "key"), state, "");
         parts.push(format!(
             "SELECT 'state', found.key, CAST(NULL AS TEXT), found.version, found.value \
              FROM {found}"

@@ -414,26 +414,19 @@ fn probes(params: impl IntoIterator<Item = String>) -> String {
     format!("(VALUES {}) AS probe(v)", rows.join(", "))
 }
 
-/// The values a [`keyed`] lookup looks for.
+/// The values a [`keyed`] lookup looks for, bound as its database takes them.
 enum Keys {
-    /// Each at its own placeholder.
-    Each(Vec<String>),
-    /// All in one JSON array bound at this placeholder (PostgreSQL): one statement shape for
-    /// any count, so a statement made of several such lookups is parsed and planned once per
-    /// connection, not once per combination of counts.
+    /// PostgreSQL: all in one JSON array bound at this placeholder, each looked up on its own
+    /// ([`probes`]). One statement shape for any count, so a statement made of several such
+    /// lookups is parsed and planned once per connection, not once per combination of counts.
     Json(String),
+    /// SQLite: each at its own placeholder, for an `IN (…)`.
+    Each(Vec<String>),
 }
 
-impl Keys {
-    /// `AS probe(v)`: the values as rows, for lookups of each on its own ([`probes`]).
-    fn probes(self) -> String {
-        match self {
-            Keys::Each(params) => probes(params),
-            Keys::Json(param) => {
-                format!("json_array_elements_text(CAST({param} AS json)) AS probe(v)")
-            }
-        }
-    }
+/// `AS probe(v)` rows ([`probes`]) from a JSON array bound at `param`.
+fn json_probes(param: &str) -> String {
+    format!("json_array_elements_text(CAST({param} AS json)) AS probe(v)")
 }
 
 /// A `FROM` item `found`: `columns` of the rows of `table` of `service` whose `column` is one
@@ -441,26 +434,21 @@ impl Keys {
 /// up on its own ([`probes`]); SQLite's planner always takes an `IN (…)` on the primary key
 /// through it.
 fn keyed(
-    dialect: Dialect,
     (table, columns): (&str, &str),
     (service, column): (&str, &str),
     values: Keys,
     filter: &str,
 ) -> String {
-    match (dialect, values) {
-        (Dialect::Postgres, values) => format!(
+    match values {
+        Keys::Json(param) => format!(
             "{}, LATERAL (SELECT {columns} FROM {table} WHERE service = {service} \
              AND {column} = probe.v {filter} OFFSET 0) AS found",
-            values.probes()
+            json_probes(&param)
         ),
-        (Dialect::Sqlite, Keys::Each(values)) => format!(
+        Keys::Each(values) => format!(
             "(SELECT {columns} FROM {table} WHERE service = {service} \
              AND {column} IN ({}) {filter}) AS found",
             values.join(", ")
-        ),
-        (Dialect::Sqlite, Keys::Json(param)) => format!(
-            "(SELECT {columns} FROM {table} WHERE service = {service} \
-             AND {column} IN (SELECT value FROM json_each({param})) {filter}) AS found"
         ),
     }
 }

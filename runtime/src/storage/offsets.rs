@@ -14,10 +14,19 @@ pub async fn advance(
     positions: &[(&str, i32, i64)],
 ) -> Result<(), Error> {
     for chunk in positions.chunks(CHUNK) {
-        let sql = advance_sql(chunk.len());
-        bound(super::query(&sql), service, chunk)
-            .execute(&mut *conn)
-            .await?;
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+            .collect();
+        let sql = format!(
+            "INSERT INTO consumer_offsets (service, topic, partition, next_offset) VALUES {} \
+             {UPSERT}",
+            values.join(", ")
+        );
+        let mut query = super::query(&sql).bind(service);
+        for (topic, partition, next) in chunk {
+            query = query.bind(*topic).bind(*partition).bind(*next);
+        }
+        query.execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -71,29 +80,6 @@ const UPSERT: &str = "ON CONFLICT (service, topic, partition) DO UPDATE SET \
 /// Positions per statement: 3 parameters each and the service, well inside every database's
 /// limit.
 const CHUNK: usize = 1000;
-
-fn advance_sql(positions: usize) -> String {
-    let values: Vec<String> = (0..positions)
-        .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
-        .collect();
-    format!(
-        "INSERT INTO consumer_offsets (service, topic, partition, next_offset) VALUES {} {UPSERT}",
-        values.join(", ")
-    )
-}
-
-/// `query` with the parameters of [`advance_sql`] bound.
-fn bound<'q>(
-    query: super::Query<'q>,
-    service: &str,
-    positions: &[(&str, i32, i64)],
-) -> super::Query<'q> {
-    let mut query = query.bind(service);
-    for (topic, partition, next) in positions {
-        query = query.bind(*topic).bind(*partition).bind(*next);
-    }
-    query
-}
 
 /// Every stored position of `service`.
 pub async fn load(db: &Db, service: &str) -> Result<HashMap<(String, i32), i64>, Error> {

@@ -47,8 +47,28 @@ pub async fn insert_all<M: Borrow<Message>>(
     rows: &[(M, i64)],
 ) -> Result<(), Error> {
     for chunk in rows.chunks(INSERT_CHUNK) {
-        let sql = insert_sql(chunk.len());
-        bound(super::query(&sql), chunk).execute(&mut *conn).await?;
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("({})", super::placeholders(1 + i * 7, 7)))
+            .collect();
+        let sql = format!(
+            "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms, bucket) \
+             VALUES {}",
+            values.join(", ")
+        );
+        let mut query = super::query(&sql);
+        for (message, created_ms) in chunk {
+            let message = message.borrow();
+            let headers = serde_json::to_string(&message.headers).expect("string pairs serialise");
+            query = query
+                .bind(&message.event_id)
+                .bind(&message.topic)
+                .bind(&message.key)
+                .bind(headers)
+                .bind(&message.payload)
+                .bind(*created_ms)
+                .bind(i64::from(bucket(&message.key)));
+        }
+        query.execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -102,38 +122,6 @@ struct JsonRow<'m> {
     payload: String,
     created_ms: i64,
     bucket: i64,
-}
-
-/// Insert `rows` rows, 7 parameters each.
-fn insert_sql(rows: usize) -> String {
-    let values: Vec<String> = (0..rows)
-        .map(|i| format!("({})", super::placeholders(1 + i * 7, 7)))
-        .collect();
-    format!(
-        "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms, bucket) \
-         VALUES {}",
-        values.join(", ")
-    )
-}
-
-/// `query` with the parameters of [`insert_sql`] for `rows` bound.
-fn bound<'q, M: Borrow<Message>>(
-    mut query: super::Query<'q>,
-    rows: &[(M, i64)],
-) -> super::Query<'q> {
-    for (message, created_ms) in rows {
-        let message = message.borrow();
-        let headers = serde_json::to_string(&message.headers).expect("string pairs serialise");
-        query = query
-            .bind(&message.event_id)
-            .bind(&message.topic)
-            .bind(&message.key)
-            .bind(headers)
-            .bind(&message.payload)
-            .bind(*created_ms)
-            .bind(i64::from(bucket(&message.key)));
-    }
-    query
 }
 
 /// Rows per multi-row insert: 7 binds each, well under SQLite's and PostgreSQL's bind limits.

@@ -323,7 +323,7 @@ impl Worker {
     /// An event's statements on `conn`: the fences, its inbox record, then its effects (or
     /// its dead letter). Nothing here is undone: the caller decides. With `batched` (a batch
     /// on PostgreSQL), a forward step's fences and record and every state write are left to
-    /// the batch's end (`Batched::write`).
+    /// the batch's end (`storage::end::write`).
     async fn steps(
         &self,
         conn: &mut storage::Conn,
@@ -346,7 +346,7 @@ impl Worker {
         };
         let outcome = match step {
             // Left to the batch's end: applied (compensated) as the door found it, which
-            // `Batched::write` checks still holds.
+            // `storage::end::write` checks still holds.
             Some(outcome) => outcome,
             None => {
                 let (outcome, detail) = match (verdict, &item.event) {
