@@ -260,6 +260,11 @@ pub async fn start(options: Options) -> Result<Handle, Error> {
         },
     };
     tasks.spawn(cleaner.run());
+    let keeper = crate::storage::statistics::Keeper {
+        db: shared.db.clone(),
+        stop: shared.shutdown.clone(),
+    };
+    tasks.spawn(keeper.run());
     let router = crate::ingress::router(shared.clone());
     let stop = shared.shutdown.clone();
     tasks.spawn(async move {

@@ -1568,6 +1568,86 @@ async fn a_batchs_end_sets_apart_what_cannot_share_its_statement() {
     t.drop_db().await;
 }
 
+/// Each PostgreSQL connection plans a prepared statement once, for the table's size then
+/// (`storage::GENERIC_PLANS`): the relay's marking of published rows, first run on a nearly
+/// empty outbox (analyzed so, as autovacuum does a new table after its first 50 changes), kept
+/// reading the whole table as it grew. Once the table changed by more rows
+/// than it had when last analyzed, `storage::statistics::refresh` analyzes it, and the same
+/// statement on the same connection is planned again: it reads its row by the primary key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_made_while_a_table_was_small_is_made_again_once_it_grew() {
+    use saga_runtime::storage::statistics;
+    let test_db = TestDb::new(Backend::Postgres).await;
+    // One connection: the plan looked at is the one the statements before made.
+    let db = Db::connect(&test_db.url, 1).await.unwrap();
+    let run = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            saga_runtime::storage::query(sql)
+                .execute(db.pool())
+                .await
+                .unwrap();
+        }
+    };
+    // Autovacuum must not analyze it first.
+    run("ALTER TABLE outbox SET (autovacuum_enabled = false)").await;
+    let insert = "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms) \
+                  SELECT 'e' || i, 'order', 'k' || i, '[]', '', 0 FROM generate_series(1, $1) AS i";
+    let rows = |n: i64| saga_runtime::storage::query(insert).bind(n);
+    rows(4).execute(db.pool()).await.unwrap();
+    run("ANALYZE outbox").await;
+    assert!(statistics::refresh(&db, statistics::FLOOR)
+        .await
+        .unwrap()
+        .is_empty());
+    // The relay's marking of four rows, in a transaction so that its reads can be counted: how
+    // many rows of the outbox it read.
+    let mark = |id: i64| {
+        let db = db.clone();
+        async move {
+            let mut tx = db.begin().await.unwrap();
+            let sql = "UPDATE outbox SET published_ms = $1 WHERE id IN ($2, $3, $4, $5)";
+            (id..id + 4)
+                .fold(saga_runtime::storage::query(sql).bind(1_000i64), |q, id| {
+                    q.bind(id)
+                })
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let read = rows_read(&mut tx, "outbox").await;
+            tx.commit().await.unwrap();
+            read
+        }
+    };
+    assert!(mark(1).await <= 4);
+    rows(20_000).execute(db.pool()).await.unwrap();
+    let before = mark(100).await;
+    assert!(
+        before > 20_000,
+        "the plan made at 3 rows reads them all: {before}"
+    );
+    // Once PostgreSQL's counters have the changes (a backend reports them at most once a
+    // second).
+    common::eventually("the outbox to be analyzed", || async {
+        match statistics::refresh(&db, statistics::FLOOR).await.unwrap() {
+            analyzed if analyzed.is_empty() => Err("not yet".to_string()),
+            analyzed if analyzed == ["outbox"] => Ok(()),
+            analyzed => panic!("only the outbox changed: {analyzed:?}"),
+        }
+    })
+    .await;
+    let after = mark(200).await;
+    assert!(
+        after <= 4,
+        "planned again, by the primary key: {after} rows read"
+    );
+    assert!(statistics::refresh(&db, statistics::FLOOR)
+        .await
+        .unwrap()
+        .is_empty());
+    test_db.drop_db().await;
+}
+
 /// Rows of `table` this transaction has read so far, by any scan (PostgreSQL's own counters
 /// of the transaction, `pg_stat_xact_user_tables`).
 async fn rows_read(tx: &mut saga_runtime::storage::Tx, table: &str) -> i64 {

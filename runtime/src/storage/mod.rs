@@ -45,6 +45,7 @@ pub mod outbox;
 pub mod recordings;
 pub mod sagas;
 pub mod state;
+pub mod statistics;
 pub mod step;
 
 mod native;
