@@ -43,7 +43,8 @@ pub const FLOOR: i64 = 1000;
 const EVERY: Duration = Duration::from_secs(5);
 
 /// Analyze the [`TABLES`] that changed by more rows than they had when last analyzed (at least
-/// `floor`); the ones analyzed. A table another session is analyzing is skipped.
+/// `floor`); the ones found so. A table another session is analyzing at that moment (another
+/// instance's keeper, autovacuum) is skipped, its statistics being made anyway.
 pub async fn refresh(db: &Db, floor: i64) -> Result<Vec<String>, Error> {
     if db.dialect() != Dialect::Postgres {
         return Ok(Vec::new());
