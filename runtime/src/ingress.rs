@@ -153,11 +153,19 @@ pub(crate) async fn read_body(
     limit: usize,
     key: &str,
 ) -> Result<Bytes, Response> {
+    // The rest of the body stays unread, so the connection cannot carry another request:
+    // `Connection: close` tells the client so (without it, a client that pooled the connection
+    // sent its next request into a socket the server was closing, and got a broken pipe).
     let too_large = |size: &str| {
-        json_error(
+        let mut response = json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body is {size} bytes, over the limit of {limit} (limits.{key})"),
-        )
+        );
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        response
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)

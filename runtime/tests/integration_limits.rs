@@ -29,7 +29,12 @@ async fn an_order_is_still_approved(rt: &TestRuntime, user: &str) {
     order_status(rt, order["id"].as_str().unwrap(), "APPROVED").await;
 }
 
-async fn post_raw(rt: &TestRuntime, path: &str, body: Vec<u8>) -> (u16, Value) {
+/// `POST` a body as is: the status, the headers and the JSON reply (`null` if none).
+async fn post_raw(
+    rt: &TestRuntime,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let resp = rt
         .http
         .post(format!("{}{path}", rt.base))
@@ -39,7 +44,8 @@ async fn post_raw(rt: &TestRuntime, path: &str, body: Vec<u8>) -> (u16, Value) {
         .await
         .unwrap();
     let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    let headers = resp.headers().clone();
+    (status, headers, resp.json().await.unwrap_or(Value::Null))
 }
 
 /// The outage of issue 11: a 1.5 MB `holderId` was accepted and then stopped the relay for
@@ -47,10 +53,17 @@ async fn post_raw(rt: &TestRuntime, path: &str, body: Vec<u8>) -> (u16, Value) {
 async fn an_oversized_request_is_refused_with_413_and_sagas_keep_going(backend: Backend) {
     let rt = TestRuntime::start(backend, SERVICES).await;
     let body = json!({"holderId": "h".repeat(1_500_000), "currencyId": 1, "amount": 500});
-    let (status, reply) = post_raw(&rt, "/orders", serde_json::to_vec(&body).unwrap()).await;
+    let (status, headers, reply) =
+        post_raw(&rt, "/orders", serde_json::to_vec(&body).unwrap()).await;
     assert_eq!(status, 413, "{reply}");
     let error = reply["error"].as_str().unwrap();
     assert!(error.contains("limits.request_body_bytes"), "{error}");
+    // The body was left unread: the client must not send another request on this connection
+    // (the next one, pooled onto it, sometimes met a broken pipe).
+    assert_eq!(
+        headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     assert_eq!(outbox::len(rt.handle.db()).await.unwrap(), 0);
     an_order_is_still_approved(&rt, "after-413").await;
     rt.stop().await;
