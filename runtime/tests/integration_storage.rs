@@ -349,6 +349,71 @@ async fn the_outbox_returns_rows_in_storage_order(backend: Backend) {
     t.drop_db().await;
 }
 
+/// The relay's round: the rows it last sent are marked (kept as published, or deleted with no
+/// republish window) and the next waiting rows read, without the marked ones; other slots'
+/// rows are neither marked nor read.
+async fn the_relay_marks_its_last_batch_as_it_reads_the_next(backend: Backend) {
+    let (t, db) = open(backend).await;
+    let mut tx = db.begin().await.unwrap();
+    let (mine, other) = ("saga-a", "saga-b");
+    assert_ne!(
+        outbox::bucket(mine) % 2,
+        outbox::bucket(other) % 2,
+        "two slots"
+    );
+    for i in 0..6 {
+        let m = outbox::Message {
+            event_id: format!("e{i}"),
+            topic: "t".into(),
+            key: if i == 5 { other } else { mine }.into(),
+            headers: Vec::new(),
+            payload: vec![i as u8],
+        };
+        outbox::insert(&mut tx, &m, 0).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let slot = (outbox::bucket(mine) % 2, 2);
+    let names = |rows: &[outbox::Row]| -> Vec<String> {
+        rows.iter().map(|r| r.message.event_id.clone()).collect()
+    };
+    let first = outbox::mark_and_fetch(&db, &[], Some(100), slot, 2)
+        .await
+        .unwrap();
+    assert_eq!(names(&first), ["e0", "e1"]);
+    let sent: Vec<i64> = first.iter().map(|r| r.id).collect();
+    let second = outbox::mark_and_fetch(&db, &sent, Some(100), slot, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&second),
+        ["e2", "e3"],
+        "the marked rows are not read again"
+    );
+    assert_eq!(
+        outbox::len(&db).await.unwrap(),
+        4,
+        "e2–e5 wait; e0, e1 are kept, published"
+    );
+    let sent: Vec<i64> = second.iter().map(|r| r.id).collect();
+    let third = outbox::mark_and_fetch(&db, &sent, None, slot, 2)
+        .await
+        .unwrap();
+    assert_eq!(names(&third), ["e4"]);
+    assert_eq!(
+        outbox::len(&db).await.unwrap(),
+        2,
+        "e4 and the other slot's e5 wait"
+    );
+    assert_eq!(
+        outbox::sweep(&db, slot.0, 2, 1_000).await.unwrap(),
+        2,
+        "e0 and e1 were kept as published; e2 and e3 were deleted"
+    );
+    let others = outbox::fetch(&db, (slot.0 + 1) % 2, 2, 10).await.unwrap();
+    assert_eq!(names(&others), ["e5"]);
+    t.drop_db().await;
+}
+
 /// Published rows stay, marked, until swept; `unpublish` puts those published since a moment
 /// back in line (in their places: the relay takes them before newer rows), `sweep` deletes
 /// the older ones.
@@ -920,6 +985,7 @@ on_both_backends!(
     the_outbox_returns_rows_in_storage_order,
     each_relay_slot_gets_the_rows_of_its_keys,
     published_rows_wait_again_after_a_loss_and_are_swept_after_the_window,
+    the_relay_marks_its_last_batch_as_it_reads_the_next,
     a_lease_has_one_holder_until_it_expires,
 );
 
