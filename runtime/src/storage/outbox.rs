@@ -150,13 +150,7 @@ impl Message {
 /// PostgreSQL before 18 plans again on every call: 0.3 ms a fetch, a fifth of the database's
 /// time at 8 bench clients.)
 pub async fn fetch(db: &Db, slot: u32, slots: u32, limit: u32) -> Result<Vec<Row>, Error> {
-    let rows = super::query(fetch_sql(db.dialect()))
-        .bind(i64::from(slots.max(1)))
-        .bind(i64::from(slot))
-        .bind(limit as i64)
-        .fetch_all(db.pool())
-        .await?;
-    rows.iter().map(decode).collect()
+    mark_and_fetch(db, &[], None, (slot, slots), limit).await
 }
 
 /// Mark the rows `sent` (published at `published_ms`, or deleted if `None`: no republish
@@ -170,29 +164,27 @@ pub async fn mark_and_fetch(
     (slot, slots): (u32, u32),
     limit: u32,
 ) -> Result<Vec<Row>, Error> {
-    if sent.is_empty() {
-        return fetch(db, slot, slots, limit).await;
-    }
-    if db.dialect() == super::Dialect::Sqlite || sent.len() > MARK_CHUNK {
+    let dialect = db.dialect();
+    let mut query = if dialect == super::Dialect::Postgres && sent.len() <= MARK_CHUNK {
+        super::query("SELECT * FROM outbox_mark_and_fetch(CAST($1 AS json), $2, $3, $4, $5)")
+            .bind(super::joint::json(sent))
+            .bind(published_ms)
+    } else {
         match published_ms {
             Some(at) => published(db, sent, at).await?,
             None => delete(db, sent).await?,
         }
-        return fetch(db, slot, slots, limit).await;
-    }
-    let rows =
-        super::query("SELECT * FROM outbox_mark_and_fetch(CAST($1 AS json), $2, $3, $4, $5)")
-            .bind(super::joint::json(sent))
-            .bind(published_ms)
-            .bind(i64::from(slots.max(1)))
-            .bind(i64::from(slot))
-            .bind(limit as i64)
-            .fetch_all(db.pool())
-            .await?;
+        super::query(fetch_sql(dialect))
+    };
+    query = query
+        .bind(i64::from(slots.max(1)))
+        .bind(i64::from(slot))
+        .bind(limit as i64);
+    let rows = query.fetch_all(db.pool()).await?;
     rows.iter().map(decode).collect()
 }
 
-/// The statement [`fetch`] runs (slots, slot, limit bound as `$1`–`$3`).
+/// The outbox read of [`fetch`] with nothing to mark (slots, slot, limit bound as `$1`–`$3`).
 pub fn fetch_sql(dialect: super::Dialect) -> &'static str {
     match dialect {
         super::Dialect::Postgres => {
