@@ -61,8 +61,10 @@ async fn authorised_body(
     body: Body,
 ) -> Result<Bytes, Response> {
     if let Some(refused) = refuse(shared, headers) {
-        discard(headers, body).await;
-        return Err(refused);
+        return Err(match discard(headers, body).await {
+            true => refused,
+            false => crate::ingress::closing(refused),
+        });
     }
     let limit = shared.config.limits.admin_body_bytes;
     crate::ingress::read_body(headers, body, limit, "admin_body_bytes").await
@@ -73,17 +75,19 @@ async fn authorised_body(
 const DISCARD_BYTES: usize = 1 << 20;
 
 /// Read and drop a refused call's body if it is small (at most [`DISCARD_BYTES`], for at most
-/// two seconds); a larger one is not read at all and its connection is closed.
-async fn discard(headers: &HeaderMap, body: Body) {
+/// two seconds); a larger one is not read at all and its connection is closed. Whether all of
+/// it was read.
+async fn discard(headers: &HeaderMap, body: Body) -> bool {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > DISCARD_BYTES) {
-        return;
+        return false;
     }
     let read = axum::body::to_bytes(body, DISCARD_BYTES);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
+    let read = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
+    matches!(read, Ok(Ok(_)))
 }
 
 /// An admin call's JSON body, after the token (see [`authorised_body`]).

@@ -145,6 +145,17 @@ fn unavailable(message: impl Into<String>) -> Response {
     response
 }
 
+/// `response` with `Connection: close`, for a request whose body is left unread: the
+/// connection cannot carry another request, and without it a client that pooled the connection
+/// sent its next request into a socket the server was closing, and got a broken pipe.
+pub(crate) fn closing(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    response
+}
+
 /// Read a request body of at most `limit` bytes (`limits.<key>`): a declared length over it is
 /// refused before anything is read, a body that turns out longer as soon as it passes it.
 pub(crate) async fn read_body(
@@ -153,19 +164,11 @@ pub(crate) async fn read_body(
     limit: usize,
     key: &str,
 ) -> Result<Bytes, Response> {
-    // The rest of the body stays unread, so the connection cannot carry another request:
-    // `Connection: close` tells the client so (without it, a client that pooled the connection
-    // sent its next request into a socket the server was closing, and got a broken pipe).
     let too_large = |size: &str| {
-        let mut response = json_error(
+        closing(json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body is {size} bytes, over the limit of {limit} (limits.{key})"),
-        );
-        response.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        response
+        ))
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)

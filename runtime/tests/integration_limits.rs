@@ -249,6 +249,13 @@ async fn the_admin_api_refuses_a_wrong_token_before_reading_the_body() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // The body is left unread: the connection carries no other request.
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{answer}"
+    );
     rt.stop().await;
 }
 
