@@ -351,10 +351,7 @@ impl Marking {
 
     /// Mark `ids` in a statement of their own.
     async fn mark(ctx: &Context, window: i64, ids: &[i64]) -> Result<(), crate::storage::Error> {
-        match Marking::stamp(ctx, window) {
-            None => outbox::delete(&ctx.db, ids).await,
-            Some(at) => outbox::published(&ctx.db, ids, at).await,
-        }
+        outbox::mark(&ctx.db, ids, Marking::stamp(ctx, window)).await
     }
 
     /// The rows of a batch Kafka committed are to be marked.

@@ -165,15 +165,12 @@ pub async fn mark_and_fetch(
     limit: u32,
 ) -> Result<Vec<Row>, Error> {
     let dialect = db.dialect();
-    let mut query = if dialect == super::Dialect::Postgres && sent.len() <= MARK_CHUNK {
+    let mut query = if dialect == super::Dialect::Postgres {
         super::query("SELECT * FROM outbox_mark_and_fetch(CAST($1 AS json), $2, $3, $4, $5)")
             .bind(super::joint::json(sent))
             .bind(published_ms)
     } else {
-        match published_ms {
-            Some(at) => published(db, sent, at).await?,
-            None => delete(db, sent).await?,
-        }
+        mark(db, sent, published_ms).await?;
         super::query(fetch_sql(dialect))
     };
     query = query
@@ -353,18 +350,23 @@ pub async fn delete(db: &Db, ids: &[i64]) -> Result<(), Error> {
     by_ids(db, "DELETE FROM outbox", None, ids).await
 }
 
-/// Ids per marking statement.
-const MARK_CHUNK: usize = 500;
+/// Mark rows published at `published_ms` ([`published`]), or delete them if `None` (no
+/// republish window).
+pub async fn mark(db: &Db, ids: &[i64], published_ms: Option<i64>) -> Result<(), Error> {
+    match published_ms {
+        Some(at) => published(db, ids, at).await,
+        None => delete(db, ids).await,
+    }
+}
 
-/// `statement WHERE id IN (…)` over `ids`, [`MARK_CHUNK`] at a time, with `first` bound as `$1`
-/// if given.
+/// `statement WHERE id IN (…)` over `ids`, 500 at a time, with `first` bound as `$1` if given.
 async fn by_ids(db: &Db, statement: &str, first: Option<i64>, ids: &[i64]) -> Result<(), Error> {
     if ids.is_empty() {
         return Ok(());
     }
     let _gate = db.write_gate().await;
     let from = 1 + usize::from(first.is_some());
-    for chunk in ids.chunks(MARK_CHUNK) {
+    for chunk in ids.chunks(500) {
         let sql = format!(
             "{statement} WHERE id IN ({})",
             super::placeholders(from, chunk.len())
