@@ -19,7 +19,8 @@
 //! Reported per run: sagas/s; client-side latency (POST → seen settled) and host-side latency
 //! (the order guest's `createdMs` → `updatedMs`, host clock) p50/p95/p99; HTTP errors by
 //! status; CPU of the runtime, of the broker and (PostgreSQL) of the database server per saga
-//! (/proc, user + system) and how busy the whole machine was (`/proc/stat`); Kafka
+//! (/proc, user + system), how busy the whole machine was (`/proc/stat`) and how fast it was
+//! just before the run (`machine_probe`, for comparing runs taken minutes apart); Kafka
 //! transactions and events handled per saga (the runtime's `/_saga/stats`); on PostgreSQL the
 //! database transactions per event (`pg_stat_database`). `--backend sqlite,postgres` (both by
 //! default), `--short` for CI's quick form.
@@ -414,6 +415,29 @@ fn machine_ticks() -> (f64, f64) {
     (total - idle, total)
 }
 
+/// How fast this machine is right now, measured while nothing of the benchmark runs: random
+/// 8-byte updates in a 32 MiB table on one thread for 300 ms, in millions per second. The
+/// machine's speed swings by up to 2× within minutes (its neighbours); a run's figures compare
+/// with another's only at a similar probe.
+fn machine_probe() -> f64 {
+    const SLOTS: usize = 1 << 22;
+    let mut table: Vec<u64> = (0..SLOTS as u64).collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let (started, mut updates) = (Instant::now(), 0u64);
+    while started.elapsed() < Duration::from_millis(300) {
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let i = (x as usize) & (SLOTS - 1);
+            table[i] = table[i].wrapping_add(x);
+        }
+        updates += 10_000;
+    }
+    std::hint::black_box(&table);
+    updates as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
 async fn pg_transactions(db: &TestDb) -> Option<i64> {
     if !db.url.starts_with("postgres") {
         return None;
@@ -448,6 +472,9 @@ fn round1(x: f64) -> f64 {
 
 /// Run one load against `target` and report it.
 async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
+    let probe = tokio::task::spawn_blocking(machine_probe)
+        .await
+        .unwrap_or(f64::NAN);
     let stats_before = target.stats().await;
     let metrics_before = target.metrics().await;
     let pg_before = pg_transactions(&target.db).await;
@@ -561,6 +588,7 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         },
         // The share of the machine's CPU time in use during the run, by any process.
         "machineBusy": round(machine_busy, 2),
+        "machineProbeMops": round1(probe),
         "kafkaTransactionsPerSaga": round(per_saga(delta("relay_batches")), 2),
         "eventsPerSaga": round(per_saga(events), 2),
         "conflictRerunsPerSaga": round(per_saga(delta("conflicts")), 2),
@@ -589,6 +617,7 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
     });
     let mut report = report;
     report["hopsP50Ms"] = hops(target, &tally.samples).await;
+    report["slowest"] = slowest(target, &tally.samples).await;
     target.placed.lock().unwrap().extend(tally.placed);
     report
 }
@@ -604,26 +633,9 @@ async fn hops(target: &Target, samples: &[Sample]) -> Value {
     let every = samples.len().div_ceil(HOP_SAMPLES).max(1);
     let mut paths: HashMap<Vec<String>, Vec<Vec<f64>>> = HashMap::new();
     for s in samples.iter().step_by(every) {
-        let url = format!("/sagas/{}", s.id);
-        let timeline = common::get_json(&target.http, &target.instance.base, &url).await;
-        let Some(events) = timeline["events"].as_array() else {
-            continue;
-        };
-        let (mut names, mut times, mut before) = (Vec::new(), Vec::new(), s.created_ms);
-        for e in events
-            .iter()
-            .filter(|e| e["outcome"] != "duplicate" && e["outcome"] != "failed")
-        {
-            let at = e["handledMs"].as_i64().unwrap_or(before);
-            names.push(format!(
-                "{}:{}",
-                e["service"].as_str().unwrap_or(""),
-                e["eventType"].as_str().unwrap_or("")
-            ));
-            times.push((at - before) as f64);
-            before = at;
+        if let Some((names, times)) = steps(target, s).await {
+            paths.entry(names).or_default().push(times);
         }
-        paths.entry(names).or_default().push(times);
     }
     let sampled: usize = paths.values().map(Vec::len).sum();
     let Some((names, sagas)) = paths.into_iter().max_by_key(|(_, sagas)| sagas.len()) else {
@@ -639,6 +651,53 @@ async fn hops(target: &Target, samples: &[Sample]) -> Value {
         })
         .collect();
     json!({"sagas": sagas.len(), "of": sampled, "hops": hops})
+}
+
+/// Sagas shown by `slowest`.
+const SLOWEST: usize = 5;
+
+/// Where the time of the run's slowest sagas (host side) went: each one's host-side time and
+/// its steps as `hops` reads them, slowest first. A tail the p50 path does not show.
+async fn slowest(target: &Target, samples: &[Sample]) -> Value {
+    let mut by_time: Vec<&Sample> = samples.iter().collect();
+    by_time.sort_by(|a, b| b.host_ms.total_cmp(&a.host_ms));
+    let mut shown = Vec::new();
+    for s in by_time.into_iter().take(SLOWEST) {
+        let Some((names, times)) = steps(target, s).await else {
+            continue;
+        };
+        let steps: Vec<Value> = names
+            .iter()
+            .zip(&times)
+            .map(|(n, t)| json!([n, t]))
+            .collect();
+        shown.push(json!({"hostMs": s.host_ms, "steps": steps}));
+    }
+    json!(shown)
+}
+
+/// One saga's steps from its timeline (`GET /sagas/{id}`): each step a service handled
+/// (`service:type`, in the order handled) and the milliseconds since the step before (the first:
+/// since the order's creation). Duplicates and failed attempts left out.
+async fn steps(target: &Target, s: &Sample) -> Option<(Vec<String>, Vec<f64>)> {
+    let url = format!("/sagas/{}", s.id);
+    let timeline = common::get_json(&target.http, &target.instance.base, &url).await;
+    let events = timeline["events"].as_array()?;
+    let (mut names, mut times, mut before) = (Vec::new(), Vec::new(), s.created_ms);
+    for e in events
+        .iter()
+        .filter(|e| e["outcome"] != "duplicate" && e["outcome"] != "failed")
+    {
+        let at = e["handledMs"].as_i64().unwrap_or(before);
+        names.push(format!(
+            "{}:{}",
+            e["service"].as_str().unwrap_or(""),
+            e["eventType"].as_str().unwrap_or("")
+        ));
+        times.push((at - before) as f64);
+        before = at;
+    }
+    Some((names, times))
 }
 
 /// The `_sum` and `_count` of histogram `name` in a Prometheus exposition, added over its
@@ -676,7 +735,7 @@ fn merge(into: &Mutex<Tally>, mine: Tally) {
 fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
-         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms database {} ms  machine busy {}  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  write gate busy {}  \
+         shed {}  errors {}  cpu/saga runtime {} ms broker {} ms database {} ms  machine busy {} probe {}  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  write gate busy {}  \
          conflicts/saga {}  recommits/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}  hops p50 ms {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
@@ -687,13 +746,32 @@ fn print(backend: Backend, r: &Value) {
         r["shedAndRetried"],
         r["errors"],
         r["runtimeCpuMsPerSaga"], r["brokerCpuMsPerSaga"], r["databaseCpuMsPerSaga"],
-        r["machineBusy"],
+        r["machineBusy"], r["machineProbeMops"],
         r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbStatementsPerEvent"],
         r["dbTransactionsPerEvent"], r["writeGateBusy"],
         r["conflictRerunsPerSaga"], r["recommitsPerSaga"], r["runtimeContextSwitchesPerSaga"],
         r["stageMeanMs"]["ingressWait"], r["stageMeanMs"]["relay"],
         r["stageMeanMs"]["delivery"], r["stageMeanMs"]["handling"],
         r["hopsP50Ms"],
+    );
+    let slowest: Vec<String> = r["slowest"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|saga| {
+            let steps: Vec<String> = saga["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|step| format!("{} {}", step[0].as_str().unwrap_or(""), step[1]))
+                .collect();
+            format!("{} ({})", saga["hostMs"], steps.join(", "))
+        })
+        .collect();
+    println!(
+        "{:<9} slowest sagas, host ms (steps ms): {}",
+        format!("{backend:?}"),
+        slowest.join("; ")
     );
 }
 
