@@ -116,11 +116,6 @@ struct Rest {
     doorbell: Doorbell,
 }
 
-/// How long the request that wakes librdkafka's broker thread may wait for its answer (see
-/// `Consumer::seek_and_wake`): one round trip to the broker, this long only when it does not
-/// answer. Asked only when every partition sought is at offset 0.
-const WAKE_WAIT: Duration = Duration::from_millis(10);
-
 /// One assigned partition, as the consumer and its watchdog see it.
 #[derive(Debug)]
 struct Lane {
@@ -549,15 +544,10 @@ impl Consumer {
     /// Seek partitions to fetch from there at once. A seek wakes librdkafka's broker thread
     /// (one woken thread fetches every partition), except a seek to offset 0: librdkafka takes
     /// that as the next position without the validation that wakes the thread. So when every
-    /// seek is to 0, a request to the broker wakes it: an offsets query whose answer is
-    /// dropped. Without it a consumer whose partitions all rested at 0 — a service that had had
-    /// no event yet — fetched again only when the thread's sleep ended: ~1 s per hop, ~2.6 s
-    /// for the first sagas after a start. The query waits up to [`WAKE_WAIT`] for its answer
-    /// (one round trip, blocking this thread): asked with a zero timeout it was often timed out
-    /// before it was sent (librdkafka's `REQTMOUT … 1 out-queue`) and woke nothing, and the
-    /// first sagas of 4 in 8 benchmark runs waited ~0.5 s at their first hop (README,
-    /// eighteenth session). Seeking to the logical beginning instead does not wake the thread
-    /// at all (every run stalled ~2.2 s).
+    /// seek is to 0, a request to the broker wakes it (the zero timeout sends the offsets query
+    /// and returns at once; its answer is dropped). Without it a consumer whose partitions all
+    /// rested at 0 — a service that had had no event yet — fetched again only when the thread's
+    /// sleep ended: ~1 s per hop, ~2.6 s for the first sagas after a start.
     fn seek_and_wake<'a>(&self, seeks: impl IntoIterator<Item = (&'a str, i32, i64)>, why: &str) {
         let (mut first, mut woken) = (None, false);
         for (topic, partition, offset) in seeks {
@@ -566,7 +556,9 @@ impl Consumer {
             first = first.or(Some((topic, partition)));
         }
         if let Some((topic, partition)) = first.filter(|_| !woken) {
-            let _ = self.inner.fetch_watermarks(topic, partition, WAKE_WAIT);
+            let _ = self
+                .inner
+                .fetch_watermarks(topic, partition, Duration::ZERO);
         }
     }
 
