@@ -417,8 +417,8 @@ fn machine_ticks() -> (f64, f64) {
 
 /// How fast this machine is right now, measured while nothing of the benchmark runs: random
 /// 8-byte updates in a 32 MiB table on one thread for 300 ms, in millions per second. The
-/// machine's speed swings by up to 2× within minutes (its neighbours); a run's figures compare
-/// with another's only at a similar probe.
+/// machine's speed swings by up to 2× within minutes (its neighbours): compare runs at similar
+/// probes (it tracks their speed loosely, README).
 fn machine_probe() -> f64 {
     const SLOTS: usize = 1 << 22;
     let mut table: Vec<u64> = (0..SLOTS as u64).collect();

@@ -61,9 +61,11 @@ async fn authorised_body(
     body: Body,
 ) -> Result<Bytes, Response> {
     if let Some(refused) = refuse(shared, headers) {
-        return Err(match discard(headers, body).await {
-            true => refused,
-            false => crate::ingress::closing(refused),
+        let read = discard(headers, body).await;
+        return Err(if read {
+            refused
+        } else {
+            crate::ingress::closing(refused)
         });
     }
     let limit = shared.config.limits.admin_body_bytes;

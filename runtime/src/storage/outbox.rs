@@ -127,6 +127,9 @@ struct JsonRow<'m> {
 /// Rows per multi-row insert: 7 binds each, well under SQLite's and PostgreSQL's bind limits.
 const INSERT_CHUNK: usize = 500;
 
+/// Ids per `WHERE id IN (…)` statement (one bind each), well under the bind limits.
+const IDS_PER_STATEMENT: usize = 500;
+
 /// Insert one row.
 pub async fn insert(conn: &mut Conn, message: &Message, created_ms: i64) -> Result<(), Error> {
     insert_all(conn, &[(message, created_ms)]).await
@@ -285,7 +288,7 @@ pub async fn unpark(db: &Db, ids: Option<&[i64]>, now_ms: i64) -> Result<u64, Er
         }
     };
     let mut moved = 0;
-    for chunk in ids.chunks(500) {
+    for chunk in ids.chunks(IDS_PER_STATEMENT) {
         let mut tx = db.begin().await?;
         let insert = format!(
             "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms, bucket) \
@@ -359,14 +362,15 @@ pub async fn mark(db: &Db, ids: &[i64], published_ms: Option<i64>) -> Result<(),
     }
 }
 
-/// `statement WHERE id IN (…)` over `ids`, 500 at a time, with `first` bound as `$1` if given.
+/// `statement WHERE id IN (…)` over `ids`, [`IDS_PER_STATEMENT`] at a time, with `first` bound
+/// as `$1` if given.
 async fn by_ids(db: &Db, statement: &str, first: Option<i64>, ids: &[i64]) -> Result<(), Error> {
     if ids.is_empty() {
         return Ok(());
     }
     let _gate = db.write_gate().await;
     let from = 1 + usize::from(first.is_some());
-    for chunk in ids.chunks(500) {
+    for chunk in ids.chunks(IDS_PER_STATEMENT) {
         let sql = format!(
             "{statement} WHERE id IN ({})",
             super::placeholders(from, chunk.len())
