@@ -2,10 +2,11 @@
 //! answers (migrations run at connect, before anything serves), every installed service has
 //! its partition ownership settled at least once and its consumer has had a fetch answered
 //! since (it reads, not only holds, its partitions), and the relay knows which of its slots
-//! it holds. `503` with the same JSON detail while not ready. Open without the admin token, like
+//! it holds and has a producer for each (connected: a new one takes up to ~0.5 s, which the
+//! first events would otherwise wait for). `503` with the same JSON detail while not ready. Open without the admin token, like
 //! the other read-only views.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -22,6 +23,8 @@ pub struct Board {
     fetched: Mutex<BTreeMap<String, Arc<AtomicBool>>>,
     /// The relay slots held here and how many there are; `None` until the relay first looked.
     relay: Mutex<Option<(Vec<u32>, u32)>>,
+    /// The relay slots whose loop has made its producer since the slot was taken.
+    publishing: Mutex<BTreeSet<u32>>,
 }
 
 impl Board {
@@ -50,6 +53,16 @@ impl Board {
     /// The relay checked its slot leases: it holds `held` of `of` slots.
     pub fn relay(&self, held: Vec<u32>, of: u32) {
         *self.relay.lock().expect("board lock") = Some((held, of));
+    }
+
+    /// Relay slot `slot` has made its producer (`true`), or was taken anew (`false`).
+    pub fn publishing(&self, slot: u32, ready: bool) {
+        let mut publishing = self.publishing.lock().expect("board lock");
+        if ready {
+            publishing.insert(slot);
+        } else {
+            publishing.remove(&slot);
+        }
     }
 
     /// Readiness with its detail, given the installed services and a database check (its
@@ -92,8 +105,19 @@ impl Board {
             }
         }
         let relay = self.relay.lock().expect("board lock").clone();
+        let publishing = self.publishing.lock().expect("board lock").clone();
         let relay = match relay {
-            Some((held, of)) => json!({"slots": of, "held": held}),
+            Some((held, of)) => {
+                if let Some(slot) = held.iter().find(|s| !publishing.contains(s)) {
+                    waiting.push(format!("relay slot {slot} has no producer yet"));
+                }
+                let publishing: Vec<u32> = held
+                    .iter()
+                    .copied()
+                    .filter(|s| publishing.contains(s))
+                    .collect();
+                json!({"slots": of, "held": held, "publishing": publishing})
+            }
             None => {
                 waiting.push("the relay has not checked its slot leases yet".into());
                 json!({"slots": null, "held": null})
@@ -149,7 +173,15 @@ mod tests {
         assert_eq!(detail["services"]["order"]["reading"], false);
         fetched.store(true, Ordering::Relaxed);
         let (ready, detail) = board.ready(&services, Ok(()), took);
+        assert!(
+            !ready,
+            "reading but the relay slot has no producer yet: {detail}"
+        );
+        assert_eq!(detail["relay"]["publishing"], serde_json::json!([]));
+        board.publishing(1, true);
+        let (ready, detail) = board.ready(&services, Ok(()), took);
         assert!(ready, "{detail}");
+        assert_eq!(detail["relay"]["publishing"], serde_json::json!([1]));
         assert_eq!(detail["services"]["order"]["partitions"], 2);
         assert_eq!(detail["relay"]["held"], serde_json::json!([1]));
         let (ready, detail) = board.ready(&services, Err("refused".into()), took);

@@ -274,6 +274,7 @@ impl Relays {
 
     fn start(&mut self, slot: u32, asked: Instant, ttl_ms: i64) {
         tracing::info!(slot, "relay slot taken");
+        self.ctx.health.publishing(slot, false);
         let stop = self.ctx.shutdown.child_token();
         let lease = Arc::new(Lease(std::sync::Mutex::new(Instant::now())));
         lease.renewed(asked, ttl_ms);
@@ -503,18 +504,32 @@ impl Relay {
                     Err(e) => tracing::warn!("relay could not delete its old published rows: {e}"),
                 }
             }
-            let rows = match marking.fetch(self.slot, slots, cfg.batch_size).await {
-                Ok(rows) => {
-                    // Behind only with a backlog: a full batch.
-                    let oldest = rows.iter().map(|r| r.created_ms).min();
-                    if let Some(oldest) = oldest.filter(|_| rows.len() >= cfg.batch_size as usize) {
-                        self.ctx.door.report(&self.name, oldest);
+            // The producer first, before there is anything to publish: a new one waits for
+            // librdkafka to connect to the broker its metadata named (50–550 ms on the test
+            // broker), which the first events after a start or a loss would otherwise wait for.
+            let made = producer.lock().expect("producer lock").clone();
+            let p = match made {
+                Some(p) => p,
+                None => match self.producer().await {
+                    Ok(p) => {
+                        *producer.lock().expect("producer lock") = Some(p.clone());
+                        self.ctx.health.publishing(self.slot, true);
+                        p
                     }
-                    Ok(self.park_oversized(rows).await)
-                }
-                Err(e) => Err(e),
+                    Err(e) => {
+                        failures += 1;
+                        Stats::add(&self.ctx.stats.relay_retries, 1);
+                        tracing::warn!("relay could not make its producer, will retry: {e}");
+                        self.idle(backoff(failures)).await;
+                        continue;
+                    }
+                },
             };
-            let rows = match rows {
+            // Making a producer takes a while: the slot may have moved meanwhile.
+            if self.stop.is_cancelled() || !self.lease.valid() {
+                continue;
+            }
+            let rows = match self.next_batch(&mut marking).await {
                 Ok(rows) if rows.is_empty() => {
                     self.idle(poll).await;
                     continue;
@@ -526,20 +541,7 @@ impl Relay {
                     continue;
                 }
             };
-            let made = producer.lock().expect("producer lock").clone();
-            let ready = match made {
-                Some(p) => Ok(p),
-                None => self.producer().await.inspect(|p| {
-                    *producer.lock().expect("producer lock") = Some(p.clone());
-                }),
-            };
-            let result = match ready {
-                // Making a producer takes a while: the slot may have moved meanwhile.
-                Ok(_) if self.stop.is_cancelled() || !self.lease.valid() => continue,
-                Ok(p) => self.publish(&p, &rows).await,
-                Err(e) => Err(e),
-            };
-            match result {
+            match self.publish(&p, &rows).await {
                 Ok(()) => {
                     failures = 0;
                     if rows.len() < cfg.batch_size as usize {
@@ -560,8 +562,7 @@ impl Relay {
                     tracing::warn!(rows = rows.len(), "relay batch failed, will retry: {e}");
                     // A fresh producer re-runs init_transactions, which aborts anything open.
                     forget(&producer);
-                    let backoff = Duration::from_millis((50u64 << failures.min(6)).min(5_000));
-                    self.idle(backoff).await;
+                    self.idle(backoff(failures)).await;
                 }
             }
         }
@@ -643,6 +644,22 @@ impl Relay {
             .set("transaction.timeout.ms", "60000")
             .set("message.timeout.ms", send_timeout.to_string())
             .create_with_context(self.links.clone())?)
+    }
+
+    /// The next batch of the slot: its oldest waiting rows, oversized ones parked.
+    async fn next_batch(
+        &self,
+        marking: &mut Marking,
+    ) -> Result<Vec<outbox::Row>, crate::storage::Error> {
+        let limit = self.ctx.config.relay.batch_size;
+        let slots = self.ctx.handle.slots();
+        let rows = marking.fetch(self.slot, slots, limit).await?;
+        // Behind only with a backlog: a full batch.
+        let oldest = rows.iter().map(|r| r.created_ms).min();
+        if let Some(oldest) = oldest.filter(|_| rows.len() >= limit as usize) {
+            self.ctx.door.report(&self.name, oldest);
+        }
+        Ok(self.park_oversized(rows).await)
     }
 
     async fn publish(&self, producer: &FutureProducer, rows: &[outbox::Row]) -> Result<(), Error> {
@@ -829,6 +846,11 @@ fn settle(producer: &FutureProducer) {
     while producer.in_flight_count() > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_micros(20));
     }
+}
+
+/// How long a slot waits after its `failures`-th failure in a row: 100 ms, doubling, at most 5 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis((50u64 << failures.min(6)).min(5_000))
 }
 
 /// rdkafka's transactional calls block; keep them off the async workers.

@@ -31,6 +31,12 @@ async fn ready_with_detail_not_ready_while_the_database_is_down() {
         );
     }
     assert!(detail["relay"]["held"].is_array(), "{detail}");
+    // Each slot held has its producer before the instance says it is ready: the first events
+    // do not wait for librdkafka to connect it.
+    assert_eq!(
+        detail["relay"]["publishing"], detail["relay"]["held"],
+        "{detail}"
+    );
 
     tokio::task::spawn_blocking(|| postgres("stop"))
         .await
