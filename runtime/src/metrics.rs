@@ -175,6 +175,12 @@ const COUNTERS: &[CounterRow] = &[
         |s| &s.conflicts,
     ),
     (
+        "saga_events_deferred_total",
+        &[],
+        "Events handled again in a later round of their batch: a conflict, or behind one in their partition and depending on it",
+        |s| &s.deferred,
+    ),
+    (
         "saga_batch_recommits_total",
         &[],
         "Event batches committed again with a savepoint per event after a conflict, late duplicate or refusal",

@@ -17,6 +17,10 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     /// Handler runs discarded because state they read changed before commit.
     pub conflicts: AtomicU64,
+    /// Events handled again in a later round of their batch: those whose reads a conflict
+    /// made stale, and the events behind them in their partition that depend on them (same
+    /// saga, a state key in common).
+    pub deferred: AtomicU64,
     /// Batches committed a second time, with a savepoint per event, because the first
     /// attempt (without) met a conflict, a late duplicate or a refusal.
     pub recommits: AtomicU64,

@@ -36,6 +36,67 @@ enum Steps {
     Duplicate,
 }
 
+/// What a partition's deferred events hold back of the events behind them in a batch: the
+/// events of their sagas (per-saga order), those that touch a state key they touched (their
+/// re-runs must not see, or be seen by, a later event out of order), every event if one of
+/// them has no saga, and an event that would hold the partition ([`Blocked::holds_back`]).
+/// Any other event behind them commits now: it is independent of them, as if it were in
+/// another partition.
+struct Blocked<'a> {
+    /// The offset of the first deferred event: the partition's position stays there.
+    first: i64,
+    all: bool,
+    sagas: HashSet<&'a str>,
+    keys: HashSet<&'a str>,
+}
+
+impl<'a> Blocked<'a> {
+    fn at(first: i64) -> Self {
+        Blocked {
+            first,
+            all: false,
+            sagas: HashSet::new(),
+            keys: HashSet::new(),
+        }
+    }
+
+    /// Whether `item` (with `verdict`) must wait for the deferred events. One that would hold
+    /// its partition (a failed attempt under a blocking policy, or behind one) waits too: a
+    /// hold rewinds the partition to its event, which would skip the deferred ones before it.
+    fn holds_back(&self, item: &Item<'_>, verdict: &Verdict) -> bool {
+        let Some(saga) = item.saga() else {
+            return true;
+        };
+        self.all
+            || verdict.waits()
+            || self.sagas.contains(saga)
+            || keys(verdict).any(|k| self.keys.contains(k))
+    }
+
+    /// `item` (with `verdict`) is deferred too: what follows waits for it as well.
+    fn add(&mut self, item: &'a Item<'_>, verdict: &'a Verdict) {
+        match item.saga() {
+            Some(saga) => {
+                self.sagas.insert(saga);
+            }
+            None => self.all = true,
+        }
+        self.keys.extend(keys(verdict));
+    }
+}
+
+/// The state keys a verdict read or writes.
+fn keys(verdict: &Verdict) -> impl Iterator<Item = &str> {
+    let called = match verdict {
+        Verdict::Apply(c) => Some(c),
+        _ => None,
+    };
+    called.into_iter().flat_map(|c| {
+        let read = c.reads.0.keys().map(String::as_str);
+        read.chain(c.output.writes.iter().map(|w| w.key.as_str()))
+    })
+}
+
 impl Worker {
     /// Commit the verdicts of a batch's events `subset` (indices into `items`, in order) in
     /// one transaction. Returns the indices deferred by a conflict.
@@ -111,10 +172,12 @@ impl Worker {
                 });
             }
         }
-        let mut blocked: HashSet<(&str, i32)> = HashSet::new();
+        // Per partition, what its deferred events hold back of the events behind them.
+        let mut blocked: HashMap<(&str, i32), Blocked<'_>> = HashMap::new();
         let mut deferred = Vec::new();
-        // Positions move with the effects: per partition, past every event handled here (a
-        // deferred event blocks the rest of its partition, so those form a prefix).
+        // Positions move with the effects: per partition, past every event handled here, but
+        // never past its first deferred event (the events after it that commit now are
+        // found in the inbox if they are read again).
         let mut next: HashMap<(&str, i32), i64> = HashMap::new();
         let (mut applied, mut duplicates, mut dead, mut expired, mut ignored) = (0, 0, 0, 0, 0);
         let mut refused = 0;
@@ -129,9 +192,12 @@ impl Worker {
         for &i in subset {
             let (item, verdict) = (&items[i], &verdicts[i]);
             let lane = (item.record.topic.as_str(), item.record.partition);
-            if blocked.contains(&lane) {
-                deferred.push(i);
-                continue;
+            if let Some(b) = blocked.get_mut(&lane) {
+                if b.holds_back(item, verdict) {
+                    b.add(item, verdict);
+                    deferred.push(i);
+                    continue;
+                }
             }
             if verdict.waits() {
                 continue; // its partition is held: neither it nor what follows commits
@@ -190,7 +256,10 @@ impl Worker {
                 Ok(None) => duplicates += 1,
                 Err(storage::Error::Conflict { .. }) => {
                     Stats::add(&self.ctx.stats.conflicts, 1);
-                    blocked.insert(lane);
+                    blocked
+                        .entry(lane)
+                        .or_insert_with(|| Blocked::at(item.record.offset))
+                        .add(item, verdict);
                     deferred.push(i);
                 }
                 // Retrying cannot help this event, and must not stop the ones behind it.
@@ -202,8 +271,14 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
-        let positions: Vec<(&str, i32, i64)> =
-            next.into_iter().map(|((t, p), o)| (t, p, o)).collect();
+        let positions: Vec<(&str, i32, i64)> = next
+            .into_iter()
+            .map(|(lane, o)| match blocked.get(&lane) {
+                Some(b) => (lane, o.min(b.first)),
+                None => (lane, o),
+            })
+            .map(|((t, p), o)| (t, p, o))
+            .collect();
         match batched {
             Some(batched) => {
                 let ops = std::mem::take(&mut done.deadlines);

@@ -6,9 +6,10 @@
 //!   event's conflict or duplicate does not undo the others.
 //! - Concurrency: guests of different partitions run at the same time; events of one partition
 //!   run in order. State conflicts (two events touching the same keys, here or on another
-//!   instance) are found at commit by the optimistic check; the conflicting event and every
-//!   later event of its partition are deferred and re-run in order on fresh state, so neither an
-//!   update nor the per-saga order of emitted events is lost.
+//!   instance) are found at commit by the optimistic check; the conflicting event and the
+//!   later events of its partition that depend on it (its saga, a state key in common) are
+//!   deferred and re-run in order on fresh state, so neither an update nor the per-saga order
+//!   of emitted events is lost; the independent ones commit (`commit::Blocked`).
 //! - Failures: a handler that errors or traps is retried with exponential backoff; after the
 //!   subscription's attempts it is dead-lettered (`<topic>.dlt`, through the outbox, with the
 //!   reason in headers). A non-blocking subscription retries in place (its attempts are
@@ -252,10 +253,10 @@ impl Worker {
     /// Handle a batch to the end: the partitions to hold for a retry, `None` only if
     /// stopping interrupted it.
     ///
-    /// Events deferred by a conflict (and those behind them in their partitions) are handled
-    /// again together, in rounds, each on fresh state, until none is left: every round
-    /// commits at least the first of them unless another instance's commit got in between,
-    /// and a round that commits nothing backs off (jittered, growing for
+    /// Events deferred by a conflict (and those behind them in their partitions that depend
+    /// on them) are handled again together, in rounds, each on fresh state, until none is
+    /// left: every round commits at least the first of them unless another instance's
+    /// commit got in between, and a round that commits nothing backs off (jittered, growing for
     /// `backoff::CONFLICT_RERUNS` rounds, then at the retry cap) so that writers contending
     /// for the same keys take turns instead of spinning. An event cannot be given up, so none
     /// is ever dropped here. (Re-run one by one, the deferred half of a batch of the saga
@@ -372,6 +373,7 @@ impl Worker {
                 holds.handled(item.record);
             }
         }
+        Stats::add(&self.ctx.stats.deferred, deferred.len() as u64);
         let deferred = deferred.into_iter().map(|i| items[i].record.clone());
         Some((held, deferred.collect()))
     }
