@@ -2,9 +2,10 @@
 //! event in its own savepoint (inbox record, the expiry and ledger fences, effects or a dead
 //! letter), and the consumer positions advanced with them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::blocked::Blocked;
 use super::{closed_reason, Item, Verdict, Worker};
 use crate::effects;
 use crate::kafka::dead_letter::{self, headers as dlt_headers};
@@ -34,67 +35,6 @@ enum Steps {
     Done(inbox::Outcome, effects::Applied),
     /// The inbox already had it (another instance, since the door check).
     Duplicate,
-}
-
-/// What a partition's deferred events hold back of the events behind them in a batch: the
-/// events of their sagas (per-saga order), those that touch a state key they touched (their
-/// re-runs must not see, or be seen by, a later event out of order), every event if one of
-/// them has no saga, and an event that would hold the partition ([`Blocked::holds_back`]).
-/// Any other event behind them commits now: it is independent of them, as if it were in
-/// another partition.
-struct Blocked<'a> {
-    /// The offset of the first deferred event: the partition's position stays there.
-    first: i64,
-    all: bool,
-    sagas: HashSet<&'a str>,
-    keys: HashSet<&'a str>,
-}
-
-impl<'a> Blocked<'a> {
-    fn at(first: i64) -> Self {
-        Blocked {
-            first,
-            all: false,
-            sagas: HashSet::new(),
-            keys: HashSet::new(),
-        }
-    }
-
-    /// Whether `item` (with `verdict`) must wait for the deferred events. One that would hold
-    /// its partition (a failed attempt under a blocking policy, or behind one) waits too: a
-    /// hold rewinds the partition to its event, which would skip the deferred ones before it.
-    fn holds_back(&self, item: &Item<'_>, verdict: &Verdict) -> bool {
-        let Some(saga) = item.saga() else {
-            return true;
-        };
-        self.all
-            || verdict.waits()
-            || self.sagas.contains(saga)
-            || keys(verdict).any(|k| self.keys.contains(k))
-    }
-
-    /// `item` (with `verdict`) is deferred too: what follows waits for it as well.
-    fn add(&mut self, item: &'a Item<'_>, verdict: &'a Verdict) {
-        match item.saga() {
-            Some(saga) => {
-                self.sagas.insert(saga);
-            }
-            None => self.all = true,
-        }
-        self.keys.extend(keys(verdict));
-    }
-}
-
-/// The state keys a verdict read or writes.
-fn keys(verdict: &Verdict) -> impl Iterator<Item = &str> {
-    let called = match verdict {
-        Verdict::Apply(c) => Some(c),
-        _ => None,
-    };
-    called.into_iter().flat_map(|c| {
-        let read = c.reads.0.keys().map(String::as_str);
-        read.chain(c.output.writes.iter().map(|w| w.key.as_str()))
-    })
 }
 
 impl Worker {

@@ -9,7 +9,7 @@
 //!   instance) are found at commit by the optimistic check; the conflicting event and the
 //!   later events of its partition that depend on it (its saga, a state key in common) are
 //!   deferred and re-run in order on fresh state, so neither an update nor the per-saga order
-//!   of emitted events is lost; the independent ones commit (`commit::Blocked`).
+//!   of emitted events is lost; the independent ones commit (`blocked::Blocked`).
 //! - Failures: a handler that errors or traps is retried with exponential backoff; after the
 //!   subscription's attempts it is dead-lettered (`<topic>.dlt`, through the outbox, with the
 //!   reason in headers). A non-blocking subscription retries in place (its attempts are
@@ -17,6 +17,7 @@
 //!   ([`holds`]).
 
 mod ahead;
+mod blocked;
 mod commit;
 mod decide;
 mod holds;
