@@ -3,8 +3,8 @@
 //! its partition ownership settled at least once and its consumer has had a fetch answered
 //! since (it reads, not only holds, its partitions), and the relay knows which of its slots
 //! it holds and has a producer for each (connected: a new one takes up to ~0.5 s, which the
-//! first events would otherwise wait for). `503` with the same JSON detail while not ready. Open without the admin token, like
-//! the other read-only views.
+//! first events would otherwise wait for). `503` with the same JSON detail while not ready.
+//! Open without the admin token, like the other read-only views.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};

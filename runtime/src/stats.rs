@@ -18,8 +18,8 @@ pub struct Stats {
     /// Handler runs discarded because state they read changed before commit.
     pub conflicts: AtomicU64,
     /// Events handled again in a later round of their batch: those whose reads a conflict
-    /// made stale, and the events behind them in their partition that depend on them (same
-    /// saga, a state key in common).
+    /// made stale, and the events behind them in their partition that depend on them
+    /// (`worker::blocked`).
     pub deferred: AtomicU64,
     /// Batches committed a second time, with a savepoint per event, because the first
     /// attempt (without) met a conflict, a late duplicate or a refusal.

@@ -213,11 +213,7 @@ impl Worker {
         }
         let positions: Vec<(&str, i32, i64)> = next
             .into_iter()
-            .map(|(lane, o)| match blocked.get(&lane) {
-                Some(b) => (lane, o.min(b.first)),
-                None => (lane, o),
-            })
-            .map(|((t, p), o)| (t, p, o))
+            .map(|((t, p), o)| (t, p, blocked.get(&(t, p)).map_or(o, |b| o.min(b.first))))
             .collect();
         match batched {
             Some(batched) => {
