@@ -111,6 +111,11 @@ pub struct Worker {
     /// per 16 events), its partitions shared out between them (a partition's events stay in
     /// one, in order). SQLite has one writer: always 1 there. Default 2.
     pub commit_lanes: usize,
+    /// An event that read a state key an event before it in its batch (and commit lane)
+    /// writes is run again before the commit, reading those writes, instead of conflicting at
+    /// the commit and waiting for the batch's next round (`worker::chain`). Off only to compare
+    /// or to test the rounds. Default true.
+    pub chain: bool,
 }
 
 /// The outbox relay (`[relay]`).
@@ -186,6 +191,7 @@ impl Default for Worker {
             partition_lease_ms: 10_000,
             verify_recent: 50,
             commit_lanes: 2,
+            chain: true,
         }
     }
 }

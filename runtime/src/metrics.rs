@@ -181,6 +181,12 @@ const COUNTERS: &[CounterRow] = &[
         |s| &s.deferred,
     ),
     (
+        "saga_events_chained_total",
+        &[],
+        "Events run again before their batch's commit on the writes of the events before them that they had read stale",
+        |s| &s.chained,
+    ),
+    (
         "saga_batch_recommits_total",
         &[],
         "Event batches committed again with a savepoint per event after a conflict, late duplicate or refusal",

@@ -21,6 +21,9 @@ pub struct Stats {
     /// made stale, and the events behind them in their partition that depend on them
     /// (`worker::blocked`).
     pub deferred: AtomicU64,
+    /// Events run again before their batch's commit on the writes of events before them in
+    /// their commit lane, which they had read stale (`worker::chain`).
+    pub chained: AtomicU64,
     /// Batches committed a second time, with a savepoint per event, because the first
     /// attempt (without) met a conflict, a late duplicate or a refusal.
     pub recommits: AtomicU64,

@@ -109,9 +109,92 @@ async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
 /// wrote (a conflict: deferred, run again on fresh state); one from hal for o-c, which shares
 /// no saga and no state key with it and commits in the first round; and a later event of
 /// o-b's saga, which waits for it (per-saga order). Before, every event behind a conflict in
-/// its partition was deferred: three instead of two.
+/// its partition was deferred: three instead of two. Chaining is off: it would run o-b's
+/// deduction again before the commit (the next test); the rounds remain for conflicts with
+/// other instances and for re-runs that fail.
 async fn a_conflict_defers_only_what_depends_on_it(backend: Backend) {
+    let rt = TestRuntime::start_with(backend, &["point"], unchained).await;
+    two_deductions_of_gus_one_of_hal(&rt).await;
+    handled(&rt, 4, |s| &s.conflicts, 1).await;
+    assert_eq!(rt.get("/points/gus").await["point"], 700);
+    assert_eq!(rt.get("/points/hal").await["point"], 700);
+    let deferred = Stats::get(&rt.handle.stats().deferred);
+    assert_eq!(
+        deferred, 2,
+        "the conflicting event and the later event of its saga, not hal's"
+    );
+    rt.stop().await;
+}
+
+/// The same four events with chaining on (the default): o-b's deduction, which read the
+/// balance o-a's writes, is run again before the commit on that write, so the whole batch
+/// commits in its first round — no conflict, nothing deferred, and on SQLite no second
+/// attempt with savepoints. Before, o-b's deduction and the later event of its saga waited
+/// for a second round.
+async fn an_event_reading_an_earlier_ones_write_is_chained_on_it(backend: Backend) {
     let rt = TestRuntime::start(backend, &["point"]).await;
+    two_deductions_of_gus_one_of_hal(&rt).await;
+    handled(&rt, 4, |s| &s.chained, 1).await;
+    assert_eq!(rt.get("/points/gus").await["point"], 700);
+    assert_eq!(rt.get("/points/hal").await["point"], 700);
+    let stats = rt.handle.stats();
+    let counts = [&stats.conflicts, &stats.deferred, &stats.recommits].map(Stats::get);
+    assert_eq!(counts, [0, 0, 0], "conflicts, deferred, recommits");
+    rt.stop().await;
+}
+
+/// Chaining across partitions: 48 deductions in one batch, two per user, each user's two in
+/// different partitions of four. On PostgreSQL a batch this size is committed in two
+/// transactions side by side; partitions whose events touch a key in common now share one, so
+/// the second deduction of each user is chained on the first wherever it was consumed. Before,
+/// the second met the first as a conflict (within a transaction or across the two).
+async fn deductions_of_one_user_across_partitions_meet_no_conflict(backend: Backend) {
+    let rt = TestRuntime::start_with(backend, &["point"], |o| o.config.kafka.partitions = 4).await;
+    let users: Vec<String> = (0..24).map(|u| format!("user-{u:02}")).collect();
+    for user in &users {
+        rt.post("/points", json!({"userId": user, "point": 1000}))
+            .await;
+    }
+    let steps: Vec<(i32, String, String, serde_json::Value)> = (0..48)
+        .map(|i| {
+            let (u, round) = (i % 24, i / 24);
+            let order = format!("o-{i:02}");
+            let data = json!({"orderId": order, "holderId": users[u], "point": 100});
+            (
+                (u as i32 + round as i32) % 4,
+                format!("e-{i:02}"),
+                order,
+                data,
+            )
+        })
+        .collect();
+    let events: Vec<_> = steps
+        .iter()
+        .map(|(p, id, order, data)| (*p, id.as_str(), "ExchangeSucceeded", order.as_str(), data))
+        .collect();
+    produce_to_partitions(rt.prefix(), "exchange", &events).await;
+    eventually("every deduction to be applied", || async {
+        match Stats::get(&rt.handle.stats().applied) {
+            48 => Ok(()),
+            n => Err(format!("{n} applied")),
+        }
+    })
+    .await;
+    for user in &users {
+        assert_eq!(
+            rt.get(&format!("/points/{user}")).await["point"],
+            800,
+            "{user}"
+        );
+    }
+    assert_eq!(Stats::get(&rt.handle.stats().conflicts), 0);
+    rt.stop().await;
+}
+
+/// The four events of the two tests before, in one batch (one Kafka transaction, one
+/// partition): gus (1000 points) gives 100 for o-a and 200 for o-b, hal (1000) 300 for o-c,
+/// then a later event of o-b's saga that deducts nothing.
+async fn two_deductions_of_gus_one_of_hal(rt: &TestRuntime) {
     for user in ["gus", "hal"] {
         rt.post("/points", json!({"userId": user, "point": 1000}))
             .await;
@@ -130,15 +213,11 @@ async fn a_conflict_defers_only_what_depends_on_it(backend: Backend) {
         ("e-d", "Unrelated", "o-b", &marker),
     ];
     produce_in_one_transaction(rt.prefix(), "exchange", &events).await;
-    handled(&rt, 4, |s| &s.conflicts, 1).await;
-    assert_eq!(rt.get("/points/gus").await["point"], 700);
-    assert_eq!(rt.get("/points/hal").await["point"], 700);
-    let deferred = Stats::get(&rt.handle.stats().deferred);
-    assert_eq!(
-        deferred, 2,
-        "the conflicting event and the later event of its saga, not hal's"
-    );
-    rt.stop().await;
+}
+
+/// The worker's chaining off (`worker.chain`), for the tests of the rounds it spares.
+fn unchained(o: &mut saga_runtime::node::Options) {
+    o.config.worker.chain = false;
 }
 
 /// A conflict in front of an event that holds its partition: three charges of one partition in
@@ -146,9 +225,10 @@ async fn a_conflict_defers_only_what_depends_on_it(backend: Backend) {
 /// deferred); and slow-bob's for o-c, independent of it but asking to be retried (the payment
 /// subscription is blocking), which holds the partition and rewinds it to itself. The charge
 /// behind the conflict waits for the deferred one instead of holding the partition ahead of
-/// it: o-b's charge is not skipped, and o-c's is made once its retries succeed.
+/// it: o-b's charge is not skipped, and o-c's is made once its retries succeed. Chaining is
+/// off, as in the test before.
 async fn a_hold_never_skips_an_event_deferred_before_it(backend: Backend) {
-    let rt = TestRuntime::start(backend, &["payment"]).await;
+    let rt = TestRuntime::start_with(backend, &["payment"], unchained).await;
     let shop = common::shop::Shop::of(&rt);
     shop.fund("ann", 1000).await;
     shop.fund("slow-bob", 1000).await;
@@ -185,6 +265,20 @@ async fn produce_in_one_transaction(
     topic: &str,
     events: &[(&str, &str, &str, &serde_json::Value)],
 ) {
+    let events: Vec<_> = events
+        .iter()
+        .map(|&(id, t, saga, data)| (0, id, t, saga, data))
+        .collect();
+    produce_to_partitions(prefix, topic, &events).await;
+}
+
+/// CloudEvents `(partition, id, type, saga, data)`, each with subject and key its saga, emitted
+/// now, to `topic` in one Kafka transaction.
+async fn produce_to_partitions(
+    prefix: &str,
+    topic: &str,
+    events: &[(i32, &str, &str, &str, &serde_json::Value)],
+) {
     use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
     use std::time::Duration;
     let producer: FutureProducer = rdkafka::ClientConfig::new()
@@ -198,14 +292,14 @@ async fn produce_in_one_transaction(
     let topic = format!("{prefix}{topic}");
     // Emitted now (a `slow-` payment account asks to be retried until 1.5 s after this).
     let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    for (id, event_type, saga, data) in events {
+    for (partition, id, event_type, saga, data) in events {
         let mut headers = common::cloudevent_headers(id, event_type, saga).to_vec();
         headers.push(("ce_time", &now));
         let headers = common::owned_headers(&headers);
         let payload = serde_json::to_vec(data).unwrap();
         let record = FutureRecord::to(&topic)
             .key(*saga)
-            .partition(0)
+            .partition(*partition)
             .payload(&payload)
             .headers(headers);
         producer.send(record, wait).await.unwrap();
@@ -396,6 +490,8 @@ on_both_backends!(
     a_redelivered_event_is_applied_once,
     copies_of_an_event_in_one_batch_are_applied_once,
     a_conflict_defers_only_what_depends_on_it,
+    an_event_reading_an_earlier_ones_write_is_chained_on_it,
+    deductions_of_one_user_across_partitions_meet_no_conflict,
     a_hold_never_skips_an_event_deferred_before_it,
     a_compensation_delivered_twice_refunds_once,
     a_relay_crash_after_commit_republishes_and_the_inbox_absorbs_it,

@@ -57,7 +57,7 @@ impl<'a> Blocked<'a> {
 /// The state keys a verdict read or writes.
 fn keys(verdict: &Verdict) -> impl Iterator<Item = &str> {
     let called = match verdict {
-        Verdict::Apply(c) => Some(c),
+        Verdict::Apply(c, _) => Some(c),
         _ => None,
     };
     called.into_iter().flat_map(|c| {

@@ -99,7 +99,7 @@ impl Worker {
             // (another lane, another instance) that shares keys with this one waits for it
             // instead of deadlocking with it.
             let calls = subset.iter().filter_map(|&i| match &verdicts[i] {
-                Verdict::Apply(c) => Some((&c.reads, &c.output.writes[..])),
+                Verdict::Apply(c, _) => Some((&c.reads, &c.output.writes[..])),
                 _ => None,
             });
             let keys = storage::state::touched(calls);
@@ -146,7 +146,7 @@ impl Worker {
                 tracing::info_span!(parent: &item.span, "commit", saga.outcome = tracing::field::Empty)
             });
             let conflict = match (&batched, verdict) {
-                (Some(b), Verdict::Apply(c)) => b.state.check(&c.reads).err(),
+                (Some(b), Verdict::Apply(c, _)) => b.state.check(&c.reads).err(),
                 _ => None,
             };
             let outcome = match conflict {
@@ -183,7 +183,7 @@ impl Worker {
             }
             if let (
                 Ok(Some(inbox::Outcome::Applied | inbox::Outcome::Compensated)),
-                Verdict::Apply(c),
+                Verdict::Apply(c, _),
             ) = (&outcome, verdict)
             {
                 written.extend(c.output.writes.iter().map(|w| w.key.as_str()));
@@ -347,7 +347,7 @@ impl Worker {
         let id = handled.event_id;
         let now_ms = handled.handled_ms;
         let step = match (verdict, &item.event, batched.as_deref_mut()) {
-            (Verdict::Apply(_), Ok(event), Some(b)) if !item.redrive => {
+            (Verdict::Apply(..), Ok(event), Some(b)) if !item.redrive => {
                 saga_step(service, event, handled).map(|(step, outcome)| {
                     b.steps.push(step);
                     outcome
@@ -361,7 +361,7 @@ impl Worker {
             Some(outcome) => outcome,
             None => {
                 let (outcome, detail) = match (verdict, &item.event) {
-                    (Verdict::Apply(_), Ok(event)) => {
+                    (Verdict::Apply(..), Ok(event)) => {
                         self.fence(conn, service, item.saga(), event, id, now_ms)
                             .await?
                     }
@@ -388,7 +388,7 @@ impl Worker {
             }
         };
         let applied = match (verdict, outcome) {
-            (Verdict::Apply(called), inbox::Outcome::Applied | inbox::Outcome::Compensated) => {
+            (Verdict::Apply(called, _), inbox::Outcome::Applied | inbox::Outcome::Compensated) => {
                 let trace = crate::telemetry::carried(&item.span);
                 let ctx = effects::Context {
                     kafka: &self.ctx.config.kafka,

@@ -18,7 +18,8 @@ impl Worker {
     /// partition (a compensation waiting for a held step), and what the door says needs no
     /// call, so the events behind a hold are known before any call starts. Guests read
     /// committed state either way: an event never sees the uncommitted effects of one before
-    /// it in its batch, and the commit checks what each read.
+    /// it in its batch (until `super::chain` runs it again on them), and the commit checks
+    /// what each read.
     pub(super) async fn decide_all(
         &self,
         service: &Arc<Service>,
@@ -167,7 +168,8 @@ impl Worker {
         let mut ahead = Some(door);
         loop {
             let started = std::time::Instant::now();
-            let failure = match self.call(service, item, event, attempt, ahead.take()).await {
+            let called = self.call(service, item, event, attempt, ahead.take(), None);
+            let failure = match called.await {
                 Ok(called) => {
                     if let Some(learned) = &self.ahead {
                         let read = called.reads.0.keys().map(String::as_str);
@@ -175,7 +177,7 @@ impl Worker {
                     }
                     let limits = &self.ctx.config.limits;
                     match effects::validate(limits, service, scope, &called.output) {
-                        Ok(()) => return Some(Verdict::Apply(called)),
+                        Ok(()) => return Some(Verdict::Apply(called, attempt)),
                         Err(reason) => Failure::Reject(reason),
                     }
                 }
@@ -223,13 +225,16 @@ impl Worker {
         }
     }
 
-    async fn call(
+    /// One call of an event's handler. Its state reads: the keys `door` read ahead from its
+    /// answer, then what `chained` holds on top (a re-run of `super::chain`).
+    pub(super) async fn call(
         &self,
         service: &Arc<Service>,
         item: &Item<'_>,
         event: &Event,
         attempt: u32,
         door: Option<&Door>,
+        chained: Option<&super::chain::Overlay>,
     ) -> Result<Called<Effects>, Failure> {
         let ctx = bindings::Context {
             now_ms: self.ctx.clock.now_ms(),
@@ -253,6 +258,14 @@ impl Worker {
                 read: door.state.clone(),
                 inner: host.reader.clone(),
                 stats: host.stats.clone(),
+            }),
+        };
+        let reader: Arc<dyn StateReader> = match chained {
+            None => reader,
+            Some(overlay) => Arc::new(super::chain::Chained {
+                service: service.name().to_string(),
+                overlay: overlay.clone(),
+                inner: reader,
             }),
         };
         let called = async {

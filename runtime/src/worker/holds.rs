@@ -205,7 +205,7 @@ pub(super) fn compensations_wait_for_held_steps(
             .is_ok_and(|e| service.step(&e.topic, &e.type_) == Step::Compensation);
         let step_held = item.saga().and_then(|saga| held_steps.get(saga)).copied();
         if let Some(retry_in) = step_held.filter(|_| compensation) {
-            if matches!(verdict, Verdict::Apply(_)) {
+            if matches!(verdict, Verdict::Apply(..)) {
                 *verdict = Verdict::Held {
                     attempt: 0,
                     retry_in,

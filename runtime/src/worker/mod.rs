@@ -5,11 +5,13 @@
 //! - Batching: a batch of records shares one transaction; each event gets a savepoint, so one
 //!   event's conflict or duplicate does not undo the others.
 //! - Concurrency: guests of different partitions run at the same time; events of one partition
-//!   run in order. State conflicts (two events touching the same keys, here or on another
-//!   instance) are found at commit by the optimistic check; the conflicting event and the
-//!   later events of its partition that depend on it (its saga, a state key in common) are
-//!   deferred and re-run in order on fresh state, so neither an update nor the per-saga order
-//!   of emitted events is lost; the independent ones commit (`blocked::Blocked`).
+//!   run in order. An event that read a key an earlier event of its batch writes is run again
+//!   on that write before the commit ([`chain`]). State conflicts (two events touching the
+//!   same keys on two instances, or a re-run that could not be made) are found at commit by
+//!   the optimistic check; the conflicting event and the later events of its partition that
+//!   depend on it (its saga, a state key in common) are deferred and re-run in order on fresh
+//!   state, so neither an update nor the per-saga order of emitted events is lost; the
+//!   independent ones commit (`blocked::Blocked`).
 //! - Failures: a handler that errors or traps is retried with exponential backoff; after the
 //!   subscription's attempts it is dead-lettered (`<topic>.dlt`, through the outbox, with the
 //!   reason in headers). A non-blocking subscription retries in place (its attempts are
@@ -18,6 +20,7 @@
 
 mod ahead;
 mod blocked;
+mod chain;
 mod commit;
 mod decide;
 mod holds;
@@ -98,7 +101,8 @@ impl Item<'_> {
 enum Verdict {
     /// Already in the inbox; nothing to do.
     Duplicate,
-    Apply(Called<Effects>),
+    /// The handler's effects, and the attempt that made them.
+    Apply(Called<Effects>, u32),
     DeadLetter {
         reason: String,
         attempts: u32,
@@ -343,7 +347,9 @@ impl Worker {
         }
         let mut verdicts = self.decide_all(service, &items, &door, holds).await?;
         compensations_wait_for_held_steps(service, &items, &mut verdicts);
-        let lanes = commit_lanes(&items, self.lanes(items.len()));
+        let lanes = commit_lanes(&items, &verdicts, self.lanes(items.len()));
+        self.chain(service, &items, &door, &lanes, &mut verdicts)
+            .await;
         let commits = lanes
             .iter()
             .map(|lane| self.retry_db(|| self.commit(service, &items, &verdicts, lane)));
@@ -565,15 +571,55 @@ const LANE_EVENTS: usize = 16;
 
 /// A batch's events shared out between at most `lanes` transactions: whole partitions, in
 /// turn as they first appear, each lane's events in batch order. A partition's events in one
-/// transaction keep their order; different partitions' events touch different sagas, and the
-/// keys they share (a user's points) are checked like those of another instance's commit.
-fn commit_lanes(items: &[Item<'_>], lanes: usize) -> Vec<Vec<usize>> {
-    share_out(
-        items
-            .iter()
-            .map(|i| (i.record.topic.as_str(), i.record.partition)),
-        lanes,
-    )
+/// transaction keep their order. Partitions whose events touch a state key in common (a
+/// user's points) share a lane, where the later event is chained on the earlier (`chain`)
+/// instead of meeting it as a conflict across two transactions.
+fn commit_lanes(items: &[Item<'_>], verdicts: &[Verdict], lanes: usize) -> Vec<Vec<usize>> {
+    let partitions = items
+        .iter()
+        .map(|i| (i.record.topic.as_str(), i.record.partition));
+    let touched = verdicts.iter().map(|verdict| match verdict {
+        Verdict::Apply(c, _) if lanes > 1 => {
+            let writes = c.output.writes.iter().map(|w| w.key.as_str());
+            c.reads.0.keys().map(String::as_str).chain(writes).collect()
+        }
+        _ => Vec::new(),
+    });
+    share_out(joined(partitions.zip(touched)).into_iter(), lanes)
+}
+
+/// For each event (its partition and the state keys it touches), a number for its group:
+/// partitions joined when their events touch a key in common, numbered as they first appear.
+fn joined<'k, P: std::hash::Hash + Eq>(
+    events: impl Iterator<Item = (P, Vec<&'k str>)>,
+) -> Vec<usize> {
+    let mut number: HashMap<P, usize> = HashMap::new();
+    let mut parent: Vec<usize> = Vec::new();
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    let mut of_event = Vec::new();
+    fn root(parent: &mut [usize], mut p: usize) -> usize {
+        while parent[p] != p {
+            parent[p] = parent[parent[p]];
+            p = parent[p];
+        }
+        p
+    }
+    for (partition, keys) in events {
+        let next = number.len();
+        let p = *number.entry(partition).or_insert(next);
+        if p == parent.len() {
+            parent.push(p);
+        }
+        for key in keys {
+            let (a, b) = (
+                root(&mut parent, p),
+                root(&mut parent, *first.entry(key).or_insert(p)),
+            );
+            parent[a.max(b)] = a.min(b);
+        }
+        of_event.push(p);
+    }
+    of_event.into_iter().map(|p| root(&mut parent, p)).collect()
 }
 
 /// Indices of `keys` in at most `lanes` groups: equal keys in one group, keys dealt out in
@@ -603,7 +649,29 @@ fn backoff(cfg: &crate::config::Worker, attempt: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::share_out;
+    use super::{joined, share_out};
+
+    #[test]
+    fn partitions_touching_a_key_in_common_share_a_lane() {
+        let events = [
+            ("p0", vec!["user/gus", "tx/o1"]),
+            ("p1", vec!["user/hal"]),
+            ("p2", vec!["user/ida"]),
+            ("p3", vec!["user/gus", "user/ida"]),
+            ("p0", vec![]),
+            ("p4", vec!["user/jo"]),
+        ];
+        let groups = joined(events.into_iter());
+        assert_eq!(
+            groups,
+            vec![0, 1, 0, 0, 0, 4],
+            "p0, p2 and p3 joined through p3"
+        );
+        assert_eq!(
+            share_out(groups.into_iter(), 2),
+            vec![vec![0, 2, 3, 4, 5], vec![1]]
+        );
+    }
 
     #[test]
     fn partitions_are_dealt_out_whole_and_in_order() {
