@@ -474,6 +474,61 @@ async fn published_rows_wait_again_after_a_loss_and_are_swept_after_the_window(b
 /// as it passes them: the next fetch does not visit those rows again. (A bitmap scan, which the
 /// planner picks for this query on its own, visits every one of them on every fetch: under
 /// load the fetch grew from under 1 ms to 35 ms within a minute.)
+/// The relay's marking commits without waiting for the WAL flush (a lost mark only republishes
+/// rows, which the inboxes absorb), and only the transaction that marks: with nothing to mark
+/// the call changes nothing, and the setting ends with the transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_relays_marking_skips_the_wal_flush() {
+    let (t, db) = open(Backend::Postgres).await;
+    let mut tx = db.begin().await.unwrap();
+    let m = outbox::Message {
+        event_id: "e0".into(),
+        topic: "t".into(),
+        key: "saga-0".into(),
+        headers: Vec::new(),
+        payload: vec![1],
+    };
+    outbox::insert(&mut tx, &m, 0).await.unwrap();
+    tx.commit().await.unwrap();
+    let id = outbox::fetch(&db, 0, 1, 10).await.unwrap()[0].id;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let call = |sent: &str| {
+        format!("SELECT event_id FROM outbox_mark_and_fetch(CAST('{sent}' AS json), 5, 1, 0, 10)")
+    };
+    let setting = "SHOW synchronous_commit";
+    one(&mut conn, "BEGIN").await;
+    assert_eq!(one(&mut conn, &call("[]")).await.as_deref(), Some("e0"));
+    assert_eq!(
+        one(&mut conn, setting).await.as_deref(),
+        Some("on"),
+        "nothing marked"
+    );
+    assert_eq!(
+        one(&mut conn, &call(&format!("[{id}]"))).await,
+        None,
+        "e0 marked"
+    );
+    assert_eq!(
+        one(&mut conn, setting).await.as_deref(),
+        Some("off"),
+        "a marking"
+    );
+    one(&mut conn, "COMMIT").await;
+    assert_eq!(
+        one(&mut conn, setting).await.as_deref(),
+        Some("on"),
+        "for its transaction only"
+    );
+    drop(conn);
+    t.drop_db().await;
+}
+
+/// The text in the first column of the first row `sql` returns on `conn`, if any.
+async fn one(conn: &mut saga_runtime::storage::Conn, sql: &str) -> Option<String> {
+    let query = saga_runtime::storage::query_scalar::<String>(sql);
+    query.fetch_optional(conn).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relays_fetch_skips_published_rows_after_passing_them_once() {
     let (t, db) = open(Backend::Postgres).await;
