@@ -610,6 +610,9 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         "kafkaTransactionsPerSaga": round(per_saga(delta("relay_batches")), 2),
         "eventsPerSaga": round(per_saga(events), 2),
         "conflictRerunsPerSaga": round(per_saga(delta("conflicts")), 2),
+        // Events run again before their batch's commit on earlier events' writes
+        // (`worker::chain`), instead of conflicting.
+        "chainedPerSaga": round(per_saga(delta("chained")), 2),
         // Batches committed again with a savepoint per event (`Isolation::PerEvent`).
         "recommitsPerSaga": round(per_saga(delta("recommits")), 3),
         "runtimeContextSwitchesPerSaga": round(per_saga(switches as f64), 1),
@@ -754,7 +757,7 @@ fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
          shed {}  errors {}  cpu/saga runtime {} ms broker {} ms database {} ms  machine busy {} probe {}  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  write gate busy {}  \
-         conflicts/saga {}  recommits/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}  hops p50 ms {}",
+         conflicts/saga {}  chained/saga {}  recommits/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}  hops p50 ms {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
         r["sagas"],
@@ -767,7 +770,8 @@ fn print(backend: Backend, r: &Value) {
         r["machineBusy"], r["machineProbeMops"],
         r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbStatementsPerEvent"],
         r["dbTransactionsPerEvent"], r["writeGateBusy"],
-        r["conflictRerunsPerSaga"], r["recommitsPerSaga"], r["runtimeContextSwitchesPerSaga"],
+        r["conflictRerunsPerSaga"], r["chainedPerSaga"], r["recommitsPerSaga"],
+        r["runtimeContextSwitchesPerSaga"],
         r["stageMeanMs"]["ingressWait"], r["stageMeanMs"]["relay"],
         r["stageMeanMs"]["delivery"], r["stageMeanMs"]["handling"],
         r["hopsP50Ms"],
