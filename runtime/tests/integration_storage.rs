@@ -469,11 +469,6 @@ async fn published_rows_wait_again_after_a_loss_and_are_swept_after_the_window(b
     t.drop_db().await;
 }
 
-/// PostgreSQL keeps an index entry for every published row until VACUUM. The relay's fetch
-/// walks the waiting rows' index with a plain index scan, which marks the entries of dead rows
-/// as it passes them: the next fetch does not visit those rows again. (A bitmap scan, which the
-/// planner picks for this query on its own, visits every one of them on every fetch: under
-/// load the fetch grew from under 1 ms to 35 ms within a minute.)
 /// The relay's marking commits without waiting for the WAL flush (a lost mark only republishes
 /// rows, which the inboxes absorb), and only the transaction that marks: with nothing to mark
 /// the call changes nothing, and the setting ends with the transaction.
@@ -529,6 +524,11 @@ async fn one(conn: &mut saga_runtime::storage::Conn, sql: &str) -> Option<String
     query.fetch_optional(conn).await.unwrap()
 }
 
+/// PostgreSQL keeps an index entry for every published row until VACUUM. The relay's fetch
+/// walks the waiting rows' index with a plain index scan, which marks the entries of dead rows
+/// as it passes them: the next fetch does not visit those rows again. (A bitmap scan, which the
+/// planner picks for this query on its own, visits every one of them on every fetch: under
+/// load the fetch grew from under 1 ms to 35 ms within a minute.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relays_fetch_skips_published_rows_after_passing_them_once() {
     let (t, db) = open(Backend::Postgres).await;

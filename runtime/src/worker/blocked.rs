@@ -39,7 +39,7 @@ impl<'a> Blocked<'a> {
         self.all
             || verdict.waits()
             || self.sagas.contains(saga)
-            || keys(verdict).any(|k| self.keys.contains(k))
+            || verdict.keys().any(|k| self.keys.contains(k))
     }
 
     /// `item` (with `verdict`) is deferred too: what follows waits for it as well.
@@ -50,18 +50,6 @@ impl<'a> Blocked<'a> {
             }
             None => self.all = true,
         }
-        self.keys.extend(keys(verdict));
+        self.keys.extend(verdict.keys());
     }
-}
-
-/// The state keys a verdict read or writes.
-fn keys(verdict: &Verdict) -> impl Iterator<Item = &str> {
-    let called = match verdict {
-        Verdict::Apply(c, _) => Some(c),
-        _ => None,
-    };
-    called.into_iter().flat_map(|c| {
-        let read = c.reads.0.keys().map(String::as_str);
-        read.chain(c.output.writes.iter().map(|w| w.key.as_str()))
-    })
 }

@@ -130,6 +130,18 @@ impl Verdict {
     fn waits(&self) -> bool {
         matches!(self, Verdict::Held { .. } | Verdict::Behind)
     }
+
+    /// The state keys its handler read or writes (none unless it applies).
+    fn keys(&self) -> impl Iterator<Item = &str> {
+        let called = match self {
+            Verdict::Apply(c, _) => Some(c),
+            _ => None,
+        };
+        called.into_iter().flat_map(|c| {
+            let read = c.reads.0.keys().map(String::as_str);
+            read.chain(c.output.writes.iter().map(|w| w.key.as_str()))
+        })
+    }
 }
 
 /// What the batch reads before any guest runs (`storage::door`): events already handled, sagas
@@ -578,12 +590,10 @@ fn commit_lanes(items: &[Item<'_>], verdicts: &[Verdict], lanes: usize) -> Vec<V
     let partitions = items
         .iter()
         .map(|i| (i.record.topic.as_str(), i.record.partition));
-    let touched = verdicts.iter().map(|verdict| match verdict {
-        Verdict::Apply(c, _) if lanes > 1 => {
-            let writes = c.output.writes.iter().map(|w| w.key.as_str());
-            c.reads.0.keys().map(String::as_str).chain(writes).collect()
-        }
-        _ => Vec::new(),
+    // With one lane there is nothing to join.
+    let touched = verdicts.iter().map(|verdict| match lanes {
+        0 | 1 => Vec::new(),
+        _ => verdict.keys().collect(),
     });
     share_out(joined(partitions.zip(touched)).into_iter(), lanes)
 }
