@@ -597,6 +597,79 @@ async fn the_relays_fetch_skips_published_rows_after_passing_them_once() {
     t.drop_db().await;
 }
 
+/// The relay's marking finds the rows it marks by their key, however many published rows the
+/// outbox keeps for the republish window. Its statement is planned once per connection for any list
+/// of ids; PostgreSQL chose to scan the whole outbox for them (measured under load: 700-860
+/// rows read to mark 3-7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_marking_finds_its_rows_by_key() {
+    let (t, db) = open(Backend::Postgres).await;
+    let run = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            saga_runtime::storage::query(sql)
+                .execute(db.pool())
+                .await
+                .unwrap();
+        }
+    };
+    // Statistics taken while the outbox was small, as on a new database.
+    run("ALTER TABLE outbox SET (autovacuum_enabled = false)").await;
+    let message = |i: usize| outbox::Message {
+        event_id: format!("e{i}"),
+        topic: "t".into(),
+        key: format!("saga-{i}"),
+        headers: Vec::new(),
+        payload: vec![7],
+    };
+    let add = |from: usize, to: usize| {
+        let db = db.clone();
+        async move {
+            let rows: Vec<_> = (from..to).map(|i| (message(i), 0)).collect();
+            let mut tx = db.begin().await.unwrap();
+            outbox::insert_all(&mut tx, &rows).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    add(0, 10).await;
+    run("ANALYZE outbox").await;
+    add(10, 800).await;
+    let all = outbox::fetch(&db, 0, 1, 1000).await.unwrap();
+    let ids: Vec<i64> = all.iter().map(|r| r.id).collect();
+    outbox::published(&db, &ids[..780], 100).await.unwrap();
+    // Two rows at a time on one connection, with the plan for any list of ids that PostgreSQL
+    // keeps after a few calls (made at once here).
+    let mut conn = db.pool().acquire().await.unwrap();
+    one(&mut conn, "SET plan_cache_mode = force_generic_plan").await;
+    for (n, marked) in ids[780..].chunks(2).enumerate() {
+        // In one transaction, where the counters stay the backend's own.
+        one(&mut conn, "BEGIN").await;
+        let before = scanned(&mut conn, "outbox").await;
+        let call = format!(
+            "SELECT count(*)::text FROM outbox_mark_and_fetch(CAST('{marked:?}' AS json), 5, 1, 0, 100)"
+        );
+        let left = 20 - 2 * (n + 1);
+        assert_eq!(one(&mut conn, &call).await, Some(left.to_string()));
+        let read = scanned(&mut conn, "outbox").await - before;
+        one(&mut conn, "COMMIT").await;
+        assert_eq!(read, 0, "marking {marked:?} (call {n}) scanned the outbox");
+    }
+    drop(conn);
+    t.drop_db().await;
+}
+
+/// Rows of `table` read by sequential scans on this connection's backend, as far as its own
+/// counters (`pg_stat_xact_user_tables`) have them: compare two readings in one transaction.
+async fn scanned(conn: &mut saga_runtime::storage::Conn, table: &str) -> i64 {
+    saga_runtime::storage::query_scalar(
+        "SELECT COALESCE(seq_tup_read, 0) FROM pg_stat_xact_user_tables WHERE relname = $1",
+    )
+    .bind(table)
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
 async fn a_lease_has_one_holder_until_it_expires(backend: Backend) {
     let (t, db) = open(backend).await;
     assert!(lease::acquire(&db, "relay/0", "a", 1_000, 100)
