@@ -52,9 +52,60 @@ pub struct Found {
 /// rows.
 pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
     let mut found = Found::default();
+    let Some((sql, binds)) = statement(conn.dialect(), ask) else {
+        return Ok(found);
+    };
+    let mut query = super::query(&sql);
+    for bind in binds.0 {
+        query = match bind {
+            Bind::Text(t) => query.bind(t),
+            Bind::Int(n) => query.bind(n),
+            Bind::Json(j) => query.bind(j),
+        };
+    }
+    let mut state: HashMap<String, Versioned> = ask
+        .state
+        .iter()
+        .map(|k| (k.to_string(), Versioned::never_written()))
+        .collect();
+    for row in query.fetch_all(&mut *conn).await? {
+        let kind: String = row.try_get(0)?;
+        let key: String = row.try_get(1)?;
+        let text: Option<String> = row.try_get(2)?;
+        let num: Option<i64> = row.try_get(3)?;
+        match kind.as_str() {
+            "state" => {
+                let value: Option<Vec<u8>> = row.try_get(4)?;
+                let version = num.unwrap_or(0);
+                state.insert(key, Versioned { value, version });
+            }
+            "seen" => {
+                found.seen.insert(key, text.unwrap_or_default());
+            }
+            "closed" => {
+                found.closed.insert(key, text.unwrap_or_default());
+            }
+            "held" => {
+                if let Some(until) = num {
+                    found.held.insert(key, until);
+                }
+            }
+            _ => {
+                let at = found.expiry.entry(key).or_insert(None);
+                if let Some(t) = num {
+                    *at = Some(at.map_or(t, |a| a.min(t)));
+                }
+            }
+        }
+    }
+    found.state = Arc::new(state);
+    Ok(found)
+}
+
+/// The statement of `ask` and its values; `None` if every list is empty.
+fn statement<'a>(dialect: Dialect, ask: &Ask<'a>) -> Option<(String, Binds<'a>)> {
     let mut parts: Vec<String> = Vec::new();
     let mut binds = Binds::default();
-    let dialect = conn.dialect();
     if !ask.events.is_empty() {
         let service = binds.one(Bind::Text(ask.service));
         let ids = binds.keys(dialect, ask.events);
@@ -112,7 +163,8 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
                 )
             }
             Dialect::Sqlite => {
-                let sagas = binds.list(ask.timed);
+                let sagas = binds.one(Bind::Json(super::joint::json(ask.timed)));
+                let sagas = super::json_each(&sagas);
                 (
                     format!(
                         "(SELECT saga, expired_ms FROM sagas WHERE saga IN ({sagas})) AS found"
@@ -144,54 +196,9 @@ pub async fn read(conn: &mut Conn, ask: &Ask<'_>) -> Result<Found, Error> {
         ));
     }
     if parts.is_empty() {
-        return Ok(found);
+        return None;
     }
-    let sql = parts.join(" UNION ALL ");
-    let mut query = super::query(&sql);
-    for bind in binds.0 {
-        query = match bind {
-            Bind::Text(t) => query.bind(t),
-            Bind::Int(n) => query.bind(n),
-            Bind::Json(j) => query.bind(j),
-        };
-    }
-    let mut state: HashMap<String, Versioned> = ask
-        .state
-        .iter()
-        .map(|k| (k.to_string(), Versioned::never_written()))
-        .collect();
-    for row in query.fetch_all(&mut *conn).await? {
-        let kind: String = row.try_get(0)?;
-        let key: String = row.try_get(1)?;
-        let text: Option<String> = row.try_get(2)?;
-        let num: Option<i64> = row.try_get(3)?;
-        match kind.as_str() {
-            "state" => {
-                let value: Option<Vec<u8>> = row.try_get(4)?;
-                let version = num.unwrap_or(0);
-                state.insert(key, Versioned { value, version });
-            }
-            "seen" => {
-                found.seen.insert(key, text.unwrap_or_default());
-            }
-            "closed" => {
-                found.closed.insert(key, text.unwrap_or_default());
-            }
-            "held" => {
-                if let Some(until) = num {
-                    found.held.insert(key, until);
-                }
-            }
-            _ => {
-                let at = found.expiry.entry(key).or_insert(None);
-                if let Some(t) = num {
-                    *at = Some(at.map_or(t, |a| a.min(t)));
-                }
-            }
-        }
-    }
-    found.state = Arc::new(state);
-    Ok(found)
+    Some((parts.join(" UNION ALL "), binds))
 }
 
 /// A value bound to the statement.
@@ -213,22 +220,45 @@ impl<'a> Binds<'a> {
         format!("${}", self.0.len())
     }
 
-    /// Bind `keys` as a lookup takes them: on PostgreSQL as one JSON parameter, so that the
-    /// statement has one shape per combination of parts whatever their counts.
+    /// Bind `keys` as a lookup takes them: as one JSON parameter, so that the statement has
+    /// one shape per combination of parts whatever their counts.
     fn keys(&mut self, dialect: Dialect, keys: &[&'a str]) -> Keys {
+        let param = self.one(Bind::Json(super::joint::json(keys)));
         match dialect {
-            Dialect::Postgres => Keys::Json(self.one(Bind::Json(super::joint::json(keys)))),
-            Dialect::Sqlite => Keys::Each(self.each(keys)),
+            Dialect::Postgres => Keys::Json(param),
+            Dialect::Sqlite => Keys::JsonEach(param),
         }
     }
+}
 
-    /// Bind each of `keys`; their placeholders, for an `IN (…)`.
-    fn list(&mut self, keys: &[&'a str]) -> String {
-        self.each(keys).join(", ")
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// Bind each of `keys`; their placeholders.
-    fn each(&mut self, keys: &[&'a str]) -> Vec<String> {
-        keys.iter().map(|k| self.one(Bind::Text(k))).collect()
+    /// One statement shape per combination of parts, whatever their counts: each shape is
+    /// prepared once per connection. (On SQLite each key had a placeholder of its own, and the
+    /// shapes of a busy service's batches outgrew the connection's statement cache.)
+    #[test]
+    fn the_statement_is_the_same_for_any_number_of_keys() {
+        let ask = |keys: &'static [&'static str]| Ask {
+            service: "svc",
+            now_ms: 5,
+            events: keys,
+            ledger: keys,
+            held: keys,
+            timed: keys,
+            state: keys,
+        };
+        for dialect in [Dialect::Sqlite, Dialect::Postgres] {
+            let (small, _) = statement(dialect, &ask(&["a"])).unwrap();
+            let (large, binds) = statement(dialect, &ask(&["a", "b", "c"])).unwrap();
+            assert_eq!(small, large, "{dialect:?}");
+            assert_eq!(
+                binds.0.len(),
+                11,
+                "{dialect:?}: a list per part, its service and time"
+            );
+        }
+        assert!(statement(Dialect::Sqlite, &Ask::default()).is_none());
     }
 }
