@@ -518,6 +518,14 @@ async fn only_the_relays_marking_skips_the_wal_flush() {
     t.drop_db().await;
 }
 
+/// Run `sql` on the pool, which must succeed.
+async fn execute(db: &Db, sql: &str) {
+    saga_runtime::storage::query(sql)
+        .execute(db.pool())
+        .await
+        .unwrap();
+}
+
 /// The text in the first column of the first row `sql` returns on `conn`, if any.
 async fn one(conn: &mut saga_runtime::storage::Conn, sql: &str) -> Option<String> {
     let query = saga_runtime::storage::query_scalar::<String>(sql);
@@ -598,23 +606,14 @@ async fn the_relays_fetch_skips_published_rows_after_passing_them_once() {
 }
 
 /// The relay's marking finds the rows it marks by their key, however many published rows the
-/// outbox keeps for the republish window. Its statement is planned once per connection for any list
-/// of ids; PostgreSQL chose to scan the whole outbox for them (measured under load: 700-860
-/// rows read to mark 3-7).
+/// outbox keeps for the republish window. Its statement is planned once per connection for any
+/// list of ids; PostgreSQL chose to scan the whole outbox for them (measured under load:
+/// 700-860 rows read to mark 3-7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relays_marking_finds_its_rows_by_key() {
     let (t, db) = open(Backend::Postgres).await;
-    let run = |sql: &'static str| {
-        let db = db.clone();
-        async move {
-            saga_runtime::storage::query(sql)
-                .execute(db.pool())
-                .await
-                .unwrap();
-        }
-    };
     // Statistics taken while the outbox was small, as on a new database.
-    run("ALTER TABLE outbox SET (autovacuum_enabled = false)").await;
+    execute(&db, "ALTER TABLE outbox SET (autovacuum_enabled = false)").await;
     let message = |i: usize| outbox::Message {
         event_id: format!("e{i}"),
         topic: "t".into(),
@@ -632,7 +631,7 @@ async fn the_relays_marking_finds_its_rows_by_key() {
         }
     };
     add(0, 10).await;
-    run("ANALYZE outbox").await;
+    execute(&db, "ANALYZE outbox").await;
     add(10, 800).await;
     let all = outbox::fetch(&db, 0, 1, 1000).await.unwrap();
     let ids: Vec<i64> = all.iter().map(|r| r.id).collect();
@@ -1774,22 +1773,13 @@ async fn a_plan_made_while_a_table_was_small_is_made_again_once_it_grew() {
     let test_db = TestDb::new(Backend::Postgres).await;
     // One connection: the plan looked at is the one the statements before made.
     let db = Db::connect(&test_db.url, 1).await.unwrap();
-    let run = |sql: &'static str| {
-        let db = db.clone();
-        async move {
-            saga_runtime::storage::query(sql)
-                .execute(db.pool())
-                .await
-                .unwrap();
-        }
-    };
     // Autovacuum must not analyze it first.
-    run("ALTER TABLE outbox SET (autovacuum_enabled = false)").await;
+    execute(&db, "ALTER TABLE outbox SET (autovacuum_enabled = false)").await;
     let insert = "INSERT INTO outbox (event_id, topic, msg_key, headers, payload, created_ms) \
                   SELECT 'e' || i, 'order', 'k' || i, '[]', '', 0 FROM generate_series(1, $1) AS i";
     let rows = |n: i64| saga_runtime::storage::query(insert).bind(n);
     rows(4).execute(db.pool()).await.unwrap();
-    run("ANALYZE outbox").await;
+    execute(&db, "ANALYZE outbox").await;
     assert!(statistics::refresh(&db, statistics::FLOOR)
         .await
         .unwrap()
