@@ -147,7 +147,11 @@ pub fn init(settings: &Settings, instance: &str) -> Result<Guard, Error> {
         .with_location(false)
         .with_threads(false)
         .with_target(false)
-        .with_tracked_inactivity(false);
+        .with_tracked_inactivity(false)
+        // Nothing here reads OpenTelemetry's current context (trace context is taken from each
+        // span, `carried`), so entering a span need not make its context current: that cost a
+        // thread-local attach and detach on every poll of an instrumented future.
+        .with_context_activation(false);
     // The logs show this crate's spans whatever the filter admits of events, so that a
     // warning names the trace it belongs to.
     use tracing_subscriber::filter::FilterExt as _;
