@@ -146,9 +146,8 @@ fn statement<'a>(dialect: Dialect, ask: &Ask<'a>) -> Option<(String, Binds<'a>)>
     if !ask.timed.is_empty() {
         let now = binds.one(Bind::Int(ask.now_ms));
         // Each saga looked up on its own (`super::probes`) on PostgreSQL.
-        let (expired, due) = match dialect {
-            Dialect::Postgres => {
-                let sagas = binds.one(Bind::Json(super::joint::json(ask.timed)));
+        let (expired, due) = match binds.keys(dialect, ask.timed) {
+            Keys::Json(sagas) => {
                 let probes = json_probes(&sagas);
                 (
                     format!(
@@ -162,8 +161,7 @@ fn statement<'a>(dialect: Dialect, ask: &Ask<'a>) -> Option<(String, Binds<'a>)>
                     ),
                 )
             }
-            Dialect::Sqlite => {
-                let sagas = binds.one(Bind::Json(super::joint::json(ask.timed)));
+            Keys::JsonEach(sagas) => {
                 let sagas = super::json_each(&sagas);
                 (
                     format!(

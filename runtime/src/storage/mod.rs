@@ -431,7 +431,7 @@ enum Keys {
 /// on either database, so that a statement made of several such lookups has one shape per
 /// combination of lookups whatever their counts: it is parsed and planned once per connection,
 /// not once per combination of counts (SQLite: the door's statement had so many shapes at 128
-/// bench clients that preparing it again took 2.5 % of the runtime's CPU).
+/// bench clients that preparing it again took 2 % of the runtime's CPU).
 fn keyed(
     (table, columns): (&str, &str),
     (service, column): (&str, &str),
