@@ -615,6 +615,9 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         "chainedPerSaga": round(per_saga(delta("chained")), 2),
         // Batches committed again with a savepoint per event (`Isolation::PerEvent`).
         "recommitsPerSaga": round(per_saga(delta("recommits")), 3),
+        // Batch ends tried as one statement without a transaction (PostgreSQL) and committed
+        // again in one (`Isolation::Alone`).
+        "endsUndonePerSaga": round(per_saga(delta("alone_undone")), 3),
         "runtimeContextSwitchesPerSaga": round(per_saga(switches as f64), 1),
         "stageMeanMs": {
             "ingressWait": stage("saga_ingress_wait_seconds", ""),
@@ -757,7 +760,7 @@ fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
          shed {}  errors {}  cpu/saga runtime {} ms broker {} ms database {} ms  machine busy {} probe {}  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  write gate busy {}  \
-         conflicts/saga {}  chained/saga {}  recommits/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}  hops p50 ms {}",
+         conflicts/saga {}  chained/saga {}  recommits/saga {}  ends undone/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}  hops p50 ms {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
         r["sagas"],
@@ -771,7 +774,7 @@ fn print(backend: Backend, r: &Value) {
         r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbStatementsPerEvent"],
         r["dbTransactionsPerEvent"], r["writeGateBusy"],
         r["conflictRerunsPerSaga"], r["chainedPerSaga"], r["recommitsPerSaga"],
-        r["runtimeContextSwitchesPerSaga"],
+        r["endsUndonePerSaga"], r["runtimeContextSwitchesPerSaga"],
         r["stageMeanMs"]["ingressWait"], r["stageMeanMs"]["relay"],
         r["stageMeanMs"]["delivery"], r["stageMeanMs"]["handling"],
         r["hopsP50Ms"],

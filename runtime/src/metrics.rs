@@ -193,6 +193,18 @@ const COUNTERS: &[CounterRow] = &[
         |s| &s.recommits,
     ),
     (
+        "saga_batch_ends_alone_total",
+        &[],
+        "Event batches committed as one statement without a transaction (PostgreSQL)",
+        |s| &s.ends_alone,
+    ),
+    (
+        "saga_batch_ends_undone_total",
+        &[],
+        "Event batches whose end as one statement without a transaction failed (a state version not as read, a step no longer applying) and that were committed again in a transaction",
+        |s| &s.alone_undone,
+    ),
+    (
         "saga_state_reads_ahead_total",
         &[],
         "Handlers' state reads answered from the keys the door check read ahead with its statement",

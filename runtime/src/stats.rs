@@ -27,6 +27,13 @@ pub struct Stats {
     /// Batches committed a second time, with a savepoint per event, because the first
     /// attempt (without) met a conflict, a late duplicate or a refusal.
     pub recommits: AtomicU64,
+    /// Batches committed as one statement without a transaction (PostgreSQL; `worker`'s
+    /// `Isolation::Alone`).
+    pub ends_alone: AtomicU64,
+    /// Batch ends tried as one statement without a transaction (PostgreSQL) that failed —
+    /// a state version not as read, a step that no longer applied, an end too large for one
+    /// statement — and were committed again in a transaction.
+    pub alone_undone: AtomicU64,
     /// Handlers' state reads answered from what the door check read ahead (PostgreSQL).
     pub reads_ahead: AtomicU64,
     /// Failed handler attempts (errors, traps, time and memory limits).

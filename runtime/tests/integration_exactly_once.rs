@@ -72,7 +72,9 @@ async fn a_redelivered_event_is_applied_once(backend: Backend) {
 /// inbox row is written, so that attempt is undone and the batch committed again with a
 /// savepoint per event. On PostgreSQL the batch checks reads in memory first
 /// (`state::Staged`): the copy read what the first copy wrote, so it is deferred with nothing
-/// written for it, and the next round's door finds it a duplicate.
+/// written for it, and the next round's door finds it a duplicate; the first round, all saga
+/// steps, ends in one statement without a transaction (the worker's `Isolation::Alone`), and
+/// no such end had to be undone.
 async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
     let rt = TestRuntime::start(backend, &["point"]).await;
     rt.post("/points", json!({"userId": "frank", "point": 1000}))
@@ -95,11 +97,16 @@ async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
             recommits, 1,
             "the batch was committed again with savepoints once"
         ),
-        Backend::Postgres => assert_eq!(
-            (recommits, conflicts),
-            (0, 1),
-            "the copy was deferred by its reads, nothing undone"
-        ),
+        Backend::Postgres => {
+            assert_eq!(
+                (recommits, conflicts),
+                (0, 1),
+                "the copy was deferred by its reads, nothing undone"
+            );
+            let alone = Stats::get(&stats.ends_alone);
+            assert!(alone >= 1, "{alone} batches ended in one statement");
+            assert_eq!(Stats::get(&stats.alone_undone), 0);
+        }
     }
     rt.stop().await;
 }

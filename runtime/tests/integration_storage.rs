@@ -1761,6 +1761,148 @@ async fn a_batchs_end_sets_apart_what_cannot_share_its_statement() {
     t.drop_db().await;
 }
 
+/// A batch's end as one statement without a transaction (`storage::end::write_alone`, the
+/// worker's `Isolation::Alone`) takes each key's version from the first handler that read it
+/// (`state::Staged::assuming`) and checks them in the statement: at the versions read it
+/// writes all of the batch; a key written or only read that moved — before the statement, or
+/// while it waits for a writer's lock and that writer then commits — or a key created since it
+/// was read as absent fails the statement whole, nothing of the batch written; and a key
+/// written without being read (its version unknown) is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_end_alone_writes_all_of_it_at_the_versions_read_or_nothing() {
+    let (t, db) = open(Backend::Postgres).await;
+    write(&db, &[], &[put("k1", "a"), put("k2", "b")])
+        .await
+        .unwrap();
+    let reads = [("k1", 1), ("k2", 1), ("ghost", 0), ("new", 0)];
+    let ended = end_alone(&db, 1, &reads, &[put("k1", "a2"), put("new", "n")]).await;
+    assert_eq!(ended, Ok(()));
+    assert_eq!(stored(&db, "k1").await, (Some("a2".into()), 2));
+    assert_eq!(stored(&db, "k2").await, (Some("b".into()), 1), "only read");
+    assert_eq!(stored(&db, "new").await, (Some("n".into()), 1));
+    assert_eq!(stored(&db, "ghost").await, (None, 0), "a placeholder row");
+    let after_first = batch_ends(&db).await;
+    assert_eq!(after_first, (1, 1, Some(1)), "inbox, outbox, position");
+
+    // Moved before the statement: a key written, a key only read, a key read as absent.
+    let stale_write = end_alone(&db, 2, &[("k1", 1)], &[put("k1", "x")]).await;
+    assert!(stale_write.unwrap_err().contains("state_updated"));
+    write(&db, &[("k2", 1)], &[put("k2", "b2")]).await.unwrap();
+    let stale_read = end_alone(&db, 3, &[("k1", 2), ("k2", 1)], &[put("k1", "y")]).await;
+    assert!(stale_read.unwrap_err().contains("state_read"));
+    write(&db, &[("late", 0)], &[put("late", "theirs")])
+        .await
+        .unwrap();
+    let created = end_alone(&db, 4, &[("late", 0)], &[put("late", "mine")]).await;
+    assert!(created.unwrap_err().contains("state_inserted"));
+    assert_eq!(stored(&db, "late").await, (Some("theirs".into()), 1));
+
+    // Moved while the statement waits for the lock of a writer that then commits: k2 only
+    // read (locked `FOR SHARE`), then k1 written.
+    for (moved, reads) in [
+        ("k2", [("k1", 2), ("k2", 2)]),
+        ("k1", [("k1", 2), ("k2", 3)]),
+    ] {
+        let mut writer = db.begin().await.unwrap();
+        let seen = read_set([(moved.to_string(), 2)]);
+        state::apply(&mut writer, "svc", &seen, &[put(moved, "theirs")], 5)
+            .await
+            .unwrap();
+        let waiting = {
+            let db = db.clone();
+            tokio::spawn(async move { end_alone(&db, 5, &reads, &[put("k1", "z")]).await })
+        };
+        common::eventually("the end to wait for the writer's lock", || async {
+            match lock_waiters(&db).await {
+                1 => Ok(()),
+                n => Err(format!("{n} waiting")),
+            }
+        })
+        .await;
+        writer.commit().await.unwrap();
+        let ended = waiting.await.unwrap();
+        assert!(ended.is_err(), "{moved} moved while the end waited");
+    }
+    assert_eq!(stored(&db, "k1").await, (Some("theirs".into()), 3));
+
+    // A key written without being read: refused before anything is sent.
+    let blind = end_alone(&db, 6, &[], &[put("k9", "q")]).await;
+    assert!(blind.unwrap_err().contains("does not fit"));
+    assert_eq!(stored(&db, "k9").await, (None, 0));
+    assert_eq!(
+        batch_ends(&db).await,
+        after_first,
+        "none of them wrote anything"
+    );
+
+    let reads = [("k1", 3), ("k2", 3)];
+    let ended = end_alone(&db, 7, &reads, &[put("k1", "last")]).await;
+    assert_eq!(ended, Ok(()));
+    assert_eq!(stored(&db, "k1").await, (Some("last".into()), 4));
+    assert_eq!(batch_ends(&db).await, (2, 2, Some(7)));
+    t.drop_db().await;
+}
+
+/// Batch `n`'s end as one statement (`storage::end::write_alone`): its event `e<n>`, a forward
+/// step of saga `saga-<n>`, read `reads` and wrote `writes`; it emits `out-<n>` and moves the
+/// position of partition 0 to `n`. `Err`: why it was not written.
+async fn end_alone(db: &Db, n: i64, reads: &[(&str, i64)], writes: &[Write]) -> Result<(), String> {
+    use saga_runtime::storage::end::{self, End};
+    use saga_runtime::storage::step::{Kind, Step};
+    let mut staged = state::Staged::assuming("svc", 1_000);
+    let reads = read_set(reads.iter().map(|(k, v)| (k.to_string(), *v)));
+    staged.check(&reads).map_err(|e| e.to_string())?;
+    staged.stage(&reads, writes);
+    let steps = [Step {
+        kind: Kind::Forward,
+        event_id: format!("e{n}"),
+        saga: format!("saga-{n}"),
+        event_type: "ExchangeSucceeded".into(),
+        topic: "exchange".into(),
+        version: "0.1.0".into(),
+        handled_ms: 1_000,
+        timed: false,
+        ledger: true,
+    }];
+    let message = outbox::Message {
+        event_id: format!("out-{n}"),
+        topic: "order".into(),
+        key: format!("saga-{n}"),
+        headers: vec![],
+        payload: b"{}".to_vec(),
+    };
+    let end = End {
+        service: "point",
+        steps: &steps,
+        state: staged,
+        deadlines: &[],
+        emitted: &[(message, 1_000)],
+        consumer: "point",
+        positions: &[("exchange", 0, n)],
+    };
+    let mut conn = db.pool().acquire().await.unwrap();
+    let written = end::write_alone(&mut conn, end).await.unwrap();
+    written.map(|_| ()).map_err(|unexpected| unexpected.0)
+}
+
+/// What batch ends wrote: inbox records, outbox rows, and the position of `point` on partition
+/// 0 of `exchange`.
+async fn batch_ends(db: &Db) -> (i64, usize, Option<i64>) {
+    let records = saga_runtime::storage::query_scalar::<i64>("SELECT COUNT(*) FROM inbox")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    let rows = outbox::fetch(db, 0, 1, 10).await.unwrap().len();
+    let positions = saga_runtime::storage::offsets::load(db, "point")
+        .await
+        .unwrap();
+    (
+        records,
+        rows,
+        positions.get(&("exchange".to_string(), 0)).copied(),
+    )
+}
+
 /// Each PostgreSQL connection plans a prepared statement once, for the table's size then
 /// (`storage::GENERIC_PLANS`): the relay's marking of published rows, first run on a nearly
 /// empty outbox (analyzed so, as autovacuum does a new table after its first 50 changes), kept

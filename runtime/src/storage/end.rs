@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use super::joint::{Joint, Unexpected};
+use super::joint::{Answer, Joint, Unexpected};
 use super::{deadlines, offsets, outbox, state, step, Conn, Error};
 
 /// What a transaction writes at its end.
@@ -29,9 +29,48 @@ pub struct End<'e> {
 /// key another transaction created; the transaction must be rolled back (and its work done the
 /// statement-by-statement way, which tells what it was).
 pub async fn write(conn: &mut Conn, end: End<'_>) -> Result<Result<Vec<i64>, Unexpected>, Error> {
-    if let Err(broken) = check(end.steps) {
-        return Ok(Err(broken));
-    }
+    let (joint, deadlines) = match joint(&end) {
+        Ok(Some(joined)) => joined,
+        Ok(None) => return apart(conn, end).await,
+        Err(broken) => return Ok(Err(broken)),
+    };
+    let answers = match joint.run(conn).await? {
+        Ok(answers) => answers,
+        Err(unexpected) => return Ok(Err(unexpected)),
+    };
+    Ok(Ok(match deadlines {
+        Some(answer) => answers.get(answer).iter().flatten().copied().collect(),
+        None => deadlines::apply_all(conn, end.deadlines, end.state.now_ms()).await?,
+    }))
+}
+
+/// [`write`] as one statement on a connection outside any transaction: all of it is written,
+/// or (`Ok(Err(Unexpected))`, and any error) none of it. Also `Unexpected` when it does not
+/// fit one statement: nothing was sent, and the caller writes it inside a transaction.
+pub async fn write_alone(
+    conn: &mut Conn,
+    end: End<'_>,
+) -> Result<Result<Vec<i64>, Unexpected>, Error> {
+    let unfit = || Ok(Err(Unexpected("the end does not fit one statement".into())));
+    let (joint, deadlines) = match joint(&end) {
+        Ok(Some((_, None))) if !end.deadlines.is_empty() => return unfit(),
+        Ok(Some(joined)) => joined,
+        Ok(None) => return unfit(),
+        Err(broken) => return Ok(Err(broken)),
+    };
+    let answers = match joint.run(conn).await? {
+        Ok(answers) => answers,
+        Err(unexpected) => return Ok(Err(unexpected)),
+    };
+    let opened = deadlines.map(|answer| answers.get(answer).iter().flatten().copied());
+    Ok(Ok(opened.into_iter().flatten().collect()))
+}
+
+/// `end` joined in one statement, with the answer that yields when each saga whose deadline it
+/// cancelled was opened (`None`: its deadlines are not in it). `Ok(None)`: its steps, state,
+/// events or positions do not fit one.
+fn joint(end: &End<'_>) -> Result<Option<(Joint, Option<Answer>)>, Unexpected> {
+    check(end.steps)?;
     let now_ms = end.state.now_ms();
     let mut joint = Joint::new();
     let joined = step::join(&mut joint, end.service, now_ms, end.steps)
@@ -39,7 +78,7 @@ pub async fn write(conn: &mut Conn, end: End<'_>) -> Result<Result<Vec<i64>, Une
         && outbox::join_all(&mut joint, end.emitted)
         && offsets::join(&mut joint, end.consumer, end.positions);
     if !joined {
-        return apart(conn, end).await;
+        return Ok(None);
     }
     // A deadline set for a saga whose expiry row a timed step moves is set apart: the parts of
     // a joint must not write one row twice.
@@ -53,14 +92,7 @@ pub async fn write(conn: &mut Conn, end: End<'_>) -> Result<Result<Vec<i64>, Une
         [] => None,
         ops => deadlines::join_all(&mut joint, ops, now_ms, |saga| timed.contains(saga)),
     };
-    let answers = match joint.run(conn).await? {
-        Ok(answers) => answers,
-        Err(unexpected) => return Ok(Err(unexpected)),
-    };
-    Ok(Ok(match cancelled {
-        Some(answer) => answers.get(answer).iter().flatten().copied().collect(),
-        None => deadlines::apply_all(conn, end.deadlines, now_ms).await?,
-    }))
+    Ok(Some((joint, cancelled)))
 }
 
 /// [`write`] with each kind in its own statement: an end too large for one.

@@ -7,9 +7,11 @@
 //! rows (PostgreSQL does not define which of two changes of one row in one statement wins):
 //! each caller joins only parts that do, and runs the others statement by statement.
 //!
-//! What the caller checks comes back in the same statement: counts that must come out as
-//! expected ([`Joint::expect`]; otherwise [`run`](Joint::run) answers [`Unexpected`], and the
-//! caller rolls the transaction back), and values it reads ([`Joint::answer`]).
+//! What the caller checks is checked in the same statement: counts that must come out as
+//! expected ([`Joint::expect`]; otherwise the statement fails, nothing of it is written, and
+//! [`run`](Joint::run) answers [`Unexpected`]), and values it reads ([`Joint::answer`]). The
+//! checks failing the statement itself (`saga_expect`, `migrations/postgres/0025`) let a joint
+//! run without a transaction around it, as a batch's whole end (`crate::worker`).
 
 use super::sql::{Query, Value};
 use super::{Conn, Error};
@@ -72,9 +74,9 @@ impl Joint {
         self.answers.push((select.to_string(), Some(count as i64)));
     }
 
-    /// Send the statement on `conn`. `Ok(Err(Unexpected))`: a check failed (everything was
-    /// still written: roll the transaction back).
-    pub async fn run(self, conn: &mut Conn) -> Result<Result<Answers, Unexpected>, Error> {
+    /// Send the statement on `conn`. `Ok(Err(Unexpected))`: a check failed, and the statement
+    /// with it (a transaction around it must be rolled back).
+    pub async fn run(mut self, conn: &mut Conn) -> Result<Result<Answers, Unexpected>, Error> {
         let mut sql = String::with_capacity(self.with.len() + 64 * self.answers.len() + 64);
         if !self.with.is_empty() {
             sql.push_str("WITH ");
@@ -84,20 +86,40 @@ impl Joint {
         if self.answers.is_empty() {
             sql.push_str("SELECT CAST(NULL AS BIGINT) AS answer, CAST(NULL AS BIGINT) AS v");
         }
-        for (i, (select, _)) in self.answers.iter().enumerate() {
+        for (i, (select, count)) in self.answers.iter().enumerate() {
             if i > 0 {
                 sql.push_str(" UNION ALL ");
             }
-            sql.push_str(&format!(
-                "SELECT CAST({i} AS BIGINT) AS answer, CAST(a.v AS BIGINT) AS v \
-                 FROM ({select}) AS a(v)"
-            ));
+            sql.push_str(&match count {
+                // The count bound, not written into the text: one statement shape (one
+                // `Parse` and plan per connection) for any count.
+                Some(count) => {
+                    self.args.push(Value::Int(*count));
+                    let n = self.args.len();
+                    format!(
+                        "SELECT CAST({i} AS BIGINT) AS answer, \
+                         saga_expect(CAST(({select}) AS BIGINT), CAST(${n} AS BIGINT), {i}) AS v"
+                    )
+                }
+                None => format!(
+                    "SELECT CAST({i} AS BIGINT) AS answer, CAST(a.v AS BIGINT) AS v \
+                     FROM ({select}) AS a(v)"
+                ),
+            });
         }
         let mut query = super::query(&sql);
-        for arg in self.args {
+        for arg in std::mem::take(&mut self.args) {
             query = query.bind_value(arg);
         }
-        let rows = query.fetch_all(&mut *conn).await?;
+        let rows = match query.fetch_all(&mut *conn).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                return match failed_check(&e) {
+                    Some(message) => Ok(Err(Unexpected(self.explain(message)))),
+                    None => Err(e),
+                }
+            }
+        };
         let mut answers = vec![Vec::new(); self.answers.len()];
         for row in rows {
             let Some(i) = row.try_get::<Option<i64>, _>("answer")? else {
@@ -120,6 +142,32 @@ impl Joint {
         Ok(Ok(Answers(answers)))
     }
 }
+
+impl Joint {
+    /// `message` (`saga_expect`'s) with the check it names.
+    fn explain(&self, message: &str) -> String {
+        let which = message
+            .split_whitespace()
+            .nth(2)
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| self.answers.get(n));
+        match which {
+            Some((select, _)) => format!("{select}: {message}"),
+            None => message.to_string(),
+        }
+    }
+}
+
+/// `saga_expect`'s message, if `e` is a check of a joint that failed.
+fn failed_check(e: &Error) -> Option<&str> {
+    let Error::Sql(sqlx::Error::Database(db)) = e else {
+        return None;
+    };
+    (db.code().as_deref() == Some(CHECK_FAILED)).then(|| db.message())
+}
+
+/// The SQLSTATE `saga_expect` fails a statement with.
+const CHECK_FAILED: &str = "SG001";
 
 /// `rows` as a JSON array: a part's rows in one parameter, which its entries read with
 /// `json_to_recordset(CAST($n AS json)) AS v(column type, …)`, so that one statement shape

@@ -82,6 +82,15 @@ impl std::ops::DerefMut for Tx {
 }
 
 impl Tx {
+    /// A transaction that is not one: its connection refuses every statement
+    /// ([`Conn::detached`]), and its commit does nothing.
+    pub fn detached(dialect: Dialect) -> Self {
+        Tx {
+            conn: Conn::detached(dialect),
+            _gate: None,
+        }
+    }
+
     pub async fn commit(self) -> Result<(), Error> {
         self.conn.commit().await
     }
@@ -137,6 +146,10 @@ pub enum Error {
     /// A loop the statement was handed to has stopped (the instance is shutting down).
     #[error("{0} has stopped")]
     Stopped(&'static str),
+    /// A statement on a detached connection ([`Conn::detached`]): the work was to write
+    /// nothing before its one statement.
+    #[error("a statement where none may run (the work was to end in one statement)")]
+    Detached,
     /// A row holds what this version of the runtime cannot read.
     #[error("unreadable row: {0}")]
     Corrupt(String),

@@ -283,6 +283,7 @@ impl<'q> Query<'q> {
                 Inner::Pooled(c) => sqlx_run(&mut **c, self.sql, self.args, want).await,
                 Inner::Tx(c) => sqlx_run(&mut **c, self.sql, self.args, want).await,
                 Inner::Native(c) => c.run(self.sql, &self.args, want).await,
+                Inner::Detached(_) => Err(Error::Detached),
             },
         }
     }
@@ -382,6 +383,9 @@ pub(super) enum Inner {
     Pooled(sqlx::pool::PoolConnection<Any>),
     Tx(sqlx::Transaction<'static, Any>),
     Native(native::Conn),
+    /// No connection: work whose writes all go into one statement at its end, run on a
+    /// connection of its own ([`Conn::detached`]). Any statement before is refused.
+    Detached(super::Dialect),
 }
 
 impl Conn {
@@ -393,11 +397,19 @@ impl Conn {
         }
     }
 
+    /// Stands for a connection where no statement may run ([`Error::Detached`]): the work
+    /// before a single statement that is its only write, which must not run any of its own
+    /// outside the transaction that statement replaces.
+    pub fn detached(dialect: Dialect) -> Self {
+        Conn::new(Inner::Detached(dialect))
+    }
+
     /// SQLite connections are native; sqlx holds only PostgreSQL's (`Db::connect`).
     pub fn dialect(&self) -> Dialect {
         match &self.inner {
             Inner::Native(_) => Dialect::Sqlite,
             Inner::Pooled(_) | Inner::Tx(_) => Dialect::Postgres,
+            Inner::Detached(dialect) => *dialect,
         }
     }
 
@@ -422,7 +434,7 @@ impl Conn {
         match self.inner {
             Inner::Tx(tx) => Ok(tx.commit().await?),
             Inner::Native(mut c) => c.finish("COMMIT").await,
-            Inner::Pooled(_) => Ok(()),
+            Inner::Pooled(_) | Inner::Detached(_) => Ok(()),
         }
     }
 
@@ -430,7 +442,7 @@ impl Conn {
         match self.inner {
             Inner::Tx(tx) => Ok(tx.rollback().await?),
             Inner::Native(mut c) => c.finish("ROLLBACK").await,
-            Inner::Pooled(_) => Ok(()),
+            Inner::Pooled(_) | Inner::Detached(_) => Ok(()),
         }
     }
 

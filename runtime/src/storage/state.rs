@@ -243,18 +243,25 @@ pub async fn lock(
 /// A batch transaction's state writes on PostgreSQL, checked and gathered in memory, written
 /// in two statements at its end ([`Staged::flush`]) instead of one or two per key.
 ///
-/// It starts from the versions [`lock`] returned: rows locked until the commit, so nothing
-/// but this transaction changes them, and a handler's reads are checked against them (and
-/// against the writes staged before it) without a statement. Keys without a row when locked
-/// are inserted at the flush, with placeholder rows (no value, version 0) for keys only read
-/// as never written, so that a writer of such a key meets this transaction's row as it would
-/// a `FOR SHARE` lock. Another transaction may insert such a key first: the flush then finds
-/// fewer rows inserted and answers [`Error::Conflict`], and the caller commits again the
-/// statement-by-statement way ([`apply`]).
+/// It starts from the versions [`lock`] returned ([`Staged::new`]): rows locked until the
+/// commit, so nothing but this transaction changes them, and a handler's reads are checked
+/// against them (and against the writes staged before it) without a statement. Keys without
+/// a row when locked are inserted at the flush, with placeholder rows (no value, version 0)
+/// for keys only read as never written, so that a writer of such a key meets this
+/// transaction's row as it would a `FOR SHARE` lock. Another transaction may write such a
+/// key first: the flush then finds fewer rows inserted and answers [`Error::Conflict`], and
+/// the caller commits again the statement-by-statement way ([`apply`]); a placeholder it left
+/// (version 0) is taken over.
+///
+/// Or it starts from nothing ([`Staged::assuming`]) and takes each key's version from the
+/// first handler that read it: the end's one statement ([`Staged::join`]) then checks those
+/// versions itself — each write updates the row only at the version assumed, each key only
+/// read is locked `FOR SHARE` and its version compared — so the end needs no transaction
+/// around it and no lock taken before; a version not as assumed fails the statement.
 #[derive(Debug, Default)]
 pub struct Staged {
     service: String,
-    /// Rows that existed when locked, with their versions.
+    /// Rows that existed when locked (or as first read), with their versions.
     locked: BTreeMap<String, i64>,
     /// Every key's version as this transaction leaves it so far (absent: 0).
     now: BTreeMap<String, i64>,
@@ -263,6 +270,11 @@ pub struct Staged {
     /// Keys without a row, read as never written and not written.
     placeholders: std::collections::BTreeSet<String>,
     now_ms: i64,
+    /// Versions are taken from the reads (`assuming`), not from locked rows.
+    assumed: bool,
+    /// A key was written without being read first while `assumed`: its version is unknown,
+    /// and the end cannot be one statement ([`Staged::join`] refuses).
+    blind: bool,
 }
 
 impl Staged {
@@ -276,19 +288,31 @@ impl Staged {
         }
     }
 
+    /// Staged writes whose keys' versions are the ones their first readers saw, checked by
+    /// the end's statement ([`Staged::join`]) instead of locked before.
+    pub fn assuming(service: &str, now_ms: i64) -> Self {
+        Staged {
+            service: service.to_string(),
+            now_ms,
+            assumed: true,
+            ..Staged::default()
+        }
+    }
+
     /// The time its writes are stamped with (a tombstone's age, a placeholder's).
     pub fn now_ms(&self) -> i64 {
         self.now_ms
     }
 
     /// Whether a handler that read `reads` could commit now: [`Error::Conflict`] naming the
-    /// first key whose version moved since it was read.
+    /// first key whose version moved since it was read. A key no handler before touched
+    /// passes while `assumed` (the end's statement checks it).
     pub fn check(&self, reads: &ReadSet) -> Result<(), Error> {
-        match reads
-            .0
-            .iter()
-            .find(|(key, &seen)| self.now.get(key.as_str()).copied().unwrap_or(0) != seen)
-        {
+        let moved = |key: &str, seen: i64| match self.now.get(key) {
+            Some(&now) => now != seen,
+            None => !self.assumed && seen != 0,
+        };
+        match reads.0.iter().find(|(key, &seen)| moved(key, seen)) {
             Some((key, _)) => Err(Error::Conflict {
                 service: self.service.clone(),
                 key: key.clone(),
@@ -300,6 +324,16 @@ impl Staged {
     /// Stage a handler's writes, after [`Staged::check`] passed for its reads. Several
     /// writes to one key collapse to the last.
     pub fn stage(&mut self, reads: &ReadSet, writes: &[Write]) {
+        if self.assumed {
+            for (key, &seen) in &reads.0 {
+                if !self.now.contains_key(key) {
+                    self.now.insert(key.clone(), seen);
+                    if seen != 0 {
+                        self.locked.insert(key.clone(), seen);
+                    }
+                }
+            }
+        }
         let last: BTreeMap<&str, Option<&[u8]>> = writes
             .iter()
             .map(|w| (w.key.as_str(), w.value.as_deref()))
@@ -310,6 +344,7 @@ impl Staged {
             }
         }
         for (key, value) in last {
+            self.blind |= self.assumed && !self.now.contains_key(key);
             let version = self.now.get(key).copied().unwrap_or(0) + 1;
             self.now.insert(key.to_string(), version);
             self.writes
@@ -318,7 +353,8 @@ impl Staged {
     }
 
     /// Write what was staged: rows that existed updated in one statement, new rows and
-    /// placeholders inserted in another (per [`GATHER_KEYS`]).
+    /// placeholders inserted in another (per [`GATHER_KEYS`]). Inside the transaction that
+    /// locked the rows ([`Staged::new`]).
     pub async fn flush(self, conn: &mut Conn) -> Result<(), Error> {
         let (updates, inserts) = self.rows();
         for chunk in updates.chunks(GATHER_KEYS) {
@@ -336,7 +372,7 @@ impl Staged {
                 // Inserted by another transaction since this one locked its keys.
                 return Err(Error::Conflict {
                     service: self.service.clone(),
-                    key: chunk[0].0.to_string(),
+                    key: chunk[0].key.to_string(),
                 });
             }
         }
@@ -344,34 +380,60 @@ impl Staged {
     }
 
     /// Join what [`Staged::flush`] writes to `joint` (`state_updated`, `state_inserted`), with
-    /// the check that every new row was inserted. `false`: too many keys for one statement
-    /// (nothing joined).
+    /// the checks that every row was updated at the version it had and every new row was
+    /// inserted; when `assumed`, also the keys only read, locked and compared (`state_read`).
+    /// `false` (nothing joined): too many keys for one statement, or a write whose version is
+    /// unknown.
     pub fn join(&self, joint: &mut Joint) -> bool {
         let (updates, inserts) = self.rows();
-        if updates.len() > GATHER_KEYS || inserts.len() > GATHER_KEYS {
+        let read: Vec<JsonRead<'_>> = match self.assumed {
+            true => self
+                .locked
+                .iter()
+                .filter(|(key, _)| !self.writes.contains_key(*key))
+                .map(|(key, &version)| JsonRead { key, version })
+                .collect(),
+            false => Vec::new(),
+        };
+        if self.blind
+            || [updates.len(), inserts.len(), read.len()]
+                .iter()
+                .any(|&n| n > GATHER_KEYS)
+        {
             return false;
         }
         if !updates.is_empty() {
             let query = Query::new(JOINED_UPDATE).bind(self.service.as_str());
             joint.with(query.bind(json(&updates)));
+            joint.expect("SELECT COUNT(*) FROM state_updated", updates.len());
         }
         if !inserts.is_empty() {
             let query = Query::new(JOINED_INSERT).bind(self.service.as_str());
             joint.with(query.bind(json(&inserts)));
             joint.expect("SELECT COUNT(*) FROM state_inserted", inserts.len());
         }
+        if !read.is_empty() {
+            let query = Query::new(JOINED_READ).bind(self.service.as_str());
+            joint.with(query.bind(super::joint::json(&read)));
+            joint.expect("SELECT COUNT(*) FROM state_read", read.len());
+        }
         true
     }
 
-    /// The staged rows: those that existed (to update) and the new ones (to insert), each
-    /// `(key, value, version, valueless_ms)`.
+    /// The staged rows: those that existed (to update) and the new ones (to insert).
     fn rows(&self) -> (Vec<StagedRow<'_>>, Vec<StagedRow<'_>>) {
         let mut updates: Vec<StagedRow<'_>> = Vec::new();
         let mut inserts: Vec<StagedRow<'_>> = Vec::new();
         for (key, value) in &self.writes {
             // Since when the key holds no value: NULL while it holds one.
-            let valueless = value.is_none().then_some(self.now_ms);
-            let row = (key.as_str(), value.as_deref(), self.now[key], valueless);
+            let valueless_ms = value.is_none().then_some(self.now_ms);
+            let row = StagedRow {
+                key,
+                value: value.as_deref(),
+                version: self.now[key],
+                valueless_ms,
+                before: self.locked.get(key).copied().unwrap_or(0),
+            };
             match self.locked.contains_key(key) {
                 true => updates.push(row),
                 false => inserts.push(row),
@@ -382,10 +444,23 @@ impl Staged {
             .iter()
             .filter(|k| !self.writes.contains_key(*k))
         {
-            inserts.push((key.as_str(), None, 0, Some(self.now_ms)));
+            inserts.push(StagedRow {
+                key,
+                value: None,
+                version: 0,
+                valueless_ms: Some(self.now_ms),
+                before: 0,
+            });
         }
         (updates, inserts)
     }
+}
+
+/// A key only read, at the version read ([`JOINED_READ`]).
+#[derive(serde::Serialize)]
+struct JsonRead<'r> {
+    key: &'r str,
+    version: i64,
 }
 
 /// A staged row as [`Staged::join`] sends it, one object of a JSON parameter (the value in hex).
@@ -395,55 +470,80 @@ struct JsonRow<'r> {
     value: Option<String>,
     version: i64,
     valueless_ms: Option<i64>,
+    before: i64,
 }
 
 /// Staged rows as one JSON parameter (values in hex): one statement shape for any count.
 fn json(rows: &[StagedRow<'_>]) -> String {
     let rows: Vec<JsonRow<'_>> = rows
         .iter()
-        .map(|&(key, value, version, valueless_ms)| JsonRow {
-            key,
-            value: value.map(super::joint::hex),
-            version,
-            valueless_ms,
+        .map(|r| JsonRow {
+            key: r.key,
+            value: r.value.map(super::joint::hex),
+            version: r.version,
+            valueless_ms: r.valueless_ms,
+            before: r.before,
         })
         .collect();
     super::joint::json(&rows)
 }
 
 /// Update existing rows (`$1` the service, `$2` the rows, [`json`]): each found through the
-/// primary key on its own (`super::probes`), then updated where it was found.
+/// primary key on its own (`super::probes`), then updated where it was found if its version is
+/// still the one it was staged against (`before`).
 macro_rules! update {
     () => {
         "UPDATE state SET value = v.value, version = v.version, \
          valueless_ms = v.valueless_ms FROM (SELECT v.key, decode(v.value, 'hex') AS value, \
-         v.version, v.valueless_ms, found.at FROM json_to_recordset(CAST($2 AS json)) \
-         AS v(key text, value text, version bigint, valueless_ms bigint), \
+         v.version, v.valueless_ms, v.before, found.at \
+         FROM json_to_recordset(CAST($2 AS json)) \
+         AS v(key text, value text, version bigint, valueless_ms bigint, before bigint), \
          LATERAL (SELECT ctid AS at FROM state WHERE service = $1 AND key = v.key OFFSET 0) \
-         AS found) AS v WHERE state.ctid = v.at"
+         AS found) AS v WHERE state.ctid = v.at AND state.version = v.before"
     };
 }
 
-/// Insert new rows (`$1` the service, `$2` the rows, [`json`]), none over a row that exists.
+/// Insert new rows (`$1` the service, `$2` the rows, [`json`]): keys read as never written,
+/// none over a row that was written since. A placeholder row (version 0, what "never written"
+/// reads as: another transaction's, or one left by a handler that only read the key) is taken
+/// over, as [`apply`] takes it over; a version-0 row is still updated, so it stays locked until
+/// the commit.
 macro_rules! insert {
     () => {
         "INSERT INTO state (service, key, value, version, valueless_ms) \
          SELECT $1, v.key, decode(v.value, 'hex'), v.version, v.valueless_ms \
          FROM json_to_recordset(CAST($2 AS json)) \
          AS v(key text, value text, version bigint, valueless_ms bigint) \
-         ON CONFLICT (service, key) DO NOTHING"
+         ON CONFLICT (service, key) DO UPDATE SET value = excluded.value, \
+         version = excluded.version, valueless_ms = excluded.valueless_ms \
+         WHERE state.version = 0"
     };
 }
 
 const UPDATE: &str = update!();
 const INSERT: &str = insert!();
-/// [`UPDATE`] as [`Staged::join`]'s entry.
-const JOINED_UPDATE: &str = concat!("state_updated AS (", update!(), ")");
+/// [`UPDATE`] as [`Staged::join`]'s entry, a row per key updated.
+const JOINED_UPDATE: &str = concat!("state_updated AS (", update!(), " RETURNING 1)");
 /// [`INSERT`] as [`Staged::join`]'s entry, a row per key inserted.
 const JOINED_INSERT: &str = concat!("state_inserted AS (", insert!(), " RETURNING 1)");
+/// Keys only read (`$1` the service, `$2` [`JsonRead`]s), each locked `FOR SHARE` until the
+/// end commits and yielding a row if its version is the one read: a writer of the key waits,
+/// and then its own check finds the version this end leaves.
+const JOINED_READ: &str = "state_read AS (SELECT 1 FROM json_to_recordset(CAST($2 AS json)) \
+     AS v(key text, version bigint), LATERAL (SELECT version FROM state \
+     WHERE service = $1 AND key = v.key OFFSET 0 FOR SHARE) AS found \
+     WHERE found.version = v.version)";
 
-/// A staged row: `(key, value, version, valueless_ms)`.
-type StagedRow<'r> = (&'r str, Option<&'r [u8]>, i64, Option<i64>);
+/// A staged row: its key's value and version as the end leaves them, since when it holds no
+/// value, and (an update) the version it is staged against.
+#[derive(Clone, Copy)]
+struct StagedRow<'r> {
+    key: &'r str,
+    value: Option<&'r [u8]>,
+    version: i64,
+    valueless_ms: Option<i64>,
+    before: i64,
+}
 
 /// The keys bound from `$2` on, one row each (`super::probes`).
 fn probes(keys: usize) -> String {

@@ -18,6 +18,13 @@ use crate::wasm::bindings::Event;
 /// How the events of a batch are kept apart inside its transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isolation {
+    /// No transaction (PostgreSQL): everything the batch writes goes into its end's one
+    /// statement, which checks the state versions the handlers read instead of locking them
+    /// first (`storage::state::Staged::assuming`) — one round trip where `Batch` takes four
+    /// (BEGIN, the keys' lock, the end, COMMIT). Only for batches whose every event is a saga
+    /// step the end records ([`Worker::joins_alone`]); a version not as read, or anything else
+    /// unexpected, fails the statement whole, and the batch is committed again `Batch`.
+    Alone,
     /// No savepoints: two statements fewer per event. Anything that would undo one event's
     /// statements (a conflict, a duplicate found late, a refusal, any error) undoes the whole
     /// attempt instead, and the batch is committed again `PerEvent`.
@@ -55,31 +62,63 @@ impl Worker {
         // A `commit` span per event that reaches its commit (made once, whichever attempt
         // gets there first), ending when the batch's transaction does.
         let mut spans: Vec<Option<tracing::Span>> = vec![None; items.len()];
-        match self
-            .commit_as(
-                Isolation::Batch,
-                service,
-                items,
-                verdicts,
-                subset,
-                &mut spans,
-            )
-            .await?
-        {
-            Ok(deferred) => return Ok(deferred),
-            Err(Undo) => Stats::add(&self.ctx.stats.recommits, 1),
+        let mut isolation = match self.joins_alone(service, items, verdicts, subset) {
+            true => Isolation::Alone,
+            false => Isolation::Batch,
+        };
+        loop {
+            let attempt = self
+                .commit_as(isolation, service, items, verdicts, subset, &mut spans)
+                .await;
+            let undone = match (isolation, attempt) {
+                (_, Ok(Ok(deferred))) => return Ok(deferred),
+                (_, Ok(Err(Undo))) => Undo,
+                // A statement before the end: `joins_alone` let through an event it should
+                // not have. Nothing was written; the transaction's way still works.
+                (Isolation::Alone, Err(storage::Error::Detached)) => {
+                    tracing::warn!(service = %self.service, "a one-statement commit met a statement before its end; committing in a transaction");
+                    Undo
+                }
+                (_, Err(e)) => return Err(e),
+            };
+            isolation = match (isolation, undone) {
+                (Isolation::Alone, Undo) => {
+                    Stats::add(&self.ctx.stats.alone_undone, 1);
+                    Isolation::Batch
+                }
+                (Isolation::Batch, Undo) => {
+                    Stats::add(&self.ctx.stats.recommits, 1);
+                    Isolation::PerEvent
+                }
+                (Isolation::PerEvent, Undo) => unreachable!("a PerEvent attempt is not undone"),
+            };
         }
-        let committed = self
-            .commit_as(
-                Isolation::PerEvent,
-                service,
-                items,
-                verdicts,
-                subset,
-                &mut spans,
-            )
-            .await?;
-        Ok(committed.unwrap_or_else(|Undo| unreachable!("only a Batch attempt is undone")))
+    }
+
+    /// Whether the commit of `subset` can be one statement without a transaction
+    /// ([`Isolation::Alone`]): on PostgreSQL, when every event that commits is a first
+    /// handling of a saga step, so that its record, fences and effects all go into the
+    /// batch's end.
+    fn joins_alone(
+        &self,
+        service: &Service,
+        items: &[Item<'_>],
+        verdicts: &[Verdict],
+        subset: &[usize],
+    ) -> bool {
+        if self.ctx.db.dialect() != storage::Dialect::Postgres {
+            return false;
+        }
+        subset.iter().all(|&i| {
+            let item = &items[i];
+            match (&verdicts[i], &item.event) {
+                (v, _) if v.waits() => true,
+                (Verdict::Apply(..), Ok(event)) => {
+                    !item.redrive && item.first_attempt <= 1 && step_kind(service, event).is_some()
+                }
+                _ => false,
+            }
+        })
     }
 
     async fn commit_as(
@@ -91,10 +130,19 @@ impl Worker {
         subset: &[usize],
         spans: &mut [Option<tracing::Span>],
     ) -> Result<Result<Vec<usize>, Undo>, storage::Error> {
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = match isolation {
+            Isolation::Alone => storage::Tx::detached(storage::Dialect::Postgres),
+            _ => self.ctx.db.begin().await?,
+        };
         // A batch on PostgreSQL checks reads and gathers writes in memory (`Batched`).
         let mut batched = None;
-        if tx.dialect() == storage::Dialect::Postgres {
+        if isolation == Isolation::Alone {
+            let now_ms = self.ctx.clock.now_ms();
+            batched = Some(Batched {
+                state: storage::state::Staged::assuming(service.name(), now_ms),
+                steps: Vec::new(),
+            });
+        } else if tx.dialect() == storage::Dialect::Postgres {
             // Locked first and in key order: a transaction committing at the same time
             // (another lane, another instance) that shares keys with this one waits for it
             // instead of deadlocking with it.
@@ -165,7 +213,12 @@ impl Worker {
                     );
                     match (isolation, one.await) {
                         (_, Ok(Ok(o))) => Ok(o),
-                        (Isolation::Batch, Ok(Err(Undo)) | Err(_)) => return Ok(Err(Undo)),
+                        (Isolation::Alone, Err(storage::Error::Detached)) => {
+                            return Err(storage::Error::Detached)
+                        }
+                        (Isolation::Alone | Isolation::Batch, Ok(Err(Undo)) | Err(_)) => {
+                            return Ok(Err(Undo))
+                        }
                         (Isolation::PerEvent, Ok(Err(Undo))) => {
                             unreachable!("a savepoint undoes it")
                         }
@@ -228,7 +281,14 @@ impl Worker {
                     consumer: &self.service,
                     positions: &positions,
                 };
-                match storage::end::write(&mut tx, end).await {
+                let written = match isolation {
+                    Isolation::Alone => {
+                        let mut conn = self.ctx.db.pool().acquire().await?;
+                        storage::end::write_alone(&mut conn, end).await
+                    }
+                    _ => storage::end::write(&mut tx, end).await,
+                };
+                match written {
                     Ok(Ok(opened)) => done.settled_ms.extend(opened.iter().map(|at| now_ms - at)),
                     // Committed again with a savepoint per event, which tells what it was.
                     Ok(Err(_)) | Err(_) => return Ok(Err(Undo)),
@@ -240,6 +300,9 @@ impl Worker {
             }
         }
         tx.commit().await?;
+        if isolation == Isolation::Alone {
+            Stats::add(&self.ctx.stats.ends_alone, 1);
+        }
         let handled = self.ctx.metrics.handled(service.name(), service.version());
         for (i, o) in outcomes {
             if let Some(span) = &spans[i] {
@@ -293,7 +356,7 @@ impl Worker {
             return Ok(Ok(None));
         }
         let steps = match isolation {
-            Isolation::Batch => {
+            Isolation::Alone | Isolation::Batch => {
                 self.steps(tx, batched, service, item, verdict, &handled)
                     .await
             }
@@ -321,7 +384,7 @@ impl Worker {
                 done.absorb(applied);
                 Ok(Ok(Some(outcome)))
             }
-            (Steps::Duplicate, Isolation::Batch) => Ok(Err(Undo)),
+            (Steps::Duplicate, Isolation::Alone | Isolation::Batch) => Ok(Err(Undo)),
             (Steps::Duplicate, Isolation::PerEvent) => {
                 if !saga.is_empty() {
                     inbox::note(tx, &handled, inbox::Attempt::Duplicate).await?;
@@ -572,12 +635,10 @@ fn saga_step(
     if handled.saga.is_empty() {
         return None;
     }
-    let (kind, outcome) = match service.step(&event.topic, &event.type_) {
-        Step::Forward => (Kind::Forward, inbox::Outcome::Applied),
-        Step::Compensation if service.keeps_ledger() => {
-            (Kind::Compensation, inbox::Outcome::Compensated)
-        }
-        _ => return None,
+    let kind = step_kind(service, event)?;
+    let outcome = match kind {
+        Kind::Forward => inbox::Outcome::Applied,
+        Kind::Compensation => inbox::Outcome::Compensated,
     };
     let step = storage::step::Step {
         kind,
@@ -591,6 +652,21 @@ fn saga_step(
         ledger: service.keeps_ledger(),
     };
     Some((step, outcome))
+}
+
+/// Which kind of saga step `event` is at `service`, if one recorded with the batch's others:
+/// a forward step, or a compensation at a service that keeps a ledger; `None` also for an
+/// event without a saga.
+fn step_kind(service: &Service, event: &Event) -> Option<storage::step::Kind> {
+    use storage::step::Kind;
+    if event.subject.is_empty() {
+        return None;
+    }
+    match service.step(&event.topic, &event.type_) {
+        Step::Forward => Some(Kind::Forward),
+        Step::Compensation if service.keeps_ledger() => Some(Kind::Compensation),
+        _ => None,
+    }
 }
 
 /// How the handler-duration metric labels an inbox outcome (`None`: a duplicate).
