@@ -617,7 +617,7 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         "recommitsPerSaga": round(per_saga(delta("recommits")), 3),
         // Batch ends tried as one statement without a transaction (PostgreSQL) and committed
         // again in one (`Isolation::Alone`).
-        "endsUndonePerSaga": round(per_saga(delta("alone_undone")), 3),
+        "endsUndonePerSaga": round(per_saga(delta("ends_undone")), 3),
         "runtimeContextSwitchesPerSaga": round(per_saga(switches as f64), 1),
         "stageMeanMs": {
             "ingressWait": stage("saga_ingress_wait_seconds", ""),

@@ -202,7 +202,7 @@ const COUNTERS: &[CounterRow] = &[
         "saga_batch_ends_undone_total",
         &[],
         "Event batches whose end as one statement without a transaction failed (a state version not as read, a step no longer applying) and that were committed again in a transaction",
-        |s| &s.alone_undone,
+        |s| &s.ends_undone,
     ),
     (
         "saga_state_reads_ahead_total",

@@ -33,7 +33,7 @@ pub struct Stats {
     /// Batch ends tried as one statement without a transaction (PostgreSQL) that failed —
     /// a state version not as read, a step that no longer applied, an end too large for one
     /// statement — and were committed again in a transaction.
-    pub alone_undone: AtomicU64,
+    pub ends_undone: AtomicU64,
     /// Handlers' state reads answered from what the door check read ahead (PostgreSQL).
     pub reads_ahead: AtomicU64,
     /// Failed handler attempts (errors, traps, time and memory limits).

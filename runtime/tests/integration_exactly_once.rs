@@ -105,7 +105,7 @@ async fn copies_of_an_event_in_one_batch_are_applied_once(backend: Backend) {
             );
             let alone = Stats::get(&stats.ends_alone);
             assert!(alone >= 1, "{alone} batches ended in one statement");
-            assert_eq!(Stats::get(&stats.alone_undone), 0);
+            assert_eq!(Stats::get(&stats.ends_undone), 0);
         }
     }
     rt.stop().await;

@@ -49,6 +49,17 @@ async fn stored(db: &Db, key: &str) -> (Option<String>, i64) {
     (v.value.map(|v| String::from_utf8(v).unwrap()), v.version)
 }
 
+/// Wait until exactly one connection to this test's database waits for a lock (`what`).
+async fn one_waits_for_a_lock(db: &Db, what: &str) {
+    common::eventually(what, || async {
+        match lock_waiters(db).await {
+            1 => Ok(()),
+            n => Err(format!("{n} waiting")),
+        }
+    })
+    .await;
+}
+
 /// Connections to this test's PostgreSQL database waiting for a lock now.
 async fn lock_waiters(db: &Db) -> i64 {
     saga_runtime::storage::query_scalar(
@@ -1416,18 +1427,7 @@ async fn transactions_that_lock_their_keys_first_wait_instead_of_deadlocking() {
             tx.commit().await
         })
     };
-    common::eventually(
-        "the second transaction to wait for the first's locks",
-        || async {
-            let waiting = lock_waiters(&db).await;
-            if waiting == 1 {
-                Ok(())
-            } else {
-                Err(format!("{waiting} waiting"))
-            }
-        },
-    )
-    .await;
+    one_waits_for_a_lock(&db, "the second transaction to wait for the first's locks").await;
     let none = read_set([]);
     for key in ["user/b", "user/a"] {
         state::apply(&mut first, "svc", &none, &[put(key, "1")], 1)
@@ -1812,13 +1812,7 @@ async fn a_batchs_end_alone_writes_all_of_it_at_the_versions_read_or_nothing() {
             let db = db.clone();
             tokio::spawn(async move { end_alone(&db, 5, &reads, &[put("k1", "z")]).await })
         };
-        common::eventually("the end to wait for the writer's lock", || async {
-            match lock_waiters(&db).await {
-                1 => Ok(()),
-                n => Err(format!("{n} waiting")),
-            }
-        })
-        .await;
+        one_waits_for_a_lock(&db, "the end to wait for the writer's lock").await;
         writer.commit().await.unwrap();
         let ended = waiting.await.unwrap();
         assert!(ended.is_err(), "{moved} moved while the end waited");

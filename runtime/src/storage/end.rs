@@ -34,14 +34,11 @@ pub async fn write(conn: &mut Conn, end: End<'_>) -> Result<Result<Vec<i64>, Une
         Ok(None) => return apart(conn, end).await,
         Err(broken) => return Ok(Err(broken)),
     };
-    let answers = match joint.run(conn).await? {
-        Ok(answers) => answers,
-        Err(unexpected) => return Ok(Err(unexpected)),
-    };
-    Ok(Ok(match deadlines {
-        Some(answer) => answers.get(answer).iter().flatten().copied().collect(),
-        None => deadlines::apply_all(conn, end.deadlines, end.state.now_ms()).await?,
-    }))
+    Ok(match run(conn, joint, deadlines).await? {
+        Ok(Some(opened)) => Ok(opened),
+        Ok(None) => Ok(deadlines::apply_all(conn, end.deadlines, end.state.now_ms()).await?),
+        Err(unexpected) => Err(unexpected),
+    })
 }
 
 /// [`write`] as one statement on a connection outside any transaction: all of it is written,
@@ -58,12 +55,22 @@ pub async fn write_alone(
         Ok(None) => return unfit(),
         Err(broken) => return Ok(Err(broken)),
     };
-    let answers = match joint.run(conn).await? {
-        Ok(answers) => answers,
-        Err(unexpected) => return Ok(Err(unexpected)),
-    };
-    let opened = deadlines.map(|answer| answers.get(answer).iter().flatten().copied());
-    Ok(Ok(opened.into_iter().flatten().collect()))
+    Ok(run(conn, joint, deadlines)
+        .await?
+        .map(Option::unwrap_or_default))
+}
+
+/// Run `joint`; when each saga whose deadline it cancelled was opened, if `cancelled` (its
+/// deadlines joined) says where that is answered.
+async fn run(
+    conn: &mut Conn,
+    joint: Joint,
+    cancelled: Option<Answer>,
+) -> Result<Result<Option<Vec<i64>>, Unexpected>, Error> {
+    let answered = joint.run(conn).await?;
+    Ok(answered.map(|answers| {
+        cancelled.map(|answer| answers.get(answer).iter().flatten().copied().collect())
+    }))
 }
 
 /// `end` joined in one statement, with the answer that yields when each saga whose deadline it

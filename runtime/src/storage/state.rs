@@ -359,12 +359,15 @@ impl Staged {
         let (updates, inserts) = self.rows();
         for chunk in updates.chunks(GATHER_KEYS) {
             let query = super::query(UPDATE).bind(self.service.as_str());
-            query.bind(json(chunk)).execute(&mut *conn).await?;
+            query
+                .bind(super::joint::json(chunk))
+                .execute(&mut *conn)
+                .await?;
         }
         for chunk in inserts.chunks(GATHER_KEYS) {
             let query = super::query(INSERT).bind(self.service.as_str());
             let inserted = query
-                .bind(json(chunk))
+                .bind(super::joint::json(chunk))
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
@@ -404,12 +407,12 @@ impl Staged {
         }
         if !updates.is_empty() {
             let query = Query::new(JOINED_UPDATE).bind(self.service.as_str());
-            joint.with(query.bind(json(&updates)));
+            joint.with(query.bind(super::joint::json(&updates)));
             joint.expect("SELECT COUNT(*) FROM state_updated", updates.len());
         }
         if !inserts.is_empty() {
             let query = Query::new(JOINED_INSERT).bind(self.service.as_str());
-            joint.with(query.bind(json(&inserts)));
+            joint.with(query.bind(super::joint::json(&inserts)));
             joint.expect("SELECT COUNT(*) FROM state_inserted", inserts.len());
         }
         if !read.is_empty() {
@@ -425,18 +428,18 @@ impl Staged {
         let mut updates: Vec<StagedRow<'_>> = Vec::new();
         let mut inserts: Vec<StagedRow<'_>> = Vec::new();
         for (key, value) in &self.writes {
-            // Since when the key holds no value: NULL while it holds one.
-            let valueless_ms = value.is_none().then_some(self.now_ms);
+            let before = self.locked.get(key).copied();
             let row = StagedRow {
                 key,
-                value: value.as_deref(),
+                value: value.as_deref().map(super::joint::hex),
                 version: self.now[key],
-                valueless_ms,
-                before: self.locked.get(key).copied().unwrap_or(0),
+                // Since when the key holds no value: NULL while it holds one.
+                valueless_ms: value.is_none().then_some(self.now_ms),
+                before: before.unwrap_or(0),
             };
-            match self.locked.contains_key(key) {
-                true => updates.push(row),
-                false => inserts.push(row),
+            match before {
+                Some(_) => updates.push(row),
+                None => inserts.push(row),
             }
         }
         for key in self
@@ -463,32 +466,7 @@ struct JsonRead<'r> {
     version: i64,
 }
 
-/// A staged row as [`Staged::join`] sends it, one object of a JSON parameter (the value in hex).
-#[derive(serde::Serialize)]
-struct JsonRow<'r> {
-    key: &'r str,
-    value: Option<String>,
-    version: i64,
-    valueless_ms: Option<i64>,
-    before: i64,
-}
-
-/// Staged rows as one JSON parameter (values in hex): one statement shape for any count.
-fn json(rows: &[StagedRow<'_>]) -> String {
-    let rows: Vec<JsonRow<'_>> = rows
-        .iter()
-        .map(|r| JsonRow {
-            key: r.key,
-            value: r.value.map(super::joint::hex),
-            version: r.version,
-            valueless_ms: r.valueless_ms,
-            before: r.before,
-        })
-        .collect();
-    super::joint::json(&rows)
-}
-
-/// Update existing rows (`$1` the service, `$2` the rows, [`json`]): each found through the
+/// Update existing rows (`$1` the service, `$2` the rows, [`StagedRow`]s): each found through the
 /// primary key on its own (`super::probes`), then updated where it was found if its version is
 /// still the one it was staged against (`before`).
 macro_rules! update {
@@ -503,7 +481,7 @@ macro_rules! update {
     };
 }
 
-/// Insert new rows (`$1` the service, `$2` the rows, [`json`]): keys read as never written,
+/// Insert new rows (`$1` the service, `$2` the rows, [`StagedRow`]s): keys read as never written,
 /// none over a row that was written since. A placeholder row (version 0, what "never written"
 /// reads as: another transaction's, or one left by a handler that only read the key) is taken
 /// over, as [`apply`] takes it over; a version-0 row is still updated, so it stays locked until
@@ -534,12 +512,13 @@ const JOINED_READ: &str = "state_read AS (SELECT 1 FROM json_to_recordset(CAST($
      WHERE service = $1 AND key = v.key OFFSET 0 FOR SHARE) AS found \
      WHERE found.version = v.version)";
 
-/// A staged row: its key's value and version as the end leaves them, since when it holds no
-/// value, and (an update) the version it is staged against.
-#[derive(Clone, Copy)]
+/// A staged row as [`Staged::join`] sends it, one object of a JSON parameter: its key's value (in hex)
+/// and version as the end leaves them, since when it holds no value, and (an update) the
+/// version it is staged against.
+#[derive(serde::Serialize)]
 struct StagedRow<'r> {
     key: &'r str,
-    value: Option<&'r [u8]>,
+    value: Option<String>,
     version: i64,
     valueless_ms: Option<i64>,
     before: i64,

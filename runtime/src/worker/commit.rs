@@ -70,27 +70,26 @@ impl Worker {
             let attempt = self
                 .commit_as(isolation, service, items, verdicts, subset, &mut spans)
                 .await;
-            let undone = match (isolation, attempt) {
-                (_, Ok(Ok(deferred))) => return Ok(deferred),
-                (_, Ok(Err(Undo))) => Undo,
+            match attempt {
+                Ok(Ok(deferred)) => return Ok(deferred),
+                Ok(Err(Undo)) => {}
                 // A statement before the end: `joins_alone` let through an event it should
                 // not have. Nothing was written; the transaction's way still works.
-                (Isolation::Alone, Err(storage::Error::Detached)) => {
+                Err(storage::Error::Detached) if isolation == Isolation::Alone => {
                     tracing::warn!(service = %self.service, "a one-statement commit met a statement before its end; committing in a transaction");
-                    Undo
                 }
-                (_, Err(e)) => return Err(e),
-            };
-            isolation = match (isolation, undone) {
-                (Isolation::Alone, Undo) => {
-                    Stats::add(&self.ctx.stats.alone_undone, 1);
+                Err(e) => return Err(e),
+            }
+            isolation = match isolation {
+                Isolation::Alone => {
+                    Stats::add(&self.ctx.stats.ends_undone, 1);
                     Isolation::Batch
                 }
-                (Isolation::Batch, Undo) => {
+                Isolation::Batch => {
                     Stats::add(&self.ctx.stats.recommits, 1);
                     Isolation::PerEvent
                 }
-                (Isolation::PerEvent, Undo) => unreachable!("a PerEvent attempt is not undone"),
+                Isolation::PerEvent => unreachable!("a PerEvent attempt is not undone"),
             };
         }
     }
@@ -632,9 +631,6 @@ fn saga_step(
     handled: &inbox::Entry<'_>,
 ) -> Option<(storage::step::Step, inbox::Outcome)> {
     use storage::step::Kind;
-    if handled.saga.is_empty() {
-        return None;
-    }
     let kind = step_kind(service, event)?;
     let outcome = match kind {
         Kind::Forward => inbox::Outcome::Applied,
