@@ -1386,6 +1386,89 @@ async fn a_postgres_connection_keeps_every_statement_shape_prepared() {
     t.drop_db().await;
 }
 
+/// A PostgreSQL connection given back inside a transaction (its user dropped it, on an error)
+/// is rolled back before anyone takes it again: its writes are undone and its row locks freed
+/// at once, though nobody uses the pool after it. The runtime's pool gives connections back
+/// without a round trip (`storage::pg`); this one is the exception.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_connection_dropped_inside_a_transaction_is_rolled_back_at_once() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let db = Db::connect(&t.url, 1).await.unwrap();
+    write(&db, &[], &[put("user/a", "0")]).await.unwrap();
+    {
+        let mut tx = db.begin().await.unwrap();
+        state::lock(&mut tx, "svc", &["user/a"]).await.unwrap();
+        let reads = read_set([("user/a".to_string(), 1)]);
+        state::apply(&mut tx, "svc", &reads, &[put("user/a", "dropped")], 0)
+            .await
+            .unwrap();
+    }
+    // Another instance's pool writes the locked row: it waits only until the rollback.
+    let other = Db::connect(&t.url, 1).await.unwrap();
+    let written = [put("user/a", "2")];
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        write(&other, &[("user/a", 1)], &written),
+    )
+    .await
+    .expect("the dropped transaction's lock was freed")
+    .expect("the write saw the value before the dropped transaction");
+    assert_eq!(stored(&db, "user/a").await, (Some("2".to_string()), 2));
+    let open: i64 = saga_runtime::storage::query_scalar(
+        "SELECT COUNT(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_one(other.pool())
+    .await
+    .unwrap();
+    assert_eq!(open, 0, "no session left inside a transaction");
+    t.drop_db().await;
+}
+
+/// A PostgreSQL connection the server ended (its backend terminated, as when the server
+/// restarts) fails the one statement that finds out, and is closed instead of given back: the
+/// next statement runs on a new connection. Given back, every statement after would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_connection_the_server_ended_fails_once_and_is_replaced() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let db = Db::connect(&t.url, 1).await.unwrap();
+    let backend = || saga_runtime::storage::query_scalar::<i32>("SELECT pg_backend_pid()");
+    let pid = backend().fetch_one(db.pool()).await.unwrap();
+    let other = Db::connect(&t.url, 1).await.unwrap();
+    saga_runtime::storage::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(other.pool())
+        .await
+        .unwrap();
+    common::eventually("the backend ended", || async {
+        let left: i64 = saga_runtime::storage::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE pid = $1",
+        )
+        .bind(pid)
+        .fetch_one(other.pool())
+        .await
+        .unwrap();
+        if left == 0 {
+            Ok(())
+        } else {
+            Err("still there".to_string())
+        }
+    })
+    .await;
+    let found_out = backend().fetch_one(db.pool()).await;
+    assert!(
+        found_out.is_err(),
+        "a statement on the ended session: {found_out:?}"
+    );
+    let next = backend()
+        .fetch_one(db.pool())
+        .await
+        .expect("a new connection");
+    assert_ne!(next, pid);
+    assert_eq!(backend().fetch_one(db.pool()).await.unwrap(), next, "kept");
+    t.drop_db().await;
+}
+
 /// An in-memory SQLite database is refused at connect, naming why: each connection of the
 /// runtime's pool would open an empty database of its own (it used to connect, and then fail
 /// on the first statement of a second connection with "no such table").

@@ -3,8 +3,8 @@
 //!
 //! Design choice: one code path ([`sql`]: `query(sql).bind(v).execute(on)`), with SQL both
 //! databases accept (`$n` placeholders, `ON CONFLICT`, savepoints) and a [`Dialect`] only
-//! where they differ (how a write transaction begins). PostgreSQL is reached through sqlx;
-//! SQLite in-process ([`native`]), each statement on the calling task, because a round trip
+//! where they differ (how a write transaction begins). PostgreSQL is reached through sqlx's
+//! driver on a pool of the runtime's own ([`pg`]); SQLite in-process ([`native`]), each statement on the calling task, because a round trip
 //! per statement to a connection thread (sqlx's SQLite driver) was the runtime's main cost.
 //! Each table has one small module. Migrations for both live in `migrations/<dialect>/` and
 //! sqlx runs them at connect.
@@ -49,13 +49,15 @@ pub mod statistics;
 pub mod step;
 
 mod native;
+mod pg;
+mod slots;
 mod sql;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::any::AnyPoolOptions;
+use sqlx::Connection as _;
 
 pub use sql::{
     Bind, Column, Conn, Decode, Done, Kind, On, Pool, Query, Row, Savepoint, Scalar, Value,
@@ -237,73 +239,26 @@ pub struct Db {
 
 impl Db {
     /// Connect, create the SQLite file if needed, and run the migrations. SQLite is then
-    /// reached in-process ([`native`]); sqlx only creates and migrates its file.
+    /// reached in-process ([`native`]); sqlx only creates and migrates its file. PostgreSQL
+    /// through sqlx's driver on a pool of the runtime's own ([`pg`]).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, Error> {
-        sqlx::any::install_default_drivers();
         let dialect = Dialect::of_url(url)?;
-        if dialect == Dialect::Sqlite && (url.contains(":memory:") || url.contains("mode=memory")) {
-            return Err(Error::InMemorySqlite(url.to_string()));
-        }
-        let url_with_options = match dialect {
-            Dialect::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
-            Dialect::Postgres if !url.contains("statement-cache-capacity") => {
-                let join = if url.contains('?') { '&' } else { '?' };
-                format!("{url}{join}statement-cache-capacity={STATEMENT_CACHE}")
-            }
-            _ => url.to_string(),
-        };
-        let connections = match dialect {
-            Dialect::Sqlite => 1,
-            Dialect::Postgres => max_connections,
-        };
-        let sqlx_pool = AnyPoolOptions::new()
-            .max_connections(connections)
-            .acquire_timeout(Duration::from_secs(30))
-            // No ping before a pooled connection is handed out: a round trip on every
-            // acquire, and most acquires run one statement. A connection that broke while
-            // idle fails its statement instead, a transient error every caller retries (and
-            // sqlx drops it on release).
-            .test_before_acquire(false)
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    use sqlx::Executor;
-                    match dialect {
-                        Dialect::Sqlite => {
-                            conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA busy_timeout = 30000").await?;
-                        }
-                        // Each prepared statement planned once (see `GENERIC_PLANS`).
-                        Dialect::Postgres => {
-                            conn.execute(GENERIC_PLANS).await?;
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .connect(&url_with_options)
-            .await
-            .map_err(|source| Error::Connect {
-                url: url.to_string(),
-                source,
-            })?;
-        match dialect {
-            Dialect::Sqlite => {
-                sqlx::migrate!("../migrations/sqlite")
-                    .run(&sqlx_pool)
-                    .await?
-            }
-            Dialect::Postgres => {
-                sqlx::migrate!("../migrations/postgres")
-                    .run(&sqlx_pool)
-                    .await?
-            }
-        }
         let pool = match dialect {
             Dialect::Sqlite => {
-                sqlx_pool.close().await;
+                if url.contains(":memory:") || url.contains("mode=memory") {
+                    return Err(Error::InMemorySqlite(url.to_string()));
+                }
+                migrate_sqlite(url).await?;
                 Pool::Native(native::Pool::open(url, max_connections)?)
             }
-            Dialect::Postgres => Pool::Sqlx(sqlx_pool),
+            Dialect::Postgres => {
+                let (pool, mut first) =
+                    pg::Pool::open(url, max_connections, STATEMENT_CACHE, GENERIC_PLANS).await?;
+                sqlx::migrate!("../migrations/postgres")
+                    .run(first.raw())
+                    .await?;
+                Pool::Pg(pool)
+            }
         };
         let gate = (dialect == Dialect::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
         Ok(Db {
@@ -333,7 +288,11 @@ impl Db {
                 conn.finish("BEGIN IMMEDIATE").await?;
                 Conn::new(sql::Inner::Native(conn))
             }
-            Pool::Sqlx(pool) => Conn::new(sql::Inner::Tx(pool.begin().await?)),
+            Pool::Pg(pool) => {
+                let mut conn = pool.acquire().await?;
+                conn.begin().await?;
+                Conn::new(sql::Inner::Pg(conn))
+            }
         };
         Ok(Tx { conn, _gate: gate })
     }
@@ -364,6 +323,29 @@ impl Db {
             }
         }
     }
+}
+
+/// Create the SQLite file at `url` if there is none, and run the migrations on it.
+async fn migrate_sqlite(url: &str) -> Result<(), Error> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+    use std::str::FromStr as _;
+    let connect_error = |source| Error::Connect {
+        url: url.to_string(),
+        source,
+    };
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(connect_error)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(30));
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .map_err(connect_error)?;
+    sqlx::migrate!("../migrations/sqlite")
+        .run(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(())
 }
 
 /// How long a writer waits for the SQLite write gate before it writes without (see

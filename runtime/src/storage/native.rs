@@ -10,21 +10,18 @@
 //! out here, asynchronously, up to [`BUSY_WAIT`]. Writers of this process never meet each
 //! other there: they take turns at [`super::Db::write_gate`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{ErrorCode, OpenFlags};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::slots::{Permit, Slots};
 use super::sql::{Out, Row, Value, Want};
 use super::Error;
 
 /// How long a statement waits for another process's write lock before it fails.
 const BUSY_WAIT: Duration = Duration::from_secs(30);
-/// How long a caller waits for a free connection before it fails.
-const ACQUIRE_WAIT: Duration = Duration::from_secs(30);
 /// Prepared statements kept per connection (the runtime sends a few dozen distinct ones, and a
 /// multi-row insert one per row count).
 const STATEMENT_CACHE: usize = 256;
@@ -36,10 +33,7 @@ pub struct Pool(Arc<Shared>);
 struct Shared {
     /// The file, as an SQLite URI.
     uri: String,
-    idle: Mutex<Vec<rusqlite::Connection>>,
-    permits: Arc<Semaphore>,
-    /// Closed: connections are closed as they come back, none are opened.
-    closed: AtomicBool,
+    slots: Slots<rusqlite::Connection>,
 }
 
 impl Pool {
@@ -50,30 +44,21 @@ impl Pool {
         let path = path.strip_prefix("//").unwrap_or(path);
         let shared = Shared {
             uri: format!("file:{path}"),
-            idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(max.max(1) as usize)),
-            closed: AtomicBool::new(false),
+            slots: Slots::new(max),
         };
         let first = shared.connect()?;
-        shared.idle.lock().expect("pool lock").push(first);
+        shared.slots.give_back(first);
         Ok(Pool(Arc::new(shared)))
     }
 
     /// Close the idle connections, and the others as they come back.
     pub fn close(&self) {
-        self.0.closed.store(true, Ordering::Relaxed);
-        self.0.permits.close();
-        self.0.idle.lock().expect("pool lock").clear();
+        self.0.slots.close();
     }
 
     /// A connection of its own, waiting for one to be free.
     pub async fn acquire(&self) -> Result<Conn, Error> {
-        let permit =
-            tokio::time::timeout(ACQUIRE_WAIT, self.0.permits.clone().acquire_owned()).await;
-        let Ok(Ok(permit)) = permit else {
-            return Err(Error::Sql(sqlx::Error::PoolTimedOut));
-        };
-        let idle = self.0.idle.lock().expect("pool lock").pop();
+        let (idle, permit) = self.0.slots.take().await?;
         let conn = match idle {
             Some(conn) => conn,
             None => self.0.connect()?,
@@ -105,7 +90,7 @@ impl Shared {
 pub struct Conn {
     conn: Option<rusqlite::Connection>,
     pool: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 }
 
 impl Conn {
@@ -149,10 +134,7 @@ impl Drop for Conn {
         if !conn.is_autocommit() && conn.execute_batch("ROLLBACK").is_err() {
             return; // closed with it: a connection in an unknown state is not reused
         }
-        if self.pool.closed.load(Ordering::Relaxed) {
-            return;
-        }
-        self.pool.idle.lock().expect("pool lock").push(conn);
+        self.pool.slots.give_back(conn);
     }
 }
 
@@ -247,7 +229,7 @@ mod tests {
     fn native(db: &Db) -> &Pool {
         match db.pool() {
             AnyPool::Native(p) => p,
-            AnyPool::Sqlx(_) => panic!("SQLite is reached in-process"),
+            AnyPool::Pg(_) => panic!("SQLite is reached in-process"),
         }
     }
 

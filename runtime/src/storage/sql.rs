@@ -1,6 +1,6 @@
 //! The statements storage code sends and the rows it reads back, the same for both databases:
 //! `query(sql).bind(v).execute(on)`, rows read by column name. PostgreSQL runs them through
-//! sqlx; SQLite runs them in-process on the calling task ([`super::native`]).
+//! sqlx's driver ([`super::pg`]); SQLite in-process on the calling task ([`super::native`]).
 //!
 //! Design choice: a query builder shaped like sqlx's, so each table's module is written once,
 //! with values converted once at the edge (binds into sqlx or SQLite, result columns into
@@ -10,10 +10,7 @@
 
 use std::sync::Arc;
 
-use sqlx::any::{AnyRow, AnyTypeInfoKind};
-use sqlx::{Any, Row as _, ValueRef as _};
-
-use super::{native, Dialect, Error};
+use super::{native, pg, Dialect, Error};
 
 /// A value bound to a statement or read from a row. Integers bound as 32-bit stay so on
 /// PostgreSQL (an `INTEGER` column takes no 64-bit parameter); SQLite stores every integer
@@ -275,13 +272,12 @@ impl<'q> Query<'q> {
 
     async fn run(self, on: On<'_>, want: Want) -> Result<Out, Error> {
         match on {
-            On::Pool(Pool::Sqlx(pool)) => sqlx_run(pool, self.sql, self.args, want).await,
+            On::Pool(Pool::Pg(pool)) => pool.acquire().await?.run(self.sql, self.args, want).await,
             On::Pool(Pool::Native(pool)) => {
                 pool.acquire().await?.run(self.sql, &self.args, want).await
             }
             On::Conn(conn) => match &mut conn.inner {
-                Inner::Pooled(c) => sqlx_run(&mut **c, self.sql, self.args, want).await,
-                Inner::Tx(c) => sqlx_run(&mut **c, self.sql, self.args, want).await,
+                Inner::Pg(c) => c.run(self.sql, self.args, want).await,
                 Inner::Native(c) => c.run(self.sql, &self.args, want).await,
                 Inner::Detached(_) => Err(Error::Detached),
             },
@@ -346,7 +342,7 @@ impl<'c> From<&'c mut Conn> for On<'c> {
 /// The connections of one database.
 #[derive(Clone)]
 pub enum Pool {
-    Sqlx(sqlx::AnyPool),
+    Pg(pg::Pool),
     Native(native::Pool),
 }
 
@@ -354,7 +350,7 @@ impl Pool {
     /// A connection of its own, for several statements in a row (not a transaction).
     pub async fn acquire(&self) -> Result<Conn, Error> {
         let inner = match self {
-            Pool::Sqlx(p) => Inner::Pooled(p.acquire().await?),
+            Pool::Pg(p) => Inner::Pg(p.acquire().await?),
             Pool::Native(p) => Inner::Native(p.acquire().await?),
         };
         Ok(Conn::new(inner))
@@ -363,7 +359,7 @@ impl Pool {
     /// Close its connections: those in use as they come back.
     pub async fn close(&self) {
         match self {
-            Pool::Sqlx(p) => p.close().await,
+            Pool::Pg(p) => p.close(),
             Pool::Native(p) => p.close(),
         }
     }
@@ -380,8 +376,8 @@ pub struct Conn {
 }
 
 pub(super) enum Inner {
-    Pooled(sqlx::pool::PoolConnection<Any>),
-    Tx(sqlx::Transaction<'static, Any>),
+    /// Inside a transaction or not ([`pg::Conn::in_transaction`]).
+    Pg(pg::Conn),
     Native(native::Conn),
     /// No connection: work whose writes all go into one statement at its end, run on a
     /// connection of its own ([`Conn::detached`]). Any statement before is refused.
@@ -404,11 +400,10 @@ impl Conn {
         Conn::new(Inner::Detached(dialect))
     }
 
-    /// SQLite connections are native; sqlx holds only PostgreSQL's (`Db::connect`).
     pub fn dialect(&self) -> Dialect {
         match &self.inner {
             Inner::Native(_) => Dialect::Sqlite,
-            Inner::Pooled(_) | Inner::Tx(_) => Dialect::Postgres,
+            Inner::Pg(_) => Dialect::Postgres,
             Inner::Detached(dialect) => *dialect,
         }
     }
@@ -432,17 +427,17 @@ impl Conn {
             return Err(Error::Torn);
         }
         match self.inner {
-            Inner::Tx(tx) => Ok(tx.commit().await?),
+            Inner::Pg(mut c) if c.in_transaction() => c.finish("COMMIT").await,
             Inner::Native(mut c) => c.finish("COMMIT").await,
-            Inner::Pooled(_) | Inner::Detached(_) => Ok(()),
+            Inner::Pg(_) | Inner::Detached(_) => Ok(()),
         }
     }
 
     pub(super) async fn rollback(self) -> Result<(), Error> {
         match self.inner {
-            Inner::Tx(tx) => Ok(tx.rollback().await?),
+            Inner::Pg(mut c) if c.in_transaction() => c.finish("ROLLBACK").await,
             Inner::Native(mut c) => c.finish("ROLLBACK").await,
-            Inner::Pooled(_) | Inner::Detached(_) => Ok(()),
+            Inner::Pg(_) | Inner::Detached(_) => Ok(()),
         }
     }
 
@@ -507,89 +502,4 @@ impl std::ops::DerefMut for Savepoint<'_> {
     fn deref_mut(&mut self) -> &mut Conn {
         self.conn
     }
-}
-
-/// A statement through sqlx, its values bound and its rows converted.
-async fn sqlx_run<'e, E>(on: E, sql: &str, args: Vec<Value>, want: Want) -> Result<Out, Error>
-where
-    E: sqlx::Executor<'e, Database = Any>,
-{
-    let mut q = sqlx::query(sql);
-    for v in args {
-        q = match v {
-            Value::Null(Kind::Int) => q.bind(None::<i64>),
-            Value::Null(Kind::Int32) => q.bind(None::<i32>),
-            Value::Null(Kind::Real) => q.bind(None::<f64>),
-            Value::Null(Kind::Text) => q.bind(None::<String>),
-            Value::Null(Kind::Blob) => q.bind(None::<Vec<u8>>),
-            Value::Int(n) => q.bind(n),
-            Value::Int32(n) => q.bind(n),
-            Value::Real(x) => q.bind(x),
-            Value::Text(s) => q.bind(s),
-            Value::Blob(b) => q.bind(b),
-        };
-    }
-    let rows = match want {
-        Want::Done => {
-            let done = q.execute(on).await?;
-            return Ok(Out {
-                rows: Vec::new(),
-                changed: done.rows_affected(),
-            });
-        }
-        Want::All => q.fetch_all(on).await?,
-        Want::First => q.fetch_optional(on).await?.into_iter().collect(),
-    };
-    let Some(first) = rows.first() else {
-        return Ok(Out {
-            rows: Vec::new(),
-            changed: 0,
-        });
-    };
-    let names: Arc<[String]> = first
-        .columns()
-        .iter()
-        .map(|c| sqlx::Column::name(c).to_string())
-        .collect();
-    let rows = rows
-        .iter()
-        .map(|r| Ok(Row::new(names.clone(), any_values(r)?)))
-        .collect::<Result<Vec<_>, Error>>()?;
-    Ok(Out { rows, changed: 0 })
-}
-
-/// The columns of an sqlx row as [`Value`]s.
-fn any_values(row: &AnyRow) -> Result<Vec<Value>, Error> {
-    (0..row.len())
-        .map(|i| {
-            let raw = row.try_get_raw(i)?;
-            let kind = raw.type_info().kind();
-            if raw.is_null() {
-                return Ok(Value::Null(match kind {
-                    AnyTypeInfoKind::Integer => Kind::Int32,
-                    AnyTypeInfoKind::Real | AnyTypeInfoKind::Double => Kind::Real,
-                    AnyTypeInfoKind::Text => Kind::Text,
-                    AnyTypeInfoKind::Blob => Kind::Blob,
-                    _ => Kind::Int,
-                }));
-            }
-            // Decoded from the value at hand: `row.try_get` would look the column up again.
-            fn decode<'r, T: sqlx::Decode<'r, Any>>(
-                raw: sqlx::any::AnyValueRef<'r>,
-            ) -> Result<T, Error> {
-                T::decode(raw).map_err(|e| Error::Corrupt(e.to_string()))
-            }
-            Ok(match kind {
-                AnyTypeInfoKind::Bool => Value::Int(i64::from(decode::<bool>(raw)?)),
-                AnyTypeInfoKind::SmallInt => Value::Int(i64::from(decode::<i16>(raw)?)),
-                AnyTypeInfoKind::Integer => Value::Int32(decode(raw)?),
-                AnyTypeInfoKind::BigInt => Value::Int(decode(raw)?),
-                AnyTypeInfoKind::Real => Value::Real(f64::from(decode::<f32>(raw)?)),
-                AnyTypeInfoKind::Double => Value::Real(decode(raw)?),
-                AnyTypeInfoKind::Text => Value::Text(decode(raw)?),
-                AnyTypeInfoKind::Blob => Value::Blob(decode(raw)?),
-                AnyTypeInfoKind::Null => Value::Null(Kind::Int),
-            })
-        })
-        .collect()
 }
