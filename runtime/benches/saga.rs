@@ -618,6 +618,10 @@ async fn run(target: &Arc<Target>, load: &Load, seed: u64) -> Value {
         // Batch ends tried as one statement without a transaction (PostgreSQL) and committed
         // again in one (`Isolation::Alone`).
         "endsUndonePerSaga": round(per_saga(delta("ends_undone")), 3),
+        // Groups of HTTP commands committed as one statement without a transaction
+        // (PostgreSQL), and those committed again in one.
+        "commandEndsAlonePerSaga": round(per_saga(delta("command_ends_alone")), 3),
+        "commandEndsUndonePerSaga": round(per_saga(delta("command_ends_undone")), 3),
         "runtimeContextSwitchesPerSaga": round(per_saga(switches as f64), 1),
         "stageMeanMs": {
             "ingressWait": stage("saga_ingress_wait_seconds", ""),
@@ -760,7 +764,7 @@ fn print(backend: Backend, r: &Value) {
     println!(
         "{:<9} {:<32} {:>6} sagas {:>7.1}/s  client p50/p95/p99 {}/{}/{} ms  host {}/{}/{} ms  \
          shed {}  errors {}  cpu/saga runtime {} ms broker {} ms database {} ms  machine busy {} probe {}  txn/saga {}  events/saga {}  db statements/event {}  db txn/event {}  write gate busy {}  \
-         conflicts/saga {}  chained/saga {}  recommits/saga {}  ends undone/saga {}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}  hops p50 ms {}",
+         conflicts/saga {}  chained/saga {}  recommits/saga {}  ends undone/saga {}  command ends alone/undone per saga {}/{}  switches/saga {}  stage means ms: ingress wait {} relay {} delivery {} handling {}  hops p50 ms {}",
         format!("{backend:?}"),
         r["load"].as_str().unwrap_or(""),
         r["sagas"],
@@ -774,7 +778,8 @@ fn print(backend: Backend, r: &Value) {
         r["kafkaTransactionsPerSaga"], r["eventsPerSaga"], r["dbStatementsPerEvent"],
         r["dbTransactionsPerEvent"], r["writeGateBusy"],
         r["conflictRerunsPerSaga"], r["chainedPerSaga"], r["recommitsPerSaga"],
-        r["endsUndonePerSaga"], r["runtimeContextSwitchesPerSaga"],
+        r["endsUndonePerSaga"], r["commandEndsAlonePerSaga"], r["commandEndsUndonePerSaga"],
+        r["runtimeContextSwitchesPerSaga"],
         r["stageMeanMs"]["ingressWait"], r["stageMeanMs"]["relay"],
         r["stageMeanMs"]["delivery"], r["stageMeanMs"]["handling"],
         r["hopsP50Ms"],

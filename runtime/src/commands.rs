@@ -7,6 +7,14 @@
 //! batch of events is. Under load each command costs a fraction of the five round trips it
 //! made alone; a command that arrives when nothing is queued commits alone at once, as before.
 //!
+//! On PostgreSQL a group none of whose commands runs a statement before its end (none continues
+//! a saga, which its fence reads, or stores a reply under an `Idempotency-Key`) — `POST`s that
+//! start sagas — ends in one statement without a transaction, as a batch of events does
+//! (`storage::end::write_alone`): its versions checked in that statement instead of locked
+//! first, one round trip where the transaction takes four (`BEGIN`, the keys' lock, the end,
+//! `COMMIT`). If that statement finds a version not as read, nothing of it is written, and the
+//! group is committed in a transaction, which tells the conflicts apart.
+//!
 //! A group is all or nothing. A command whose reads another command of the group (or any
 //! commit since its handler read them) changed is answered [`Error::Conflict`] and re-run by
 //! its request, the rest commit. Anything else that only one command's own transaction could
@@ -179,16 +187,42 @@ enum Together {
     Failed(Error),
 }
 
-/// A service's commands in one transaction.
+/// A service's commands in one statement (see the module doc) or in one transaction.
 async fn together(ctx: &Context, commands: &[&Command]) -> Together {
+    let alone = ctx.db.dialect() == storage::Dialect::Postgres
+        && commands
+            .iter()
+            .all(|c| c.retry.is_none() && continuing(&c.effects, &c.new_id).is_empty());
+    if alone {
+        match attempt(ctx, commands, true).await {
+            Together::Undone => Stats::add(&ctx.stats.command_ends_undone, 1),
+            done => {
+                if matches!(done, Together::Committed(_)) {
+                    Stats::add(&ctx.stats.command_ends_alone, 1);
+                }
+                return done;
+            }
+        }
+    }
+    attempt(ctx, commands, false).await
+}
+
+/// [`together`] in one statement without a transaction (`alone`), or in a transaction.
+async fn attempt(ctx: &Context, commands: &[&Command], alone: bool) -> Together {
     let now_ms = ctx.clock.now_ms();
-    let attempt = async {
+    let tried = async {
         let service = &commands[0].service;
-        let mut tx = ctx.db.begin().await?;
-        // On PostgreSQL, reads checked and writes gathered in memory, against rows locked in
-        // key order (as a batch of events does, so the two never wait in a circle).
+        let mut tx = match alone {
+            true => storage::Tx::detached(storage::Dialect::Postgres),
+            false => ctx.db.begin().await?,
+        };
+        // On PostgreSQL, reads checked and writes gathered in memory: alone, at the versions
+        // the handlers read (checked by the end's statement); else against rows locked in key
+        // order (as a batch of events does, so the two never wait in a circle).
         let mut staged = None;
-        if tx.dialect() == storage::Dialect::Postgres {
+        if alone {
+            staged = Some(state::Staged::assuming(service.name(), now_ms));
+        } else if tx.dialect() == storage::Dialect::Postgres {
             let keys = state::touched(commands.iter().map(|c| (&c.reads, &c.effects.writes[..])));
             let locked = state::lock(&mut tx, service.name(), &keys).await?;
             staged = Some(state::Staged::new(service.name(), locked, now_ms));
@@ -238,9 +272,24 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
                     consumer: service.name(),
                     positions: &[],
                 };
-                match storage::end::write(&mut tx, end).await? {
+                let written = match alone {
+                    true => {
+                        let mut conn = ctx.db.pool().acquire().await?;
+                        let written = storage::end::write_alone(&mut conn, end).await;
+                        // Refused by the database: nothing was written. Anything else: the
+                        // statement may have committed.
+                        written.map_err(|e| match e.refused_by_database() {
+                            true => e,
+                            false => Error::CommitUnknown(e.to_string()),
+                        })?
+                    }
+                    false => storage::end::write(&mut tx, end).await?,
+                };
+                match written {
                     Ok(opened) => opened,
-                    Err(_) => return Ok(None), // a key created meanwhile: each alone
+                    // A version not as read, a key created meanwhile: in a transaction, or
+                    // each alone.
+                    Err(_) => return Ok(None),
                 }
             }
             None => {
@@ -251,7 +300,7 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
         };
         Ok::<_, Error>(Some((tx, outcomes, opened)))
     };
-    match attempt.await {
+    match tried.await {
         Ok(Some((tx, outcomes, opened))) => match tx.commit().await {
             Ok(()) => {
                 // The sagas whose deadlines the group cancelled: how long each ran.
@@ -262,6 +311,7 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
             }
             Err(e) => Together::Failed(e),
         },
+        Err(e @ Error::CommitUnknown(_)) => Together::Failed(e),
         Ok(None) | Err(_) => Together::Undone, // dropped: rolled back
     }
 }
@@ -345,6 +395,20 @@ fn settle(ctx: &Context, command: &Command, applied: effects::Applied) {
     }
 }
 
+/// The sagas a command continues: those of its events `fx` but the one it may start
+/// (`new_id`), each once.
+fn continuing<'f>(fx: &'f Effects, new_id: &str) -> Vec<&'f str> {
+    let mut continued: Vec<&str> = fx
+        .emits
+        .iter()
+        .map(|e| e.subject.as_str())
+        .filter(|s| *s != new_id)
+        .collect();
+    continued.sort_unstable();
+    continued.dedup();
+    continued
+}
+
 /// The fences of events, for commands: a command that continues a saga (emits an event of a
 /// saga other than the one it starts) is refused if that saga expired — a firing marked it,
 /// or a deadline of it is due — or was compensated at this service. Checked inside the
@@ -356,15 +420,7 @@ async fn fence(
     new_id: &str,
     now_ms: i64,
 ) -> Result<Option<String>, Error> {
-    let mut continued: Vec<&str> = fx
-        .emits
-        .iter()
-        .map(|e| e.subject.as_str())
-        .filter(|s| *s != new_id)
-        .collect();
-    continued.sort_unstable();
-    continued.dedup();
-    for saga in continued {
+    for saga in continuing(fx, new_id) {
         let fired = sagas::step(conn, saga, now_ms).await?;
         let ask = door::Ask {
             now_ms,

@@ -241,6 +241,18 @@ const COUNTERS: &[CounterRow] = &[
         |s| &s.grouped_commands,
     ),
     (
+        "saga_ingress_command_ends_alone_total",
+        &[],
+        "Groups of HTTP commands committed as one statement without a transaction (PostgreSQL)",
+        |s| &s.command_ends_alone,
+    ),
+    (
+        "saga_ingress_command_ends_undone_total",
+        &[],
+        "Groups of HTTP commands whose one statement found a version not as read, committed in a transaction instead",
+        |s| &s.command_ends_undone,
+    ),
+    (
         "saga_retention_deleted_total",
         &[],
         "Rows the retention clean-up deleted",

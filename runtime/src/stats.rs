@@ -52,6 +52,12 @@ pub struct Stats {
     pub command_groups: AtomicU64,
     /// HTTP commands committed in those transactions.
     pub grouped_commands: AtomicU64,
+    /// Groups of HTTP commands (one command, or several) committed as one statement without a
+    /// transaction (PostgreSQL; `crate::commands`).
+    pub command_ends_alone: AtomicU64,
+    /// Such statements that failed on a version not as read (or a key created meanwhile),
+    /// nothing of them written, their group committed in a transaction instead.
+    pub command_ends_undone: AtomicU64,
     /// Commands answered from a stored reply (`Idempotency-Key`), without running the handler.
     pub replayed: AtomicU64,
     /// Rows the retention clean-up deleted.

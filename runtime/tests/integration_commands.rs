@@ -2,7 +2,9 @@
 //! commands queued while the commits before them ran share one transaction; one whose reads
 //! an earlier command of its group changed is answered a conflict while the rest commit; a
 //! command only its own transaction can tell apart (a reused `Idempotency-Key`) makes the group
-//! commit each alone, with the same answers a command alone gets.
+//! commit each alone, with the same answers a command alone gets. On PostgreSQL a group that
+//! starts sagas ends in one statement without a transaction, and in a transaction after all if
+//! that statement finds a version not as read.
 
 mod common;
 
@@ -109,9 +111,9 @@ async fn version(db: &Db, key: &str) -> i64 {
     state::get(db, "order", key).await.unwrap().version
 }
 
-/// Eight commands queued together commit in one transaction; a ninth that read `order/c0` as
-/// absent — which the first of them writes — is answered a conflict, and nothing of it is
-/// written.
+/// Eight commands queued together commit in one transaction (on PostgreSQL, in one statement
+/// without one); a ninth that read `order/c0` as absent — which the first of them writes — is
+/// answered a conflict, and nothing of it is written.
 async fn commands_queued_together_share_one_transaction(backend: Backend) {
     let s = setup(backend).await;
     let mut commands: Vec<Command> = (0..8).map(|i| place(&s, &format!("c{i}"), &[])).collect();
@@ -127,6 +129,9 @@ async fn commands_queued_together_share_one_transaction(backend: Backend) {
     );
     assert_eq!(Stats::get(&s.stats.command_groups), 1);
     assert_eq!(Stats::get(&s.stats.grouped_commands), 8);
+    let alone = u64::from(backend == Backend::Postgres);
+    assert_eq!(Stats::get(&s.stats.command_ends_alone), alone);
+    assert_eq!(Stats::get(&s.stats.command_ends_undone), 0);
     for i in 0..8 {
         assert_eq!(version(&s.db, &format!("order/c{i}")).await, 1, "c{i}");
     }
@@ -171,6 +176,11 @@ async fn a_reused_key_in_a_group_commits_each_alone(backend: Backend) {
         answers[3]
     );
     assert_eq!(Stats::get(&s.stats.command_groups), 0);
+    assert_eq!(
+        Stats::get(&s.stats.command_ends_alone),
+        0,
+        "a reply to store"
+    );
     assert_eq!(version(&s.db, "order/k3").await, 0);
     assert_eq!(outbox_subjects(&s.db).await, ["k0", "k1", "k2"]);
     let stored = idempotency::lookup(&s.db, "order", "key-1", 0)
@@ -178,6 +188,60 @@ async fn a_reused_key_in_a_group_commits_each_alone(backend: Backend) {
         .unwrap()
         .expect("the first reply is stored");
     assert_eq!(stored.body, b"first");
+    s.test_db.drop_db().await;
+}
+
+/// On PostgreSQL, a command whose handler read a key that changed before its commit: its one
+/// statement without a transaction finds the version moved and writes nothing, and the
+/// command, committed again in a transaction, is answered the conflict. A blind write (a key
+/// written without being read) over a key that exists adds a version to it, as in a
+/// transaction.
+#[tokio::test(flavor = "current_thread")]
+async fn a_command_ending_alone_on_a_moved_read_is_answered_a_conflict() {
+    let s = setup(Backend::Postgres).await;
+    let committed = s.handle.commit(place(&s, "first", &[])).await;
+    assert!(matches!(committed, Ok(Committed::Done)), "{committed:?}");
+    assert_eq!(Stats::get(&s.stats.command_ends_alone), 1);
+    // Read `order/first` at version 1, which another commit then moves to 2.
+    let stale = place(&s, "second", &[("order/first", 1)]);
+    let mut tx = s.db.begin().await.unwrap();
+    let moved = Write {
+        key: "order/first".into(),
+        value: Some(b"moved".to_vec()),
+    };
+    let seen = read_set([("order/first".to_string(), 1)]);
+    state::apply(&mut tx, "order", &seen, &[moved], 0)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let answer = s.handle.commit(stale).await;
+    assert!(
+        matches!(&answer, Err(Error::Conflict { key, .. }) if key == "order/first"),
+        "{answer:?}"
+    );
+    assert_eq!(Stats::get(&s.stats.command_ends_alone), 1);
+    assert_eq!(Stats::get(&s.stats.command_ends_undone), 1);
+    assert_eq!(
+        version(&s.db, "order/second").await,
+        0,
+        "nothing of it written"
+    );
+
+    let mut over = place(&s, "third", &[]);
+    over.effects.writes.push(Write {
+        key: "order/first".into(),
+        value: Some(b"over".to_vec()),
+    });
+    let committed = s.handle.commit(over).await;
+    assert!(matches!(committed, Ok(Committed::Done)), "{committed:?}");
+    assert_eq!(Stats::get(&s.stats.command_ends_alone), 2);
+    assert_eq!(
+        version(&s.db, "order/first").await,
+        3,
+        "written over version 2"
+    );
+    assert_eq!(version(&s.db, "order/third").await, 1);
+    assert_eq!(outbox_subjects(&s.db).await, ["first", "third"]);
     s.test_db.drop_db().await;
 }
 

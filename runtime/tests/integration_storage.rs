@@ -1850,7 +1850,8 @@ async fn a_batchs_end_sets_apart_what_cannot_share_its_statement() {
 /// writes all of the batch; a key written or only read that moved — before the statement, or
 /// while it waits for a writer's lock and that writer then commits — or a key created since it
 /// was read as absent fails the statement whole, nothing of the batch written; and a key
-/// written without being read (its version unknown) is refused before anything is sent.
+/// written without being read (its version unknown) is written over whatever version it has,
+/// one more, as in a transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batchs_end_alone_writes_all_of_it_at_the_versions_read_or_nothing() {
     let (t, db) = open(Backend::Postgres).await;
@@ -1902,10 +1903,6 @@ async fn a_batchs_end_alone_writes_all_of_it_at_the_versions_read_or_nothing() {
     }
     assert_eq!(stored(&db, "k1").await, (Some("theirs".into()), 3));
 
-    // A key written without being read: refused before anything is sent.
-    let blind = end_alone(&db, 6, &[], &[put("k9", "q")]).await;
-    assert!(blind.unwrap_err().contains("does not fit"));
-    assert_eq!(stored(&db, "k9").await, (None, 0));
     assert_eq!(
         batch_ends(&db).await,
         after_first,
@@ -1917,6 +1914,13 @@ async fn a_batchs_end_alone_writes_all_of_it_at_the_versions_read_or_nothing() {
     assert_eq!(ended, Ok(()));
     assert_eq!(stored(&db, "k1").await, (Some("last".into()), 4));
     assert_eq!(batch_ends(&db).await, (2, 2, Some(7)));
+
+    // Keys written without being read: over whatever version each has, one more.
+    let blind = end_alone(&db, 8, &[], &[put("k1", "blind"), put("k9", "q")]).await;
+    assert_eq!(blind, Ok(()));
+    assert_eq!(stored(&db, "k1").await, (Some("blind".into()), 5));
+    assert_eq!(stored(&db, "k9").await, (Some("q".into()), 1));
+    assert_eq!(batch_ends(&db).await, (3, 3, Some(8)));
     t.drop_db().await;
 }
 

@@ -158,6 +158,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the database answered the statement with an error (one that does not end the
+    /// session): a statement outside a transaction then wrote nothing. Any other failure (the
+    /// connection broke, the server ended the session) may have come after it committed.
+    pub fn refused_by_database(&self) -> bool {
+        let Error::Sql(sqlx::Error::Database(db)) = self else {
+            return false;
+        };
+        !pg::ends_session(&**db)
+    }
+
     /// Whether the database refused the data itself (its encoding, its size, a constraint), so
     /// that running the same statements again gives the same error; as opposed to a database
     /// that is unreachable, busy, or in a conflict, where a retry can succeed.

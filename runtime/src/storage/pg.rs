@@ -170,9 +170,7 @@ impl Conn {
 /// shutting down, …), which arrive as the answer to the next statement sent.
 fn breaks(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Database(db) => db
-            .try_downcast_ref::<PgDatabaseError>()
-            .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic)),
+        sqlx::Error::Database(db) => ends_session(&**db),
         sqlx::Error::RowNotFound
         | sqlx::Error::TypeNotFound { .. }
         | sqlx::Error::ColumnIndexOutOfBounds { .. }
@@ -182,6 +180,12 @@ fn breaks(e: &sqlx::Error) -> bool {
         | sqlx::Error::Decode(_) => false,
         _ => true,
     }
+}
+
+/// Whether the database's error answer ended the session (severity `FATAL` or `PANIC`).
+pub(super) fn ends_session(e: &dyn sqlx::error::DatabaseError) -> bool {
+    e.try_downcast_ref::<PgDatabaseError>()
+        .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic))
 }
 
 impl Drop for Conn {

@@ -257,7 +257,10 @@ pub async fn lock(
 /// first handler that read it: the end's one statement ([`Staged::join`]) then checks those
 /// versions itself — each write updates the row only at the version assumed, each key only
 /// read is locked `FOR SHARE` and its version compared — so the end needs no transaction
-/// around it and no lock taken before; a version not as assumed fails the statement.
+/// around it and no lock taken before; a version not as assumed fails the statement. A key
+/// written without being read first ("blind", as a command creating a record writes it) has
+/// no version to assume: it is written over whatever version its row has, one more per write,
+/// as [`apply`] writes it; a handler after that reads it is a conflict.
 #[derive(Debug, Default)]
 pub struct Staged {
     service: String,
@@ -272,9 +275,9 @@ pub struct Staged {
     now_ms: i64,
     /// Versions are taken from the reads (`assuming`), not from locked rows.
     assumed: bool,
-    /// A key was written without being read first while `assumed`: its version is unknown,
-    /// and the end cannot be one statement ([`Staged::join`] refuses).
-    blind: bool,
+    /// Keys written without being read first while `assumed`: their versions are unknown
+    /// (`now` holds how many writes each adds).
+    blind: std::collections::BTreeSet<String>,
 }
 
 impl Staged {
@@ -309,6 +312,7 @@ impl Staged {
     /// passes while `assumed` (the end's statement checks it).
     pub fn check(&self, reads: &ReadSet) -> Result<(), Error> {
         let moved = |key: &str, seen: i64| match self.now.get(key) {
+            _ if self.blind.contains(key) => true,
             Some(&now) => now != seen,
             None => !self.assumed && seen != 0,
         };
@@ -344,7 +348,9 @@ impl Staged {
             }
         }
         for (key, value) in last {
-            self.blind |= self.assumed && !self.now.contains_key(key);
+            if self.assumed && !self.now.contains_key(key) {
+                self.blind.insert(key.to_string());
+            }
             let version = self.now.get(key).copied().unwrap_or(0) + 1;
             self.now.insert(key.to_string(), version);
             self.writes
@@ -356,15 +362,15 @@ impl Staged {
     /// placeholders inserted in another (per [`GATHER_KEYS`]). Inside the transaction that
     /// locked the rows ([`Staged::new`]).
     pub async fn flush(self, conn: &mut Conn) -> Result<(), Error> {
-        let (updates, inserts) = self.rows();
-        for chunk in updates.chunks(GATHER_KEYS) {
+        let rows = self.rows();
+        for chunk in rows.updates.chunks(GATHER_KEYS) {
             let query = super::query(UPDATE).bind(self.service.as_str());
             query
                 .bind(super::joint::json(chunk))
                 .execute(&mut *conn)
                 .await?;
         }
-        for chunk in inserts.chunks(GATHER_KEYS) {
+        for chunk in rows.inserts.chunks(GATHER_KEYS) {
             let query = super::query(INSERT).bind(self.service.as_str());
             let inserted = query
                 .bind(super::joint::json(chunk))
@@ -379,16 +385,22 @@ impl Staged {
                 });
             }
         }
+        for chunk in rows.blind.chunks(GATHER_KEYS) {
+            let query = super::query(UPSERT).bind(self.service.as_str());
+            query
+                .bind(super::joint::json(chunk))
+                .execute(&mut *conn)
+                .await?;
+        }
         Ok(())
     }
 
-    /// Join what [`Staged::flush`] writes to `joint` (`state_updated`, `state_inserted`), with
-    /// the checks that every row was updated at the version it had and every new row was
-    /// inserted; when `assumed`, also the keys only read, locked and compared (`state_read`).
-    /// `false` (nothing joined): too many keys for one statement, or a write whose version is
-    /// unknown.
+    /// Join what [`Staged::flush`] writes to `joint` (`state_updated`, `state_inserted`,
+    /// `state_blind`), with the checks that every row was updated at the version it had and
+    /// every new row was inserted; when `assumed`, also the keys only read, locked and compared
+    /// (`state_read`). `false` (nothing joined): too many keys for one statement.
     pub fn join(&self, joint: &mut Joint) -> bool {
-        let (updates, inserts) = self.rows();
+        let rows = self.rows();
         let read: Vec<JsonRead<'_>> = match self.assumed {
             true => self
                 .locked
@@ -398,35 +410,41 @@ impl Staged {
                 .collect(),
             false => Vec::new(),
         };
-        if self.blind
-            || [updates.len(), inserts.len(), read.len()]
-                .iter()
-                .any(|&n| n > GATHER_KEYS)
-        {
+        let counts = [
+            rows.updates.len(),
+            rows.inserts.len(),
+            rows.blind.len(),
+            read.len(),
+        ];
+        if counts.iter().any(|&n| n > GATHER_KEYS) {
             return false;
         }
-        if !updates.is_empty() {
-            let query = Query::new(JOINED_UPDATE).bind(self.service.as_str());
-            joint.with(query.bind(super::joint::json(&updates)));
-            joint.expect("SELECT COUNT(*) FROM state_updated", updates.len());
+        let service = self.service.as_str();
+        if !rows.updates.is_empty() {
+            let query = Query::new(JOINED_UPDATE).bind(service);
+            joint.with(query.bind(super::joint::json(&rows.updates)));
+            joint.expect("SELECT COUNT(*) FROM state_updated", rows.updates.len());
         }
-        if !inserts.is_empty() {
-            let query = Query::new(JOINED_INSERT).bind(self.service.as_str());
-            joint.with(query.bind(super::joint::json(&inserts)));
-            joint.expect("SELECT COUNT(*) FROM state_inserted", inserts.len());
+        if !rows.inserts.is_empty() {
+            let query = Query::new(JOINED_INSERT).bind(service);
+            joint.with(query.bind(super::joint::json(&rows.inserts)));
+            joint.expect("SELECT COUNT(*) FROM state_inserted", rows.inserts.len());
+        }
+        if !rows.blind.is_empty() {
+            let query = Query::new(JOINED_UPSERT).bind(service);
+            joint.with(query.bind(super::joint::json(&rows.blind)));
         }
         if !read.is_empty() {
-            let query = Query::new(JOINED_READ).bind(self.service.as_str());
+            let query = Query::new(JOINED_READ).bind(service);
             joint.with(query.bind(super::joint::json(&read)));
             joint.expect("SELECT COUNT(*) FROM state_read", read.len());
         }
         true
     }
 
-    /// The staged rows: those that existed (to update) and the new ones (to insert).
-    fn rows(&self) -> (Vec<StagedRow<'_>>, Vec<StagedRow<'_>>) {
-        let mut updates: Vec<StagedRow<'_>> = Vec::new();
-        let mut inserts: Vec<StagedRow<'_>> = Vec::new();
+    /// The staged rows by how they are written.
+    fn rows(&self) -> Rows<'_> {
+        let mut rows = Rows::default();
         for (key, value) in &self.writes {
             let before = self.locked.get(key).copied();
             let row = StagedRow {
@@ -438,8 +456,9 @@ impl Staged {
                 before: before.unwrap_or(0),
             };
             match before {
-                Some(_) => updates.push(row),
-                None => inserts.push(row),
+                _ if self.blind.contains(key) => rows.blind.push(row),
+                Some(_) => rows.updates.push(row),
+                None => rows.inserts.push(row),
             }
         }
         for key in self
@@ -447,7 +466,7 @@ impl Staged {
             .iter()
             .filter(|k| !self.writes.contains_key(*k))
         {
-            inserts.push(StagedRow {
+            rows.inserts.push(StagedRow {
                 key,
                 value: None,
                 version: 0,
@@ -455,8 +474,19 @@ impl Staged {
                 before: 0,
             });
         }
-        (updates, inserts)
+        rows
     }
+}
+
+/// [`Staged`]'s rows by how they are written.
+#[derive(Default)]
+struct Rows<'r> {
+    /// Rows that existed, updated at the version staged against.
+    updates: Vec<StagedRow<'r>>,
+    /// New rows (and placeholders).
+    inserts: Vec<StagedRow<'r>>,
+    /// Rows written without being read (`version`: how many writes to add).
+    blind: Vec<StagedRow<'r>>,
 }
 
 /// A key only read, at the version read ([`JOINED_READ`]).
@@ -498,12 +528,29 @@ macro_rules! insert {
     };
 }
 
+/// Write rows whatever their versions (`$1` the service, `$2` the rows, [`StagedRow`]s whose
+/// `version` is how many writes to add): keys written without being read, as [`apply`] writes
+/// such a key.
+macro_rules! upsert {
+    () => {
+        "INSERT INTO state (service, key, value, version, valueless_ms) \
+         SELECT $1, v.key, decode(v.value, 'hex'), v.version, v.valueless_ms \
+         FROM json_to_recordset(CAST($2 AS json)) \
+         AS v(key text, value text, version bigint, valueless_ms bigint) \
+         ON CONFLICT (service, key) DO UPDATE SET value = excluded.value, \
+         version = state.version + excluded.version, valueless_ms = excluded.valueless_ms"
+    };
+}
+
 const UPDATE: &str = update!();
 const INSERT: &str = insert!();
+const UPSERT: &str = upsert!();
 /// [`UPDATE`] as [`Staged::join`]'s entry, a row per key updated.
 const JOINED_UPDATE: &str = concat!("state_updated AS (", update!(), " RETURNING 1)");
 /// [`INSERT`] as [`Staged::join`]'s entry, a row per key inserted.
 const JOINED_INSERT: &str = concat!("state_inserted AS (", insert!(), " RETURNING 1)");
+/// [`UPSERT`] as [`Staged::join`]'s entry.
+const JOINED_UPSERT: &str = concat!("state_blind AS (", upsert!(), " RETURNING 1)");
 /// Keys only read (`$1` the service, `$2` [`JsonRead`]s), each locked `FOR SHARE` until the
 /// end commits and yielding a row if its version is the one read: a writer of the key waits,
 /// and then its own check finds the version this end leaves.
