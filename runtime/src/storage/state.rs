@@ -511,34 +511,41 @@ macro_rules! update {
     };
 }
 
-/// Insert new rows (`$1` the service, `$2` the rows, [`StagedRow`]s): keys read as never written,
-/// none over a row that was written since. A placeholder row (version 0, what "never written"
-/// reads as: another transaction's, or one left by a handler that only read the key) is taken
-/// over, as [`apply`] takes it over; a version-0 row is still updated, so it stays locked until
-/// the commit.
-macro_rules! insert {
+/// Rows (`$1` the service, `$2` the rows, [`StagedRow`]s) inserted, or on a key that has a
+/// row, its value set and (the rest of the statement) its version.
+macro_rules! insert_or_set {
     () => {
         "INSERT INTO state (service, key, value, version, valueless_ms) \
          SELECT $1, v.key, decode(v.value, 'hex'), v.version, v.valueless_ms \
          FROM json_to_recordset(CAST($2 AS json)) \
          AS v(key text, value text, version bigint, valueless_ms bigint) \
          ON CONFLICT (service, key) DO UPDATE SET value = excluded.value, \
-         version = excluded.version, valueless_ms = excluded.valueless_ms \
-         WHERE state.version = 0"
+         valueless_ms = excluded.valueless_ms, "
     };
 }
 
-/// Write rows whatever their versions (`$1` the service, `$2` the rows, [`StagedRow`]s whose
-/// `version` is how many writes to add): keys written without being read, as [`apply`] writes
-/// such a key.
+/// Insert new rows ([`insert_or_set`]): keys read as never written, none over a row that was
+/// written since. A placeholder row (version 0, what "never written" reads as: another
+/// transaction's, or one left by a handler that only read the key) is taken over, as
+/// [`apply`] takes it over; a version-0 row is still updated, so it stays locked until the
+/// commit.
+macro_rules! insert {
+    () => {
+        concat!(
+            insert_or_set!(),
+            "version = excluded.version WHERE state.version = 0"
+        )
+    };
+}
+
+/// Write rows whatever their versions ([`insert_or_set`], each row's `version` how many
+/// writes to add): keys written without being read, as [`apply`] writes such a key.
 macro_rules! upsert {
     () => {
-        "INSERT INTO state (service, key, value, version, valueless_ms) \
-         SELECT $1, v.key, decode(v.value, 'hex'), v.version, v.valueless_ms \
-         FROM json_to_recordset(CAST($2 AS json)) \
-         AS v(key text, value text, version bigint, valueless_ms bigint) \
-         ON CONFLICT (service, key) DO UPDATE SET value = excluded.value, \
-         version = state.version + excluded.version, valueless_ms = excluded.valueless_ms"
+        concat!(
+            insert_or_set!(),
+            "version = state.version + excluded.version"
+        )
     };
 }
 
