@@ -1425,6 +1425,39 @@ async fn a_postgres_connection_dropped_inside_a_transaction_is_rolled_back_at_on
     t.drop_db().await;
 }
 
+/// A PostgreSQL `BEGIN` whose caller gave up before its answer (a timeout, a cancelled task):
+/// the server may have begun the transaction, so the connection is rolled back before its
+/// next use. Given back as it was, the next users' statements would run inside that
+/// transaction, uncommitted, and go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_begin_given_up_on_its_way_leaves_no_transaction_open() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let db = Db::connect(&t.url, 1).await.unwrap();
+    {
+        let begin = db.begin();
+        tokio::pin!(begin);
+        // Polled once: the `BEGIN` sent, its answer not read.
+        let _ = futures::poll!(&mut begin);
+    }
+    saga_runtime::storage::query(
+        "INSERT INTO leases (name, holder, expires_ms) VALUES ('after', 'me', 1)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let other = Db::connect(&t.url, 1).await.unwrap();
+    let seen: i64 =
+        saga_runtime::storage::query_scalar("SELECT COUNT(*) FROM leases WHERE name = 'after'")
+            .fetch_one(other.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        seen, 1,
+        "the insert committed, not inside a leftover transaction"
+    );
+    t.drop_db().await;
+}
+
 /// A PostgreSQL connection the server ended (its backend terminated, as when the server
 /// restarts) fails the one statement that finds out, and is closed instead of given back: the
 /// next statement runs on a new connection. Given back, every statement after would fail.

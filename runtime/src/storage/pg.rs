@@ -108,7 +108,7 @@ pub struct Conn {
     pool: Arc<Shared>,
     /// Dropped only once the connection is back (or closed).
     permit: Option<Permit>,
-    /// A `BEGIN` ran and no `COMMIT` or `ROLLBACK` succeeded since.
+    /// A `BEGIN` was sent and no `COMMIT` or `ROLLBACK` succeeded since.
     in_transaction: bool,
     /// A statement failed in a way that leaves the connection unusable.
     broken: bool,
@@ -132,10 +132,13 @@ impl Conn {
     }
 
     /// Begin a transaction; it ends with [`Conn::finish`], or is rolled back when dropped.
+    /// Marked open before the `BEGIN` is sent: a caller that gives up while it is on its way
+    /// (a timeout, a cancelled task) drops a connection the server may have begun a
+    /// transaction on, and every later user of it would write inside that transaction. The
+    /// `ROLLBACK` on drop ends it (one that began nothing only draws a warning).
     pub(super) async fn begin(&mut self) -> Result<(), Error> {
-        self.simple("BEGIN").await?;
         self.in_transaction = true;
-        Ok(())
+        self.simple("BEGIN").await
     }
 
     /// End the transaction with `COMMIT` or `ROLLBACK`.
