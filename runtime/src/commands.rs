@@ -189,11 +189,11 @@ enum Together {
 
 /// A service's commands in one statement (see the module doc) or in one transaction.
 async fn together(ctx: &Context, commands: &[&Command]) -> Together {
-    let alone = ctx.db.dialect() == storage::Dialect::Postgres
+    let one_statement = ctx.db.dialect() == storage::Dialect::Postgres
         && commands
             .iter()
             .all(|c| c.retry.is_none() && continuing(&c.effects, &c.new_id).is_empty());
-    if alone {
+    if one_statement {
         match attempt(ctx, commands, true).await {
             Together::Undone => Stats::add(&ctx.stats.command_ends_undone, 1),
             done => {
@@ -207,20 +207,21 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
     attempt(ctx, commands, false).await
 }
 
-/// [`together`] in one statement without a transaction (`alone`), or in a transaction.
-async fn attempt(ctx: &Context, commands: &[&Command], alone: bool) -> Together {
+/// [`together`] in one statement without a transaction (`one_statement`), or in a
+/// transaction.
+async fn attempt(ctx: &Context, commands: &[&Command], one_statement: bool) -> Together {
     let now_ms = ctx.clock.now_ms();
     let tried = async {
         let service = &commands[0].service;
-        let mut tx = match alone {
+        let mut tx = match one_statement {
             true => storage::Tx::detached(storage::Dialect::Postgres),
             false => ctx.db.begin().await?,
         };
-        // On PostgreSQL, reads checked and writes gathered in memory: alone, at the versions
+        // On PostgreSQL, reads checked and writes gathered in memory: in one statement, at the versions
         // the handlers read (checked by the end's statement); else against rows locked in key
         // order (as a batch of events does, so the two never wait in a circle).
         let mut staged = None;
-        if alone {
+        if one_statement {
             staged = Some(state::Staged::assuming(service.name(), now_ms));
         } else if tx.dialect() == storage::Dialect::Postgres {
             let keys = state::touched(commands.iter().map(|c| (&c.reads, &c.effects.writes[..])));
@@ -272,7 +273,7 @@ async fn attempt(ctx: &Context, commands: &[&Command], alone: bool) -> Together 
                     consumer: service.name(),
                     positions: &[],
                 };
-                let written = match alone {
+                let written = match one_statement {
                     true => {
                         let mut conn = ctx.db.pool().acquire().await?;
                         let written = storage::end::write_alone(&mut conn, end).await;
