@@ -33,6 +33,11 @@ async fn settings(rest_ms: u64) -> (Settings, String) {
 
 /// Commit one record the way the relay does (in a transaction); its offset.
 async fn commit_one(topic: &str, value: &str) -> i64 {
+    commit_to(topic, None, value).await
+}
+
+/// [`commit_one`] to `partition` (else to the key's).
+async fn commit_to(topic: &str, partition: Option<i32>, value: &str) -> i64 {
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("transactional.id", format!("rest-{}", uuid::Uuid::new_v4()))
@@ -40,11 +45,11 @@ async fn commit_one(topic: &str, value: &str) -> i64 {
         .unwrap();
     p.init_transactions(T).unwrap();
     p.begin_transaction().unwrap();
-    let delivered = p
-        .send(FutureRecord::to(topic).key("k").payload(value), T)
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
+    let mut record = FutureRecord::to(topic).key("k").payload(value);
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
+    let delivered = p.send(record, T).await.map_err(|(e, _)| e).unwrap();
     p.commit_transaction(T).unwrap();
     delivered.offset
 }
@@ -92,6 +97,65 @@ async fn a_resting_consumer_fetches_nothing_until_the_relay_announces_a_record()
         .unwrap()
         .unwrap();
     assert_eq!(values(batch), ["a"]);
+}
+
+/// The end of a rest wakes the fetch of every partition, not only of the one whose record
+/// was announced: librdkafka does not wake its broker thread on a resume, and a partition
+/// left to the thread's own wake-up (up to a second) has each announced record wait for it.
+/// Partition 0 holds a position and 3 gets the records, so a wake that sought only one
+/// partition (one with a position: a seek to 0 wakes nothing) would leave 3 waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_a_rest_wakes_the_fetch_of_every_partition() {
+    // Only the doorbell ends a rest within the test.
+    let (s, _) = settings(600_000).await;
+    let s = Settings { partitions: 4, ..s };
+    topics::ensure(&s, &["wide".to_string()]).await.unwrap();
+    let topic = s.topic("wide");
+    let bell = Doorbell::default();
+    let consumer = Arc::new(Consumer::new(&s, "rest-reader", Some(bell.clone())).unwrap());
+    let all: Vec<_> = (0..4).map(|p| (topic.clone(), p, Some(0))).collect();
+    consumer.assign(&all).unwrap();
+    // Partition 0 gets a position; partition 3 has none until its first record is read.
+    let first = commit_to(&topic, Some(0), "first").await;
+    bell.ring([(topic.as_str(), 0, first)]);
+    let batch = tokio::time::timeout(T, consumer.next_batch(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(values(batch), ["first"]);
+
+    let mut waits = Vec::new();
+    for round in 0..5 {
+        let reader = {
+            let consumer = consumer.clone();
+            tokio::spawn(async move { consumer.next_batch(10).await })
+        };
+        eventually("the idle consumer to rest", || async {
+            consumer
+                .resting()
+                .then_some(())
+                .ok_or_else(|| "awake".to_string())
+        })
+        .await;
+        let value = format!("r{round}");
+        let offset = commit_to(&topic, Some(3), &value).await;
+        let rung = std::time::Instant::now();
+        bell.ring([(topic.as_str(), 3, offset)]);
+        let batch = tokio::time::timeout(T, reader)
+            .await
+            .expect("the announced record did not arrive")
+            .unwrap()
+            .unwrap();
+        waits.push(rung.elapsed());
+        assert_eq!(values(batch), [value]);
+    }
+    // Woken, a record arrives in milliseconds; left to librdkafka's own wake-up, in up to a
+    // second. The median of five, so one slow moment of the machine does not decide.
+    waits.sort();
+    assert!(
+        waits[2] < Duration::from_millis(250),
+        "records on a partition the rest's end did not seek waited for librdkafka: {waits:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
