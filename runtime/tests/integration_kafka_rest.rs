@@ -54,6 +54,24 @@ async fn commit_to(topic: &str, partition: Option<i32>, value: &str) -> i64 {
     delivered.offset
 }
 
+/// A read of the next batch, begun and left waiting once the idle consumer rests.
+async fn read_after_rest(
+    consumer: &Arc<Consumer>,
+) -> tokio::task::JoinHandle<Result<Vec<Record>, saga_runtime::kafka::Error>> {
+    let reader = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move { consumer.next_batch(10).await })
+    };
+    eventually("the idle consumer to rest", || async {
+        consumer
+            .resting()
+            .then_some(())
+            .ok_or_else(|| "awake".to_string())
+    })
+    .await;
+    reader
+}
+
 fn values(batch: Vec<Record>) -> Vec<String> {
     batch
         .into_iter()
@@ -68,17 +86,7 @@ async fn a_resting_consumer_fetches_nothing_until_the_relay_announces_a_record()
     let bell = Doorbell::default();
     let consumer = Arc::new(Consumer::new(&s, "rest-reader", Some(bell.clone())).unwrap());
     consumer.assign(&[(topic.clone(), 0, Some(0))]).unwrap();
-    let reader = {
-        let consumer = consumer.clone();
-        tokio::spawn(async move { consumer.next_batch(10).await })
-    };
-    eventually("the idle consumer to rest", || async {
-        consumer
-            .resting()
-            .then_some(())
-            .ok_or_else(|| "awake".to_string())
-    })
-    .await;
+    let reader = read_after_rest(&consumer).await;
 
     let offset = commit_one(&topic, "a").await;
     // Without an announcement the resting consumer does not look (an awake one would have
@@ -126,17 +134,7 @@ async fn the_end_of_a_rest_wakes_the_fetch_of_every_partition() {
 
     let mut waits = Vec::new();
     for round in 0..5 {
-        let reader = {
-            let consumer = consumer.clone();
-            tokio::spawn(async move { consumer.next_batch(10).await })
-        };
-        eventually("the idle consumer to rest", || async {
-            consumer
-                .resting()
-                .then_some(())
-                .ok_or_else(|| "awake".to_string())
-        })
-        .await;
+        let reader = read_after_rest(&consumer).await;
         let value = format!("r{round}");
         let offset = commit_to(&topic, Some(3), &value).await;
         let rung = std::time::Instant::now();
