@@ -192,7 +192,7 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
     let one_statement = ctx.db.dialect() == storage::Dialect::Postgres
         && commands
             .iter()
-            .all(|c| c.retry.is_none() && continuing(&c.effects, &c.new_id).is_empty());
+            .all(|c| c.retry.is_none() && !continues_a_saga(&c.effects, &c.new_id));
     if one_statement {
         match attempt(ctx, commands, true).await {
             Together::Undone => Stats::add(&ctx.stats.command_ends_undone, 1),
@@ -217,9 +217,9 @@ async fn attempt(ctx: &Context, commands: &[&Command], one_statement: bool) -> T
             true => storage::Tx::detached(storage::Dialect::Postgres),
             false => ctx.db.begin().await?,
         };
-        // On PostgreSQL, reads checked and writes gathered in memory: in one statement, at the versions
-        // the handlers read (checked by the end's statement); else against rows locked in key
-        // order (as a batch of events does, so the two never wait in a circle).
+        // On PostgreSQL, reads checked and writes gathered in memory: in one statement, at the
+        // versions the handlers read (checked by the end's statement); else against rows
+        // locked in key order (as a batch of events does, so the two never wait in a circle).
         let mut staged = None;
         if one_statement {
             staged = Some(state::Staged::assuming(service.name(), now_ms));
@@ -396,8 +396,13 @@ fn settle(ctx: &Context, command: &Command, applied: effects::Applied) {
     }
 }
 
-/// The sagas a command continues: those of its events `fx` but the one it may start
-/// (`new_id`), each once.
+/// Whether a command continues a saga: emits an event `fx` of a saga other than the one it
+/// may start (`new_id`).
+fn continues_a_saga(fx: &Effects, new_id: &str) -> bool {
+    fx.emits.iter().any(|e| e.subject != new_id)
+}
+
+/// The sagas a command continues ([`continues_a_saga`]), each once.
 fn continuing<'f>(fx: &'f Effects, new_id: &str) -> Vec<&'f str> {
     let mut continued: Vec<&str> = fx
         .emits

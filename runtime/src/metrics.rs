@@ -249,7 +249,8 @@ const COUNTERS: &[CounterRow] = &[
     (
         "saga_ingress_command_ends_undone_total",
         &[],
-        "Groups of HTTP commands whose one statement found a version not as read, committed in a transaction instead",
+        "Groups of HTTP commands whose one statement found a version not as read, \
+         committed in a transaction instead",
         |s| &s.command_ends_undone,
     ),
     (

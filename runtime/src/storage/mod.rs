@@ -4,8 +4,9 @@
 //! Design choice: one code path ([`sql`]: `query(sql).bind(v).execute(on)`), with SQL both
 //! databases accept (`$n` placeholders, `ON CONFLICT`, savepoints) and a [`Dialect`] only
 //! where they differ (how a write transaction begins). PostgreSQL is reached through sqlx's
-//! driver on a pool of the runtime's own ([`pg`]); SQLite in-process ([`native`]), each statement on the calling task, because a round trip
-//! per statement to a connection thread (sqlx's SQLite driver) was the runtime's main cost.
+//! driver on a pool of the runtime's own ([`pg`]); SQLite in-process ([`native`]), each
+//! statement on the calling task, because a round trip per statement to a connection thread
+//! (sqlx's SQLite driver) was the runtime's main cost.
 //! Each table has one small module. Migrations for both live in `migrations/<dialect>/` and
 //! sqlx runs them at connect.
 

@@ -257,39 +257,41 @@ async fn run(
             changed: 0,
         });
     };
-    let names: Arc<[String]> = first
-        .columns()
+    let columns = first.columns();
+    let names: Arc<[String]> = columns
         .iter()
         .map(|c| sqlx::Column::name(c).to_string())
         .collect();
+    // Each column's type once per statement, not once per row.
+    let types = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let name = sqlx::Column::type_info(c).name();
+            Type::of(name).ok_or_else(|| sqlx::Error::ColumnDecode {
+                index: i.to_string(),
+                source: format!("a column of type {name}, which the runtime does not read").into(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let rows = rows
         .iter()
-        .map(|r| Ok(Row::new(names.clone(), values(r)?)))
+        .map(|r| Ok(Row::new(names.clone(), values(r, &types)?)))
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(Out { rows, changed: 0 })
 }
 
-/// The columns of a row as [`Value`]s, by their PostgreSQL types (those the runtime's
-/// statements return).
-fn values(row: &PgRow) -> Result<Vec<Value>, sqlx::Error> {
-    (0..row.len())
-        .map(|i| {
+/// The columns of a row as [`Value`]s, by their PostgreSQL types `types` (those the
+/// runtime's statements return).
+fn values(row: &PgRow, types: &[Type]) -> Result<Vec<Value>, sqlx::Error> {
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, &ty)| {
             let raw = row.try_get_raw(i)?;
             let decoded = |source| sqlx::Error::ColumnDecode {
                 index: i.to_string(),
                 source,
-            };
-            let ty = {
-                let info = raw.type_info();
-                Type::of(info.name()).ok_or_else(|| {
-                    decoded(
-                        format!(
-                            "a column of type {}, which the runtime does not read",
-                            info.name()
-                        )
-                        .into(),
-                    )
-                })?
             };
             if raw.is_null() {
                 return Ok(Value::Null(match ty {
