@@ -9,7 +9,9 @@
 //! `Retry-After` says and counted as shed), then `GET /orders/{id}` until it leaves `PENDING`:
 //! held with `If-None-Match` and `Prefer: wait=30`, or with `--poll` polled with a 2 ms back-off
 //! doubling to 16 ms (how the issue's figures were taken); a `GET` answered `503` is waited out
-//! the same way and counted as shed, not as an error.
+//! the same way and counted as shed, not as an error. With `--keys` each `POST` carries an
+//! `Idempotency-Key` of its own (the same on each try of one order), as a client that retries
+//! safely sends it.
 //! - closed loop (`--clients 8,128`): that many clients, each one saga after the other, until
 //!   `--sagas` (3000) ended;
 //! - open loop (`--rate R`): sagas started at R per second for `--seconds` (10), whatever
@@ -49,6 +51,8 @@ const P99_LIMIT_MS: f64 = 1000.0;
 static EXTRA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// `--poll`: clients poll for the outcome instead of holding a GET.
 static POLL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `--keys`: each order is posted with an `Idempotency-Key` of its own.
+static KEYS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Debug, Clone)]
 enum Load {
@@ -110,6 +114,7 @@ fn args() -> Args {
             "--seconds" => a.seconds = value().parse().expect("--seconds S"),
             "--find-rate" => a.find_rate = true,
             "--poll" => POLL.store(true, Ordering::Relaxed),
+            "--keys" => KEYS.store(true, Ordering::Relaxed),
             "--config" => {
                 let _ = EXTRA.set(value().replace("\\n", "\n"));
             }
@@ -122,7 +127,8 @@ fn args() -> Args {
             }
             other => panic!(
                 "unknown option {other}; options: --backend sqlite,postgres --clients 8,128 \
-                 --sagas N --rate R --seconds S --find-rate --poll --config TOML --short"
+                 --sagas N --rate R --seconds S --find-rate --poll --keys --config TOML \
+                 --short"
             ),
         }
     }
@@ -225,13 +231,15 @@ async fn saga(target: &Target, rng: &mut Rng, tally: &mut Tally) {
     // A `503` is the runtime shedding load: wait as its `Retry-After` says, then try again,
     // as a well-behaved client does (the wait counts in the client-side latency).
     let mut shed = 0;
+    let key = KEYS
+        .load(Ordering::Relaxed)
+        .then(|| uuid::Uuid::new_v4().simple().to_string());
     let order: Value = loop {
-        let sent = target
-            .http
-            .post(format!("{base}/orders"))
-            .json(&body)
-            .send()
-            .await;
+        let mut post = target.http.post(format!("{base}/orders")).json(&body);
+        if let Some(key) = &key {
+            post = post.header("idempotency-key", key);
+        }
+        let sent = post.send().await;
         match sent {
             Ok(r) if r.status().as_u16() == 201 => break r.json().await.unwrap_or(Value::Null),
             Ok(r) if r.status().as_u16() == 503 && shed < 30 => {

@@ -8,12 +8,14 @@
 //! made alone; a command that arrives when nothing is queued commits alone at once, as before.
 //!
 //! On PostgreSQL a group none of whose commands runs a statement before its end (none continues
-//! a saga, which its fence reads, or stores a reply under an `Idempotency-Key`) — `POST`s that
-//! start sagas — ends in one statement without a transaction, as a batch of events does
+//! a saga, which its fence reads) — `POST`s that start sagas, with or without an
+//! `Idempotency-Key` — ends in one statement without a transaction, as a batch of events does
 //! (`storage::end::write_alone`): its versions checked in that statement instead of locked
-//! first, one round trip where the transaction takes four (`BEGIN`, the keys' lock, the end,
-//! `COMMIT`). If that statement finds a version not as read, nothing of it is written, and the
-//! group is committed in a transaction, which tells the conflicts apart.
+//! first, and its replies stored there only where no live reply is stored under their keys; one
+//! round trip where the transaction takes four or more (`BEGIN`, the keys' lock, a statement
+//! per reply, the end, `COMMIT`). If that statement finds a version not as read or a key
+//! answered meanwhile, nothing of it is written, and the group is committed in a transaction,
+//! which tells them apart. Two commands of a group with one key go to the transaction at once.
 //!
 //! A group is all or nothing. A command whose reads another command of the group (or any
 //! commit since its handler read them) changed is answered [`Error::Conflict`] and re-run by
@@ -192,7 +194,8 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
     let one_statement = ctx.db.dialect() == storage::Dialect::Postgres
         && commands
             .iter()
-            .all(|c| c.retry.is_none() && !continues_a_saga(&c.effects, &c.new_id));
+            .all(|c| !continues_a_saga(&c.effects, &c.new_id))
+        && keys_differ(commands);
     if one_statement {
         match attempt(ctx, commands, true).await {
             Together::Undone => Stats::add(&ctx.stats.command_ends_undone, 1),
@@ -252,9 +255,12 @@ async fn attempt(ctx: &Context, commands: &[&Command], one_statement: bool) -> T
                 continue;
             }
             written.extend(command.effects.writes.iter().map(|w| w.key.as_str()));
-            match steps(ctx, &mut tx, command).await? {
-                Committed::Done => {}
-                Committed::Answered | Committed::Refused(_) => return Ok(None),
+            // In one statement: no fence (it continues no saga), its reply stored at the end.
+            if !one_statement {
+                match steps(ctx, &mut tx, command).await? {
+                    Committed::Done => {}
+                    Committed::Answered | Committed::Refused(_) => return Ok(None),
+                }
             }
             let mut applied = apply(ctx, &mut tx, command, (staged.as_mut(), true)).await?;
             emitted.append(&mut applied.emitted);
@@ -264,6 +270,11 @@ async fn attempt(ctx: &Context, commands: &[&Command], one_statement: bool) -> T
         let opened = match staged {
             // Its state, deadlines and events in one statement.
             Some(staged) => {
+                let replies: Vec<idempotency::Keyed<'_>> = match one_statement {
+                    true => replies(commands),
+                    false => Vec::new(), // stored by `steps`
+                };
+                let earliest = commands.iter().map(|c| c.now_ms).min().unwrap_or(now_ms);
                 let end = storage::end::End {
                     service: service.name(),
                     steps: &[],
@@ -272,6 +283,8 @@ async fn attempt(ctx: &Context, commands: &[&Command], one_statement: bool) -> T
                     emitted: &emitted,
                     consumer: service.name(),
                     positions: &[],
+                    replies: &replies,
+                    replies_since_ms: ctx.config.retention.idempotency_since(earliest),
                 };
                 let written = match one_statement {
                     true => {
@@ -394,6 +407,32 @@ fn settle(ctx: &Context, command: &Command, applied: effects::Applied) {
     if !command.effects.emits.is_empty() {
         ctx.relay.wake();
     }
+}
+
+/// Whether no two of `commands` carry the same `Idempotency-Key`.
+fn keys_differ(commands: &[&Command]) -> bool {
+    let mut keys: Vec<&str> = commands
+        .iter()
+        .filter_map(|c| c.retry.as_ref().map(|(key, _)| key.as_str()))
+        .collect();
+    let all = keys.len();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.len() == all
+}
+
+/// The replies `commands` store under their `Idempotency-Key`s.
+fn replies<'c>(commands: &[&'c Command]) -> Vec<idempotency::Keyed<'c>> {
+    commands
+        .iter()
+        .filter_map(|c| {
+            c.retry.as_ref().map(|(key, reply)| idempotency::Keyed {
+                key,
+                reply,
+                now_ms: c.now_ms,
+            })
+        })
+        .collect()
 }
 
 /// Whether a command continues a saga: emits an event `fx` of a saga other than the one it

@@ -3,8 +3,9 @@
 //! an earlier command of its group changed is answered a conflict while the rest commit; a
 //! command only its own transaction can tell apart (a reused `Idempotency-Key`) makes the group
 //! commit each alone, with the same answers a command alone gets. On PostgreSQL a group that
-//! starts sagas ends in one statement without a transaction, and in a transaction after all if
-//! that statement finds a version not as read.
+//! starts sagas (its commands' replies under distinct `Idempotency-Key`s with it) ends in one
+//! statement without a transaction, and in a transaction after all if that statement finds a
+//! version not as read or a key answered meanwhile.
 
 mod common;
 
@@ -148,17 +149,105 @@ async fn commands_queued_together_share_one_transaction(backend: Backend) {
     s.test_db.drop_db().await;
 }
 
+/// A reply to store under an `Idempotency-Key`.
+fn reply(body: &str) -> idempotency::Stored {
+    idempotency::Stored {
+        fingerprint: "same-request".into(),
+        status: 201,
+        content_type: "application/json".into(),
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+/// The body of the reply stored under `key` of the order service, if any.
+async fn stored_body(db: &Db, key: &str) -> Option<String> {
+    let stored = idempotency::lookup(db, "order", key, 0).await.unwrap();
+    stored.map(|r| String::from_utf8(r.body).unwrap())
+}
+
+/// Commands carrying distinct `Idempotency-Key`s (and one carrying none) commit together, each
+/// reply stored with its command's effects; on PostgreSQL in one statement without a
+/// transaction, as commands without keys do.
+async fn commands_with_distinct_keys_commit_together_with_their_replies(backend: Backend) {
+    let s = setup(backend).await;
+    let mut commands: Vec<Command> = (0..4).map(|i| place(&s, &format!("r{i}"), &[])).collect();
+    for i in [0, 1, 3] {
+        commands[i].retry = Some((format!("key-{i}"), reply(&format!("reply {i}"))));
+    }
+    let answers = commit_queued(&s, commands).await;
+    for (i, answer) in answers.iter().enumerate() {
+        assert!(matches!(answer, Ok(Committed::Done)), "r{i}: {answer:?}");
+    }
+    assert_eq!(Stats::get(&s.stats.command_groups), 1);
+    assert_eq!(Stats::get(&s.stats.grouped_commands), 4);
+    let alone = u64::from(backend == Backend::Postgres);
+    assert_eq!(Stats::get(&s.stats.command_ends_alone), alone);
+    assert_eq!(Stats::get(&s.stats.command_ends_undone), 0);
+    for i in [0, 1, 3] {
+        let body = stored_body(&s.db, &format!("key-{i}")).await;
+        assert_eq!(
+            body.as_deref(),
+            Some(format!("reply {i}").as_str()),
+            "key-{i}"
+        );
+    }
+    assert_eq!(stored_body(&s.db, "key-2").await, None);
+    for i in 0..4 {
+        assert_eq!(version(&s.db, &format!("order/r{i}")).await, 1, "r{i}");
+    }
+    assert_eq!(outbox_subjects(&s.db).await, ["r0", "r1", "r2", "r3"]);
+    s.test_db.drop_db().await;
+}
+
+/// On PostgreSQL, a command whose `Idempotency-Key` another request answered after its
+/// handler ran: the group's one statement finds the live reply and writes nothing of the
+/// group; committed again, the command is answered (its request replays the stored reply) and
+/// writes nothing, and the others commit.
+#[tokio::test(flavor = "current_thread")]
+async fn a_key_answered_meanwhile_undoes_the_groups_one_statement() {
+    let s = setup(Backend::Postgres).await;
+    let mut tx = s.db.begin().await.unwrap();
+    let now = SystemClock.now_ms();
+    let first = idempotency::store(&mut tx, "order", "key-0", &reply("earlier"), now, 0).await;
+    assert!(first.unwrap(), "stored by the other request");
+    tx.commit().await.unwrap();
+
+    let mut commands: Vec<Command> = (0..3).map(|i| place(&s, &format!("a{i}"), &[])).collect();
+    commands[0].retry = Some(("key-0".into(), reply("late")));
+    commands[1].retry = Some(("key-1".into(), reply("reply 1")));
+    let answers = commit_queued(&s, commands).await;
+    assert!(
+        matches!(answers[0], Ok(Committed::Answered)),
+        "{:?}",
+        answers[0]
+    );
+    for i in [1, 2] {
+        assert!(
+            matches!(answers[i], Ok(Committed::Done)),
+            "a{i}: {:?}",
+            answers[i]
+        );
+    }
+    assert_eq!(Stats::get(&s.stats.command_ends_undone), 1);
+    assert_eq!(Stats::get(&s.stats.command_ends_alone), 0);
+    assert_eq!(version(&s.db, "order/a0").await, 0, "nothing of it written");
+    assert_eq!(outbox_subjects(&s.db).await, ["a1", "a2"]);
+    assert_eq!(
+        stored_body(&s.db, "key-0").await.as_deref(),
+        Some("earlier")
+    );
+    assert_eq!(
+        stored_body(&s.db, "key-1").await.as_deref(),
+        Some("reply 1")
+    );
+    s.test_db.drop_db().await;
+}
+
 /// Two commands of one group carry the same `Idempotency-Key`: only its own transaction could
 /// tell the second apart, so the group is committed command by command — the first stores its
 /// reply, the second is answered with it and writes nothing, the others commit.
 async fn a_reused_key_in_a_group_commits_each_alone(backend: Backend) {
     let s = setup(backend).await;
-    let reply = |body: &str| idempotency::Stored {
-        fingerprint: "same-request".into(),
-        status: 201,
-        content_type: "application/json".into(),
-        body: body.as_bytes().to_vec(),
-    };
     let mut commands: Vec<Command> = (0..4).map(|i| place(&s, &format!("k{i}"), &[])).collect();
     commands[1].retry = Some(("key-1".into(), reply("first")));
     commands[3].retry = Some(("key-1".into(), reply("second")));
@@ -265,5 +354,6 @@ macro_rules! on_both_backends_single_threaded {
 
 on_both_backends_single_threaded!(
     commands_queued_together_share_one_transaction,
+    commands_with_distinct_keys_commit_together_with_their_replies,
     a_reused_key_in_a_group_commits_each_alone
 );

@@ -1806,6 +1806,8 @@ async fn a_batchs_end_sets_apart_what_cannot_share_its_statement() {
             emitted: &emitted,
             consumer: "point",
             positions: &[("exchange", 0, 5)],
+            replies: &[],
+            replies_since_ms: 0,
         },
     )
     .await
@@ -1839,6 +1841,8 @@ async fn a_batchs_end_sets_apart_what_cannot_share_its_statement() {
             emitted: &emitted,
             consumer: "point",
             positions: &[("exchange", 0, 70)],
+            replies: &[],
+            replies_since_ms: 0,
         },
     )
     .await
@@ -1867,6 +1871,8 @@ async fn a_batchs_end_sets_apart_what_cannot_share_its_statement() {
             emitted: &[],
             consumer: "point",
             positions: &[],
+            replies: &[],
+            replies_since_ms: 0,
         },
     )
     .await
@@ -1993,6 +1999,8 @@ async fn end_alone(db: &Db, n: i64, reads: &[(&str, i64)], writes: &[Write]) -> 
         emitted: &[(message, 1_000)],
         consumer: "point",
         positions: &[("exchange", 0, n)],
+        replies: &[],
+        replies_since_ms: 0,
     };
     let mut conn = db.pool().acquire().await.unwrap();
     let written = end::write_alone(&mut conn, end).await.unwrap();

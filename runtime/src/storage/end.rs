@@ -1,12 +1,12 @@
 //! The end of a write transaction on PostgreSQL that checked its reads and staged its state in
 //! memory (a batch of events, `crate::worker`; a group of commands, `crate::commands`): its
-//! saga steps, state, deadlines, outbox rows and consumer positions, written in one statement
-//! ([`super::joint`]) when they fit, else one statement per kind.
+//! saga steps, state, deadlines, outbox rows, consumer positions and commands' stored replies,
+//! written in one statement ([`super::joint`]) when they fit, else one statement per kind.
 
 use std::collections::HashSet;
 
 use super::joint::{Answer, Joint, Unexpected};
-use super::{deadlines, offsets, outbox, state, step, Conn, Error};
+use super::{deadlines, idempotency, offsets, outbox, state, step, Conn, Error};
 
 /// What a transaction writes at its end.
 pub struct End<'e> {
@@ -21,6 +21,11 @@ pub struct End<'e> {
     /// Whose consumer positions `positions` are.
     pub consumer: &'e str,
     pub positions: &'e [(&'e str, i32, i64)],
+    /// Commands' replies to store under their `Idempotency-Key`s (distinct keys), each only
+    /// if no live reply is stored under its key (else the end is [`Unexpected`]); a reply
+    /// stored before `replies_since_ms` has expired.
+    pub replies: &'e [idempotency::Keyed<'e>],
+    pub replies_since_ms: i64,
 }
 
 /// Write `end` on `conn`; when each saga whose deadline it cancelled was opened.
@@ -77,13 +82,14 @@ async fn run(
 /// cancelled was opened (`None`: its deadlines are not in it). `Ok(None)`: its steps, state,
 /// events or positions do not fit one.
 fn joint(end: &End<'_>) -> Result<Option<(Joint, Option<Answer>)>, Unexpected> {
-    check(end.steps)?;
+    check(end.steps, end.replies)?;
     let now_ms = end.state.now_ms();
     let mut joint = Joint::new();
     let joined = step::join(&mut joint, end.service, now_ms, end.steps)
         && end.state.join(&mut joint)
         && outbox::join_all(&mut joint, end.emitted)
-        && offsets::join(&mut joint, end.consumer, end.positions);
+        && offsets::join(&mut joint, end.consumer, end.positions)
+        && idempotency::join_all(&mut joint, end.service, end.replies, end.replies_since_ms);
     if !joined {
         return Ok(None);
     }
@@ -105,6 +111,15 @@ fn joint(end: &End<'_>) -> Result<Option<(Joint, Option<Answer>)>, Unexpected> {
 /// [`write`] with each kind in its own statement: an end too large for one.
 async fn apart(conn: &mut Conn, end: End<'_>) -> Result<Result<Vec<i64>, Unexpected>, Error> {
     let now_ms = end.state.now_ms();
+    for r in end.replies {
+        let since = end.replies_since_ms;
+        if !idempotency::store(conn, end.service, r.key, r.reply, r.now_ms, since).await? {
+            return Ok(Err(Unexpected(format!(
+                "a reply is stored under Idempotency-Key {:?} already",
+                r.key
+            ))));
+        }
+    }
     if !end.steps.is_empty() {
         let stepped = step::record_all(conn, end.service, now_ms, end.steps).await?;
         if let Some(s) = stepped.iter().find(|s| !s.applies()) {
@@ -127,9 +142,18 @@ async fn apart(conn: &mut Conn, end: End<'_>) -> Result<Result<Vec<i64>, Unexpec
     Ok(Ok(opened))
 }
 
-/// Whether `steps` keep [`End::steps`]' rule: two copies of one event in one statement would
-/// both read as recorded, and one statement cannot write a ledger row twice.
-fn check(steps: &[step::Step]) -> Result<(), Unexpected> {
+/// Whether `steps` keep [`End::steps`]' rule (two copies of one event in one statement would
+/// both read as recorded, and one statement cannot write a ledger row twice), and the replies'
+/// keys differ.
+fn check(steps: &[step::Step], replies: &[idempotency::Keyed<'_>]) -> Result<(), Unexpected> {
+    let mut keys: Vec<&str> = replies.iter().map(|r| r.key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    if keys.len() != replies.len() {
+        return Err(Unexpected(
+            "an Idempotency-Key twice among the replies".into(),
+        ));
+    }
     let mut ids: Vec<&str> = steps.iter().map(|s| s.event_id.as_str()).collect();
     ids.sort_unstable();
     ids.dedup();

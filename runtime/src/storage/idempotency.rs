@@ -75,3 +75,70 @@ pub async fn store(
     .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// A reply to store with its command's effects: its key, the reply, and when the command ran.
+#[derive(Debug, Clone, Copy)]
+pub struct Keyed<'a> {
+    pub key: &'a str,
+    pub reply: &'a Stored,
+    pub now_ms: i64,
+}
+
+/// Join what [`store`] stores for each of `replies` to `joint` (`replies_stored`, PostgreSQL),
+/// a reply stored before `since_ms` counting as expired, checked in the same statement: a key
+/// whose live reply is already stored fails it, and nothing of it is written. The keys must
+/// differ (one statement cannot write a row twice). `false`: too many for one statement
+/// (nothing joined).
+pub fn join_all(
+    joint: &mut super::joint::Joint,
+    service: &str,
+    replies: &[Keyed<'_>],
+    since_ms: i64,
+) -> bool {
+    if replies.len() > JOIN_MAX {
+        return false;
+    }
+    if replies.is_empty() {
+        return true;
+    }
+    let rows: Vec<JsonReply<'_>> = replies
+        .iter()
+        .map(|r| JsonReply {
+            key: r.key,
+            fingerprint: &r.reply.fingerprint,
+            status: i64::from(r.reply.status),
+            content_type: &r.reply.content_type,
+            body: super::joint::hex(&r.reply.body),
+            created_ms: r.now_ms,
+        })
+        .collect();
+    let part = super::sql::Query::new(JOINED).bind(service);
+    joint.with(part.bind(super::joint::json(&rows)).bind(since_ms));
+    joint.expect("SELECT COUNT(*) FROM replies_stored", replies.len());
+    true
+}
+
+/// Replies per joined statement at most (a group holds at most 64 commands).
+const JOIN_MAX: usize = 500;
+
+/// [`join_all`]'s entry: [`store`] for each reply of one JSON parameter (`$2`), expired before
+/// `$3`.
+const JOINED: &str = "replies_stored AS (INSERT INTO idempotency_keys AS k \
+     (service, key, fingerprint, status, content_type, body, created_ms) \
+     SELECT $1, v.key, v.fingerprint, v.status, v.content_type, decode(v.body, 'hex'), \
+     v.created_ms FROM json_to_recordset(CAST($2 AS json)) AS v(key text, fingerprint text, \
+     status integer, content_type text, body text, created_ms bigint) \
+     ON CONFLICT (service, key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+     status = excluded.status, content_type = excluded.content_type, body = excluded.body, \
+     created_ms = excluded.created_ms WHERE k.created_ms < $3 RETURNING 1)";
+
+/// A reply as [`join_all`] sends it, one object of its JSON parameter (the body in hex).
+#[derive(serde::Serialize)]
+struct JsonReply<'a> {
+    key: &'a str,
+    fingerprint: &'a str,
+    status: i64,
+    content_type: &'a str,
+    body: String,
+    created_ms: i64,
+}

@@ -279,6 +279,8 @@ impl Worker {
                     emitted: &done.emitted,
                     consumer: &self.service,
                     positions: &positions,
+                    replies: &[],
+                    replies_since_ms: 0,
                 };
                 let written = match isolation {
                     Isolation::Alone => {
