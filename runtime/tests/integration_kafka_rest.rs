@@ -156,6 +156,43 @@ async fn the_end_of_a_rest_wakes_the_fetch_of_every_partition() {
     );
 }
 
+/// An idle consumer rests as soon as a fetch told the end of every partition it resumed, not
+/// only after `rest_after_ms` with nothing: waiting out that quiet had it fetch hundreds of
+/// times per rest (noida-db answers at once), ~7,600 fetches a second for three idle consumers
+/// and a quarter of a core. Both the quiet and the rest are ten minutes here, so only the
+/// partitions' ends can start the first rest, and only a rest's end resuming partitions
+/// (which must tell their ends again) a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_consumer_rests_once_every_partition_told_its_end() {
+    let (s, _) = settings(600_000).await;
+    let s = Settings {
+        partitions: 4,
+        rest_after_ms: 600_000,
+        ..s
+    };
+    topics::ensure(&s, &["ends".to_string()]).await.unwrap();
+    let topic = s.topic("ends");
+    let bell = Doorbell::default();
+    let consumer = Arc::new(Consumer::new(&s, "rest-reader", Some(bell.clone())).unwrap());
+    let all: Vec<_> = (0..4).map(|p| (topic.clone(), p, Some(0))).collect();
+    consumer.assign(&all).unwrap();
+    let reader = read_after_rest(&consumer).await;
+
+    // Woken by a record on one partition, it reads it and rests again at once: every
+    // partition resumed tells its end.
+    let offset = commit_to(&topic, Some(2), "a").await;
+    bell.ring([(topic.as_str(), 2, offset)]);
+    let batch = tokio::time::timeout(T, reader)
+        .await
+        .expect("the announced record did not arrive")
+        .unwrap()
+        .unwrap();
+    assert_eq!(values(batch), ["a"]);
+    let reader = read_after_rest(&consumer).await;
+    assert!(!reader.is_finished());
+    reader.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_nobody_announces_arrive_after_the_rest() {
     // Another instance's relay, or any producer: this consumer's doorbell never rings.

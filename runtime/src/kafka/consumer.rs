@@ -37,9 +37,10 @@
 //!
 //! Resting: noida-db answers an empty fetch at once, where Kafka holds it, so an idle
 //! librdkafka consumer asks thousands of times a second (see `kafka::doorbell`). A consumer
-//! that has read everything the local relay announced and got nothing for `rest_after_ms`
-//! pauses its partitions until the relay announces more for one of them, or `rest_ms` passed;
-//! it also rests while the worker handles a batch. librdkafka resumes at the last record
+//! that has read everything the local relay announced, as soon as a fetch told the end of
+//! every partition it resumed (else after `rest_after_ms` with nothing), pauses its
+//! partitions until the relay announces more for one of them, or `rest_ms` passed; it also
+//! rests while the worker handles a batch. librdkafka resumes at the last record
 //! handed out (prefetched records are dropped and fetched again). Two librdkafka facts shape
 //! it: a resume leaves the broker thread asleep (up to 1 s), so the rest seeks after resuming,
 //! which wakes it; and a pause drops the fetch under way, so a consumer rests again only after
@@ -321,6 +322,12 @@ impl Consumer {
             let first = match first {
                 Err(KafkaError::PartitionEOF(_)) => {
                     self.reached_end();
+                    // The last partition resumed told its end: nothing is left to find.
+                    if let Some(rest) = &self.rest {
+                        if self.unanswered.load(Ordering::Relaxed) == 0 {
+                            self.maybe_rest(rest);
+                        }
+                    }
                     continue;
                 }
                 other => other?,

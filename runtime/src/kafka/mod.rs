@@ -42,16 +42,17 @@ pub struct Settings {
     /// How long the broker may hold a consumer's fetch when it has nothing new
     /// (`fetch.wait.max.ms`): the idle hop latency against the fetch rate. Default 10.
     pub fetch_wait_ms: u64,
-    /// A consumer that has read everything the local relay announced and got nothing for
-    /// `rest_after_ms` stops fetching for up to this long, woken at once when the local relay
+    /// A consumer that has read everything the local relay announced, once a fetch told the
+    /// end of every partition it resumed (or it got nothing for `rest_after_ms`), stops
+    /// fetching for up to this long, woken at once when the local relay
     /// commits records to its partitions: for brokers that answer an empty fetch at once
     /// instead of holding it (noida-db 0.2.3; an idle consumer there asks thousands of times a
     /// second). Bounds how late records other instances publish are seen. 0 disables (right
     /// for Kafka, which holds fetches). Default 25 (README, "Fetches answered at once"). Env
     /// `SAGA_KAFKA_REST_MS`.
     pub rest_ms: u64,
-    /// How long a consumer looks for records before it rests (see `rest_ms`): longer than a
-    /// fetch takes. Default 2 ms.
+    /// How long a consumer looks for records before it rests (see `rest_ms`) when not every
+    /// partition it resumed has told its end: longer than a fetch takes. Default 2 ms.
     pub rest_after_ms: u64,
     /// After its broker connections dropped, a consumer reads again what it read in this
     /// long before (the inboxes drop what was handled): noida-db can lose records it
