@@ -72,6 +72,37 @@ async fn read_after_rest(
     reader
 }
 
+/// The batch `reader` got once the doorbell rang (panics with `why` after [`T`]).
+async fn announced(
+    reader: tokio::task::JoinHandle<Result<Vec<Record>, saga_runtime::kafka::Error>>,
+    why: &str,
+) -> Vec<String> {
+    let batch = tokio::time::timeout(T, reader)
+        .await
+        .unwrap_or_else(|_| panic!("{why}"))
+        .unwrap()
+        .unwrap();
+    values(batch)
+}
+
+/// A resting consumer (a ten-minute rest: only the doorbell ends it) of every partition of a
+/// four-partition topic `name`, from 0, with `settings` changed by `with`; the topic and the
+/// consumer's doorbell.
+async fn wide(
+    name: &str,
+    with: impl FnOnce(Settings) -> Settings,
+) -> (String, Doorbell, Arc<Consumer>) {
+    let (s, _) = settings(600_000).await;
+    let s = with(Settings { partitions: 4, ..s });
+    topics::ensure(&s, &[name.to_string()]).await.unwrap();
+    let topic = s.topic(name);
+    let bell = Doorbell::default();
+    let consumer = Arc::new(Consumer::new(&s, "rest-reader", Some(bell.clone())).unwrap());
+    let all: Vec<_> = (0..4).map(|p| (topic.clone(), p, Some(0))).collect();
+    consumer.assign(&all).unwrap();
+    (topic, bell, consumer)
+}
+
 fn values(batch: Vec<Record>) -> Vec<String> {
     batch
         .into_iter()
@@ -99,12 +130,8 @@ async fn a_resting_consumer_fetches_nothing_until_the_relay_announces_a_record()
     assert!(consumer.resting());
 
     bell.ring([(topic.as_str(), 0, offset)]);
-    let batch = tokio::time::timeout(T, reader)
-        .await
-        .expect("the announced record did not arrive: the doorbell did not end the rest")
-        .unwrap()
-        .unwrap();
-    assert_eq!(values(batch), ["a"]);
+    let why = "the announced record did not arrive: the doorbell did not end the rest";
+    assert_eq!(announced(reader, why).await, ["a"]);
 }
 
 /// The end of a rest wakes the fetch of every partition, not only of the one whose record
@@ -115,14 +142,7 @@ async fn a_resting_consumer_fetches_nothing_until_the_relay_announces_a_record()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_end_of_a_rest_wakes_the_fetch_of_every_partition() {
     // Only the doorbell ends a rest within the test.
-    let (s, _) = settings(600_000).await;
-    let s = Settings { partitions: 4, ..s };
-    topics::ensure(&s, &["wide".to_string()]).await.unwrap();
-    let topic = s.topic("wide");
-    let bell = Doorbell::default();
-    let consumer = Arc::new(Consumer::new(&s, "rest-reader", Some(bell.clone())).unwrap());
-    let all: Vec<_> = (0..4).map(|p| (topic.clone(), p, Some(0))).collect();
-    consumer.assign(&all).unwrap();
+    let (topic, bell, consumer) = wide("wide", |s| s).await;
     // Partition 0 gets a position; partition 3 has none until its first record is read.
     let first = commit_to(&topic, Some(0), "first").await;
     bell.ring([(topic.as_str(), 0, first)]);
@@ -139,13 +159,9 @@ async fn the_end_of_a_rest_wakes_the_fetch_of_every_partition() {
         let offset = commit_to(&topic, Some(3), &value).await;
         let rung = std::time::Instant::now();
         bell.ring([(topic.as_str(), 3, offset)]);
-        let batch = tokio::time::timeout(T, reader)
-            .await
-            .expect("the announced record did not arrive")
-            .unwrap()
-            .unwrap();
+        let got = announced(reader, "the announced record did not arrive").await;
         waits.push(rung.elapsed());
-        assert_eq!(values(batch), [value]);
+        assert_eq!(got, [value]);
     }
     // Woken, a record arrives in milliseconds; left to librdkafka's own wake-up, in up to a
     // second. The median of five, so one slow moment of the machine does not decide.
@@ -164,30 +180,19 @@ async fn the_end_of_a_rest_wakes_the_fetch_of_every_partition() {
 /// (which must tell their ends again) a second one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_consumer_rests_once_every_partition_told_its_end() {
-    let (s, _) = settings(600_000).await;
-    let s = Settings {
-        partitions: 4,
+    let (topic, bell, consumer) = wide("ends", |s| Settings {
         rest_after_ms: 600_000,
         ..s
-    };
-    topics::ensure(&s, &["ends".to_string()]).await.unwrap();
-    let topic = s.topic("ends");
-    let bell = Doorbell::default();
-    let consumer = Arc::new(Consumer::new(&s, "rest-reader", Some(bell.clone())).unwrap());
-    let all: Vec<_> = (0..4).map(|p| (topic.clone(), p, Some(0))).collect();
-    consumer.assign(&all).unwrap();
+    })
+    .await;
     let reader = read_after_rest(&consumer).await;
 
     // Woken by a record on one partition, it reads it and rests again at once: every
     // partition resumed tells its end.
     let offset = commit_to(&topic, Some(2), "a").await;
     bell.ring([(topic.as_str(), 2, offset)]);
-    let batch = tokio::time::timeout(T, reader)
-        .await
-        .expect("the announced record did not arrive")
-        .unwrap()
-        .unwrap();
-    assert_eq!(values(batch), ["a"]);
+    let got = announced(reader, "the announced record did not arrive").await;
+    assert_eq!(got, ["a"]);
     let reader = read_after_rest(&consumer).await;
     assert!(!reader.is_finished());
     reader.abort();
