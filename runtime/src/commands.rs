@@ -195,7 +195,7 @@ async fn together(ctx: &Context, commands: &[&Command]) -> Together {
         && commands
             .iter()
             .all(|c| !continues_a_saga(&c.effects, &c.new_id))
-        && keys_differ(commands);
+        && idempotency::keys_differ(&replies(commands));
     if one_statement {
         match attempt(ctx, commands, true).await {
             Together::Undone => Stats::add(&ctx.stats.command_ends_undone, 1),
@@ -407,18 +407,6 @@ fn settle(ctx: &Context, command: &Command, applied: effects::Applied) {
     if !command.effects.emits.is_empty() {
         ctx.relay.wake();
     }
-}
-
-/// Whether no two of `commands` carry the same `Idempotency-Key`.
-fn keys_differ(commands: &[&Command]) -> bool {
-    let mut keys: Vec<&str> = commands
-        .iter()
-        .filter_map(|c| c.retry.as_ref().map(|(key, _)| key.as_str()))
-        .collect();
-    let all = keys.len();
-    keys.sort_unstable();
-    keys.dedup();
-    keys.len() == all
 }
 
 /// The replies `commands` store under their `Idempotency-Key`s.

@@ -322,11 +322,9 @@ impl Consumer {
             let first = match first {
                 Err(KafkaError::PartitionEOF(_)) => {
                     self.reached_end();
-                    // The last partition resumed told its end: nothing is left to find.
+                    // Once every partition resumed told its end, nothing is left to find.
                     if let Some(rest) = &self.rest {
-                        if self.unanswered.load(Ordering::Relaxed) == 0 {
-                            self.maybe_rest(rest);
-                        }
+                        self.maybe_rest(rest);
                     }
                     continue;
                 }

@@ -146,10 +146,7 @@ async fn apart(conn: &mut Conn, end: End<'_>) -> Result<Result<Vec<i64>, Unexpec
 /// both read as recorded, and one statement cannot write a ledger row twice), and the replies'
 /// keys differ.
 fn check(steps: &[step::Step], replies: &[idempotency::Keyed<'_>]) -> Result<(), Unexpected> {
-    let mut keys: Vec<&str> = replies.iter().map(|r| r.key).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    if keys.len() != replies.len() {
+    if !idempotency::keys_differ(replies) {
         return Err(Unexpected(
             "an Idempotency-Key twice among the replies".into(),
         ));

@@ -84,6 +84,14 @@ pub struct Keyed<'a> {
     pub now_ms: i64,
 }
 
+/// Whether no two of `replies` have the same key (one statement cannot store both).
+pub fn keys_differ(replies: &[Keyed<'_>]) -> bool {
+    let mut keys: Vec<&str> = replies.iter().map(|r| r.key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.len() == replies.len()
+}
+
 /// Join what [`store`] stores for each of `replies` to `joint` (`replies_stored`, PostgreSQL),
 /// a reply stored before `since_ms` counting as expired, checked in the same statement: a key
 /// whose live reply is already stored fails it, and nothing of it is written. The keys must
